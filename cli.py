@@ -1,0 +1,204 @@
+"""``recon`` command line: parse, call the workflow, report. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from pipeline.config import PRESETS, describe_settings, load_config
+from pipeline.errors import ReconError
+from pipeline.stages import STAGE_NAMES
+from pipeline.workspace import Workspace
+
+logger = logging.getLogger("recon")
+
+STAGE_CHOICE = click.Choice(STAGE_NAMES)
+
+
+def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file)
+        except OSError:
+            return  # the run itself reports an unwritable output folder clearly
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+    for noisy in ("PIL", "matplotlib", "trimesh", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: BaseException, log_file: Path | None) -> None:
+    """Print one line, keep the traceback in the log file, exit non-zero."""
+    if isinstance(exc, ReconError):
+        logging.getLogger("recon").debug("error", exc_info=exc)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    tb = "".join(traceback.format_exception(exc))
+    where = ""
+    if log_file is not None:
+        try:
+            with open(log_file, "a") as fh:
+                fh.write(tb)
+            where = f"; full traceback in {log_file}"
+        except OSError:
+            pass
+    click.echo(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}", err=True)
+    sys.exit(2)
+
+
+def _workspace(scene_dir: str, out: str | None) -> Workspace:
+    ws = Workspace.create(scene_dir, out)
+    if not ws.scene_dir.is_dir():
+        raise ReconError(f"{ws.scene_dir}: scene folder not found; pass a folder that holds images/")
+    return ws
+
+
+def _config(ws: Workspace, config_file: tuple[str, ...], overrides: tuple[str, ...], presets: tuple[str, ...]):
+    files = [ws.scene_config_path] if ws.scene_config_path.is_file() else []
+    files += [Path(p) for p in config_file]
+    return load_config(files, overrides, presets)
+
+
+def config_options(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable); `recon config` lists them.")(fn)
+    fn = click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)), help="Named bundle of settings, e.g. mv-only (refine with L_mv alone).")(fn)
+    fn = click.option("--config", "config_file", multiple=True, type=click.Path(dir_okay=False), help="YAML config file (SCENE_DIR/recon.yaml is read first when present).")(fn)
+    fn = click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: SCENE_DIR/recon].")(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="Debug logging on the console.")(fn)
+    fn = click.option("--no-progress", is_flag=True, help="Hide progress bars.")(fn)
+    return fn
+
+
+def _print_summary(result) -> None:
+    from workflows.local import published_outputs
+
+    click.echo("\nsummary")
+    for st in result.stages:
+        info = ", ".join(f"{k}={v}" for k, v in st.summary.items() if not isinstance(v, (dict, list)))
+        secs = f"{st.seconds:7.1f} s" if st.status != "skipped" else "      -  "
+        click.echo(f"  {st.name:<7} {st.status:<7} {secs}  {info}")
+    click.echo(f"  time this run: {result.total_seconds:.1f} s")
+    for p in published_outputs(result.ws):
+        click.echo(f"  wrote {p}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="recon")
+def main() -> None:
+    """recon: photos → accurate, clean, coloured mesh.
+
+    Stages: sfm → depth → refine → fuse → export, each cached in the output
+    folder so a run resumes where it stopped.
+    """
+
+
+@main.command()
+@click.argument("scene_dir", type=click.Path())
+@config_options
+@click.option("--force", multiple=True, type=STAGE_CHOICE, help="Re-run this stage even if cached (repeatable).")
+@click.option("--from", "start_from", type=STAGE_CHOICE, help="Re-run this stage and every stage after it.")
+@click.option("--until", type=STAGE_CHOICE, help="Stop after this stage.")
+@click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable stage (refine: fuse the initial depth maps).")
+def run(scene_dir, out, config_file, presets, overrides, verbose, no_progress, force, start_from, until, skip) -> None:
+    """Run every stage on SCENE_DIR that is not already cached and up to date."""
+    from workflows.local import run_pipeline
+
+    log_file = None
+    try:
+        ws = _workspace(scene_dir, out)
+        log_file = ws.log_path
+        _setup_logging(verbose, log_file)
+        cfg = _config(ws, config_file, overrides, presets)
+        result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip), show_progress=not no_progress)
+        _print_summary(result)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
+        _fail(exc, log_file)
+
+
+@main.command()
+@click.argument("name", type=STAGE_CHOICE)
+@click.argument("scene_dir", type=click.Path())
+@config_options
+@click.option("--no-upstream", is_flag=True, help="Fail instead of computing missing upstream stages.")
+@click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable upstream stage.")
+def stage(name, scene_dir, out, config_file, presets, overrides, verbose, no_progress, no_upstream, skip) -> None:
+    """Run stage NAME on SCENE_DIR (computing missing upstream stages first)."""
+    from workflows.local import run_pipeline
+
+    log_file = None
+    try:
+        ws = _workspace(scene_dir, out)
+        log_file = ws.log_path
+        _setup_logging(verbose, log_file)
+        cfg = _config(ws, config_file, overrides, presets)
+        result = run_pipeline(ws, cfg, until=name, force=(name,), skip=tuple(skip), require_upstream=no_upstream, show_progress=not no_progress)
+        _print_summary(result)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        _fail(exc, log_file)
+
+
+@main.command()
+@click.argument("scene_dir", type=click.Path())
+@config_options
+@click.option("--skip", multiple=True, type=STAGE_CHOICE, help="As given to `recon run`.")
+def status(scene_dir, out, config_file, presets, overrides, verbose, no_progress, skip) -> None:
+    """Show each stage as done / stale / missing, and why."""
+    from workflows.local import pipeline_status
+
+    try:
+        _setup_logging(verbose)
+        ws = _workspace(scene_dir, out)
+        cfg = _config(ws, config_file, overrides, presets)
+        for st in pipeline_status(ws, cfg, tuple(skip)):
+            click.echo(f"{st.name:<7} {st.state:<8} {st.why}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, None)
+
+
+@main.command("config")
+def config_cmd() -> None:
+    """List every setting with its default and meaning."""
+    for key, default, help_text in describe_settings():
+        click.echo(f"{key} = {default!r}\n    {help_text}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--shape", default="blob", show_default=True, help="Object shape (see pipeline.synth.SHAPES).")
+@click.option("--object-mesh", type=click.Path(exists=True, dir_okay=False), default=None, help="Render this OBJ/PLY as the object instead.")
+@click.option("--views", "n_views", default=12, show_default=True, help="Number of views.")
+@click.option("--width", default=320, show_default=True)
+@click.option("--height", default=240, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--scale", default=1.0, show_default=True, help="Scale of the whole scene (world units).")
+def synth(out_dir, shape, object_mesh, n_views, width, height, seed, scale) -> None:
+    """Render a synthetic scene with ground truth (images/ + gt/) into OUT_DIR."""
+    try:
+        _setup_logging(False)
+        from pipeline.synth import SHAPES, render_scene
+
+        if object_mesh is None and shape not in SHAPES:
+            raise ReconError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+        path = render_scene(Path(out_dir), shape=shape, n_views=n_views, width=width, height=height, seed=seed,
+                            object_mesh=Path(object_mesh) if object_mesh else None, scale=scale)
+        click.echo(f"wrote {path}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, None)
+
+
+if __name__ == "__main__":
+    main()

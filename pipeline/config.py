@@ -1,0 +1,153 @@
+"""The effective configuration: defaults ← config files ← presets ← ``--set`` overrides.
+
+YAML layout mirrors :class:`ReconConfig`::
+
+    refine:
+      weight_edge: 0.0
+    fuse:
+      voxel_size: 0.005
+
+``--set refine.weight_edge=0`` overrides one value (parsed as YAML, then
+checked against the declared type). Unknown keys and wrong types raise a
+one-line :class:`~pipeline.errors.ConfigError` that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.depth import DepthConfig
+from pipeline.errors import ConfigError
+from pipeline.export import ExportConfig
+from pipeline.fuse import FuseConfig
+from pipeline.refine import RefineConfig
+from pipeline.settings import coerce, field_help, resolved_hints, to_plain
+from pipeline.sfm import SfmConfig
+
+
+@dataclass(kw_only=True)
+class ReconConfig:
+    """All settings, one section per stage."""
+
+    sfm: SfmConfig = field(default_factory=SfmConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ReconConfig))
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mv-only": {"refine.weight_edge": 0.0, "refine.weight_surf": 0.0, "refine.weight_mag": 0.0, "refine.weight_anchor": 0.0},
+}
+"""Named bundles of overrides (``--preset NAME``). ``mv-only``: refinement with L_mv alone (the ablation)."""
+
+
+def valid_keys(section: str | None = None) -> list[str]:
+    """``section.key`` names of every setting (or of one section)."""
+    cfg = ReconConfig()
+    out = []
+    for sec in SECTIONS if section is None else (section,):
+        out += [f"{sec}.{f.name}" for f in dataclasses.fields(getattr(cfg, sec))]
+    return out
+
+
+def describe_settings() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every setting, for ``recon config --list``."""
+    cfg = ReconConfig()
+    rows = []
+    for sec in SECTIONS:
+        section = getattr(cfg, sec)
+        for f in dataclasses.fields(section):
+            rows.append((f"{sec}.{f.name}", to_plain(getattr(section, f.name)), field_help(f)))
+    return rows
+
+
+def set_value(cfg: ReconConfig, key: str, value: Any) -> None:
+    """Set ``section.name`` on ``cfg`` in place, checking the key and the type."""
+    if "." not in key:
+        raise ConfigError(f"setting {key!r} must be written section.name; sections: {', '.join(SECTIONS)}")
+    sec, name = key.split(".", 1)
+    if sec not in SECTIONS:
+        raise ConfigError(f"unknown section {sec!r} in {key!r}; sections: {', '.join(SECTIONS)}")
+    section = getattr(cfg, sec)
+    hints = resolved_hints(type(section))
+    if name not in hints:
+        names = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"unknown setting {key!r}; valid keys for {sec}: {names}")
+    setattr(section, name, coerce(value, hints[name], key))
+
+
+def apply_mapping(cfg: ReconConfig, data: Any, source: str) -> None:
+    """Apply a nested ``{section: {name: value}}`` mapping (from a YAML file)."""
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    for sec, values in data.items():
+        if sec not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {sec!r}; sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {sec!r} must be a mapping of settings")
+        for name, value in values.items():
+            try:
+                set_value(cfg, f"{sec}.{name}", value)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"refine.lr=1e-3"`` → ``("refine.lr", 0.001)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.name=value, e.g. refine.weight_edge=0")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    files: list[Path] | tuple[Path, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+    presets: list[str] | tuple[str, ...] = (),
+) -> ReconConfig:
+    """Build the effective config from defaults, YAML files (in order), presets and ``--set`` overrides."""
+    cfg = ReconConfig()
+    for path in files:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc.strerror}); check the path") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: invalid YAML{where}; fix the syntax") from None
+        apply_mapping(cfg, data, str(path))
+    for name in presets:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        for key, value in PRESETS[name].items():
+            set_value(cfg, key, value)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_value(cfg, key, value)
+    return cfg
+
+
+def config_to_dict(cfg: ReconConfig) -> dict[str, Any]:
+    return to_plain(cfg)
+
+
+def config_to_yaml(cfg: ReconConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

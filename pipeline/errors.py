@@ -1,0 +1,17 @@
+"""Exceptions a user can cause. The CLI prints them as one line and exits non-zero."""
+
+
+class ReconError(Exception):
+    """A problem the user can fix: message says which file, what is wrong, what to do."""
+
+
+class ConfigError(ReconError):
+    """An unknown setting, a wrong type or a malformed config file."""
+
+
+class StageNotImplemented(ReconError):
+    """A stage (or estimator) that is not built yet; never silently faked."""
+
+
+class LockedError(ReconError):
+    """Another recon process holds the output folder."""

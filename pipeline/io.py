@@ -1,0 +1,224 @@
+"""Reading inputs and the SfM cache: image files, masks, and the scene as views.
+
+The scene every stage after ``sfm`` works on is a :class:`SfmScene`: views
+(name, ``K``, ``cam_from_world`` in the normalized frame, undistorted image
+path) and the sparse points with the views that observe them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import ReconError
+from pipeline.workspace import IMAGE_SUFFIXES, Workspace
+
+logger = logging.getLogger(__name__)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files (JPEG/PNG) under ``folder``, sorted; other files are skipped with a warning."""
+    if not folder.is_dir():
+        raise ReconError(f"{folder}: scene folder not found; pass a folder that holds images/ or the photos themselves")
+    images, skipped = [], []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.suffix in IMAGE_SUFFIXES:
+            images.append(p)
+        elif folder.name == "images":
+            skipped.append(p.name)
+    if skipped:
+        logger.warning("skipping %d non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped[:5]))
+    return images
+
+
+def load_rgb(path: Path, max_size: int | None = None) -> np.ndarray:
+    """Read an image as RGB uint8 (H, W, 3), EXIF orientation applied, optional downscale.
+
+    Grayscale, RGBA, palette and 16-bit images are converted to 8-bit RGB.
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                arr = np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).astype(np.uint8)
+                im = Image.fromarray(arr)
+            im = im.convert("RGB")
+            if max_size and max(im.size) > max_size:
+                scale = max_size / max(im.size)
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ReconError(f"{path}: cannot read image ({exc}); replace or remove the file") from exc
+
+
+def load_mask(ws: Workspace, image_name: str, shape_hw: tuple[int, int]) -> np.ndarray | None:
+    """Mask for an image (``masks/<image name>.png`` or ``masks/<stem>.png``), resized to ``shape_hw``; True = keep."""
+    name = Path(image_name)
+    for cand in (ws.masks_dir / f"{image_name}.png", ws.masks_dir / name.with_suffix(".png")):
+        if cand.is_file():
+            with Image.open(cand) as im:
+                im = im.convert("L").resize((shape_hw[1], shape_hw[0]), Image.Resampling.NEAREST)
+                return np.asarray(im) > 127
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class View:
+    """One registered, undistorted image in the normalized frame."""
+
+    name: str
+    """Image name as in the COLMAP model (relative to the images folder)."""
+    K: np.ndarray
+    """3x3 float64 pinhole intrinsics in pixels (COLMAP pixel convention)."""
+    cam_from_world: np.ndarray
+    """4x4 float64 world→camera pose in the normalized frame."""
+    width: int
+    height: int
+    image_path: Path
+    """Undistorted image file."""
+    point_ids: np.ndarray = field(repr=False)
+    """Indices (into :attr:`SfmScene.points`) of the sparse points this view observes."""
+
+    @property
+    def center(self) -> np.ndarray:
+        R, t = self.cam_from_world[:3, :3], self.cam_from_world[:3, 3]
+        return -R.T @ t
+
+
+@dataclass(frozen=True, kw_only=True)
+class SfmScene:
+    """Views and sparse points of the sfm cache (normalized frame)."""
+
+    views: list[View]
+    points: np.ndarray
+    """(M, 3) float64 sparse points (the scale anchors)."""
+    point_colors: np.ndarray
+    """(M, 3) uint8."""
+    point_errors: np.ndarray
+    """(M,) reprojection error in pixels."""
+    normalized_from_sfm: np.ndarray
+    """4x4 similarity from the SfM (COLMAP) frame to the normalized frame."""
+
+    def view(self, name: str) -> View:
+        for v in self.views:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def covisibility(self) -> np.ndarray:
+        """(V, V) number of sparse points seen by both views."""
+        n = len(self.views)
+        m = len(self.points)
+        incidence = np.zeros((n, m), dtype=np.float32)
+        for i, v in enumerate(self.views):
+            incidence[i, v.point_ids] = 1.0
+        return (incidence @ incidence.T).astype(np.int64)
+
+
+def load_sfm_scene(ws: Workspace) -> SfmScene:
+    """Read the sfm stage's cache (``OUT/sfm/model`` + ``normalization.json``)."""
+    import pycolmap
+
+    model_dir = ws.sfm_model_dir
+    if not (model_dir / "cameras.bin").exists():
+        raise ReconError(f"{model_dir}: no SfM model; run `recon stage sfm {ws.scene_dir}` first")
+    rec = pycolmap.Reconstruction(str(model_dir))
+    point_ids = sorted(rec.point3D_ids())
+    index_of = {pid: i for i, pid in enumerate(point_ids)}
+    points = np.array([rec.points3D[p].xyz for p in point_ids], dtype=np.float64).reshape(-1, 3)
+    colors = np.array([rec.points3D[p].color for p in point_ids], dtype=np.uint8).reshape(-1, 3)
+    errors = np.array([rec.points3D[p].error for p in point_ids], dtype=np.float64)
+    views = []
+    for image_id in sorted(rec.reg_image_ids(), key=lambda i: rec.images[i].name):
+        image = rec.images[image_id]
+        cam = image.camera
+        T = np.eye(4)
+        T[:3, :4] = image.cam_from_world().matrix()
+        obs = [index_of[p2d.point3D_id] for p2d in image.points2D if p2d.has_point3D() and p2d.point3D_id in index_of]
+        views.append(
+            View(
+                name=image.name,
+                K=np.asarray(cam.calibration_matrix(), dtype=np.float64),
+                cam_from_world=T,
+                width=int(cam.width),
+                height=int(cam.height),
+                image_path=ws.sfm_images_dir / image.name,
+                point_ids=np.unique(np.asarray(obs, dtype=np.int64)),
+            )
+        )
+    norm = np.eye(4)
+    if ws.sfm_normalization.exists():
+        norm = np.asarray(json.loads(ws.sfm_normalization.read_text())["normalized_from_sfm"], dtype=np.float64)
+    return SfmScene(views=views, points=points, point_colors=colors, point_errors=errors, normalized_from_sfm=norm)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DepthMap:
+    """One view's depth map as cached by the depth and refine stages (``.npz``).
+
+    Depth is camera-frame z in normalized-frame units at the map's own
+    resolution (``K`` is scaled to it); 0 where ``valid`` is False.
+    """
+
+    name: str
+    depth: np.ndarray
+    """(H, W) float32."""
+    confidence: np.ndarray
+    """(H, W) float32 in [0, 1]."""
+    valid: np.ndarray
+    """(H, W) bool."""
+    K: np.ndarray
+    """3x3 float64 intrinsics at this resolution (COLMAP pixel convention)."""
+    cam_from_world: np.ndarray
+    """4x4 float64 world→camera pose (normalized frame)."""
+    stats: dict = field(default_factory=dict)
+    """JSON-able per-view numbers (anchoring residuals, timings, Δz statistics)."""
+    depth_init: np.ndarray | None = None
+    """(H, W) float32 initial depth (refine stage only): ``depth = depth_init + δz``."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.depth.shape  # type: ignore[return-value]
+
+
+def save_depth_map(path: Path, dm: DepthMap) -> None:
+    """Write a :class:`DepthMap` atomically."""
+    from pipeline.cache import write_npz_atomic
+
+    arrays = dict(
+        name=np.array(dm.name),
+        depth=dm.depth.astype(np.float32),
+        confidence=dm.confidence.astype(np.float32),
+        valid=dm.valid.astype(bool),
+        K=np.asarray(dm.K, dtype=np.float64),
+        cam_from_world=np.asarray(dm.cam_from_world, dtype=np.float64),
+        stats=np.array(json.dumps(dm.stats, default=float)),
+    )
+    if dm.depth_init is not None:
+        arrays["depth_init"] = dm.depth_init.astype(np.float32)
+    write_npz_atomic(path, **arrays)
+
+
+def load_depth_map(path: Path) -> DepthMap:
+    """Read a :class:`DepthMap` written by :func:`save_depth_map`."""
+    from pipeline.cache import read_npz
+
+    d = read_npz(path)
+    return DepthMap(
+        name=str(d["name"]),
+        depth=d["depth"],
+        confidence=d["confidence"],
+        valid=d["valid"],
+        K=d["K"],
+        cam_from_world=d["cam_from_world"],
+        stats=json.loads(str(d["stats"])),
+        depth_init=d.get("depth_init"),
+    )

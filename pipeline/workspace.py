@@ -1,0 +1,149 @@
+"""Every path recon reads or writes, declared in one place.
+
+Stages never assemble path strings themselves: they ask the :class:`Workspace`.
+Layout of the output folder (default ``SCENE_DIR/recon``)::
+
+    OUT/
+      mesh.ply  mesh.glb  sparse/     stable contract (final mesh, cameras in the mesh frame)
+      manifest.json  config.yaml  log.txt  report.html
+      sfm/        database.db  colmap.log  model/ (undistorted, normalized)  images/  normalization.json
+      depth/      views/<stem>.npz
+      refine/     views/<stem>.npz  log.json
+      fuse/       mesh.ply
+      export/     mesh.glb ...
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+def view_stem(image_name: str) -> str:
+    """A file-system-safe, unique stem for an image name (``a/b c.jpg`` → ``a__b c``)."""
+    stem = image_name.rsplit(".", 1)[0] if "." in image_name else image_name
+    return re.sub(r"[\\/]", "__", stem)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths of one scene (inputs) and its output folder."""
+
+    scene_dir: Path
+    out_dir: Path
+
+    @classmethod
+    def create(cls, scene_dir: Path | str, out_dir: Path | str | None = None) -> "Workspace":
+        scene = Path(scene_dir).expanduser().resolve()
+        out = Path(out_dir).expanduser().resolve() if out_dir is not None else scene / "recon"
+        return cls(scene_dir=scene, out_dir=out)
+
+    # ---- inputs -------------------------------------------------------------
+    @property
+    def images_dir(self) -> Path:
+        """``SCENE_DIR/images`` if present, else the scene folder itself."""
+        sub = self.scene_dir / "images"
+        return sub if sub.is_dir() else self.scene_dir
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.scene_dir / "masks"
+
+    @property
+    def depth_prior_dir(self) -> Path:
+        return self.scene_dir / "depth_prior"
+
+    @property
+    def scene_config_path(self) -> Path:
+        return self.scene_dir / "recon.yaml"
+
+    def user_sparse_dir(self) -> Path | None:
+        """An existing COLMAP model supplied with the scene (``sparse/0`` or ``sparse``), if any."""
+        for cand in (self.scene_dir / "sparse" / "0", self.scene_dir / "sparse"):
+            if any((cand / f"cameras{ext}").exists() for ext in (".bin", ".txt")):
+                return cand
+        return None
+
+    # ---- run bookkeeping ----------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / "manifest.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.out_dir / "config.yaml"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.out_dir / ".lock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "log.txt"
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / "report.html"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out_dir / stage
+
+    # ---- stable contract ----------------------------------------------------
+    @property
+    def sparse_dir(self) -> Path:
+        """``OUT/sparse``: COLMAP binary model of the cameras, in the frame of the mesh."""
+        return self.out_dir / "sparse"
+
+    @property
+    def mesh_path(self) -> Path:
+        return self.out_dir / "mesh.ply"
+
+    @property
+    def mesh_glb_path(self) -> Path:
+        return self.out_dir / "mesh.glb"
+
+    # ---- sfm ----------------------------------------------------------------
+    @property
+    def sfm_database(self) -> Path:
+        return self.stage_dir("sfm") / "database.db"
+
+    @property
+    def sfm_log(self) -> Path:
+        return self.stage_dir("sfm") / "colmap.log"
+
+    @property
+    def sfm_model_dir(self) -> Path:
+        """Undistorted PINHOLE model in the normalized frame (read by every later stage)."""
+        return self.stage_dir("sfm") / "model"
+
+    @property
+    def sfm_images_dir(self) -> Path:
+        """Undistorted images, named as in the model."""
+        return self.stage_dir("sfm") / "images"
+
+    @property
+    def sfm_normalization(self) -> Path:
+        """JSON: the similarity ``normalized_from_sfm`` (scale, rotation, translation)."""
+        return self.stage_dir("sfm") / "normalization.json"
+
+    # ---- per-view caches ----------------------------------------------------
+    def depth_view(self, image_name: str) -> Path:
+        return self.stage_dir("depth") / "views" / f"{view_stem(image_name)}.npz"
+
+    def refine_view(self, image_name: str) -> Path:
+        return self.stage_dir("refine") / "views" / f"{view_stem(image_name)}.npz"
+
+    @property
+    def refine_log(self) -> Path:
+        return self.stage_dir("refine") / "log.json"
+
+    @property
+    def fuse_mesh(self) -> Path:
+        return self.stage_dir("fuse") / "mesh.ply"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.stage_dir("export")

@@ -1,0 +1,1 @@
+"""How stages are scheduled: :mod:`workflows.local` (one scene on this machine)."""

@@ -1,0 +1,241 @@
+"""Run the stage graph for one scene on this machine, resuming from the caches.
+
+``run_pipeline`` decides per stage: *cached* (fingerprint matches and every
+output file still has its recorded checksum), or *run* (then every stage
+after it sees a new upstream digest and runs too). Per-view stages resume
+from the views already written when the fingerprint is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import Manifest, checksum_tree, copy_atomic, fingerprint, remove_stale_temp_files, run_lock, write_bytes_atomic
+from pipeline.config import ReconConfig, config_to_yaml
+from pipeline.errors import ReconError
+from pipeline.stage import StageContext
+from pipeline.stages import BY_NAME, STAGE_NAMES, STAGES, effective_deps, stage_fingerprint, stage_settings
+from pipeline.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "_fingerprint.txt"
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str
+    """``ran``, ``cached`` or ``skipped``."""
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    ws: Workspace
+    stages: list[StageResult]
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.seconds for s in self.stages if s.status == "ran")
+
+
+@dataclass
+class StageStatus:
+    name: str
+    state: str
+    """``done``, ``stale``, ``missing`` or ``skipped``."""
+    why: str
+
+
+def _validate_names(names: tuple[str, ...] | list[str], what: str) -> None:
+    for n in names:
+        if n not in BY_NAME:
+            raise ReconError(f"{what}: unknown stage {n!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+def _selected(until: str | None, skip: frozenset[str]) -> list[str]:
+    names = []
+    for s in STAGES:
+        if s.name not in skip:
+            names.append(s.name)
+        if s.name == until:
+            break
+    return names
+
+
+def _upstream_digests(name: str, manifest: Manifest, skipped: frozenset[str]) -> dict[str, str] | None:
+    """Output digests of the stages ``name`` reads; None if one of them is not done."""
+    digests = {}
+    for dep in effective_deps(name, skipped):
+        entry = manifest.get(dep)
+        if entry is None:
+            return None
+        digests[dep] = entry["output_digest"]
+    if skipped & {d for d in BY_NAME[name].deps}:
+        digests["_skipped"] = ",".join(sorted(skipped & set(BY_NAME[name].deps)))
+    return digests
+
+
+def _outputs_intact(ws: Workspace, name: str, entry: dict[str, Any]) -> str | None:
+    """None when every recorded output exists with its checksum, else why not."""
+    current = checksum_tree(ws.stage_dir(name))
+    recorded: dict[str, str] = entry.get("outputs", {})
+    for rel, digest in recorded.items():
+        if rel not in current:
+            return f"output {name}/{rel} is missing"
+        if current[rel] != digest:
+            return f"output {name}/{rel} changed or is corrupt (checksum mismatch)"
+    for _, dst in BY_NAME[name].publish:
+        if not (ws.out_dir / dst).exists():
+            return f"{ws.out_dir / dst} is missing"
+    return None
+
+
+def stage_state(ws: Workspace, cfg: ReconConfig, manifest: Manifest, name: str, skipped: frozenset[str]) -> StageStatus:
+    """Is stage ``name`` done (and reusable) under this config?"""
+    if name in skipped:
+        return StageStatus(name, "skipped", "skipped in this run")
+    entry = manifest.get(name)
+    if entry is None:
+        return StageStatus(name, "missing", "never ran" if not ws.stage_dir(name).exists() else "interrupted before it finished")
+    upstream = _upstream_digests(name, manifest, skipped)
+    if upstream is None:
+        return StageStatus(name, "stale", "an upstream stage is not done")
+    if entry.get("version") != BY_NAME[name].version:
+        return StageStatus(name, "stale", f"stage version changed ({entry.get('version')} → {BY_NAME[name].version})")
+    if entry.get("upstream") != upstream:
+        return StageStatus(name, "stale", "upstream results changed")
+    settings = stage_settings(cfg, name)
+    if entry.get("settings") != settings:
+        changed = sorted(k for k in settings if entry.get("settings", {}).get(k) != settings[k])
+        return StageStatus(name, "stale", "settings changed: " + ", ".join(f"{name}.{k}" for k in changed))
+    broken = _outputs_intact(ws, name, entry)
+    if broken:
+        return StageStatus(name, "stale", broken)
+    return StageStatus(name, "done", f"fingerprint {entry['fingerprint']}")
+
+
+def pipeline_status(ws: Workspace, cfg: ReconConfig, skip: tuple[str, ...] = ()) -> list[StageStatus]:
+    """Each stage: done / stale / missing, with why (``recon status``)."""
+    manifest = Manifest(ws.manifest_path)
+    skipped = frozenset(skip)
+    out = []
+    for s in STAGES:
+        st = stage_state(ws, cfg, manifest, s.name, skipped)
+        # A stage is only as good as the stages it reads.
+        if st.state == "done" and any(o.state in ("stale", "missing") for o in out if o.name in effective_deps(s.name, skipped)):
+            st = StageStatus(s.name, "stale", "an upstream stage must re-run")
+        out.append(st)
+    return out
+
+
+def _prepare_stage_dir(ws: Workspace, name: str, fp: str, fresh: bool) -> bool:
+    """Empty the stage folder unless it holds partial work of this very fingerprint; True if resuming."""
+    stage_dir = ws.stage_dir(name)
+    marker = stage_dir / FINGERPRINT_FILE
+    if not fresh and marker.exists() and marker.read_text().strip() == fp:
+        remove_stale_temp_files(stage_dir)
+        return True
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(marker, fp.encode())
+    return False
+
+
+def run_pipeline(
+    ws: Workspace,
+    cfg: ReconConfig,
+    *,
+    until: str | None = None,
+    start_from: str | None = None,
+    force: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    require_upstream: bool = False,
+    show_progress: bool = True,
+) -> RunResult:
+    """Run every stage (up to ``until``) that is not cached and up to date.
+
+    Args:
+        start_from: re-run this stage and everything after it.
+        force: re-run these stages (and, through their new outputs, what follows).
+        skip: skippable stages to leave out (``refine``: fuse reads the initial depth).
+        require_upstream: fail instead of computing stages before ``until`` that are not done.
+    """
+    _validate_names(list(force) + list(skip) + [n for n in (until, start_from) if n], "stage")
+    for n in skip:
+        if not BY_NAME[n].skippable:
+            skippable = ", ".join(s.name for s in STAGES if s.skippable)
+            raise ReconError(f"--skip {n}: this stage cannot be skipped (skippable: {skippable})")
+    if until in skip:
+        raise ReconError(f"cannot both run up to and skip stage {until!r}")
+    skipped = frozenset(skip)
+    names = _selected(until, skipped)
+    forced = set(force)
+    if start_from:
+        forced |= set(STAGE_NAMES[STAGE_NAMES.index(start_from):])
+
+    ws.out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[StageResult] = []
+    with run_lock(ws.lock_path):
+        write_bytes_atomic(ws.config_path, config_to_yaml(cfg).encode())
+        manifest = Manifest(ws.manifest_path)
+        for name in STAGE_NAMES:
+            if name in skipped:
+                results.append(StageResult(name, "skipped"))
+        for name in names:
+            state = stage_state(ws, cfg, manifest, name, skipped)
+            if state.state == "done" and name not in forced:
+                logger.info("%s: up to date (%s), not re-run", name, state.why)
+                entry = manifest.get(name) or {}
+                results.append(StageResult(name, "cached", entry.get("seconds", 0.0), entry.get("summary", {})))
+                continue
+            if require_upstream and name != until:
+                raise ReconError(f"stage {name} is {state.state} ({state.why}); run `recon run {ws.scene_dir} --until {until}` first or drop --no-upstream")
+            upstream = _upstream_digests(name, manifest, skipped)
+            assert upstream is not None, f"{name}: upstream not done"
+            fp = stage_fingerprint(name, cfg, upstream)
+            why = "forced" if name in forced else state.why
+            logger.info("%s: running (%s)", name, why)
+            resuming = _prepare_stage_dir(ws, name, fp, fresh=name in forced)
+            if resuming:
+                logger.info("%s: resuming from partial results of an interrupted run", name)
+            manifest.forget(name)
+            ctx = StageContext(ws=ws, config=cfg, name=name, fingerprint=fp, skipped=skipped, show_progress=show_progress)
+            t0 = time.perf_counter()
+            BY_NAME[name].run(ctx)
+            for src, dst in BY_NAME[name].publish:
+                copy_atomic(ws.stage_dir(name) / src, ws.out_dir / dst)
+            seconds = time.perf_counter() - t0
+            outputs = checksum_tree(ws.stage_dir(name))
+            manifest.record(
+                name,
+                {
+                    "fingerprint": fp,
+                    "version": BY_NAME[name].version,
+                    "settings": stage_settings(cfg, name),
+                    "upstream": upstream,
+                    "outputs": outputs,
+                    "output_digest": fingerprint(outputs),
+                    "seconds": round(seconds, 3),
+                    "finished": time.time(),
+                    "summary": ctx.summary,
+                },
+            )
+            logger.info("%s: done in %.1f s", name, seconds)
+            results.append(StageResult(name, "ran", seconds, ctx.summary))
+    order = {n: i for i, n in enumerate(STAGE_NAMES)}
+    results.sort(key=lambda r: order[r.name])
+    return RunResult(ws=ws, stages=results)
+
+
+def published_outputs(ws: Workspace) -> list[Path]:
+    """The stable-contract files of a finished run that exist."""
+    return [p for p in (ws.mesh_path, ws.mesh_glb_path, ws.sparse_dir, ws.report_path) if p.exists()]
