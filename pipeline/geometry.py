@@ -156,3 +156,24 @@ def default_device(preference: str = "auto") -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
+
+
+def normalizing_similarity(points: np.ndarray, depths: np.ndarray) -> tuple[float, np.ndarray]:
+    """The normalized frame of SPEC.md: ``x_n = s * (x - c)``.
+
+    ``c`` is the per-axis median of the sparse points and ``s`` makes the
+    median depth of the sparse points over all their observations equal 1.
+
+    Args:
+        points: (M, 3) sparse points (SfM frame).
+        depths: (K,) camera-frame depth of every observation of those points.
+    Returns:
+        (s, c): scale and centre.
+    """
+    depths = np.asarray(depths, dtype=np.float64)
+    depths = depths[np.isfinite(depths) & (depths > 0)]
+    if len(depths) == 0 or len(points) == 0:
+        raise ValueError("cannot normalize a scene without sparse points in front of the cameras")
+    s = 1.0 / float(np.median(depths))
+    c = np.median(np.asarray(points, dtype=np.float64), axis=0)
+    return s, c
