@@ -1,0 +1,16 @@
+"""Shared fixtures: the torch device(s) and rendered scenes (session-scoped, rendered once)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> torch.device:
+    """CPU always; CUDA too when present."""
+    return torch.device(request.param)

@@ -1,0 +1,86 @@
+"""CLI: help, exit codes, one-line errors, settings reaching the stages."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from pipeline import stages
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["stage"], ["status"], ["config"], ["synth"]])
+def test_help(runner, cmd):
+    result = runner.invoke(cli.main, cmd + ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_missing_scene_is_one_line_error(runner, tmp_path):
+    result = runner.invoke(cli.main, ["run", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("error:") and "scene folder not found" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_setting_lists_valid_keys(runner, tmp_path):
+    (tmp_path / "images").mkdir()
+    result = runner.invoke(cli.main, ["run", str(tmp_path), "--set", "refine.wieght_mv=1"])
+    assert result.exit_code == 1
+    assert "valid keys for refine" in result.output and "weight_mv" in result.output
+
+
+def test_bad_stage_name(runner, tmp_path):
+    result = runner.invoke(cli.main, ["stage", "mesh", str(tmp_path)])
+    assert result.exit_code == 2 and "Invalid value" in result.output
+
+
+def test_config_lists_settings(runner):
+    result = runner.invoke(cli.main, ["config"])
+    assert result.exit_code == 0 and "refine.weight_mv = 2.0" in result.output
+
+
+def test_settings_reach_the_stage(runner, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(name):
+        def run(ctx):
+            seen[name] = ctx.settings
+            if name == "sfm":
+                (ctx.stage_dir / "model").mkdir()
+            if name == "fuse":
+                (ctx.stage_dir / "mesh.ply").write_text("ply")
+        return run
+
+    for name, spec in list(stages.BY_NAME.items()):
+        monkeypatch.setitem(stages.BY_NAME, name, dataclasses.replace(spec, run=fake(name)))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "recon.yaml").write_text("refine:\n  weight_surf: 0.5\n")
+    result = runner.invoke(cli.main, ["stage", "refine", str(tmp_path), "--no-progress", "--set", "refine.weight_edge=0", "--preset", "mv-only"])
+    assert result.exit_code == 0, result.output
+    assert seen["refine"].weight_edge == 0 and seen["refine"].weight_mag == 0
+    assert seen["refine"].weight_surf == 0  # the preset overrides the scene's recon.yaml; --set overrides both
+    assert "fuse" not in seen
+    result = runner.invoke(cli.main, ["status", str(tmp_path), "--set", "refine.weight_edge=0", "--preset", "mv-only"])
+    assert "sfm     done" in result.output and "fuse    missing" in result.output
+
+
+def test_unexpected_error_is_one_line_with_log(runner, tmp_path, monkeypatch):
+    def boom(ctx):
+        raise ZeroDivisionError("deep inside a library")
+
+    monkeypatch.setitem(stages.BY_NAME, "sfm", dataclasses.replace(stages.BY_NAME["sfm"], run=boom))
+    (tmp_path / "images").mkdir()
+    result = runner.invoke(cli.main, ["run", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: unexpected ZeroDivisionError") and "log.txt" in last
+    assert "Traceback" in (tmp_path / "recon" / "log.txt").read_text()

@@ -1,0 +1,222 @@
+"""Stage engine: fingerprints, invalidation, resume, skip/force/from/until, lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline import stages
+from pipeline.cache import run_lock, write_json_atomic
+from pipeline.config import load_config
+from pipeline.errors import LockedError, ReconError
+from pipeline.stage import StageContext
+from pipeline.workspace import Workspace
+from workflows.local import pipeline_status, run_pipeline
+
+VIEWS = [f"v{i}" for i in range(6)]
+
+
+class FakeStages:
+    """Cheap stand-ins for the five stages that record calls and write per-view files."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.views_written: dict[str, list[str]] = {}
+        self.crash_after: dict[str, int] = {}
+
+    def make(self, name: str):
+        def run(ctx: StageContext) -> None:
+            self.calls.append(name)
+            written = self.views_written.setdefault(name, [])
+            upstream = ctx.settings.__dict__ if name != "sfm" else {}
+            for i, v in enumerate(VIEWS):
+                path = ctx.stage_dir / "views" / f"{v}.json"
+                if path.exists():
+                    continue
+                if name in self.crash_after and len(written) >= self.crash_after[name]:
+                    raise RuntimeError(f"simulated kill in {name}")
+                write_json_atomic(path, {"view": v, "settings": str(upstream), "skipped": sorted(ctx.skipped)})
+                written.append(v)
+            if name == "sfm":
+                write_json_atomic(ctx.stage_dir / "model" / "cameras.json", {"ok": True})
+            if name == "fuse":
+                write_json_atomic(ctx.stage_dir / "mesh.ply", {"mesh": True, "skipped": sorted(ctx.skipped)})
+            ctx.summary["views"] = len(VIEWS)
+
+        return run
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    f = FakeStages()
+    for name, spec in list(stages.BY_NAME.items()):
+        monkeypatch.setitem(stages.BY_NAME, name, dataclasses.replace(spec, run=f.make(name)))
+    return f
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    (tmp_path / "scene" / "images").mkdir(parents=True)
+    return Workspace.create(tmp_path / "scene")
+
+
+def run(ws, cfg=None, **kw):
+    return run_pipeline(ws, cfg or load_config(), show_progress=False, **kw)
+
+
+def test_first_run_runs_all_then_nothing(fake, ws):
+    result = run(ws)
+    assert fake.calls == ["sfm", "depth", "refine", "fuse", "export"]
+    assert [s.status for s in result.stages] == ["ran"] * 5
+    assert (ws.out_dir / "sparse" / "cameras.json").exists()
+    assert ws.mesh_path.exists()
+    assert ws.config_path.exists()
+    fake.calls.clear()
+    result = run(ws)
+    assert fake.calls == []
+    assert [s.status for s in result.stages] == ["cached"] * 5
+    assert all(s.state == "done" for s in pipeline_status(ws, load_config()))
+
+
+def test_changed_setting_reruns_that_stage_and_downstream(fake, ws):
+    run(ws)
+    fake.calls.clear()
+    cfg = load_config(overrides=["refine.weight_edge=0"])
+    states = {s.name: s for s in pipeline_status(ws, cfg)}
+    assert states["refine"].state == "stale" and "refine.weight_edge" in states["refine"].why
+    assert states["fuse"].state == "stale" and states["sfm"].state == "done"
+    run(ws, cfg)
+    assert fake.calls == ["refine", "fuse", "export"]
+
+
+def test_setting_that_does_not_affect_output_keeps_cache(fake, ws):
+    run(ws)
+    fake.calls.clear()
+    run(ws, load_config(overrides=["refine.device=cpu"]))
+    assert fake.calls == []
+
+
+def test_sfm_setting_marks_everything_stale(fake, ws):
+    run(ws)
+    cfg = load_config(overrides=["sfm.max_image_size=640"])
+    assert [s.state for s in pipeline_status(ws, cfg)] == ["stale"] * 5
+    fake.calls.clear()
+    run(ws, cfg)
+    assert fake.calls == ["sfm", "depth", "refine", "fuse", "export"]
+
+
+def test_resume_after_kill_mid_stage_redoes_only_missing_views(fake, ws):
+    fake.crash_after["depth"] = 4
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(ws)
+    assert fake.views_written["depth"] == VIEWS[:4]
+    assert [s.state for s in pipeline_status(ws, load_config())][:2] == ["done", "missing"]
+    del fake.crash_after["depth"]
+    fake.calls.clear()
+    run(ws)
+    assert fake.calls == ["depth", "refine", "fuse", "export"]
+    assert fake.views_written["depth"] == VIEWS  # the 2 missing views, once each
+    assert len(fake.views_written["depth"]) == len(set(fake.views_written["depth"]))
+
+
+def test_partial_work_of_other_settings_is_not_trusted(fake, ws):
+    fake.crash_after["depth"] = 3
+    with pytest.raises(RuntimeError):
+        run(ws)
+    del fake.crash_after["depth"]
+    fake.views_written["depth"].clear()
+    run(ws, load_config(overrides=["depth.estimator=prior"]))
+    assert fake.views_written["depth"] == VIEWS  # all redone: the partial files were for other settings
+
+
+def test_stale_temp_files_are_removed_on_resume(fake, ws):
+    fake.crash_after["depth"] = 2
+    with pytest.raises(RuntimeError):
+        run(ws)
+    leftover = ws.stage_dir("depth") / "views" / ".v2.half.json"
+    leftover.write_text("{")
+    del fake.crash_after["depth"]
+    run(ws)
+    assert not leftover.exists()
+
+
+def test_corrupt_output_is_detected_and_recomputed(fake, ws):
+    run(ws)
+    (ws.stage_dir("depth") / "views" / "v3.json").write_text("garbage")
+    st = {s.name: s for s in pipeline_status(ws, load_config())}
+    assert st["depth"].state == "stale" and "checksum" in st["depth"].why
+    fake.calls.clear()
+    run(ws)
+    assert fake.calls[0] == "depth"
+
+
+def test_missing_published_output_is_recomputed(fake, ws):
+    run(ws)
+    ws.mesh_path.unlink()
+    fake.calls.clear()
+    run(ws)
+    assert "fuse" in fake.calls
+
+
+def test_skip_refine_fuses_depth(fake, ws):
+    result = run(ws, skip=("refine",))
+    assert "refine" not in fake.calls
+    assert {s.name: s.status for s in result.stages}["refine"] == "skipped"
+    assert json.loads(ws.mesh_path.read_text())["skipped"] == ["refine"]
+    fake.calls.clear()
+    run(ws)  # without --skip, fuse must now read refine: it re-runs
+    assert fake.calls == ["refine", "fuse", "export"]
+
+
+def test_only_skippable_stages_can_be_skipped(fake, ws):
+    with pytest.raises(ReconError, match="cannot be skipped"):
+        run(ws, skip=("sfm",))
+
+
+def test_force_from_until(fake, ws):
+    run(ws, until="depth")
+    assert fake.calls == ["sfm", "depth"]
+    fake.calls.clear()
+    run(ws, force=("depth",), until="depth")
+    assert fake.calls == ["depth"]
+    fake.calls.clear()
+    run(ws, start_from="fuse")
+    assert fake.calls == ["refine", "fuse", "export"]  # refine was never run: computed as upstream
+    fake.calls.clear()
+    run(ws, start_from="fuse")
+    assert fake.calls == ["fuse", "export"]
+
+
+def test_require_upstream(fake, ws):
+    with pytest.raises(ReconError, match="run `recon run"):
+        run(ws, until="refine", force=("refine",), require_upstream=True)
+
+
+def test_second_concurrent_run_is_refused(fake, ws):
+    ws.out_dir.mkdir(parents=True)
+    with run_lock(ws.lock_path):
+        result: list[BaseException] = []
+
+        def other():
+            try:
+                run(ws)
+            except BaseException as exc:  # noqa: BLE001
+                result.append(exc)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert result and isinstance(result[0], LockedError)
+    assert "another recon run" in str(result[0])
+
+
+def test_unreadable_manifest_trusts_nothing(fake, ws):
+    run(ws)
+    ws.manifest_path.write_text("{not json")
+    fake.calls.clear()
+    run(ws)
+    assert fake.calls == ["sfm", "depth", "refine", "fuse", "export"]
