@@ -83,6 +83,17 @@ def config_options(fn):
     return fn
 
 
+def _write_report(ws: Workspace) -> None:
+    """Write OUT/report.html; a report failure never fails the run (it is logged)."""
+    from pipeline.report import build_report
+
+    try:
+        build_report(ws)
+    except Exception as exc:  # noqa: BLE001 - the report is a by-product
+        logger.warning("could not write %s: %s", ws.report_path, exc)
+        logger.debug("report failure", exc_info=exc)
+
+
 def _print_summary(result) -> None:
     from workflows.local import published_outputs
 
@@ -124,6 +135,7 @@ def run(scene_dir, out, config_file, presets, overrides, verbose, no_progress, f
         _setup_logging(verbose, log_file)
         cfg = _config(ws, config_file, overrides, presets)
         result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip), show_progress=not no_progress)
+        _write_report(ws)
         _print_summary(result)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
         _fail(exc, log_file)
@@ -198,6 +210,73 @@ def synth(out_dir, shape, object_mesh, n_views, width, height, seed, scale) -> N
         click.echo(f"wrote {path}")
     except Exception as exc:  # noqa: BLE001
         _fail(exc, None)
+
+
+@main.command("eval")
+@click.argument("out", type=click.Path(exists=True))
+@click.option("--gt", required=True, type=click.Path(exists=True), help="Ground truth: a scene's gt/ folder, the scene folder, or a mesh file.")
+@click.option("--threshold", "thresholds", multiple=True, type=float, help="F-score threshold as a fraction of the GT object diagonal (repeatable) [default: 0.005 and 0.01].")
+@click.option("--threshold-abs", type=float, default=None, help="Also score at this absolute distance (GT units).")
+@click.option("--no-align", is_flag=True, help="The mesh is already in the ground-truth frame.")
+@click.option("--icp", is_flag=True, help="Refine the camera alignment with point-to-plane ICP.")
+def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp) -> None:
+    """Score OUT (a recon output folder or a mesh) against ground truth; writes OUT/eval.json."""
+    try:
+        _setup_logging(False)
+        from pipeline.evaluate import DEFAULT_THRESHOLDS_REL, evaluate_reconstruction, format_summary
+
+        result = evaluate_reconstruction(Path(out), Path(gt), thresholds_rel=thresholds or DEFAULT_THRESHOLDS_REL,
+                                         threshold_abs=threshold_abs, align=not no_align, icp=icp)
+        click.echo(format_summary(result))
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, None)
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--scene", type=click.Path(exists=True, file_okay=False), default=None, help="Scene folder [default: the parent of OUT].")
+def diagnose(out, scene) -> None:
+    """Check a run: depth statistics, camera convention, over-smoothing, anchoring."""
+    try:
+        _setup_logging(False)
+        from pipeline.diagnose import diagnose as run_diagnose
+        from pipeline.diagnose import worst_verdict
+
+        out_path = Path(out).resolve()
+        ws = Workspace.create(scene or out_path.parent, out_path)
+        report = run_diagnose(ws)
+        for name, row in report["views"].items():
+            cells = "  ".join(f"{k} mean {v['mean']:.4g} std {v['std']:.3g} min {v['min']:.4g} max {v['max']:.4g}" for k, v in row.items())
+            click.echo(f"{name}: {cells}")
+        for c in report["checks"]:
+            click.echo(f"[{c['verdict'].upper():4}] {c['name']}: {c['detail']}")
+        if worst_verdict(report) == "fail":
+            sys.exit(1)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, None)
+
+
+@main.command()
+@click.argument("scene_dir", type=click.Path())
+@config_options
+@click.option("--variant", "variants", multiple=True, help="NAME (built in: default, mv-only, no-refine) or NAME='--set section.key=value ...' (repeatable).")
+@click.option("--gt", type=click.Path(exists=True), default=None, help="Ground truth to score each variant against (default: SCENE_DIR/gt when present).")
+def ablate(scene_dir, out, config_file, presets, overrides, verbose, no_progress, variants, gt) -> None:
+    """Run refine/fuse variants over shared sfm and depth caches and print one table."""
+    from workflows.ablate import format_table, parse_variant, run_ablation
+
+    log_file = None
+    try:
+        ws = _workspace(scene_dir, out)
+        log_file = ws.log_path
+        _setup_logging(verbose, log_file)
+        cfg = _config(ws, config_file, overrides, presets)
+        chosen = [parse_variant(v) for v in (variants or ("default", "mv-only", "no-refine"))]
+        gt_path = Path(gt) if gt else (ws.scene_dir / "gt" if (ws.scene_dir / "gt").is_dir() else None)
+        results = run_ablation(ws, cfg, chosen, gt=gt_path, show_progress=not no_progress)
+        click.echo(format_table(results))
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        _fail(exc, log_file)
 
 
 if __name__ == "__main__":

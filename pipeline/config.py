@@ -14,6 +14,7 @@ one-line :class:`~pipeline.errors.ConfigError` that lists the valid keys.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,9 +119,10 @@ def load_config(
     files: list[Path] | tuple[Path, ...] = (),
     overrides: list[str] | tuple[str, ...] = (),
     presets: list[str] | tuple[str, ...] = (),
+    base: ReconConfig | None = None,
 ) -> ReconConfig:
-    """Build the effective config from defaults, YAML files (in order), presets and ``--set`` overrides."""
-    cfg = ReconConfig()
+    """Build the effective config from defaults (or a copy of ``base``), YAML files (in order), presets and ``--set`` overrides."""
+    cfg = copy.deepcopy(base) if base is not None else ReconConfig()
     for path in files:
         path = Path(path)
         try:

@@ -1,0 +1,152 @@
+"""``recon diagnose``: checks a run the way the research notes did by hand.
+
+* per-view INIT / PRED / DELTA depth statistics (mean, std, min, max);
+* extrinsic convention: poses must be world→camera — the sparse points lie in
+  front of the cameras that observe them, the cameras look towards the scene,
+  and camera centres lie outside the fused surface;
+* over-smoothing: Δz ≈ 0 everywhere means the regularizers dominate;
+* anchoring residuals of the initial depth maps.
+
+Each check yields a verdict: ``ok``, ``warn`` or ``fail``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.io import SfmScene, load_depth_map, load_sfm_scene
+from pipeline.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+FRONT_FRACTION_OK = 0.95
+"""Share of sparse observations that must lie in front of their camera."""
+OVERSMOOTH_REL_STD = 1e-4
+"""Δz std relative to the mean depth below which refinement did (almost) nothing."""
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str
+    detail: str
+
+
+def depth_stats(values: np.ndarray) -> dict[str, float]:
+    """mean/std/min/max of finite values (NaN when empty)."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+
+
+def points_in_front_fraction(scene: SfmScene) -> float:
+    """Share of (view, observed point) pairs with the point at positive depth in that camera."""
+    total = front = 0
+    for v in scene.views:
+        if len(v.point_ids) == 0:
+            continue
+        p = scene.points[v.point_ids]
+        z = p @ v.cam_from_world[2, :3] + v.cam_from_world[2, 3]
+        total += len(z)
+        front += int((z > 0).sum())
+    return front / total if total else float("nan")
+
+
+def cameras_facing_scene_fraction(scene: SfmScene) -> float:
+    """Share of cameras whose optical axis points towards the median sparse point (angle < 90°)."""
+    if len(scene.points) == 0:
+        return float("nan")
+    centre = np.median(scene.points, axis=0)
+    ok = 0
+    for v in scene.views:
+        axis = v.cam_from_world[2, :3]  # camera z axis in world coordinates
+        ok += int(np.dot(axis, centre - v.center) > 0)
+    return ok / len(scene.views)
+
+
+def cameras_outside_mesh_fraction(scene: SfmScene, mesh_path: Path) -> float:
+    """Share of cameras that see the mesh in front of them and are not enclosed by it.
+
+    A camera inside a closed surface sees it in every direction; one outside
+    sees it only in part of its view. We cast the camera's pixel rays (coarse
+    grid) and the reversed rays: an outside camera has hits ahead and few behind.
+    """
+    import open3d as o3d
+
+    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
+    if len(mesh.triangles) == 0:
+        return float("nan")
+    rc = o3d.t.geometry.RaycastingScene()
+    rc.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(mesh))
+    outside = 0
+    for v in scene.views:
+        us, vs = np.meshgrid(np.linspace(0.5, v.width - 0.5, 16), np.linspace(0.5, v.height - 0.5, 12))
+        d_cam = np.stack([(us - v.K[0, 2]) / v.K[0, 0], (vs - v.K[1, 2]) / v.K[1, 1], np.ones_like(us)], -1).reshape(-1, 3)
+        d_world = d_cam @ v.cam_from_world[:3, :3]  # R^T d
+        d_world /= np.linalg.norm(d_world, axis=1, keepdims=True)
+        origin = np.broadcast_to(v.center, d_world.shape)
+        rays = np.concatenate([np.concatenate([origin, d_world], 1), np.concatenate([origin, -d_world], 1)]).astype(np.float32)
+        hits = np.isfinite(rc.cast_rays(o3d.core.Tensor(rays))["t_hit"].numpy())
+        ahead, behind = hits[: len(d_world)].mean(), hits[len(d_world):].mean()
+        outside += int(ahead > 0.2 and behind < 0.9)
+    return outside / len(scene.views)
+
+
+def diagnose(ws: Workspace) -> dict[str, Any]:
+    """Run every check that the available caches allow; returns a JSON-able report."""
+    checks: list[Check] = []
+    views: dict[str, dict[str, Any]] = {}
+    scene = load_sfm_scene(ws)
+
+    front = points_in_front_fraction(scene)
+    facing = cameras_facing_scene_fraction(scene)
+    if front >= FRONT_FRACTION_OK and facing >= 0.9:
+        checks.append(Check("extrinsic convention", "ok", f"{front:.1%} of sparse observations in front of their camera, {facing:.0%} of cameras face the scene: poses are world→camera"))
+    else:
+        checks.append(Check("extrinsic convention", "fail",
+                            f"only {front:.1%} of sparse observations lie in front of their camera and {facing:.0%} of cameras face the scene: "
+                            "the poses look inverted (camera→world given where world→camera is expected); fix the model's convention"))
+    if ws.mesh_path.exists():
+        outside = cameras_outside_mesh_fraction(scene, ws.mesh_path)
+        verdict = "ok" if outside >= 0.9 else "fail"
+        checks.append(Check("cameras outside the surface", verdict, f"{outside:.0%} of cameras see the mesh ahead and lie outside it"))
+
+    deltas_rel = []
+    anchor_rows = []
+    for v in scene.views:
+        row: dict[str, Any] = {}
+        if ws.depth_view(v.name).exists():
+            init = load_depth_map(ws.depth_view(v.name))
+            row["INIT"] = depth_stats(np.where(init.valid, init.depth, np.nan))
+            if "anchor" in init.stats:
+                anchor_rows.append(init.stats["anchor"])
+        if ws.refine_view(v.name).exists():
+            ref = load_depth_map(ws.refine_view(v.name))
+            row["PRED"] = depth_stats(np.where(ref.valid, ref.depth, np.nan))
+            if ref.depth_init is not None:
+                delta = np.where(ref.valid, ref.depth - ref.depth_init, np.nan)
+                row["DELTA"] = depth_stats(delta)
+                if np.isfinite(row["DELTA"]["std"]) and row["PRED"]["mean"] > 0:
+                    deltas_rel.append(row["DELTA"]["std"] / row["PRED"]["mean"])
+        views[v.name] = row
+
+    if deltas_rel:
+        med = float(np.median(deltas_rel))
+        if med < OVERSMOOTH_REL_STD:
+            checks.append(Check("over-smoothing", "warn", f"Δz std is {med:.1e} of the depth: refinement barely moved the depth (regularizers dominate, or lr too small)"))
+        else:
+            checks.append(Check("over-smoothing", "ok", f"median Δz std = {med:.2e} of the depth"))
+    if anchor_rows:
+        checks.append(Check("anchoring", "ok", f"{len(anchor_rows)} views anchored to the sparse points"))
+    return {"checks": [asdict(c) for c in checks], "views": views, "num_views": len(scene.views), "num_points": int(len(scene.points))}
+
+
+def worst_verdict(report: dict[str, Any]) -> str:
+    order = {"ok": 0, "warn": 1, "fail": 2}
+    return max((c["verdict"] for c in report["checks"]), key=order.__getitem__, default="ok")
