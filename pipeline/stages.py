@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline import depth, export, fuse, refine, sfm
@@ -16,6 +17,38 @@ from pipeline.cache import fingerprint
 from pipeline.config import ReconConfig
 from pipeline.settings import fingerprint_fields
 from pipeline.stage import StageContext
+from pipeline.workspace import Workspace
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def sfm_inputs(ws: Workspace, cfg: ReconConfig) -> list[Path]:
+    """The photos and, when used, the user's COLMAP model."""
+    files = sfm.scene_images(ws) if ws.images_dir.is_dir() else []
+    user = ws.user_sparse_dir() if cfg.sfm.use_existing_model else None
+    return files + (_files_under(user) if user is not None else [])
+
+
+def depth_inputs(ws: Workspace, cfg: ReconConfig) -> list[Path]:
+    """User depth priors (estimator ``prior``)."""
+    return _files_under(ws.depth_prior_dir) if cfg.depth.estimator.value == "prior" else []
+
+
+def fuse_inputs(ws: Workspace, cfg: ReconConfig) -> list[Path]:
+    """Optional masks."""
+    return _files_under(ws.masks_dir)
+
+
+def inputs_digest(files: list[Path], root: Path) -> str:
+    """Hash of the input files' names, sizes and modification times (cheap; content changes change mtime)."""
+    rows = []
+    for p in files:
+        st = p.stat()
+        rel = p.relative_to(root).as_posix() if root in p.parents else str(p)
+        rows.append((rel, st.st_size, st.st_mtime_ns))
+    return fingerprint(rows)
 
 
 @dataclass(frozen=True)
@@ -29,13 +62,18 @@ class StageSpec:
     """``--skip`` allowed: the stages after it read its own upstream instead."""
     publish: tuple[tuple[str, str], ...] = ()
     """(path in the stage folder, path in OUT): copied atomically after the stage ran."""
+    inputs: Callable[[Workspace, ReconConfig], list[Path]] | None = None
+    """Scene files the stage reads (photos, priors, masks): their digest is part of the fingerprint."""
+    checked_outputs: tuple[str, ...] = ()
+    """Paths in the stage folder whose checksums are recorded and verified (empty: everything)."""
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("sfm", 1, (), sfm.run, publish=(("model", "sparse"),)),
-    StageSpec("depth", 1, ("sfm",), depth.run),
+    StageSpec("sfm", 1, (), sfm.run, publish=(("model", "sparse"),), inputs=sfm_inputs,
+              checked_outputs=("model", "images", "normalization.json")),
+    StageSpec("depth", 1, ("sfm",), depth.run, inputs=depth_inputs),
     StageSpec("refine", 1, ("depth", "sfm"), refine.run, skippable=True),
-    StageSpec("fuse", 1, ("refine", "sfm"), fuse.run, publish=(("mesh.ply", "mesh.ply"),)),
+    StageSpec("fuse", 1, ("refine", "sfm"), fuse.run, publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs),
     StageSpec("export", 1, ("fuse", "sfm"), export.run, skippable=True),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

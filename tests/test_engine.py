@@ -32,7 +32,7 @@ class FakeStages:
         def run(ctx: StageContext) -> None:
             self.calls.append(name)
             written = self.views_written.setdefault(name, [])
-            upstream = ctx.settings.__dict__ if name != "sfm" else {}
+            upstream = ctx.settings.__dict__
             for i, v in enumerate(VIEWS):
                 path = ctx.stage_dir / "views" / f"{v}.json"
                 if path.exists():
@@ -42,7 +42,7 @@ class FakeStages:
                 write_json_atomic(path, {"view": v, "settings": str(upstream), "skipped": sorted(ctx.skipped)})
                 written.append(v)
             if name == "sfm":
-                write_json_atomic(ctx.stage_dir / "model" / "cameras.json", {"ok": True})
+                write_json_atomic(ctx.stage_dir / "model" / "cameras.json", {"settings": str(upstream)})
             if name == "fuse":
                 write_json_atomic(ctx.stage_dir / "mesh.ply", {"mesh": True, "skipped": sorted(ctx.skipped)})
             ctx.summary["views"] = len(VIEWS)
@@ -220,3 +220,18 @@ def test_unreadable_manifest_trusts_nothing(fake, ws):
     fake.calls.clear()
     run(ws)
     assert fake.calls == ["sfm", "depth", "refine", "fuse", "export"]
+
+
+def test_identical_upstream_output_keeps_downstream_cached(fake, ws):
+    run(ws)
+    fake.calls.clear()
+    run(ws, force=("depth",))  # re-run, same settings → same files → nothing downstream to redo
+    assert fake.calls == ["depth"]
+
+
+def test_new_input_image_invalidates_sfm(fake, ws):
+    (ws.images_dir / "a.png").write_bytes(b"x")
+    run(ws)
+    (ws.images_dir / "b.png").write_bytes(b"y")
+    st = {s.name: s for s in pipeline_status(ws, load_config())}
+    assert st["sfm"].state == "stale" and "input files changed" in st["sfm"].why

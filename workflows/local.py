@@ -19,7 +19,7 @@ from pipeline.cache import Manifest, checksum_tree, copy_atomic, fingerprint, re
 from pipeline.config import ReconConfig, config_to_yaml
 from pipeline.errors import ReconError
 from pipeline.stage import StageContext
-from pipeline.stages import BY_NAME, STAGE_NAMES, STAGES, effective_deps, stage_fingerprint, stage_settings
+from pipeline.stages import BY_NAME, STAGE_NAMES, STAGES, effective_deps, inputs_digest, stage_fingerprint, stage_settings
 from pipeline.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,12 @@ def _selected(until: str | None, skip: frozenset[str]) -> list[str]:
     return names
 
 
-def _upstream_digests(name: str, manifest: Manifest, skipped: frozenset[str]) -> dict[str, str] | None:
-    """Output digests of the stages ``name`` reads; None if one of them is not done."""
+def _upstream_digests(ws: Workspace, cfg: ReconConfig, name: str, manifest: Manifest, skipped: frozenset[str]) -> dict[str, str] | None:
+    """Output digests of the stages ``name`` reads (and of its scene inputs); None if one of them is not done."""
     digests = {}
+    spec = BY_NAME[name]
+    if spec.inputs is not None:
+        digests["_inputs"] = inputs_digest(spec.inputs(ws, cfg), ws.scene_dir)
     for dep in effective_deps(name, skipped):
         entry = manifest.get(dep)
         if entry is None:
@@ -83,9 +86,25 @@ def _upstream_digests(name: str, manifest: Manifest, skipped: frozenset[str]) ->
     return digests
 
 
+def stage_checksums(ws: Workspace, name: str) -> dict[str, str]:
+    """Checksums of the outputs a stage's manifest entry records (see ``StageSpec.checked_outputs``)."""
+    root = ws.stage_dir(name)
+    paths = BY_NAME[name].checked_outputs
+    if not paths:
+        return checksum_tree(root)
+    out: dict[str, str] = {}
+    for rel in paths:
+        p = root / rel
+        if p.is_dir():
+            out.update({f"{rel}/{k}": v for k, v in checksum_tree(p).items()})
+        elif p.is_file():
+            out[rel] = checksum_tree(p)[p.name]
+    return out
+
+
 def _outputs_intact(ws: Workspace, name: str, entry: dict[str, Any]) -> str | None:
     """None when every recorded output exists with its checksum, else why not."""
-    current = checksum_tree(ws.stage_dir(name))
+    current = stage_checksums(ws, name)
     recorded: dict[str, str] = entry.get("outputs", {})
     for rel, digest in recorded.items():
         if rel not in current:
@@ -105,12 +124,14 @@ def stage_state(ws: Workspace, cfg: ReconConfig, manifest: Manifest, name: str, 
     entry = manifest.get(name)
     if entry is None:
         return StageStatus(name, "missing", "never ran" if not ws.stage_dir(name).exists() else "interrupted before it finished")
-    upstream = _upstream_digests(name, manifest, skipped)
+    upstream = _upstream_digests(ws, cfg, name, manifest, skipped)
     if upstream is None:
         return StageStatus(name, "stale", "an upstream stage is not done")
     if entry.get("version") != BY_NAME[name].version:
         return StageStatus(name, "stale", f"stage version changed ({entry.get('version')} → {BY_NAME[name].version})")
     if entry.get("upstream") != upstream:
+        if entry.get("upstream", {}).get("_inputs") != upstream.get("_inputs"):
+            return StageStatus(name, "stale", "input files changed")
         return StageStatus(name, "stale", "upstream results changed")
     settings = stage_settings(cfg, name)
     if entry.get("settings") != settings:
@@ -199,7 +220,7 @@ def run_pipeline(
                 continue
             if require_upstream and name != until:
                 raise ReconError(f"stage {name} is {state.state} ({state.why}); run `recon run {ws.scene_dir} --until {until}` first or drop --no-upstream")
-            upstream = _upstream_digests(name, manifest, skipped)
+            upstream = _upstream_digests(ws, cfg, name, manifest, skipped)
             assert upstream is not None, f"{name}: upstream not done"
             fp = stage_fingerprint(name, cfg, upstream)
             why = "forced" if name in forced else state.why
@@ -214,7 +235,7 @@ def run_pipeline(
             for src, dst in BY_NAME[name].publish:
                 copy_atomic(ws.stage_dir(name) / src, ws.out_dir / dst)
             seconds = time.perf_counter() - t0
-            outputs = checksum_tree(ws.stage_dir(name))
+            outputs = stage_checksums(ws, name)
             manifest.record(
                 name,
                 {

@@ -1,0 +1,363 @@
+"""sfm stage: COLMAP SfM on a rendered scene, the normalized frame, existing models, bad inputs.
+
+One 12-view 320x240 ``blob`` scene is rendered and reconstructed once per
+session (with an unreadable JPEG among the photos); the other SfM tests use
+existing models (no feature extraction) or fail early.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import pytest
+from PIL import Image
+
+from pipeline import sfm
+from pipeline.config import load_config
+from pipeline.errors import ReconError
+from pipeline.geometry import camera_center, umeyama
+from pipeline.groundtruth import load_gt_cameras, scene_from_ground_truth
+from pipeline.io import load_sfm_scene
+from pipeline.sfm import CameraMode, InputImage, camera_groups, prepare_image, scene_images, sfm_paths
+from pipeline.stage import StageContext
+from pipeline.synth import render_scene
+from pipeline.workspace import Workspace
+from workflows.local import RunResult, run_pipeline
+
+N_VIEWS = 12
+CORRUPT = "corrupt.jpg"
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@dataclass
+class SfmRun:
+    scene_dir: Path
+    ws: Workspace
+    result: RunResult
+    warnings: list[str]
+
+
+def _run(ws: Workspace, *overrides: str) -> RunResult:
+    return run_pipeline(ws, load_config(overrides=list(overrides)), until="sfm", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def sfm_run(tmp_path_factory) -> SfmRun:
+    """The rendered blob scene plus a corrupt JPEG, reconstructed once by the sfm stage."""
+    scene = render_scene(tmp_path_factory.mktemp("sfm") / "blob", shape="blob", n_views=N_VIEWS, width=320, height=240, seed=0)
+    (scene / "images" / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    ws = Workspace.create(scene)
+    collect = _Collect()
+    log = logging.getLogger("pipeline.sfm")
+    log.addHandler(collect)
+    try:
+        result = _run(ws)
+    finally:
+        log.removeHandler(collect)
+    return SfmRun(scene_dir=scene, ws=ws, result=result, warnings=collect.messages)
+
+
+def _gt_centers(scene_dir: Path, names: list[str]) -> np.ndarray:
+    cams, _, _ = load_gt_cameras(scene_dir / "gt")
+    return np.array([camera_center(cams[n][1]) for n in names])
+
+
+def _observation_depths(scene) -> np.ndarray:
+    return np.concatenate([scene.points[v.point_ids] @ v.cam_from_world[2, :3] + v.cam_from_world[2, 3] for v in scene.views])
+
+
+# ---- the SfM run ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_view_registers_and_cameras_match_ground_truth(sfm_run):
+    summary = sfm_run.result.stages[0].summary
+    assert summary["images"] == N_VIEWS and summary["registered"] == N_VIEWS
+    assert summary["points3D"] > 100 and 0 < summary["reproj_error_px"] < 1.0 and summary["track_length"] > 2
+    scene = load_sfm_scene(sfm_run.ws)
+    gt_names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
+    assert [v.name for v in scene.views] == gt_names
+    est = np.array([v.center for v in scene.views])
+    gt = _gt_centers(sfm_run.scene_dir, gt_names)
+    s, R, t = umeyama(est, gt)
+    err = np.linalg.norm(s * est @ R.T + t - gt, axis=1)
+    radius = np.linalg.norm(gt - gt.mean(0), axis=1).max()
+    assert err.max() < 0.01 * radius, f"camera centre error {err.max() / radius:.2%} of the scene radius"
+
+
+@pytest.mark.slow
+def test_normalized_frame_has_unit_median_depth(sfm_run):
+    scene = load_sfm_scene(sfm_run.ws)
+    depths = _observation_depths(scene)
+    assert (depths > 0).all()
+    assert abs(np.median(depths) - 1.0) < 1e-6
+
+
+@pytest.mark.slow
+def test_normalization_maps_the_mapped_model_to_the_cached_one(sfm_run):
+    ws = sfm_run.ws
+    scene = load_sfm_scene(ws)
+    data = json.loads(ws.sfm_normalization.read_text())
+    T = np.asarray(data["normalized_from_sfm"])
+    s, c = data["scale"], np.asarray(data["center"])
+    np.testing.assert_allclose(T[:3, :3], s * np.eye(3))
+    np.testing.assert_allclose(T[:3, 3], -s * c)
+    np.testing.assert_allclose(scene.normalized_from_sfm, T)
+    raw = pycolmap.Reconstruction(str(sfm_paths(ws).mapped_dir))
+    raw_centers = {raw.images[i].name: raw.images[i].projection_center() for i in raw.reg_image_ids()}
+    for v in scene.views:
+        mapped = T[:3, :3] @ raw_centers[v.name] + T[:3, 3]
+        np.testing.assert_allclose(mapped, v.center, atol=1e-9)
+    assert 0.5 < s * np.median([np.linalg.norm(c - x) for x in raw_centers.values()]) < 3  # cameras ~1 unit away
+
+
+@pytest.mark.slow
+def test_outputs_are_undistorted_pinhole_published_and_logged(sfm_run):
+    ws = sfm_run.ws
+    rec = pycolmap.Reconstruction(str(ws.sfm_model_dir))
+    assert {cam.model.name for cam in rec.cameras.values()} == {"PINHOLE"}
+    scene = load_sfm_scene(ws)
+    for v in scene.views:
+        with Image.open(v.image_path) as im:
+            assert im.size == (v.width, v.height)
+    assert (ws.sparse_dir / "cameras.bin").exists() and (ws.sparse_dir / "points3D.bin").exists()
+    log = ws.sfm_log.read_text()
+    assert "Feature extraction" in log and "Undistort" in log  # COLMAP's glog output went to the file
+    assert ws.sfm_database.exists()
+
+
+@pytest.mark.slow
+def test_corrupt_image_is_skipped_with_a_warning(sfm_run):
+    assert any(CORRUPT in m for m in sfm_run.warnings), sfm_run.warnings
+    assert not (sfm_paths(sfm_run.ws).input_dir / CORRUPT).exists()
+    assert CORRUPT not in {v.name for v in load_sfm_scene(sfm_run.ws).views}
+
+
+@pytest.mark.slow
+def test_second_run_is_cached(sfm_run):
+    result = _run(sfm_run.ws)
+    assert result.stages[0].status == "cached"
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_finished_phases(sfm_run, tmp_path, caplog):
+    ws = Workspace.create(sfm_run.scene_dir, tmp_path / "out")
+    shutil.copytree(sfm_run.ws.out_dir, ws.out_dir, dirs_exist_ok=True)
+    paths = sfm_paths(ws)
+    before = load_sfm_scene(ws)
+    ctx = StageContext(ws=ws, config=load_config(), name="sfm", fingerprint="resume-test", show_progress=False)
+
+    # Killed during mapping: database.db is complete, a half-written temporary database lies around.
+    for d in (paths.mapped_dir, ws.sfm_model_dir, ws.sfm_images_dir):
+        shutil.rmtree(d)
+    ws.sfm_normalization.unlink()
+    paths.database_building.write_bytes(b"half a database")
+    log = ws.sfm_log.read_text()
+    sfm.run(ctx)
+    new_log = ws.sfm_log.read_text()[len(log):]
+    assert "Feature extraction" not in new_log and "initial image pair" in new_log  # only mapping re-ran
+    assert not paths.database_building.exists()
+
+    # Killed during undistortion: the mapped model is reused, nothing before it re-runs.
+    shutil.rmtree(ws.sfm_model_dir)
+    log = ws.sfm_log.read_text()
+    with caplog.at_level(logging.INFO, logger="pipeline.sfm"):
+        sfm.run(ctx)
+    new_log = ws.sfm_log.read_text()[len(log):]
+    assert "initial image pair" not in new_log and "Undistort" in new_log
+    assert any("reusing the mapped model" in r.getMessage() for r in caplog.records)
+    after = load_sfm_scene(ws)
+    np.testing.assert_allclose([v.center for v in after.views], [v.center for v in before.views], atol=1e-6)
+
+
+# ---- existing COLMAP models ---------------------------------------------------------------------------
+
+
+def _scene_copy(src: Path, dst: Path, names: list[str]) -> Path:
+    (dst / "images").mkdir(parents=True)
+    for n in names:
+        shutil.copyfile(src / "images" / n, dst / "images" / n)
+    return dst
+
+
+def _write_gt_model(scene_dir: Path, model_dir: Path, *, extra_name: str | None = None) -> None:
+    """A COLMAP model of the true cameras (one PINHOLE camera) and ~300 true surface points."""
+    gt = scene_from_ground_truth(scene_dir, n_points=300, normalize=False)
+    K = gt.views[0].K
+    rec = pycolmap.Reconstruction()
+    rec.add_camera_with_trivial_rig(
+        pycolmap.Camera(model="PINHOLE", width=gt.views[0].width, height=gt.views[0].height, params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], camera_id=1)
+    )
+    views = [(v.name, v.cam_from_world, v.point_ids) for v in gt.views]
+    if extra_name:
+        views.append((extra_name, gt.views[0].cam_from_world, gt.views[0].point_ids))
+    tracks: dict[int, list[tuple[int, int]]] = {}
+    for image_id, (name, T, pids) in enumerate(views, start=1):
+        pc = gt.points[pids] @ T[:3, :3].T + T[:3, 3]
+        uv = pc[:, :2] / pc[:, 2:] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
+        rec.add_image_with_trivial_frame(pycolmap.Image(name=name, keypoints=uv, camera_id=1, image_id=image_id), pycolmap.Rigid3d(T[:3, :4]))
+        for idx, pid in enumerate(pids):
+            tracks.setdefault(int(pid), []).append((image_id, idx))
+    for pid, elements in tracks.items():
+        if len(elements) >= 2:
+            track = pycolmap.Track()
+            for image_id, idx in elements:
+                track.add_element(image_id, idx)
+            rec.add_point3D(gt.points[pid], track)
+    model_dir.mkdir(parents=True)
+    rec.write(str(model_dir))
+
+
+@pytest.fixture
+def gt_model_scene(sfm_run, tmp_path) -> Path:
+    names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
+    scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
+    shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
+    _write_gt_model(scene, scene / "sparse" / "0")
+    return scene
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_image_size", [2000, 160])
+def test_existing_model_is_used_instead_of_sfm(gt_model_scene, max_image_size, capfd):
+    ws = Workspace.create(gt_model_scene)
+    result = _run(ws, f"sfm.max_image_size={max_image_size}")
+    assert result.stages[0].summary["source"] == "existing model"
+    assert not ws.sfm_database.exists()  # no feature extraction, no matching
+    assert "Feature extraction" not in ws.sfm_log.read_text()
+    assert "Undistort" in ws.sfm_log.read_text()
+    assert "undistorters.cc" not in capfd.readouterr().err  # COLMAP's log stays off the console
+
+    scene = load_sfm_scene(ws)
+    cams, width, height = load_gt_cameras(gt_model_scene / "gt")
+    assert sorted(v.name for v in scene.views) == sorted(cams)
+    scale = min(1.0, max_image_size / max(width, height))
+    T = scene.normalized_from_sfm
+    for v in scene.views:
+        K_gt, cam_from_world = cams[v.name]
+        assert (v.width, v.height) == (round(width * scale), round(height * scale))
+        np.testing.assert_allclose(v.K[:2], K_gt[:2] * scale, rtol=1e-6)
+        np.testing.assert_allclose(T[:3, :3] @ camera_center(cam_from_world) + T[:3, 3], v.center, atol=1e-9)
+    assert abs(np.median(_observation_depths(scene)) - 1.0) < 1e-6
+
+
+@pytest.mark.slow
+def test_existing_model_with_unknown_image_names_fails(sfm_run, tmp_path):
+    names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
+    scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
+    shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
+    _write_gt_model(scene, scene / "sparse", extra_name="not_here.png")
+    ws = Workspace.create(scene)
+    with pytest.raises(ReconError, match="not_here.png") as info:
+        _run(ws)
+    assert "\n" not in str(info.value)
+    assert not ws.sfm_database.exists()
+
+
+@pytest.mark.slow
+def test_unreadable_existing_model_fails_clearly(sfm_run, tmp_path):
+    scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", ["view_000.png", "view_001.png", "view_002.png"])
+    model = scene / "sparse" / "0"
+    model.mkdir(parents=True)
+    for name in ("cameras.bin", "images.bin", "points3D.bin"):
+        (model / name).write_bytes(bytes(range(100)))
+    with pytest.raises(ReconError, match="cannot read the COLMAP model") as info:
+        _run(Workspace.create(scene))
+    assert str(model) in str(info.value) and "use_existing_model=false" in str(info.value)
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------
+
+
+def _noise_images(folder: Path, n: int, seed: int = 100) -> None:
+    """``n`` unrelated smooth-noise photos (160x120): textured, but nothing in common."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        rng = np.random.default_rng(seed + i)
+        noise = (rng.random((15, 20, 3)) * 255).astype(np.uint8)
+        Image.fromarray(noise).resize((160, 120), Image.Resampling.BICUBIC).save(folder / f"img_{i}.png")
+
+
+def test_two_images_are_not_enough(tmp_path):
+    scene = tmp_path / "scene"
+    _noise_images(scene / "images", 2)
+    with pytest.raises(ReconError, match="only 2 readable") as info:
+        _run(Workspace.create(scene))
+    assert str(scene / "images") in str(info.value)
+
+
+@pytest.mark.slow
+def test_non_overlapping_images_fail_clearly(tmp_path):
+    _noise_images(tmp_path / "scene" / "images", 4)
+    with pytest.raises(ReconError, match="registered") as info:
+        _run(Workspace.create(tmp_path / "scene"))
+    message = str(info.value)
+    assert "no image pair shares enough matching features" in message
+    assert "img_0.png" in message and "overlap" in message and "\n" not in message
+
+
+# ---- units -------------------------------------------------------------------------------------------------
+
+
+def test_prepare_image_rotates_downscales_and_keeps_focal_exif(tmp_path):
+    src, dst = tmp_path / "in.jpg", tmp_path / "out" / "in.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    exif[0x010F] = "Maker"
+    exif.get_ifd(0x8769)[0xA405] = 28
+    Image.new("RGB", (400, 200), (200, 10, 10)).save(src, quality=95, exif=exif.tobytes())
+    prepare_image(src, dst, max_image_size=100, jpeg_quality=95)
+    with Image.open(dst) as im:
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (50, 100)
+        out = im.getexif()
+        assert out.get(0x0112, 1) == 1 and out[0x010F] == "Maker" and out.get_ifd(0x8769)[0xA405] == 28
+
+
+def test_prepare_image_copies_clean_jpegs_and_converts_others(tmp_path):
+    clean = tmp_path / "clean.jpg"
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(clean, quality=90)
+    prepare_image(clean, tmp_path / "out" / "clean.jpg", max_image_size=100, jpeg_quality=95)
+    assert (tmp_path / "out" / "clean.jpg").read_bytes() == clean.read_bytes()
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray(np.full((48, 64), 40000, dtype=np.uint16)).save(gray16)
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (64, 48), (1, 2, 3, 4)).save(rgba)
+    for src in (gray16, rgba):
+        prepare_image(src, tmp_path / "out" / src.name, max_image_size=100, jpeg_quality=95)
+        with Image.open(tmp_path / "out" / src.name) as im:
+            assert im.format == "PNG" and im.mode == "RGB" and im.size == (64, 48)
+
+
+def test_camera_groups():
+    ims = [
+        InputImage(name="a.jpg", width=40, height=30, camera_key=(40, 30, "X", "", "", "")),
+        InputImage(name="b.jpg", width=40, height=30, camera_key=(40, 30, "X", "", "", "")),
+        InputImage(name="c.jpg", width=30, height=40, camera_key=(30, 40, "X", "", "", "")),
+    ]
+    assert camera_groups(ims, CameraMode.auto) == [["a.jpg", "b.jpg"], ["c.jpg"]]
+    assert camera_groups(ims, CameraMode.per_image) == [["a.jpg", "b.jpg", "c.jpg"]]
+    with pytest.raises(ReconError, match="camera_mode=single"):
+        camera_groups(ims, CameraMode.single)
+    assert camera_groups(ims[:2], CameraMode.single) == [["a.jpg", "b.jpg"]]
+
+
+def test_photos_directly_in_scene_dir_exclude_recon_folders(tmp_path):
+    for rel in ("a.png", "b.png", "sub/c.png", "recon/sfm/input/a.png", "masks/a.png", "depth_prior/a.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / rel)
+    files = scene_images(Workspace.create(tmp_path))
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.png", "b.png", "sub/c.png"]
