@@ -189,16 +189,18 @@ def config_cmd() -> None:
 
 
 @main.command()
+@click.argument("shape")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--shape", default="blob", show_default=True, help="Object shape (see pipeline.synth.SHAPES).")
 @click.option("--object-mesh", type=click.Path(exists=True, dir_okay=False), default=None, help="Render this OBJ/PLY as the object instead.")
 @click.option("--views", "n_views", default=12, show_default=True, help="Number of views.")
 @click.option("--width", default=320, show_default=True)
 @click.option("--height", default=240, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--scale", default=1.0, show_default=True, help="Scale of the whole scene (world units).")
-def synth(out_dir, shape, object_mesh, n_views, width, height, seed, scale) -> None:
-    """Render a synthetic scene with ground truth (images/ + gt/) into OUT_DIR."""
+@click.option("--rings", default=2, show_default=True, help="Camera rings (elevations).")
+@click.option("--compress-depth", is_flag=True, help="Store GT depth as compressed .npz (smaller scenes).")
+def synth(shape, out_dir, object_mesh, n_views, width, height, seed, scale, rings, compress_depth) -> None:
+    """Render scene SHAPE (blob, thin, knot) with ground truth (images/ + gt/) into OUT_DIR."""
     try:
         _setup_logging(False)
         from pipeline.synth import SHAPES, render_scene
@@ -206,7 +208,8 @@ def synth(out_dir, shape, object_mesh, n_views, width, height, seed, scale) -> N
         if object_mesh is None and shape not in SHAPES:
             raise ReconError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
         path = render_scene(Path(out_dir), shape=shape, n_views=n_views, width=width, height=height, seed=seed,
-                            object_mesh=Path(object_mesh) if object_mesh else None, scale=scale)
+                            object_mesh=Path(object_mesh) if object_mesh else None, scale=scale, rings=rings,
+                            compress_depth=compress_depth)
         click.echo(f"wrote {path}")
     except Exception as exc:  # noqa: BLE001
         _fail(exc, None)

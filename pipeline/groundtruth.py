@@ -25,7 +25,17 @@ def load_gt_cameras(gt_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
 
 
 def gt_depth_path(gt_dir: Path, name: str) -> Path:
+    """``gt/depth/<stem>.npy`` (see :func:`load_gt_depth` for the compressed form too)."""
     return Path(gt_dir) / "depth" / f"{Path(name).stem}.npy"
+
+
+def load_gt_depth(gt_dir: Path, name: str) -> np.ndarray:
+    """GT z-depth of image ``name`` (``gt/depth/<stem>.npy``, or ``.npz`` as in the compressed sample scenes)."""
+    base = Path(gt_dir) / "depth" / Path(name).stem
+    if base.with_suffix(".npy").exists():
+        return np.load(base.with_suffix(".npy"))
+    with np.load(base.with_suffix(".npz")) as data:
+        return data[data.files[0]]
 
 
 def scene_from_ground_truth(scene_dir: Path, *, n_points: int = 3000, seed: int = 0, normalize: bool = True) -> SfmScene:
@@ -43,7 +53,7 @@ def scene_from_ground_truth(scene_dir: Path, *, n_points: int = 3000, seed: int 
     pts = []
     for name in names:
         K, T = cams[name]
-        depth = np.load(gt_depth_path(gt_dir, name))
+        depth = load_gt_depth(gt_dir, name)
         vs, us = np.nonzero(depth > 0)
         pick = rng.choice(len(vs), size=min(per_view, len(vs)), replace=False)
         u, v, z = us[pick] + 0.5, vs[pick] + 0.5, depth[vs[pick], us[pick]]
@@ -55,7 +65,7 @@ def scene_from_ground_truth(scene_dir: Path, *, n_points: int = 3000, seed: int 
     obs_depths = []
     for name in names:
         K, T = cams[name]
-        depth = np.load(gt_depth_path(gt_dir, name))
+        depth = load_gt_depth(gt_dir, name)
         pc = points @ T[:3, :3].T + T[:3, 3]
         z = pc[:, 2]
         ok = z > 1e-6

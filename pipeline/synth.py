@@ -425,7 +425,7 @@ def shade(normals: np.ndarray) -> np.ndarray:
     """Lambertian shading factor (N,) for unit ``normals`` (3, N): ambient + fixed directional lights."""
     s = np.full(normals.shape[1], _AMBIENT, np.float32)
     for direction, weight in _LIGHTS:
-        d = direction / np.linalg.norm(direction)
+        d = (direction / np.linalg.norm(direction)).astype(np.float32)
         s += weight * np.maximum(d[0] * normals[0] + d[1] * normals[1] + d[2] * normals[2], 0.0)
     return s
 
@@ -439,11 +439,12 @@ def intrinsics(width: int, height: int) -> np.ndarray:
     return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
 
 
-def look_at(center: np.ndarray, target: np.ndarray, up: np.ndarray = np.array([0.0, 0.0, 1.0])) -> np.ndarray:
-    """cam_from_world (4, 4) of a camera at ``center`` looking at ``target`` (x right, y down, z forward)."""
+def look_at(center: np.ndarray, target: np.ndarray, up: tuple[float, float, float] = (0.0, 0.0, 1.0)) -> np.ndarray:
+    """cam_from_world (4, 4) of a camera at ``center`` looking at ``target`` (x right, y down, z forward),
+    with world ``up`` pointing up in the image."""
     z = np.asarray(target, float) - np.asarray(center, float)
     z /= np.linalg.norm(z)
-    x = np.cross(z, up)
+    x = np.cross(z, np.asarray(up, float))
     x /= np.linalg.norm(x)
     y = np.cross(z, x)
     rot = np.stack([x, y, z])
@@ -612,10 +613,9 @@ def render_scene(out_dir: Path, *, shape: str = "blob", n_views: int = 12, width
         scaled[:3, 3] *= scale
         images.append({"name": f"{name}.png", "K": K.tolist(), "cam_from_world": scaled.tolist()})
 
-    world = TriMesh(obj.vertices * scale, obj.triangles)
-    o3d.io.write_triangle_mesh(str(out_dir / "gt" / "object.ply"), world.to_open3d())
-    full = merge_meshes([obj, floor, walls])
-    o3d.io.write_triangle_mesh(str(out_dir / "gt" / "mesh.ply"), TriMesh(full.vertices * scale, full.triangles).to_open3d())
+    for mesh, filename in ((obj, "object.ply"), (merge_meshes([obj, floor, walls]), "mesh.ply")):
+        scaled_mesh = TriMesh(mesh.vertices * scale, mesh.triangles)
+        o3d.io.write_triangle_mesh(str(out_dir / "gt" / filename), scaled_mesh.to_open3d())
     _write_json(out_dir / "gt" / "cameras.json", {
         "width": width, "height": height, "pixel_convention": "colmap (pixel centre at +0.5)", "images": images})
     _write_json(out_dir / "gt" / "scene.json", {
