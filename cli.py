@@ -215,6 +215,25 @@ def synth(shape, out_dir, object_mesh, n_views, width, height, seed, scale, ring
         _fail(exc, None)
 
 
+@main.command("export")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "formats", multiple=True, type=click.Choice(["ply", "obj", "glb", "stl"]), default=("glb",), show_default=True, help="Mesh format (repeatable).")
+@click.option("--decimate", type=click.IntRange(min=0), default=0, show_default=True, help="Target triangle count (0: keep every triangle).")
+@click.option("--frame", type=click.Choice(["normalized", "sfm"]), default="normalized", show_default=True, help="normalized: frame of OUT/mesh.ply and OUT/sparse; sfm: the original SfM frame.")
+@click.option("--dest", type=click.Path(file_okay=False), default=None, help="Output folder [default: OUT/exports].")
+def export_cmd(out_dir, formats, decimate, frame, dest) -> None:
+    """Export OUT/mesh.ply as PLY/OBJ/GLB/STL (optionally decimated, optionally in the SfM frame), with the cameras."""
+    try:
+        _setup_logging(False)
+        from pipeline.export import export_outputs
+
+        result = export_outputs(Path(out_dir), formats, decimate_faces=decimate, frame=frame, dest=Path(dest) if dest else None)
+        for p in [*result.files.values(), *([result.cameras] if result.cameras else [])]:
+            click.echo(f"wrote {p}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, None)
+
+
 @main.command("eval")
 @click.argument("out", type=click.Path(exists=True))
 @click.option("--gt", required=True, type=click.Path(exists=True), help="Ground truth: a scene's gt/ folder, the scene folder, or a mesh file.")

@@ -74,7 +74,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("depth", 1, ("sfm",), depth.run, inputs=depth_inputs),
     StageSpec("refine", 1, ("depth", "sfm"), refine.run, skippable=True),
     StageSpec("fuse", 1, ("refine", "sfm"), fuse.run, publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs),
-    StageSpec("export", 1, ("fuse", "sfm"), export.run, skippable=True),
+    StageSpec("export", 1, ("fuse", "sfm"), export.run, skippable=True, publish=(("mesh.glb", "mesh.glb"),)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
