@@ -58,6 +58,42 @@ def points_in_front_fraction(scene: SfmScene) -> float:
     return front / total if total else float("nan")
 
 
+def reprojection_errors(points: np.ndarray, point_ids: np.ndarray, uv: np.ndarray, K: np.ndarray, cam_from_world: np.ndarray) -> np.ndarray:
+    """Pixel distance between observed keypoints ``uv`` (N, 2) and the projections of their 3D points.
+
+    Points behind the camera get an infinite error: a pose with the wrong
+    convention cannot explain the observations.
+    """
+    pc = points[point_ids] @ cam_from_world[:3, :3].T + cam_from_world[:3, 3]
+    z = pc[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        proj = (pc[:, :2] / z[:, None]) * np.diag(K)[:2] + K[:2, 2]
+    err = np.linalg.norm(proj - uv, axis=1)
+    return np.where(z > 0, err, np.inf)
+
+
+def model_reprojection_error(sparse_dir: Path) -> float:
+    """Median reprojection error (px) of a COLMAP model, recomputed from its poses as they are written."""
+    import pycolmap
+
+    rec = pycolmap.Reconstruction(str(sparse_dir))
+    ids = sorted(rec.point3D_ids())
+    index = {p: i for i, p in enumerate(ids)}
+    points = np.array([rec.points3D[p].xyz for p in ids]).reshape(-1, 3)
+    errs = []
+    for image_id in rec.reg_image_ids():
+        im = rec.images[image_id]
+        obs = [(index[p.point3D_id], p.xy) for p in im.points2D if p.has_point3D() and p.point3D_id in index]
+        if not obs:
+            continue
+        T = np.eye(4)
+        T[:3, :4] = im.cam_from_world().matrix()
+        pid = np.array([o[0] for o in obs])
+        uv = np.array([o[1] for o in obs])
+        errs.append(reprojection_errors(points, pid, uv, np.asarray(im.camera.calibration_matrix()), T))
+    return float(np.median(np.concatenate(errs))) if errs else float("nan")
+
+
 def cameras_facing_scene_fraction(scene: SfmScene) -> float:
     """Share of cameras whose optical axis points towards the median sparse point (angle < 90°)."""
     if len(scene.points) == 0:
@@ -112,6 +148,13 @@ def diagnose(ws: Workspace) -> dict[str, Any]:
         checks.append(Check("extrinsic convention", "fail",
                             f"only {front:.1%} of sparse observations lie in front of their camera and {facing:.0%} of cameras face the scene: "
                             "the poses look inverted (camera→world given where world→camera is expected); fix the model's convention"))
+    if ws.sparse_dir.exists():
+        err = model_reprojection_error(ws.sparse_dir)
+        verdict = "ok" if err < 4.0 else "fail"
+        detail = f"median reprojection error {err:.2f} px with the poses as written"
+        if verdict == "fail":
+            detail += ": the poses do not explain the keypoints (wrong extrinsic convention, e.g. camera→world written as world→camera)"
+        checks.append(Check("reprojection with stored poses", verdict, detail))
     if ws.mesh_path.exists():
         outside = cameras_outside_mesh_fraction(scene, ws.mesh_path)
         verdict = "ok" if outside >= 0.9 else "fail"
