@@ -73,10 +73,14 @@ def reprojection_errors(points: np.ndarray, point_ids: np.ndarray, uv: np.ndarra
 
 
 def model_reprojection_error(sparse_dir: Path) -> float:
-    """Median reprojection error (px) of a COLMAP model, recomputed from its poses as they are written."""
+    """Median reprojection error (px) of a COLMAP model folder, recomputed from its poses as they are written."""
     import pycolmap
 
-    rec = pycolmap.Reconstruction(str(sparse_dir))
+    return reconstruction_reprojection_error(pycolmap.Reconstruction(str(sparse_dir)))
+
+
+def reconstruction_reprojection_error(rec: Any) -> float:
+    """Median reprojection error (px) of a ``pycolmap.Reconstruction`` (NaN without observations)."""
     ids = sorted(rec.point3D_ids())
     index = {p: i for i, p in enumerate(ids)}
     points = np.array([rec.points3D[p].xyz for p in ids]).reshape(-1, 3)

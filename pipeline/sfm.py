@@ -566,7 +566,24 @@ def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: P
             if im.camera_id == camera_id:
                 for p in im.points2D:
                     p.xy = p.xy * np.array([sx, sy])
+    check_pose_convention(rec, model_dir)
     return rec
+
+
+MAX_USER_MODEL_REPROJECTION_PX = 10.0
+"""A user model whose median reprojection error exceeds this is rejected (wrong pose convention)."""
+
+
+def check_pose_convention(rec: pycolmap.Reconstruction, model_dir: Path) -> None:
+    """Reject a model whose poses cannot explain its own keypoints (e.g. camera→world written as world→camera)."""
+    from pipeline.diagnose import reconstruction_reprojection_error
+
+    err = reconstruction_reprojection_error(rec)
+    if np.isfinite(err) and err > MAX_USER_MODEL_REPROJECTION_PX:
+        raise ReconError(
+            f"{model_dir}: the poses do not reproject the model's points onto its keypoints (median error {err:.0f} px); "
+            "COLMAP models store world→camera poses — if yours holds camera→world, invert them"
+        )
 
 
 # ---- phase 4: undistortion and the normalized frame ------------------------------------------------------

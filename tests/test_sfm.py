@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pycolmap
+
 import pytest
 from PIL import Image
 
 from pipeline import sfm
 from pipeline.config import load_config
 from pipeline.errors import ReconError
-from pipeline.geometry import camera_center, umeyama
+from pipeline.geometry import camera_center, invert_pose, umeyama
 from pipeline.groundtruth import load_gt_cameras, scene_from_ground_truth
 from pipeline.io import load_sfm_scene
 from pipeline.sfm import CameraMode, InputImage, camera_groups, prepare_image, scene_images, sfm_paths
@@ -194,8 +195,11 @@ def _scene_copy(src: Path, dst: Path, names: list[str]) -> Path:
     return dst
 
 
-def _write_gt_model(scene_dir: Path, model_dir: Path, *, extra_name: str | None = None) -> None:
-    """A COLMAP model of the true cameras (one PINHOLE camera) and ~300 true surface points."""
+def _write_gt_model(scene_dir: Path, model_dir: Path, *, extra_name: str | None = None, invert_poses: bool = False) -> None:
+    """A COLMAP model of the true cameras (one PINHOLE camera) and ~300 true surface points.
+
+    ``invert_poses`` writes camera→world where COLMAP expects world→camera (keypoints stay the true ones).
+    """
     gt = scene_from_ground_truth(scene_dir, n_points=300, normalize=False)
     K = gt.views[0].K
     rec = pycolmap.Reconstruction()
@@ -209,7 +213,8 @@ def _write_gt_model(scene_dir: Path, model_dir: Path, *, extra_name: str | None 
     for image_id, (name, T, pids) in enumerate(views, start=1):
         pc = gt.points[pids] @ T[:3, :3].T + T[:3, 3]
         uv = pc[:, :2] / pc[:, 2:] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
-        rec.add_image_with_trivial_frame(pycolmap.Image(name=name, keypoints=uv, camera_id=1, image_id=image_id), pycolmap.Rigid3d(T[:3, :4]))
+        pose = invert_pose(T) if invert_poses else T
+        rec.add_image_with_trivial_frame(pycolmap.Image(name=name, keypoints=uv, camera_id=1, image_id=image_id), pycolmap.Rigid3d(pose[:3, :4]))
         for idx, pid in enumerate(pids):
             tracks.setdefault(int(pid), []).append((image_id, idx))
     for pid, elements in tracks.items():
@@ -266,6 +271,17 @@ def test_existing_model_with_unknown_image_names_fails(sfm_run, tmp_path):
         _run(ws)
     assert "\n" not in str(info.value)
     assert not ws.sfm_database.exists()
+
+
+@pytest.mark.slow
+def test_existing_model_with_inverted_poses_fails_clearly(sfm_run, tmp_path):
+    names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
+    scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
+    shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
+    _write_gt_model(scene, scene / "sparse" / "0", invert_poses=True)
+    with pytest.raises(ReconError, match="world→camera") as info:
+        _run(Workspace.create(scene))
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.slow
