@@ -1,16 +1,64 @@
 """depth stage: initial per-view depth maps, anchored to the sparse points.
 
-Writes ``OUT/depth/views/<stem>.npz`` per view (see :func:`pipeline.io` readers).
+Estimators (``depth.estimator``), all behind :class:`Estimator`:
+
+* ``mvs`` (default, no weights): coarse-to-fine plane-sweep stereo in torch
+  (:mod:`pipeline.mvs`) against ``num_neighbors`` neighbour views chosen from
+  SfM co-visibility and triangulation angle, over a depth range taken from
+  the sparse points the view sees. Its maps are metric in the normalized
+  frame already; the sparse-point scale is measured and recorded, and applied
+  only when it is off by more than ``mvs_rescale_tolerance`` (a per-view
+  rescale of a correct map would only add noise and break multi-view
+  consistency; a large deviation means a broken pose and is warned about).
+* ``prior``: user files ``SCENE_DIR/depth_prior/<stem>.npy`` (float) or
+  ``.png`` (16-bit), depth or inverse depth (``prior_kind``), optionally
+  affine-invariant (``prior_affine``); always aligned to the sparse points.
+* ``torchscript``: a TorchScript model (``torchscript_path``) mapping
+  ``(1, 3, H, W)`` RGB in [0, 1] to ``(1, 1, H, W)`` / ``(1, H, W)`` / ``(H, W)``
+  depth or inverse depth (``prior_kind``, ``prior_affine``); aligned like a prior.
+
+A view that cannot be estimated or anchored (no neighbours, a missing or
+malformed prior, too few sparse points) is warned about by name and left out;
+if every view fails the stage raises :class:`~pipeline.errors.ReconError`.
+
+Output, per view (:class:`pipeline.io.DepthMap`, ``OUT/depth/views/<stem>.npz``):
+depth (normalized frame, 0 where invalid), confidence, valid mask, ``K`` at the
+working resolution, ``cam_from_world`` and stats (anchoring, range, timings).
+
+Two passes when the geometric-consistency filter is on (``mvs`` only): pass 1
+writes every raw map to ``OUT/depth/raw/<stem>.npz``; pass 2, which needs all
+of them, checks each pixel against its neighbours' raw maps and writes the
+filtered map to ``OUT/depth/views``. Each pass skips views whose file exists,
+and only the files in ``views/`` are read downstream, so an interrupted run
+resumes without ever mixing filtered and unfiltered maps under one name.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
-from pipeline.errors import StageNotImplemented
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import anchoring, mvs
+from pipeline.errors import ReconError
+from pipeline.geometry import default_device, invert_pose, scale_intrinsics
+from pipeline.io import DepthMap, SfmScene, View, load_depth_map, load_rgb, load_sfm_scene, save_depth_map
 from pipeline.settings import setting
 from pipeline.stage import StageContext
+from pipeline.workspace import Workspace, view_stem
+
+logger = logging.getLogger(__name__)
 
 
 class DepthEstimator(str, enum.Enum):
@@ -19,11 +67,539 @@ class DepthEstimator(str, enum.Enum):
     torchscript = "torchscript"
 
 
+class PriorKind(str, enum.Enum):
+    depth = "depth"
+    inverse_depth = "inverse_depth"
+
+
 @dataclass(kw_only=True)
 class DepthConfig:
     estimator: DepthEstimator = setting(DepthEstimator.mvs, "Initial depth estimator: mvs (plane-sweep stereo, no weights), prior (SCENE_DIR/depth_prior files) or torchscript (a model file).")
+    max_image_side: int = setting(640, "Working resolution: images are downscaled so that their longer side is at most this many pixels (depth maps have this size).")
+    # -- mvs
+    num_neighbors: int = setting(5, "mvs: neighbour views per reference view (ranked by shared sparse points weighted by triangulation angle).")
+    neighbor_angle_deg: float = setting(10.0, "mvs: a neighbour whose median triangulation angle (deg) with the reference is below this has its co-visibility score scaled down proportionally.")
+    max_neighbor_angle_deg: float = setting(60.0, "mvs: neighbours with a median triangulation angle above this (deg) are not used.")
+    num_hypotheses: int = setting(128, "mvs: depth hypotheses of the full sweep on the coarsest pyramid level (uniform in inverse depth).")
+    pyramid_levels: int = setting(3, "mvs: coarse-to-fine levels (each halves the resolution; 1 = a single full-resolution sweep).")
+    refine_hypotheses: int = setting(8, "mvs: hypotheses per pixel on each finer level: the upsampled estimate shifted to span ± refine_radius coarser steps.")
+    refine_radius: float = setting(2.0, "mvs: half-width of the finer levels' search interval, in hypothesis steps of the coarser level.")
+    edge_radius: int = setting(1, "mvs: finer levels also try the coarser estimate's local min and max depth over (2r+1)^2 coarser pixels, so depth edges can move (0 = off).")
+    polish_hypotheses: int = setting(5, "mvs: final full-resolution sweep of this many hypotheses at half the last step, for sub-hypothesis accuracy (0 = off).")
+    polish_iterations: int = setting(1, "mvs: number of polish sweeps (each re-centres on the smoothed estimate and halves the step).")
+    smooth_radius: int = setting(2, "mvs: the finer sweeps are centred on the previous estimate median-filtered over (2r+1)^2 pixels (coherent surfaces for the NCC windows; 0 = unfiltered).")
+    offset_penalty: float = setting(0.05, "mvs: cost added at the ends of a finer sweep (quadratic in the offset), keeping weakly textured pixels near the smoothed estimate.")
+    ncc_window: int = setting(5, "mvs: side of the square NCC window in pixels (odd).")
+    best_k: int = setting(3, "mvs: per pixel, the matching cost is the mean over the best_k best neighbours (occlusion-robust).")
+    cost_truncation: float = setting(2.0, "mvs: per-neighbour matching costs (1 - NCC, in [0, 2]) are clamped at this before the best_k mean, so occluded neighbours shift rather than bend the cost curve (2 = off).")
+    min_ncc: float = setting(0.3, "mvs: pixels whose aggregated NCC is below this are invalid.")
+    range_percentile: float = setting(2.0, "mvs: depth range of a view = [p, 100-p] percentiles of the depths of its sparse points, widened by range_margin.")
+    range_margin: float = setting(0.25, "mvs: relative widening of the depth range (near / (1 + m), far · (1 + m)).")
+    geometric_filter: bool = setting(True, "mvs: second pass that keeps only pixels whose depth agrees with at least geo_min_consistent neighbour maps.")
+    geo_neighbors: int = setting(10, "mvs: views checked by the geometric filter (most co-visible first, same angle rules as the matching neighbours).")
+    geo_min_consistent: int = setting(1, "mvs: neighbour maps that must agree with a pixel (geometric filter).")
+    geo_max_reproj_px: float = setting(1.0, "mvs: forward-backward reprojection error (pixels) below which a neighbour agrees.")
+    geo_max_rel_depth: float = setting(0.01, "mvs: relative depth difference below which a neighbour agrees.")
+    geo_free_space_margin: float = setting(0.05, "mvs: a neighbour contradicts a pixel when it sees a surface more than this (relative) behind the pixel's point.")
+    geo_unverified_min_confidence: float = setting(0.5, "mvs: a pixel no neighbour agrees with is still kept when no neighbour contradicts it and its confidence is at least this (occluded regions; above 1 = never).")
+    geo_average: bool = setting(True, "mvs: replace a kept pixel's depth by the mean of its own and the agreeing neighbours' depths.")
+    mvs_rescale_tolerance: float = setting(0.05, "mvs: the sparse-point scale of a map is applied only if it differs from 1 by more than this (then a warning is logged).")
+    # -- prior / torchscript
+    prior_kind: PriorKind = setting(PriorKind.depth, "prior / torchscript: the maps hold depth or inverse_depth (disparity).")
+    prior_affine: bool = setting(False, "prior / torchscript: maps are affine-invariant (unknown scale and shift, fitted in their own domain) instead of scale-only.")
+    torchscript_path: str = setting("", "torchscript: path of the TorchScript model file.")
+    min_anchor_points: int = setting(20, "Sparse points a view must see on valid pixels to be anchored; fewer → the view is left out (prior/torchscript) or kept unscaled (mvs).")
+    # -- how it runs
+    chunk_pixels: int = setting(1 << 20, "mvs: pixels x hypotheses x neighbours scored at once (bounds memory: about 60 bytes each).", affects_output=False)
+    cache_images: int = setting(16, "Images / depth maps kept in memory at once (LRU).", affects_output=False)
     device: str = setting("auto", "Torch device: auto (cuda when present), cpu or cuda.", affects_output=False)
 
 
+class ViewFailure(Exception):
+    """One view cannot get a depth map; the message names the file or reason. The view is left out."""
+
+
+# ---- paths and sizes -----------------------------------------------------------------------
+
+def raw_depth_path(ws: Workspace, image_name: str) -> Path:
+    """Pass-1 (unfiltered) map of a view: ``OUT/depth/raw/<stem>.npz``."""
+    final = ws.depth_view(image_name)
+    return final.parent.parent / "raw" / final.name
+
+
+def prior_candidates(ws: Workspace, image_name: str) -> list[Path]:
+    """Files a user may supply as the prior of an image: ``depth_prior/<stem>.npy`` then ``.png``."""
+    stem = view_stem(image_name)
+    return [ws.depth_prior_dir / f"{stem}.npy", ws.depth_prior_dir / f"{stem}.png"]
+
+
+def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) after downscaling so the longer side is at most ``max_side`` (never upscaled)."""
+    s = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def working_intrinsics(view: View, size: tuple[int, int]) -> np.ndarray:
+    """``K`` of ``view`` at working size (width, height) (COLMAP convention: exact)."""
+    return scale_intrinsics(view.K, size[0] / view.width, size[1] / view.height)
+
+
+# ---- neighbours and depth range -------------------------------------------------------------------
+
+def select_neighbors(scene: SfmScene, k: int, good_angle_deg: float, max_angle_deg: float) -> list[list[int]]:
+    """Per view, up to ``k`` neighbour indices, best first.
+
+    Score of ``j`` for reference ``i``: shared sparse points × min(1, θ / good_angle)
+    where θ is the median triangulation angle of those points seen from the two
+    camera centres; views sharing no point, or with θ > ``max_angle_deg``, are out.
+    """
+    covis = scene.covisibility()
+    centers = np.stack([v.center for v in scene.views]) if scene.views else np.zeros((0, 3))
+    out = []
+    for i, vi in enumerate(scene.views):
+        scores = []
+        ids_i = vi.point_ids
+        for j, vj in enumerate(scene.views):
+            if j == i or covis[i, j] <= 0:
+                continue
+            shared = np.intersect1d(ids_i, vj.point_ids, assume_unique=True)
+            X = scene.points[shared]
+            a = X - centers[i]
+            b = X - centers[j]
+            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+            theta = float(np.degrees(np.median(np.arccos(np.clip(cos, -1.0, 1.0)))))
+            if theta > max_angle_deg or theta <= 0:
+                continue
+            scores.append((len(shared) * min(1.0, theta / max(good_angle_deg, 1e-9)), j))
+        scores.sort(key=lambda s: (-s[0], s[1]))
+        out.append([j for _, j in scores[:k]])
+    return out
+
+
+def depth_range(scene: SfmScene, view: View, percentile: float, margin: float) -> tuple[float, float]:
+    """(near, far) of the sweep from the depths of the sparse points ``view`` sees.
+
+    Raises:
+        ViewFailure: the view sees no sparse point in front of it.
+    """
+    ids = view.point_ids
+    X = scene.points[ids] if len(ids) else np.zeros((0, 3))
+    z = X @ view.cam_from_world[2, :3] + view.cam_from_world[2, 3]
+    z = z[np.isfinite(z) & (z > 0)]
+    if len(z) < 2:
+        raise ViewFailure(f"{view.name}: sees {len(z)} sparse point(s) in front of the camera; cannot set a depth range")
+    near, far = np.percentile(z, [percentile, 100.0 - percentile])
+    return float(near / (1.0 + margin)), float(max(far, near * 1.01) * (1.0 + margin))
+
+
+def sparse_in_view(scene: SfmScene, view: View, K: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (N, 2) at working size and depths (N,) of the sparse points ``view`` observes."""
+    X = scene.points[view.point_ids] if len(view.point_ids) else np.zeros((0, 3))
+    uv, z, ok = anchoring.project_points(X, K, view.cam_from_world, size[1], size[0])
+    return uv[ok], z[ok]
+
+
+# ---- images ---------------------------------------------------------------------------------------
+
+class _LRU:
+    """A small least-recently-used cache (bounded memory while streaming views)."""
+
+    def __init__(self, capacity: int, load: Callable[[int], Any]):
+        self.capacity = max(1, capacity)
+        self.load = load
+        self.items: OrderedDict[int, Any] = OrderedDict()
+
+    def get(self, key: int) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = self.load(key)
+        self.items[key] = value
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return value
+
+
+def load_image_tensor(view: View, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """RGB (1, 3, h, w) float32 in [0, 1] at working size (width, height) = ``size``."""
+    rgb = load_rgb(view.image_path)
+    t = torch.from_numpy(rgb).to(device=device, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+    return mvs.resize_image(t, size[1], size[0])
+
+
+# ---- estimators ------------------------------------------------------------------------------------
+
+@dataclass
+class Estimate:
+    """A raw map of one view before anchoring."""
+
+    values: np.ndarray
+    """(H, W) float32 depth or inverse depth (``domain``)."""
+    valid: np.ndarray
+    """(H, W) bool."""
+    confidence: np.ndarray
+    """(H, W) float32 in [0, 1]."""
+    K: np.ndarray
+    """3x3 at (H, W)."""
+    domain: str
+    affine: bool
+    stats: dict = field(default_factory=dict)
+
+
+class Estimator(Protocol):
+    def estimate(self, index: int) -> Estimate:
+        """Raw map of view ``index``; raises :class:`ViewFailure` when it cannot."""
+        ...
+
+
+class MvsEstimator:
+    """Plane-sweep stereo against co-visible neighbours (:func:`pipeline.mvs.estimate_depth`)."""
+
+    def __init__(self, scene: SfmScene, cfg: DepthConfig, device: torch.device):
+        self.scene = scene
+        self.cfg = cfg
+        self.device = device
+        self.neighbors = select_neighbors(scene, cfg.num_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+        self.sizes = [working_size(v.width, v.height, cfg.max_image_side) for v in scene.views]
+        self.images = _LRU(cfg.cache_images, lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
+        self.settings = mvs.SweepSettings(
+            num_hypotheses=cfg.num_hypotheses, levels=cfg.pyramid_levels, refine_hypotheses=cfg.refine_hypotheses,
+            refine_radius=cfg.refine_radius, edge_radius=cfg.edge_radius, polish_hypotheses=cfg.polish_hypotheses, polish_iterations=cfg.polish_iterations,
+            smooth_radius=cfg.smooth_radius, offset_penalty=cfg.offset_penalty, window=cfg.ncc_window, best_k=cfg.best_k, truncation=cfg.cost_truncation, min_ncc=cfg.min_ncc,
+            chunk_pixels=max(1, cfg.chunk_pixels),
+        )
+
+    def estimate(self, index: int) -> Estimate:
+        view = self.scene.views[index]
+        nbrs = self.neighbors[index]
+        if not nbrs:
+            raise ViewFailure(f"{view.name}: no neighbour view shares sparse points at a usable triangulation angle")
+        near, far = depth_range(self.scene, view, self.cfg.range_percentile, self.cfg.range_margin)
+        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
+        K_ref = working_intrinsics(view, self.sizes[index])
+        src_images, K_srcs, poses = [], [], []
+        for j in nbrs:
+            vj = self.scene.views[j]
+            src_images.append(self.images.get(j))
+            K_srcs.append(t(working_intrinsics(vj, self.sizes[j])))
+            poses.append(t(vj.cam_from_world @ invert_pose(view.cam_from_world)))
+        with torch.no_grad():
+            res = mvs.estimate_depth(self.images.get(index), t(K_ref), src_images, K_srcs, poses, near, far, self.settings)
+        valid = res.valid.cpu().numpy()
+        stats = {
+            "near": near,
+            "far": far,
+            "neighbors": [self.scene.views[j].name for j in nbrs],
+            "mean_ncc": float(res.ncc[res.valid].mean()) if bool(res.valid.any()) else 0.0,
+        }
+        return Estimate(values=res.depth.cpu().numpy(), valid=valid, confidence=res.confidence.cpu().numpy(), K=K_ref,
+                        domain=anchoring.DEPTH, affine=False, stats=stats)
+
+
+def read_prior_file(path: Path) -> np.ndarray:
+    """A prior map as float64 (H, W): ``.npy`` (float, (H, W) or with a singleton axis) or 16-bit ``.png``.
+
+    Raises:
+        ViewFailure: unreadable, not 2-D, or holds NaN/inf.
+    """
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as im:
+                if im.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    raise ViewFailure(f"{path}: PNG priors must be 16-bit single-channel (got mode {im.mode})")
+                arr = np.asarray(im)
+    except ViewFailure:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ViewFailure(f"{path}: cannot read the prior ({exc})") from exc
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiu":
+        raise ViewFailure(f"{path}: the prior must hold numbers (dtype {arr.dtype})")
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise ViewFailure(f"{path}: the prior has shape {np.shape(arr)}; expected (H, W)")
+    arr = arr.astype(np.float64)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise ViewFailure(f"{path}: the prior holds {bad} NaN/inf value(s); write 0 for unknown pixels")
+    return arr
+
+
+def resize_map(values_hw: np.ndarray, valid_hw: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear resize of a map with a validity mask to (width, height); a pixel stays valid only if all its taps were."""
+    w, h = size
+    if values_hw.shape == (h, w):
+        return values_hw.astype(np.float32), valid_hw.astype(bool)
+    v = torch.from_numpy(np.where(valid_hw, values_hw, 0.0).astype(np.float32))[None, None]
+    m = torch.from_numpy(valid_hw.astype(np.float32))[None, None]
+    vr = F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    mr = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    ok = mr > 0.999
+    return np.where(ok, vr / np.maximum(mr, 1e-6), 0.0).astype(np.float32), ok
+
+
+def _check_aspect(shape_hw: tuple[int, int], view: View, what: str) -> None:
+    h, w = shape_hw
+    if abs(w / h - view.width / view.height) > 0.01 * view.width / view.height:
+        raise ViewFailure(f"{what}: shape {h}x{w} (HxW) does not match the image {view.name} ({view.height}x{view.width}); "
+                          "supply a map of the image's size or aspect ratio")
+
+
+class PriorEstimator:
+    """User-supplied maps ``SCENE_DIR/depth_prior/<stem>.npy|.png``."""
+
+    def __init__(self, scene: SfmScene, ws: Workspace, cfg: DepthConfig):
+        self.scene, self.ws, self.cfg = scene, ws, cfg
+        if not ws.depth_prior_dir.is_dir():
+            raise ReconError(f"{ws.depth_prior_dir}: folder of depth priors not found; add <image stem>.npy files there or set depth.estimator=mvs")
+
+    def estimate(self, index: int) -> Estimate:
+        view = self.scene.views[index]
+        path = next((p for p in prior_candidates(self.ws, view.name) if p.is_file()), None)
+        if path is None:
+            raise ViewFailure(f"{prior_candidates(self.ws, view.name)[0]}: no prior for image {view.name} (.npy or 16-bit .png)")
+        arr = read_prior_file(path)
+        _check_aspect(arr.shape, view, str(path))
+        size = working_size(view.width, view.height, self.cfg.max_image_side)
+        values, valid = resize_map(arr, arr > 0, size)
+        return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32), K=working_intrinsics(view, size),
+                        domain=self.cfg.prior_kind.value, affine=self.cfg.prior_affine, stats={"source": str(path)})
+
+
+class TorchScriptEstimator:
+    """A TorchScript model: RGB (1, 3, H, W) in [0, 1] → depth or inverse depth."""
+
+    def __init__(self, scene: SfmScene, cfg: DepthConfig, device: torch.device):
+        self.scene, self.cfg, self.device = scene, cfg, device
+        path = Path(cfg.torchscript_path).expanduser()
+        if not cfg.torchscript_path or not path.is_file():
+            raise ReconError(f"{path if cfg.torchscript_path else '(empty)'}: TorchScript model not found; set depth.torchscript_path to a model file")
+        try:
+            self.model = torch.jit.load(str(path), map_location=device).eval()
+        except (RuntimeError, ValueError) as exc:
+            raise ReconError(f"{path}: not a TorchScript model ({str(exc).splitlines()[0]}); export one with torch.jit.script/trace and save()") from exc
+        self.path = path
+
+    def estimate(self, index: int) -> Estimate:
+        view = self.scene.views[index]
+        size = working_size(view.width, view.height, self.cfg.max_image_side)
+        image = load_image_tensor(view, size, self.device)
+        try:
+            with torch.no_grad():
+                out = self.model(image)
+        except Exception as exc:  # a user model can raise anything
+            raise ViewFailure(f"{self.path}: the model failed on {view.name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        if not isinstance(out, torch.Tensor):
+            raise ViewFailure(f"{self.path}: the model returned {type(out).__name__} for {view.name}; expected a tensor")
+        arr = out.detach().float().cpu().numpy()
+        arr = np.squeeze(arr)
+        if arr.ndim != 2:
+            raise ViewFailure(f"{self.path}: output of shape {tuple(out.shape)} for {view.name}; expected (1, 1, H, W), (1, H, W) or (H, W)")
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            raise ViewFailure(f"{self.path}: output for {view.name} holds {bad} NaN/inf value(s)")
+        _check_aspect(arr.shape, view, f"{self.path} output")
+        values, valid = resize_map(arr.astype(np.float64), arr > 0, size)
+        return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32), K=working_intrinsics(view, size),
+                        domain=self.cfg.prior_kind.value, affine=self.cfg.prior_affine, stats={"source": str(self.path)})
+
+
+def make_estimator(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device) -> Estimator:
+    if cfg.estimator == DepthEstimator.mvs:
+        return MvsEstimator(scene, cfg, device)
+    if cfg.estimator == DepthEstimator.prior:
+        return PriorEstimator(scene, ws, cfg)
+    if cfg.estimator == DepthEstimator.torchscript:
+        return TorchScriptEstimator(scene, cfg, device)
+    raise ReconError(f"depth.estimator: unknown estimator {cfg.estimator!r}")
+
+
+# ---- anchoring --------------------------------------------------------------------------------------
+
+def anchor_estimate(est: Estimate, scene: SfmScene, view: View, cfg: DepthConfig, log: logging.Logger) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Align a raw map to the sparse points of its view: (depth (H, W) float32, valid (H, W), stats).
+
+    mvs maps (metric already) are rescaled only when the fitted scale is off by
+    more than ``mvs_rescale_tolerance``; prior/torchscript maps are always aligned.
+
+    Raises:
+        ViewFailure: a prior/torchscript map that cannot be anchored.
+    """
+    h, w = est.values.shape
+    uv, z = sparse_in_view(scene, view, est.K, (w, h))
+    is_mvs = cfg.estimator == DepthEstimator.mvs
+    try:
+        res = anchoring.anchor(est.values, est.valid, uv, z, domain=est.domain, affine=est.affine, min_points=cfg.min_anchor_points)
+    except anchoring.AnchorError as exc:
+        if is_mvs:
+            log.warning("%s: depth map not checked against the sparse points (%s); kept unscaled", view.name, exc)
+            depth = np.where(est.valid, est.values, 0).astype(np.float32)
+            return depth, est.valid.copy(), {"applied": False, "error": str(exc)}
+        source = est.stats.get("source", view.name)
+        raise ViewFailure(f"{source}: cannot anchor the map of {view.name} to the sparse points: {exc}") from exc
+    stats = res.as_dict()
+    if is_mvs:
+        apply = abs(res.scale - 1.0) > cfg.mvs_rescale_tolerance
+        if apply:
+            log.warning("%s: mvs depth is off the sparse points by scale %.3f (median error %.1f %%); rescaled — check the SfM poses",
+                        view.name, res.scale, 100 * res.residual_before)
+        else:
+            stats["residual_after"] = stats["residual_before"]
+        stats["applied"] = apply
+        if not apply:
+            depth = np.where(est.valid, est.values, 0).astype(np.float32)
+            return depth, est.valid.copy(), stats
+    else:
+        stats["applied"] = True
+    depth, valid = anchoring.apply_anchor(est.values, est.valid, res)
+    return depth, valid, stats
+
+
+# ---- the two passes ---------------------------------------------------------------------------------
+
+BarFactory = Callable[..., tqdm]
+
+
+def _no_bar(**kwargs: Any) -> tqdm:
+    return tqdm(disable=True, **kwargs)
+
+
+@dataclass
+class DepthRunResult:
+    """What :func:`compute_depth_maps` did (for the run summary)."""
+
+    written: list[str]
+    """Views with a final map (written now or already there)."""
+    failed: dict[str, str]
+    """View name → why it was left out."""
+    seconds: list[float]
+    """Wall seconds of each view estimated in this run (pass 1)."""
+    cpu_seconds: list[float]
+    filter_seconds: float = 0.0
+    valid_fraction: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "views": len(self.written),
+            "failed": len(self.failed),
+            "mean_valid_fraction": round(float(np.mean(self.valid_fraction)), 4) if self.valid_fraction else None,
+            "seconds_per_view": round(float(np.mean(self.seconds)), 3) if self.seconds else None,
+            "cpu_seconds_per_view": round(float(np.mean(self.cpu_seconds)), 3) if self.cpu_seconds else None,
+            "filter_seconds": round(self.filter_seconds, 3),
+        }
+
+
+def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar: BarFactory = _no_bar,
+                       log: logging.Logger = logger) -> DepthRunResult:
+    """Estimate, anchor (and filter) a depth map per view of ``scene``; writes ``ws.depth_view`` files.
+
+    Views whose file exists are skipped (per pass). Raises ReconError when no view gets a map.
+    """
+    if not scene.views:
+        raise ReconError("the SfM model has no registered views; nothing to estimate depth for")
+    device = default_device(cfg.device)
+    two_pass = cfg.geometric_filter and cfg.estimator == DepthEstimator.mvs
+    first_path = (lambda name: raw_depth_path(ws, name)) if two_pass else ws.depth_view
+    result = DepthRunResult(written=[], failed={}, seconds=[], cpu_seconds=[])
+
+    todo = [i for i, v in enumerate(scene.views) if not first_path(v.name).exists()]
+    estimator = make_estimator(scene, ws, cfg, device) if todo else None
+    with bar(desc="depth maps", total=len(scene.views), unit="view") as pbar:
+        pbar.update(len(scene.views) - len(todo))
+        for i in todo:
+            view = scene.views[i]
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                assert estimator is not None
+                est = estimator.estimate(i)
+                depth, valid, anchor_stats = anchor_estimate(est, scene, view, cfg, log)
+            except ViewFailure as exc:
+                log.warning("depth: %s; view left out", exc)
+                result.failed[view.name] = str(exc)
+                pbar.update(1)
+                continue
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            stats = {
+                "estimator": cfg.estimator.value,
+                "anchoring": anchor_stats,
+                "valid_fraction": float(valid.mean()),
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                **est.stats,
+            }
+            confidence = np.where(valid, est.confidence, 0.0).astype(np.float32)
+            save_depth_map(first_path(view.name), DepthMap(name=view.name, depth=depth, confidence=confidence, valid=valid,
+                                                           K=est.K, cam_from_world=view.cam_from_world, stats=stats))
+            result.seconds.append(seconds)
+            result.cpu_seconds.append(cpu)
+            pbar.set_postfix(valid=f"{valid.mean():.2f}", s_per_view=f"{np.mean(result.seconds):.2f}", scale=f"{anchor_stats.get('scale', 1.0):.3f}")
+            pbar.update(1)
+
+    if two_pass:
+        t0 = time.perf_counter()
+        _geometric_filter_pass(scene, ws, cfg, device, bar, result)
+        result.filter_seconds = time.perf_counter() - t0
+
+    for v in scene.views:
+        path = ws.depth_view(v.name)
+        if path.exists():
+            result.written.append(v.name)
+            result.failed.pop(v.name, None)
+            result.valid_fraction.append(float(load_depth_map(path).stats.get("valid_fraction", 0.0)))
+    if not result.written:
+        reasons = "; ".join(list(result.failed.values())[:3])
+        raise ReconError(f"no view got a depth map ({len(result.failed)} failed: {reasons}); fix the inputs or choose another depth.estimator")
+    return result
+
+
+def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device, bar: BarFactory,
+                           result: DepthRunResult) -> None:
+    """Pass 2: raw maps → filtered maps (``ws.depth_view``), skipping views already filtered."""
+    names = [v.name for v in scene.views]
+    have_raw = [raw_depth_path(ws, n).exists() for n in names]
+    geo_neighbors = select_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+    todo = [i for i, n in enumerate(names) if have_raw[i] and not ws.depth_view(n).exists()]
+    if not todo:
+        return
+    maps = _LRU(cfg.cache_images, lambda i: load_depth_map(raw_depth_path(ws, names[i])))
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    with bar(desc="consistency filter", total=len(todo), unit="view") as pbar:
+        for i in todo:
+            dm = maps.get(i)
+            nbrs = [j for j in geo_neighbors[i] if have_raw[j]]
+            neighbours = []
+            for j in nbrs:
+                dj = maps.get(j)
+                neighbours.append((t(dj.depth), t(dj.K), t(dj.cam_from_world @ invert_pose(dm.cam_from_world))))
+            with torch.no_grad():
+                cons = mvs.geometric_consistency(t(dm.depth), t(dm.K), neighbours, cfg.geo_max_reproj_px, cfg.geo_max_rel_depth,
+                                                 cfg.geo_free_space_margin)
+            agreed = (cons.count >= cfg.geo_min_consistent).cpu().numpy()
+            unverified = ((cons.count == 0) & (cons.violations == 0)).cpu().numpy() & (dm.confidence >= cfg.geo_unverified_min_confidence)
+            keep = (agreed | unverified) & dm.valid
+            depth = (cons.mean_depth.cpu().numpy() if cfg.geo_average else dm.depth)
+            depth = np.where(keep, depth, 0.0).astype(np.float32)
+            stats = dict(dm.stats)
+            stats["raw_valid_fraction"] = stats.get("valid_fraction", 0.0)
+            stats["valid_fraction"] = float(keep.mean())
+            stats["geometric_filter"] = {"neighbors_checked": len(neighbours), "kept_of_valid": float(keep.sum() / max(1, dm.valid.sum())),
+                                         "unverified_of_kept": float((unverified & keep).sum() / max(1, keep.sum()))}
+            save_depth_map(ws.depth_view(dm.name), DepthMap(name=dm.name, depth=depth, confidence=np.where(keep, dm.confidence, 0.0),
+                                                            valid=keep, K=dm.K, cam_from_world=dm.cam_from_world, stats=stats))
+            pbar.set_postfix(kept=f"{keep.mean():.2f}")
+            pbar.update(1)
+
+
 def run(ctx: StageContext) -> None:
-    raise StageNotImplemented("the depth stage is not implemented yet")
+    """Initial depth of every registered view (see the module docstring)."""
+    cfg: DepthConfig = ctx.settings
+    scene = load_sfm_scene(ctx.ws)
+    res = compute_depth_maps(scene, ctx.ws, cfg, bar=ctx.bar, log=ctx.logger)
+    ctx.summary.update(res.summary())
+    ctx.summary["estimator"] = cfg.estimator.value
+    if res.failed:
+        ctx.summary["left_out"] = sorted(res.failed)
+    ctx.logger.info("depth maps of %d view(s) (%d left out), mean valid fraction %s, %s s per view",
+                    len(res.written), len(res.failed), ctx.summary["mean_valid_fraction"], ctx.summary["seconds_per_view"])

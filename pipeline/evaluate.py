@@ -767,8 +767,7 @@ def evaluate_reconstruction(
         sim = align_from_cameras(est_c, gt_c, seed=seed)
         T = sim.matrix()
         alignment = {"method": "cameras", "scale": sim.scale, "cameras_common": len(pairs), "cameras_inliers": int(sim.inliers.sum()),
-                     "outlier_cameras": [a for (a, _), ok in zip(pairs, sim.inliers) if not ok], "rms_camera_error": sim.rms,
-                     "rms_camera_error_rel": sim.rms / (gt_in.diagonal or 1.0) if gt_in.diagonal else None}
+                     "outlier_cameras": [a for (a, _), ok in zip(pairs, sim.inliers) if not ok], "rms_camera_error": sim.rms}
         if sim.inliers.mean() < 0.5:
             logger.warning("only %d of %d cameras agree with the alignment; the scores may be meaningless", int(sim.inliers.sum()), len(pairs))
     else:
@@ -781,6 +780,8 @@ def evaluate_reconstruction(
     result.update(evaluate_meshes(est_mesh, gt_in.mesh, gt_from_est=T, crop_box=gt_in.crop_box, diagonal=gt_in.diagonal,
                                   thresholds_rel=thresholds_rel, threshold_abs=threshold_abs, margin=margin, gt_views=gt_views,
                                   icp=icp, max_points=max_points, seed=seed))
+    if "rms_camera_error" in alignment:
+        alignment["rms_camera_error_rel"] = alignment["rms_camera_error"] / result["diagonal"]
     alignment["gt_from_est"] = result.pop("gt_from_est")
     alignment["icp"] = result.pop("icp")
     result["alignment"] = alignment

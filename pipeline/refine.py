@@ -1,28 +1,706 @@
-"""refine stage: multi-view refinement of the depth maps (``depth_pred = depth_init + δz``)."""
+"""refine stage: multi-view refinement of the depth maps (``depth_pred = depth_init + δz``).
+
+Model
+-----
+Each view's correction is a *multi-resolution pyramid* of log-depth grids
+``r_l`` (strides :attr:`RefineConfig.pyramid_strides`: 1, 2, 4 ... 32 pixels),
+upsampled coarse-to-fine (bilinear) and summed::
+
+    r(p)          = Σ_l upsample(r_l)(p)
+    depth_pred(p) = depth_init(p) · exp(r(p)),    δz = depth_pred − depth_init
+
+All grids start at 0, so δz = 0 at step 0. Coarse grids make smooth,
+low-frequency corrections (a per-view warp or scale drift) with a handful of
+parameters, the stride-1 grid fixes single pixels (noise, outliers); ``exp``
+keeps the depth positive and makes one Adam step of size ``lr`` a *relative*
+depth change of about ``lr``, the same on every scene. The loss is
+
+    weight_mv·L_mv + weight_anchor·L_anchor + weight_edge·L_edge + weight_surf·L_surf + weight_mag·L_mag
+
+(:mod:`pipeline.losses`). The views are split into groups of at most
+``views_per_batch`` (interleaved, so neighbouring cameras fall in different
+groups); each step refines one group in turn: every view samples
+``samples_per_view`` valid pixels, projects them into its ``num_neighbors``
+most co-visible views and compares with the neighbours' *current* predicted
+depth, read bilinearly as this step's fixed target (every view is a source
+in turn, so the consistency is symmetric over a round).
+
+Everything lives on the torch device (CUDA when present, else CPU; the same
+code). The inner loop neither copies between host and device nor
+synchronises: per-step diagnostics go into a device tensor read every
+``log_every`` steps, and a step whose loss or gradient is not finite is
+skipped *on the device* (Adam's update is multiplied by a 0/1 flag) and
+halves the learning rate; it is warned about at the next log.
+
+I/O
+---
+:func:`run` reads ``OUT/depth/views/<stem>.npz`` and the sfm cache, calls
+:func:`refine_depth_maps` and writes ``OUT/refine/views/<stem>.npz`` (with
+``depth_init`` and INIT/PRED/DELTA statistics) and ``OUT/refine/log.json``
+(settings, per-step losses and Δz statistics, per-view statistics).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
-from pipeline.errors import StageNotImplemented
-from pipeline.settings import setting
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import losses
+from pipeline.errors import ReconError
+from pipeline.geometry import default_device, inside_image, sample_image
+from pipeline.io import DepthMap, View
+from pipeline.settings import fingerprint_fields, setting
 from pipeline.stage import StageContext
+
+logger = logging.getLogger(__name__)
+
+LOG_COLUMNS: tuple[str, ...] = ("loss", "L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "dz_mean", "dz_std", "mv_kept", "lr", "finite")
+"""Per-step values in ``log.json`` (``dz_*`` in normalized-frame depth units, ``mv_kept`` = share of L_mv samples kept)."""
 
 
 @dataclass(kw_only=True)
 class RefineConfig:
-    lr: float = setting(5e-5, "Adam learning rate.")
+    lr: float = setting(2e-3, "Adam learning rate of the δz pyramid: one step changes the depth by about lr relatively (the research value 5e-5 was a network's; it cannot remove outliers here, see the README table).")
+    steps: int = setting(400, "Optimizer steps; each refines one group of views_per_batch views, so a view is updated steps / ceil(views / views_per_batch) times.")
     samples_per_view: int = setting(1024, "Pixels sampled per view per step for the multiview loss.")
+    views_per_batch: int = setting(8, "Views refined per step (bounds the memory of a step: about views_per_batch full-resolution maps and their gradients).")
+    num_neighbors: int = setting(4, "Neighbour views per view for L_mv (most shared sparse points).")
+    pyramid_strides: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "Strides in pixels of the summed δz grids (1 = per-pixel; larger = smoother, low-frequency corrections).")
     weight_mv: float = setting(2.0, "Weight of the multiview reprojection loss L_mv.")
     weight_edge: float = setting(0.02, "Weight of the edge-aware smoothness L_edge.")
     weight_surf: float = setting(0.01, "Weight of the surface smoothness L_surf.")
     weight_mag: float = setting(0.005, "Weight of the magnitude penalty L_mag = mean(|δz| / (depth_init + 1e-2)).")
-    weight_anchor: float = setting(0.1, "Weight of the sparse-point anchoring loss L_anchor.")
-    huber_delta: float = setting(1e-2, "Huber threshold δ for the reprojection residuals (normalized-frame depth units).")
+    weight_anchor: float = setting(1.0, "Weight of the sparse-point anchoring loss L_anchor.")
+    huber_delta: float = setting(1e-2, "Huber threshold δ of the reprojection and anchor residuals (relative depth: 1e-2 = 1 % of the depth).")
     occlusion_tol: float = setting(0.25, "Z-buffer test: a sample counts only if |Z_sel - sampled2| / (Z_sel + 1e-6) < occlusion_tol.")
-    seed: int = setting(0, "Random seed (sampling, initialisation).")
+    occlusion_tol_behind: float = setting(0.05, "One-sided z-buffer test: a sample lying behind the neighbour's surface by more than this relative depth is occluded there and dropped (in front = a real conflict, kept up to occlusion_tol).")
+    edge_alpha: float = setting(10.0, "Edge sensitivity α of the smoothness weights exp(-α |∇I|) (image in [0, 1]; 0 = uniform).")
+    use_confidence: bool = setting(True, "Weight L_mv samples by the depth maps' confidence (source × neighbour).")
+    lr_final_ratio: float = setting(0.1, "Cosine learning-rate decay: the last step uses lr × lr_final_ratio (1 = constant).")
+    max_anchor_points: int = setting(4096, "At most this many sparse points per view for L_anchor (random subset, seeded).")
+    seed: int = setting(0, "Random seed (pixel sampling, anchor subsets).")
+    cpu_threads: int = setting(1, "Torch CPU threads while refining (0 = torch's default). 1 is the default because two threads on a shared, loaded 2-core machine ran 16x slower than one; the results are the same.", affects_output=False)
+    log_every: int = setting(10, "Refresh the progress bar (one device sync) every N steps; every step is still logged.", affects_output=False)
     device: str = setting("auto", "Torch device: auto (cuda when present), cpu or cuda.", affects_output=False)
 
 
+# ---- small pure helpers ------------------------------------------------------------------
+
+def select_neighbors(views: Sequence[View], k: int) -> np.ndarray:
+    """(V, k') indices of each view's neighbours, k' = min(k, V − 1).
+
+    Ranked by the number of shared sparse points (co-visibility), ties (e.g.
+    no shared points) broken by camera-centre distance.
+    """
+    n = len(views)
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((n, 0), dtype=np.int64)
+    sets = [set(np.asarray(v.point_ids).tolist()) for v in views]
+    centers = np.stack([v.center for v in views])
+    out = np.zeros((n, k), dtype=np.int64)
+    for i in range(n):
+        covis = np.array([len(sets[i] & sets[j]) if j != i else -1 for j in range(n)], dtype=np.float64)
+        dist = np.linalg.norm(centers - centers[i], axis=1)
+        order = np.lexsort((dist, -covis))  # most shared points first, then nearest
+        out[i] = [j for j in order if j != i][:k]
+    return out
+
+
+def value_stats(values: np.ndarray) -> dict[str, float]:
+    """mean/std/min/max of an array (zeros when empty)."""
+    if values.size == 0:
+        return {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+    v = values.astype(np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+
+
+def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.Tensor) -> torch.Tensor:
+    """Bilinear read of per-view maps at pixel coordinates, each sample from its own view.
+
+    The same values as :func:`pipeline.geometry.sample_image` of map
+    ``view_bn[b, n]`` at ``uv_bn2[b, n]`` (``align_corners=False``, border
+    padding: pixel centres at +0.5, coordinates clamped to the border), done
+    with four row gathers from the channels-last maps of all views instead of
+    one ``grid_sample`` per view. Differentiable with respect to ``uv`` (the
+    maps are read as constants); the cost does not depend on the number of views.
+
+    Args:
+        maps_vhwc: (V, H, W, C) maps of all views, channels last.
+        view_bn: (B, N) long view indices.
+        uv_bn2: (B, N, 2) pixel coordinates in those views.
+    Returns:
+        (B, C, N).
+    """
+    v, h, w, c = maps_vhwc.shape
+    x = (uv_bn2[..., 0] - 0.5).clamp(0, w - 1)
+    y = (uv_bn2[..., 1] - 0.5).clamp(0, h - 1)
+    x0f, y0f = x.detach().floor(), y.detach().floor()
+    ax, ay = (x - x0f)[..., None], (y - y0f)[..., None]  # (B, N, 1)
+    x0, y0 = x0f.long(), y0f.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    rows = maps_vhwc.detach().reshape(v * h * w, c)
+    base = view_bn * (h * w)
+
+    def tap(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        return rows.index_select(0, (base + yy * w + xx).reshape(-1)).reshape(*view_bn.shape, c)
+
+    top = tap(y0, x0) * (1 - ax) + tap(y0, x1) * ax
+    bottom = tap(y1, x0) * (1 - ax) + tap(y1, x1) * ax
+    return (top * (1 - ay) + bottom * ay).permute(0, 2, 1)
+
+
+def upsample2x(x_b1hw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear ×2 upsampling (``align_corners=False``, border replicated), cropped to (height, width).
+
+    Equal to ``F.interpolate(x, scale_factor=2, mode="bilinear")`` for even
+    sizes; a coarse cell ``j`` covers fine pixels ``2j, 2j+1``. Written as
+    shifted weighted sums, whose backward pass is several times cheaper on
+    CPU than ``upsample_bilinear2d``'s.
+    """
+    xp = F.pad(x_b1hw, (1, 1, 0, 0), mode="replicate")
+    x = torch.stack([0.25 * xp[..., :-2] + 0.75 * x_b1hw, 0.75 * x_b1hw + 0.25 * xp[..., 2:]], -1).flatten(-2)
+    xp = F.pad(x, (0, 0, 1, 1), mode="replicate")
+    x = torch.stack([0.25 * xp[..., :-2, :] + 0.75 * x, 0.75 * x + 0.25 * xp[..., 2:, :]], -2).flatten(-3, -2)
+    return x[..., :height, :width]
+
+
+def _upsample(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
+    if 0 <= 2 * h - height <= 1 and 0 <= 2 * w - width <= 1:
+        return upsample2x(x, height, width)
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def upsample_sum(grids: Sequence[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Coarse-to-fine sum of a pyramid: ``up(... up(up(g_n) + g_{n-1}) ...) + g_0`` at (height, width).
+
+    ``grids`` are (B, 1, h_l, w_l) from fine to coarse; each partial sum is
+    bilinearly upsampled to the next finer grid's size (×2 steps use
+    :func:`upsample2x`, other ratios ``F.interpolate``), the finest to
+    (height, width). Cascading costs about 1.3 full-resolution upsamplings
+    whatever the number of levels.
+    """
+    total = grids[-1]
+    for g in reversed(grids[:-1]):
+        total = _upsample(total, *g.shape[-2:]) + g
+    return _upsample(total, height, width)
+
+
+def _gray(image: np.ndarray | None, height: int, width: int) -> np.ndarray | None:
+    """Grayscale float32 (H, W) in [0, 1] at the depth map's resolution."""
+    if image is None:
+        return None
+    raw = np.asarray(image)
+    img = raw[..., :3].astype(np.float32).mean(-1) if raw.ndim == 3 else raw.astype(np.float32)
+    if np.issubdtype(raw.dtype, np.integer):
+        img = img / float(np.iinfo(raw.dtype).max)
+    if img.shape != (height, width):
+        t = torch.from_numpy(img)[None, None]
+        img = F.interpolate(t, size=(height, width), mode="area" if img.shape[0] > height else "bilinear").numpy()[0, 0]
+    return img
+
+
+# ---- the optimization --------------------------------------------------------------------
+
+def view_groups(num_views: int, views_per_batch: int) -> list[np.ndarray]:
+    """Views refined together, one group per step in turn: interleaved (``i % G``), so a view's
+    neighbours (usually the cameras next to it) are mostly refined in other steps and read fresh."""
+    groups = max(1, math.ceil(num_views / max(1, views_per_batch)))
+    return [np.arange(g, num_views, groups) for g in range(groups)]
+
+
+@dataclass
+class _Group:
+    """The device tensors of one group of views (views stored contiguously, ``start:stop`` of the scene)."""
+
+    start: int
+    stop: int
+    depth_init: torch.Tensor  # (B, 1, H, W), 0 where invalid
+    valid: torch.Tensor  # (B, 1, H, W) bool
+    valid_count: torch.Tensor  # () number of valid pixels
+    confidence: torch.Tensor  # (B, 1, H, W)
+    pix_index: torch.Tensor  # (B, Nmax) flat indices of valid pixels
+    pix_count: torch.Tensor  # (B, 1)
+    K_src: torch.Tensor  # (B*k, 3, 3)
+    K_dst: torch.Tensor  # (B*k, 3, 3)
+    nbr: torch.Tensor  # (B*k,) storage indices of the neighbours
+    dst_from_src: torch.Tensor  # (B*k, 4, 4)
+    edge_w: tuple[torch.Tensor, torch.Tensor]
+    surf_w: tuple[torch.Tensor, torch.Tensor]
+    anchor_uv: torch.Tensor  # (B, P, 2)
+    anchor_z: torch.Tensor  # (B, P)
+    anchor_mask: torch.Tensor  # (B, P) bool
+    grids: list[torch.Tensor]  # per level (B, 1, h_l, w_l), the parameters
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    adam_steps: torch.Tensor  # () device step count (skipped steps do not count)
+
+
+def _check_inputs(views: Sequence[View], init: Sequence[DepthMap]) -> None:
+    if len(views) != len(init) or not views:
+        raise ValueError(f"need one depth map per view, got {len(views)} views and {len(init)} maps")
+    for v, dm in zip(views, init):
+        h, w = dm.depth.shape
+        if dm.valid.shape != (h, w) or dm.confidence.shape != (h, w) or np.shape(dm.K) != (3, 3) or np.shape(dm.cam_from_world) != (4, 4):
+            raise ReconError(f"depth map of {v.name}: inconsistent shapes (depth {dm.depth.shape}, valid {dm.valid.shape}, "
+                             f"confidence {dm.confidence.shape}); delete it and re-run the depth stage")
+
+
+def _anchor_projections(views: Sequence[View], init: Sequence[DepthMap], points: np.ndarray, max_points: int,
+                        seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each view's sparse points projected with its depth map's K and pose, padded: (uv (V,P,2), z (V,P), in-image mask (V,P))."""
+    rng = np.random.default_rng([seed, 1])
+    rows = []
+    for v, dm in zip(views, init):
+        ids = np.asarray(v.point_ids, np.int64)
+        if len(ids) > max_points:
+            ids = np.sort(rng.choice(ids, max_points, replace=False))
+        T, K = np.asarray(dm.cam_from_world, np.float64), np.asarray(dm.K, np.float64)
+        Xc = points[ids] @ T[:3, :3].T + T[:3, 3] if len(ids) else np.zeros((0, 3))
+        z = Xc[:, 2]
+        zc = np.maximum(z, 1e-8)
+        uv = np.stack([K[0, 0] * Xc[:, 0] / zc + K[0, 2], K[1, 1] * Xc[:, 1] / zc + K[1, 2]], -1).reshape(-1, 2)
+        h, w = dm.depth.shape
+        ok = (z > losses.MIN_DEPTH) & (uv[:, 0] >= 0) & (uv[:, 0] <= w) & (uv[:, 1] >= 0) & (uv[:, 1] <= h)
+        rows.append((uv, z, ok))
+    P = max(1, max(len(z) for _, z, _ in rows))
+    a_uv = np.zeros((len(rows), P, 2), np.float32)
+    a_z = np.ones((len(rows), P), np.float32)
+    a_ok = np.zeros((len(rows), P), bool)
+    for i, (uv, z, ok) in enumerate(rows):
+        a_uv[i, : len(z)], a_z[i, : len(z)], a_ok[i, : len(z)] = uv, np.where(ok, z, 1.0), ok
+    return a_uv, a_z, a_ok
+
+
+def _pyramid_shapes(height: int, width: int, strides: Sequence[int]) -> list[tuple[int, int]]:
+    """Grid sizes, fine to coarse, of the pyramid levels (``ceil(size / stride)``)."""
+    if not strides or any(int(s) < 1 for s in strides) or list(strides) != sorted(set(strides)):
+        raise ReconError(f"refine.pyramid_strides must be increasing positive integers, e.g. 1,2,4,8; got {tuple(strides)}")
+    return [(max(1, math.ceil(height / s)), max(1, math.ceil(width / s))) for s in strides]
+
+
+def _check_config(cfg: RefineConfig) -> None:
+    for key in ("lr", "huber_delta", "occlusion_tol", "occlusion_tol_behind"):
+        if not getattr(cfg, key) > 0:
+            raise ReconError(f"refine.{key} must be > 0, got {getattr(cfg, key)}")
+    for key in ("samples_per_view", "views_per_batch", "log_every", "max_anchor_points"):
+        if getattr(cfg, key) < 1:
+            raise ReconError(f"refine.{key} must be a positive integer, got {getattr(cfg, key)}")
+    if cfg.steps < 0 or cfg.num_neighbors < 0:
+        raise ReconError(f"refine.steps and refine.num_neighbors must be >= 0, got {cfg.steps} and {cfg.num_neighbors}")
+    for key in ("weight_mv", "weight_edge", "weight_surf", "weight_mag", "weight_anchor", "edge_alpha"):
+        if getattr(cfg, key) < 0:
+            raise ReconError(f"refine.{key} must be >= 0, got {getattr(cfg, key)}")
+    if not 0 < cfg.lr_final_ratio <= 1:
+        raise ReconError(f"refine.lr_final_ratio must be in (0, 1], got {cfg.lr_final_ratio}")
+
+
+def _prepare(views: Sequence[View], init: Sequence[DepthMap], points: np.ndarray, images: Sequence[np.ndarray | None] | None,
+             cfg: RefineConfig, device: torch.device) -> tuple[list[_Group], torch.Tensor, np.ndarray]:
+    """Device tensors of every group, the shared ``current`` (V, H, W, 3) maps, and the neighbour table.
+
+    Views (in storage order) are padded to a common (H, W) with invalid pixels.
+    """
+    n = len(views)
+    H = max(dm.depth.shape[0] for dm in init)
+    W = max(dm.depth.shape[1] for dm in init)
+    depth = np.zeros((n, 1, H, W), np.float32)
+    valid = np.zeros((n, 1, H, W), bool)
+    conf = np.zeros((n, 1, H, W), np.float32)
+    gray = np.zeros((n, 1, H, W), np.float32)
+    for i, dm in enumerate(init):
+        h, w = dm.depth.shape
+        d = np.asarray(dm.depth, np.float32)
+        ok = np.asarray(dm.valid, bool) & np.isfinite(d) & (d > losses.MIN_DEPTH)
+        depth[i, 0, :h, :w] = np.where(ok, d, 0.0)
+        valid[i, 0, :h, :w] = ok
+        c = np.nan_to_num(np.asarray(dm.confidence, np.float32), nan=0.0)
+        conf[i, 0, :h, :w] = np.where(ok, np.clip(c, 0.0, 1.0) if cfg.use_confidence else 1.0, 0.0)
+        g = _gray(images[i] if images is not None else None, h, w)
+        if g is not None:
+            gray[i, 0, :h, :w] = g
+    Ks = np.stack([np.asarray(dm.K, np.float64) for dm in init])
+    poses = np.stack([np.asarray(dm.cam_from_world, np.float64) for dm in init])
+    nbr = select_neighbors(views, cfg.num_neighbors)
+    k = nbr.shape[1]
+    dst_from_src = np.array([[poses[j] @ np.linalg.inv(poses[i]) for j in nbr[i]] for i in range(n)]).reshape(n, k, 4, 4)
+    a_uv, a_z, a_ok = _anchor_projections(views, init, points, cfg.max_anchor_points, cfg.seed)
+    shapes = _pyramid_shapes(H, W, cfg.pyramid_strides)
+
+    def t(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+
+    groups = []
+    start = 0
+    for members in view_groups(n, cfg.views_per_batch):
+        stop = start + len(members)
+        sl = slice(start, stop)
+        d0, ok, cf = t(depth[sl]), t(valid[sl], torch.bool), t(conf[sl])
+        w_x, w_y = losses.image_edge_weights(t(gray[sl]), cfg.edge_alpha)
+        flat_valid = valid[sl].reshape(stop - start, -1)
+        counts = flat_valid.sum(1)
+        pix_index = np.zeros((stop - start, max(1, int(counts.max()))), np.int64)
+        for j in range(stop - start):
+            idx = np.flatnonzero(flat_valid[j])
+            pix_index[j, : len(idx)] = idx
+        anchor_uv = t(a_uv[sl])
+        # Anchors must land on valid depth (all four bilinear taps valid).
+        anchor_ok = t(a_ok[sl], torch.bool) & (sample_image(ok.float(), anchor_uv)[:, 0] > 0.999)
+        grids = [torch.zeros(stop - start, 1, h, w, device=device) for h, w in shapes]
+        groups.append(_Group(
+            start=start, stop=stop, depth_init=d0, valid=ok, valid_count=ok.sum().float(), confidence=cf,
+            pix_index=t(pix_index, torch.long), pix_count=t(counts[:, None]),
+            K_src=t(Ks[sl]).repeat_interleave(k, 0), K_dst=t(Ks[nbr[sl].reshape(-1)]), nbr=t(nbr[sl].reshape(-1), torch.long),
+            dst_from_src=t(dst_from_src[sl].reshape(-1, 4, 4)),
+            edge_w=losses.edge_smoothness_weights(ok, d0, w_x, w_y), surf_w=losses.surface_smoothness_weights(ok, d0, w_x, w_y),
+            anchor_uv=anchor_uv, anchor_z=t(a_z[sl]), anchor_mask=anchor_ok,
+            grids=grids, exp_avg=[torch.zeros_like(g) for g in grids], exp_avg_sq=[torch.zeros_like(g) for g in grids],
+            adam_steps=torch.zeros((), device=device),
+        ))
+        start = stop
+    current = torch.cat([t(depth), t(valid).float(), t(conf)], 1).permute(0, 2, 3, 1).contiguous()
+    return groups, current, nbr
+
+
+LOSS_TERMS: tuple[str, ...] = ("L_mv", "L_anchor", "L_edge", "L_surf", "L_mag")
+
+
+def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: torch.Generator
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Loss terms of one group at its current grids; returns (terms, depth_pred (B,1,H,W), share of L_mv samples kept)."""
+    B, _, H, W = gr.depth_init.shape
+    d0 = gr.depth_init
+    pred = d0 * torch.exp(upsample_sum(gr.grids, H, W))  # 0 where invalid (d0 = 0 there)
+    zero = pred.sum() * 0.0
+    terms = dict.fromkeys(LOSS_TERMS, zero)
+    kept = zero
+    k = gr.nbr.shape[0] // B
+    if k > 0 and cfg.weight_mv > 0:
+        # L_mv: valid pixels → back-project at depth_pred → neighbours → their current depth there.
+        S = cfg.samples_per_view
+        # (a view without valid pixels samples pixel 0: invalid, so its confidence weight is 0)
+        pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(), (gr.pix_count - 1).clamp(min=0).long())
+        flat = torch.gather(gr.pix_index, 1, pick)  # (B, S)
+        uv_src = torch.stack([(flat % W).to(pred.dtype) + 0.5, torch.div(flat, W, rounding_mode="floor").to(pred.dtype) + 0.5], -1)
+        d_src = torch.gather(pred.reshape(B, -1), 1, flat)
+        c_src = torch.gather(gr.confidence.reshape(B, -1), 1, flat)
+        uv_dst, z_sel = losses.reproject(uv_src.repeat_interleave(k, 0), d_src.repeat_interleave(k, 0), gr.K_src, gr.K_dst, gr.dst_from_src)
+        # The neighbour's current depth is this step's target: read as a constant, at a constant location.
+        read = sample_views(current, gr.nbr[:, None].expand(B * k, S), uv_dst.detach())  # (B*k, 3, S)
+        inside = inside_image(uv_dst, H, W) & (read[:, 1] > 0.999)
+        weight = c_src.repeat_interleave(k, 0) * read[:, 2]
+        terms["L_mv"], keep = losses.multiview_loss(z_sel, read[:, 0], inside, delta=cfg.huber_delta, tol=cfg.occlusion_tol,
+                                                    behind_tol=cfg.occlusion_tol_behind, weight=weight)
+        kept = keep.to(pred.dtype).mean()
+    if cfg.weight_anchor > 0:
+        terms["L_anchor"] = losses.anchor_loss(sample_image(pred, gr.anchor_uv)[:, 0], gr.anchor_z, gr.anchor_mask, delta=cfg.huber_delta)
+    if cfg.weight_edge > 0:
+        terms["L_edge"] = losses.edge_aware_smoothness(pred, *gr.edge_w)
+    if cfg.weight_surf > 0:
+        terms["L_surf"] = losses.surface_smoothness(pred, *gr.surf_w)
+    if cfg.weight_mag > 0:
+        terms["L_mag"] = losses.magnitude_loss(pred - d0, d0, gr.valid)
+    return terms, pred, kept
+
+
+@torch.no_grad()
+def _adam_step(gr: _Group, grads: Sequence[torch.Tensor], finite: torch.Tensor, lr: torch.Tensor,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """In-place Adam on a group's grids; with ``finite`` False (a device flag, no sync) nothing changes."""
+    b1, b2 = betas
+    f = finite.to(gr.adam_steps.dtype)
+    gr.adam_steps += f
+    t = gr.adam_steps.clamp(min=1.0)
+    step_size = lr * f / (1.0 - b1**t)
+    bc2_sqrt = (1.0 - b2**t).sqrt()
+    for p, m, v, g in zip(gr.grids, gr.exp_avg, gr.exp_avg_sq, grads):
+        g = torch.where(finite, g, torch.zeros((), device=g.device))
+        m.lerp_(g, (1.0 - b1) * f)
+        v.lerp_(g * g, (1.0 - b2) * f)
+        p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + eps))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch CPU threads (``n <= 0``: leave torch's setting), then restore it."""
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0:
+            torch.set_num_threads(old)
+
+
+def _lr_at(cfg: RefineConfig, step: int) -> float:
+    """Cosine decay from ``lr`` to ``lr · lr_final_ratio`` over the run."""
+    progress = step / max(cfg.steps - 1, 1)
+    return cfg.lr * (cfg.lr_final_ratio + (1.0 - cfg.lr_final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def refine_depth_maps(
+    views: Sequence[View],
+    init: Sequence[DepthMap],
+    points: np.ndarray,
+    cfg: RefineConfig,
+    device: torch.device | str = "cpu",
+    *,
+    images: Sequence[np.ndarray | None] | None = None,
+    bar: Any = None,
+) -> tuple[list[DepthMap], dict[str, Any]]:
+    """Refine the depth maps of a scene jointly (the core of the stage, no file I/O).
+
+    Args:
+        views: the scene's views (``point_ids`` for anchoring, co-visibility for neighbours).
+        init: one initial :class:`DepthMap` per view (same order), normalized frame; its
+            ``K`` and ``cam_from_world`` are used (the depth map's own resolution).
+        points: (M, 3) sparse points (normalized frame), indexed by ``View.point_ids``.
+        cfg: settings.
+        device: torch device.
+        images: optional per-view RGB/gray images (any resolution; resized to the
+            depth maps) for the edge-aware weights; None = uniform weights.
+        bar: optional tqdm-like bar (``update``, ``set_postfix``).
+    Returns:
+        (refined maps in the order of ``views`` — ``depth = depth_init + δz``, 0 where
+        invalid, ``depth_init`` set, ``stats`` with INIT/PRED/DELTA mean/std/min/max —
+        and the log dict).
+    """
+    with torch_threads(cfg.cpu_threads if torch.device(device).type == "cpu" else 0):
+        return _refine(views, init, points, cfg, device, images=images, bar=bar)
+
+
+def _refine(
+    views: Sequence[View],
+    init: Sequence[DepthMap],
+    points: np.ndarray,
+    cfg: RefineConfig,
+    device: torch.device | str = "cpu",
+    *,
+    images: Sequence[np.ndarray | None] | None = None,
+    bar: Any = None,
+) -> tuple[list[DepthMap], dict[str, Any]]:
+    _check_config(cfg)
+    _check_inputs(views, init)
+    device = torch.device(device)
+    started = time.perf_counter()
+    # Storage order: the members of each group side by side.
+    order = np.concatenate(view_groups(len(views), cfg.views_per_batch))
+    views_s = [views[i] for i in order]
+    init_s = [init[i] for i in order]
+    images_s = [images[i] for i in order] if images is not None else None
+    groups, current, nbr = _prepare(views_s, init_s, np.asarray(points, np.float64).reshape(-1, 3), images_s, cfg, device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    history = torch.zeros(max(cfg.steps, 1), len(LOG_COLUMNS), device=device)
+    weights = {"L_mv": cfg.weight_mv, "L_anchor": cfg.weight_anchor, "L_edge": cfg.weight_edge, "L_surf": cfg.weight_surf, "L_mag": cfg.weight_mag}
+    lr_scale = torch.ones((), device=device)
+    skipped_seen = 0
+
+    for step in range(cfg.steps):
+        gr = groups[step % len(groups)]
+        for g in gr.grids:
+            g.requires_grad_(True)
+        terms, pred, kept = _group_losses(gr, current, cfg, gen)
+        loss = sum(weights[k] * terms[k] for k in LOSS_TERMS)
+        grads = torch.autograd.grad(loss, gr.grids, allow_unused=True)
+        with torch.no_grad():
+            for g in gr.grids:
+                g.requires_grad_(False)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, gr.grids)]
+            finite = torch.isfinite(loss)
+            for g in grads:
+                finite = finite & torch.isfinite(g).all()
+            lr = _lr_at(cfg, step) * lr_scale
+            _adam_step(gr, grads, finite, lr)
+            lr_scale = torch.where(finite, lr_scale, lr_scale * 0.5)
+            # Neighbours read this group's depth as of this step (the prediction before the update).
+            cur = current[gr.start:gr.stop, ..., 0]
+            cur.copy_(torch.where(finite, pred[:, 0], cur))
+            m = gr.valid.to(pred.dtype)
+            dz = (pred - gr.depth_init) * m
+            n = gr.valid_count.clamp(min=1.0)
+            dz_mean = dz.sum() / n
+            dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
+            history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, lr, finite.to(pred.dtype)])
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+            values = dict(zip(LOG_COLUMNS, history[step].tolist()))
+            skipped_now = int((history[: step + 1, -1] == 0).sum().item())
+            if skipped_now > skipped_seen:
+                logger.warning("refine: %d step(s) with a non-finite loss or gradient skipped so far; learning rate halved each time (now %.2e)",
+                               skipped_now, values["lr"])
+                skipped_seen = skipped_now
+            if bar is not None:
+                bar.set_postfix({k: f"{values[k]:.2e}" for k in LOSS_TERMS} | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
+                                refresh=False)
+
+    maps_s, stats = _finalize(groups, views_s, init_s)
+    out = [None] * len(views)
+    for pos, i in enumerate(order):
+        out[i] = maps_s[pos]
+    hist = history[: cfg.steps].cpu().numpy()
+    log = {
+        "settings": fingerprint_fields(cfg),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "num_views": len(views),
+        "resolution": [int(current.shape[2]), int(current.shape[1])],
+        "neighbors": {views_s[i].name: [views_s[j].name for j in row] for i, row in enumerate(nbr.tolist())},
+        "skipped_steps": int((hist[:, -1] == 0).sum()),
+        "seconds": round(time.perf_counter() - started, 3),
+        "steps": [{"step": i, **{k: float(hist[i, j]) for j, k in enumerate(LOG_COLUMNS)}} for i in range(cfg.steps)],
+        "views": {v.name: stats[v.name] for v in views},
+    }
+    return out, log  # type: ignore[return-value]
+
+
+def _finalize(groups: Sequence[_Group], views: Sequence[View], init: Sequence[DepthMap]) -> tuple[list[DepthMap], dict[str, dict[str, Any]]]:
+    """Full-resolution refined maps (storage order), one group at a time; never NaN."""
+    out: list[DepthMap] = []
+    stats: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for gr in groups:
+            H, W = gr.depth_init.shape[-2:]
+            pred = (gr.depth_init * torch.exp(upsample_sum(gr.grids, H, W))).cpu().numpy()
+            d0 = gr.depth_init.cpu().numpy()
+            valid_all = gr.valid.cpu().numpy()
+            for j, i in enumerate(range(gr.start, gr.stop)):
+                dm = init[i]
+                h, w = dm.depth.shape
+                valid = valid_all[j, 0, :h, :w]
+                d_init = d0[j, 0, :h, :w]
+                d_pred = pred[j, 0, :h, :w]
+                bad = valid & ~(np.isfinite(d_pred) & (d_pred > 0))
+                if bad.any():
+                    logger.warning("refine: %s: %d non-finite refined depths replaced by the initial depth", views[i].name, int(bad.sum()))
+                    d_pred = np.where(bad, d_init, d_pred)
+                d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
+                s = {"INIT": value_stats(d_init[valid]), "PRED": value_stats(d_pred[valid]), "DELTA": value_stats((d_pred - d_init)[valid]),
+                     "valid_fraction": float(valid.mean())}
+                stats[views[i].name] = s
+                out.append(replace(dm, depth=d_pred, valid=valid.copy(), confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
+                                   depth_init=d_init.astype(np.float32), stats={**dm.stats, **s}))
+    return out, stats
+
+
+# ---- the stage ---------------------------------------------------------------------------
+
 def run(ctx: StageContext) -> None:
-    raise StageNotImplemented("the refine stage is not implemented yet")
+    """Refine every view's depth map; writes ``refine/views/<stem>.npz`` and ``refine/log.json``."""
+    from pipeline.cache import write_json_atomic
+    from pipeline.io import load_depth_map, load_rgb, load_sfm_scene, save_depth_map
+
+    ws, cfg = ctx.ws, ctx.settings
+    scene = load_sfm_scene(ws)
+    views = [v for v in scene.views if ws.depth_view(v.name).exists()]
+    missing = len(scene.views) - len(views)
+    if missing:
+        ctx.logger.warning("refine: %d view(s) have no initial depth map and are left out", missing)
+    if not views:
+        raise ReconError(f"{ws.stage_dir('depth')}: no depth maps to refine; run `recon stage depth {ws.scene_dir}` first")
+    if all(ws.refine_view(v.name).exists() for v in views) and ws.refine_log.exists():
+        ctx.logger.info("refine: all %d views already refined", len(views))
+        return
+    init = [load_depth_map(ws.depth_view(v.name)) for v in views]
+    images = []
+    for v, dm in zip(views, init):
+        if not v.image_path.exists():
+            raise ReconError(f"{v.image_path}: undistorted image missing from the sfm cache; re-run `recon run {ws.scene_dir} --force sfm`")
+        images.append(load_rgb(v.image_path, max_size=max(dm.depth.shape)))  # only for edge weights at the depth resolution
+    device = default_device(cfg.device)
+    ctx.logger.info("refine: %d views at %dx%d on %s, %d steps", len(views), init[0].depth.shape[1], init[0].depth.shape[0], device, cfg.steps)
+    bar = ctx.bar(desc="refine depth", total=cfg.steps, unit="step")
+    try:
+        maps, log = refine_depth_maps(views, init, scene.points, cfg, device, images=images, bar=bar)
+    finally:
+        bar.close()
+    for v, dm in zip(views, maps):
+        path = ws.refine_view(v.name)
+        if not path.exists():
+            save_depth_map(path, dm)
+    write_json_atomic(ws.refine_log, log)
+    last = log["steps"][-1] if log["steps"] else {}
+    deltas = [s["DELTA"] for s in log["views"].values()]
+    ctx.summary.update({
+        "views": len(maps),
+        "steps": cfg.steps,
+        "device": str(device),
+        "dz_mean": round(float(np.mean([d["mean"] for d in deltas])), 6),
+        "dz_std": round(float(np.mean([d["std"] for d in deltas])), 6),
+        "mv_kept": round(float(last.get("mv_kept", 0.0)), 3),
+        "skipped_steps": log["skipped_steps"],
+    })
+
+
+# ---- synthetic evaluation (tests, benchmarks) --------------------------------------------
+
+def ground_truth_depths(scene_dir, views: Sequence[View], normalized_from_sfm: np.ndarray) -> list[np.ndarray]:
+    """GT z-depth (H, W) float32 of each view of a rendered scene, in the scene's normalized frame (0 = no hit)."""
+    from pipeline.groundtruth import load_gt_depth
+
+    scale = float(np.cbrt(np.linalg.det(np.asarray(normalized_from_sfm)[:3, :3])))
+    return [(load_gt_depth(Path(scene_dir) / "gt", v.name) * scale).astype(np.float32) for v in views]
+
+
+def corrupt_depth(depth_gt: np.ndarray, kind: str, rng: np.random.Generator, *, warp: float = 0.02, noise: float = 0.005,
+                  outliers: float = 0.03, holes: float = 0.03) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic initial depth map from GT: (depth, valid, confidence).
+
+    ``kind``:
+      * ``warp`` — smooth per-view multiplicative warp ``1 + warp · sin(...)``
+        (random low-frequency direction and phase, ~1 period across the image)
+        times per-pixel Gaussian noise of relative σ = ``noise``;
+      * ``mvs`` — what plane-sweep stereo gives: per-pixel relative noise σ = ``noise``,
+        a share ``outliers`` of pixels off by ±5-30 %, and holes (random discs
+        covering about ``holes`` of the image) marked invalid; confidence is
+        lower (0.3) on half of the outliers and 1 elsewhere.
+    """
+    h, w = depth_gt.shape
+    valid = depth_gt > 0
+    d = depth_gt.astype(np.float64)
+    if kind == "warp":
+        v, u = np.mgrid[0:h, 0:w] / max(h, w)
+        theta = rng.uniform(0, 2 * np.pi)
+        freq = rng.uniform(0.7, 1.3)
+        field = 1.0 + warp * np.sin(2 * np.pi * freq * (np.cos(theta) * u + np.sin(theta) * v) + rng.uniform(0, 2 * np.pi))
+        d = d * field * (1.0 + noise * rng.standard_normal((h, w)))
+        conf = np.ones((h, w))
+    elif kind == "mvs":
+        d = d * (1.0 + noise * rng.standard_normal((h, w)))
+        out = rng.random((h, w)) < outliers
+        d = np.where(out, d * (1.0 + rng.choice([-1.0, 1.0], (h, w)) * rng.uniform(0.05, 0.3, (h, w))), d)
+        conf = np.where(out & (rng.random((h, w)) < 0.5), 0.3, 1.0)
+        hole = np.zeros((h, w), bool)
+        yy, xx = np.mgrid[0:h, 0:w]
+        while hole.mean() < holes:
+            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.01, 0.04) * max(h, w)
+            hole |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        valid &= ~hole
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; expected warp or mvs")
+    valid &= d > 0
+    return np.where(valid, d, 0.0).astype(np.float32), valid, np.where(valid, conf, 0.0).astype(np.float32)
+
+
+def depth_error(depth: np.ndarray, depth_gt: np.ndarray, valid: np.ndarray) -> dict[str, float]:
+    """Relative depth error ``|d − gt| / gt`` over pixels valid in both: mean, median, and share within 1 %."""
+    m = valid & (depth_gt > 0) & (depth > 0)
+    if not m.any():
+        return {"mean": float("nan"), "median": float("nan"), "within_1pct": float("nan"), "pixels": 0}
+    e = np.abs(depth[m].astype(np.float64) - depth_gt[m]) / depth_gt[m]
+    return {"mean": float(e.mean()), "median": float(np.median(e)), "within_1pct": float((e < 0.01).mean()), "pixels": int(m.sum())}

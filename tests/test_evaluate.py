@@ -1,0 +1,311 @@
+"""Geometry evaluation: surface metrics with hand-derived answers, robust camera alignment, depth metrics, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import open3d as o3d
+import pytest
+
+from pipeline.errors import ReconError
+from pipeline.evaluate import (
+    Mesh, align_from_cameras, depth_metrics, depth_pairs, evaluate_meshes, evaluate_reconstruction, format_summary, sample_depth,
+)
+from pipeline.geometry import scale_intrinsics, transform_pose_by_similarity, umeyama
+
+FAST = dict(max_points=60_000)
+
+
+def unit_box() -> Mesh:
+    box = o3d.geometry.TriangleMesh.create_box(1.0, 1.0, 1.0)
+    return Mesh(np.asarray(box.vertices, np.float64), np.asarray(box.triangles, np.int64))
+
+
+def square() -> Mesh:
+    """Unit square in the plane z = 0 (two triangles)."""
+    v = np.array([[0.0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]])
+    return Mesh(v, np.array([[0, 1, 2], [0, 2, 3]]))
+
+
+def translated(mesh: Mesh, offset) -> Mesh:
+    return Mesh(mesh.vertices + np.asarray(offset, np.float64), mesh.triangles)
+
+
+def random_rotation(rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+# ---- surface metrics -----------------------------------------------------------------------
+
+def test_mesh_against_itself_is_perfect():
+    r = evaluate_meshes(unit_box(), unit_box(), **FAST)
+    assert r["accuracy"]["mean"] < 1e-6 and r["completeness"]["mean"] < 1e-6 and r["chamfer"] < 1e-6
+    for t in r["thresholds"].values():
+        assert t["precision"] == 1.0 and t["recall"] == 1.0 and t["fscore"] == 1.0
+    assert math.isclose(r["diagonal"], math.sqrt(3.0))
+    assert r["samples"]["est"] > 50_000 and not r["samples"]["visibility_filter"]
+
+
+def test_plane_offset_along_normal_gives_offset_as_accuracy():
+    """Every point of a square lifted by δ is exactly δ from the original: P = R = 0 below δ, 1 above."""
+    diag = math.sqrt(2.0)
+    delta = 0.007 * diag
+    r = evaluate_meshes(translated(square(), [0, 0, delta]), square(), **FAST)
+    for key in ("accuracy", "completeness"):
+        assert r[key]["mean"] == pytest.approx(delta, rel=1e-4)
+        assert r[key]["median"] == pytest.approx(delta, rel=1e-4)
+    assert r["chamfer_rel"] == pytest.approx(0.007, rel=1e-3)
+    assert r["thresholds"]["0.5%"]["fscore"] == 0.0
+    assert r["thresholds"]["1%"]["fscore"] == 1.0
+
+
+def test_box_shifted_along_x_matches_hand_derived_scores():
+    """Unit cube shifted by δ along x, threshold τ < δ (side a = 1).
+
+    Shifted cube → original: the four faces parallel to x lie on the original
+    faces except a strip of width δ beyond x = 1 (distance x − 1); the +x face
+    is δ away; the −x face (now inside the cube) is min(δ, distance to its
+    border) away. So P(τ) = [4 (1 − δ + τ) + 1 − (1 − 2τ)²] / 6, and by
+    symmetry R(τ) = P(τ); every distance is ≤ δ, so P = R = 1 for τ > δ.
+    Mean distance = [2δ² + δ + 4(δ²/2 − 2δ³/3) + δ(1 − 2δ)²] / 6.
+    """
+    diag = math.sqrt(3.0)
+    d, tau = 0.007 * diag, 0.005 * diag
+    r = evaluate_meshes(translated(unit_box(), [d, 0, 0]), unit_box(), **FAST)
+    expected_p = (4 * (1 - d + tau) + 1 - (1 - 2 * tau) ** 2) / 6
+    t = r["thresholds"]["0.5%"]
+    assert t["precision"] == pytest.approx(expected_p, abs=0.01)
+    assert t["recall"] == pytest.approx(expected_p, abs=0.01)
+    assert t["fscore"] == pytest.approx(expected_p, abs=0.01)
+    assert 0.6 < t["fscore"] < 0.75
+    assert r["thresholds"]["1%"]["fscore"] == 1.0
+    expected_mean = (2 * d**2 + d + 4 * (d**2 / 2 - 2 * d**3 / 3) + d * (1 - 2 * d) ** 2) / 6
+    assert r["accuracy"]["mean"] == pytest.approx(expected_mean, rel=0.03)
+    assert r["completeness"]["mean"] == pytest.approx(expected_mean, rel=0.03)
+
+
+def test_absolute_threshold_and_crop_box():
+    """An absolute threshold is used as given; a floater outside the crop box is ignored, inside it lowers precision."""
+    far = translated(unit_box(), [5.0, 0, 0])
+    est = Mesh(np.concatenate([square().vertices, far.vertices]), np.concatenate([square().triangles, far.triangles + 4]))
+    r = evaluate_meshes(est, square(), threshold_abs=0.001, thresholds_rel=(), **FAST)
+    assert list(r["thresholds"]) == ["abs:0.001"] and r["thresholds"]["abs:0.001"]["fscore"] == 1.0
+    near = translated(Mesh(square().vertices * 0.1, square().triangles), [0.45, 0.45, 0.05])  # 5 cm above, inside the box
+    est = Mesh(np.concatenate([square().vertices, near.vertices]), np.concatenate([square().triangles, near.triangles + 4]))
+    r = evaluate_meshes(est, square(), **FAST)
+    # the floater has 1 % of the square's area and is 0.05 away from it
+    assert r["thresholds"]["1%"]["precision"] == pytest.approx(1 / 1.01, abs=0.003)
+    assert r["thresholds"]["1%"]["recall"] == 1.0
+
+
+def test_icp_removes_a_small_rigid_offset():
+    gt = unit_box()
+    offset = np.array([0.011, -0.01, 0.01])  # each face moves by more than τ(0.5 %) = 0.0087 along its normal
+    est = translated(gt, offset)
+    plain = evaluate_meshes(est, gt, **FAST)
+    fixed = evaluate_meshes(est, gt, icp=True, **FAST)
+    assert plain["thresholds"]["0.5%"]["fscore"] < 0.9
+    assert fixed["accuracy"]["mean"] < 1e-4 and fixed["thresholds"]["0.5%"]["fscore"] > 0.999
+    assert np.allclose(np.asarray(fixed["gt_from_est"])[:3, 3], -offset, atol=1e-5)
+
+
+# ---- camera alignment ----------------------------------------------------------------------
+
+def ring_centres(n: int, rng) -> np.ndarray:
+    az = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([3 * np.cos(az), 3 * np.sin(az), 1.0 + rng.uniform(-0.5, 0.5, n)], axis=1)
+
+
+def test_alignment_recovers_similarity_despite_two_bad_cameras():
+    rng = np.random.default_rng(3)
+    gt = ring_centres(12, rng)
+    s, R, t = 0.37, random_rotation(rng), np.array([2.0, -1.0, 0.5])
+    est = (gt - t) @ R / s  # gt = s R est + t
+    est[[2, 7]] += np.array([[0.8, -0.5, 0.3], [-0.4, 0.9, 0.6]]) * 5  # two cameras registered badly
+    sim = align_from_cameras(est, gt)
+    assert sim.scale == pytest.approx(s, rel=1e-9)
+    assert np.allclose(sim.rotation, R, atol=1e-9) and np.allclose(sim.translation, t, atol=1e-9)
+    assert sim.inliers.tolist() == [i not in (2, 7) for i in range(12)]
+    assert sim.rms < 1e-9
+    # the plain least-squares fit is pulled away by the two bad cameras
+    s_ls, _, _ = umeyama(est, gt)
+    assert abs(s_ls - s) > 0.01
+
+
+def test_alignment_needs_three_non_collinear_cameras():
+    with pytest.raises(ReconError, match="3 or more"):
+        align_from_cameras(np.zeros((2, 3)), np.ones((2, 3)))
+    line = np.stack([np.linspace(0, 1, 5), np.zeros(5), np.zeros(5)], 1)
+    with pytest.raises(ReconError):
+        align_from_cameras(line * 2, line)
+
+
+# ---- depth metrics -------------------------------------------------------------------------
+
+def plane_depth(K: np.ndarray, cam_from_world: np.ndarray, normal: np.ndarray, offset: float, width: int, height: int) -> np.ndarray:
+    """z-depth at pixel centres of the plane {x : normal·x = offset} (world frame)."""
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    rays_cam = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1)  # z = 1
+    R, t = cam_from_world[:3, :3], cam_from_world[:3, 3]
+    centre = -R.T @ t
+    rays_world = rays_cam @ R  # R^T d
+    n_world = normal / np.linalg.norm(normal)
+    return (offset - n_world @ centre) / (rays_world @ n_world)  # ray parameter = z-depth
+
+
+def test_depth_metrics_on_scaled_depth_in_another_frame_and_resolution():
+    rng = np.random.default_rng(0)
+    W, H = 64, 48
+    K_gt = np.array([[58.0, 0, 32], [0, 58.0, 24], [0, 0, 1]])
+    T_gt = np.eye(4)
+    T_gt[:3, 3] = [0.1, -0.2, 0.3]
+    normal, offset = np.array([0.2, -0.3, -1.0]), -3.0  # a tilted plane in front of the camera
+    depth_gt = plane_depth(K_gt, T_gt, normal, offset, W, H)
+    assert depth_gt.min() > 1.0
+    # estimated frame: x_est = s_n R_n x_gt + t_n, at half resolution (another pixel grid)
+    s_n, R_n, t_n = 0.25, random_rotation(rng), np.array([1.0, 2.0, -0.5])
+    T_est = transform_pose_by_similarity(T_gt, s_n, R_n, t_n)
+    K_est = scale_intrinsics(K_gt, 0.5)
+    depth_est = plane_depth(K_est, T_gt, normal, offset, W // 2, H // 2) * s_n  # same plane, est units
+    gt_from_est = np.eye(4)
+    gt_from_est[:3, :3] = R_n.T / s_n
+    gt_from_est[:3, 3] = -R_n.T @ t_n / s_n
+    valid = np.ones_like(depth_est, bool)
+    pred, gt = depth_pairs(depth_est, valid, K_est, T_est, gt_from_est, depth_gt, K_gt, T_gt)
+    assert len(gt) > 0.8 * valid.size
+    m = depth_metrics(pred, gt)
+    assert m["abs_rel"] < 1e-4 and m["rmse"] < 1e-3 and m["delta_1.01"] == 1.0
+    # 3 % too far: AbsRel 0.03, RMSE 3 % of the GT depth in GT units
+    pred, gt = depth_pairs(depth_est * 1.03, valid, K_est, T_est, gt_from_est, depth_gt, K_gt, T_gt)
+    m = depth_metrics(pred, gt)
+    assert m["abs_rel"] == pytest.approx(0.03, rel=0.01)
+    assert m["rmse"] == pytest.approx(0.03 * np.sqrt(np.mean(gt**2)), rel=0.01)
+    assert m["delta_1.01"] == 0.0 and m["delta_1.05"] == 1.0
+
+
+def test_sample_depth_bilinear_inside_nearest_across_edges():
+    depth = np.array([[1.0, 1.01], [1.0, 1.01]])
+    assert sample_depth(depth, np.array([[1.0, 1.0]]))[0] == pytest.approx(1.005)  # between 4 close pixels
+    edge = np.array([[1.0, 2.0], [1.0, 2.0]])
+    assert sample_depth(edge, np.array([[0.9, 1.0], [1.1, 1.0]])).tolist() == [1.0, 2.0]
+    assert sample_depth(edge, np.array([[-0.1, 1.0], [2.0, 1.0]])).tolist() == [0.0, 0.0]
+
+
+# ---- the entry point on a rendered scene -------------------------------------------------
+
+def write_colmap_model(folder: Path, cams: list[tuple[str, np.ndarray, np.ndarray, int, int]]) -> None:
+    """A COLMAP binary model with one PINHOLE camera per image: (name, K, cam_from_world, width, height)."""
+    import pycolmap
+
+    rec = pycolmap.Reconstruction()
+    for i, (name, K, T, w, h) in enumerate(cams, start=1):
+        cam = pycolmap.Camera(model="PINHOLE", width=w, height=h, params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], camera_id=i)
+        rec.add_camera_with_trivial_rig(cam)
+        image = pycolmap.Image(name=name, camera_id=i, image_id=i)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(T[:3, :3]), T[:3, 3]))
+    folder.mkdir(parents=True, exist_ok=True)
+    rec.write(str(folder))
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    from pipeline.synth import render_scene
+
+    return render_scene(tmp_path_factory.mktemp("scene") / "blob", shape="blob", n_views=8, width=160, height=120, seed=1, scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def perfect_out(rendered, tmp_path_factory) -> Path:
+    """A recon output in the normalized frame whose mesh, cameras and depth maps are the ground truth,
+    except: 2 of the 8 cameras moved far away, and the refined maps 2 % too deep."""
+    from pipeline.groundtruth import scene_from_ground_truth
+    from pipeline.io import DepthMap, save_depth_map
+    from pipeline.workspace import Workspace
+
+    scene = scene_from_ground_truth(rendered, n_points=500)
+    s_n = scene.normalized_from_sfm[0, 0]
+    out = tmp_path_factory.mktemp("out")
+    ws = Workspace(scene_dir=rendered, out_dir=out)
+    gt_mesh = o3d.io.read_triangle_mesh(str(rendered / "gt" / "mesh.ply"))
+    gt_mesh.transform(scene.normalized_from_sfm)
+    o3d.io.write_triangle_mesh(str(ws.mesh_path), gt_mesh)
+    cams = []
+    for i, v in enumerate(scene.views):
+        T = v.cam_from_world.copy()
+        if i in (1, 5):
+            T[:3, 3] += [3.0, -2.0, 1.0]
+        cams.append((v.name, v.K, T, v.width, v.height))
+        depth = np.load(rendered / "gt" / "depth" / f"{Path(v.name).stem}.npy") * s_n
+        dm = DepthMap(name=v.name, depth=depth.astype(np.float32), confidence=np.ones_like(depth, np.float32), valid=depth > 0,
+                      K=v.K, cam_from_world=v.cam_from_world)
+        save_depth_map(ws.depth_view(v.name), dm)
+        save_depth_map(ws.refine_view(v.name), DepthMap(**{**dm.__dict__, "depth": (depth * 1.02).astype(np.float32)}))
+    write_colmap_model(ws.sparse_dir, cams)
+    return out
+
+
+def test_evaluate_reconstruction_of_ground_truth(rendered, perfect_out):
+    r = evaluate_reconstruction(perfect_out, rendered, **FAST)
+    al = r["alignment"]
+    info = json.loads((rendered / "gt" / "scene.json").read_text())
+    from pipeline.groundtruth import scene_from_ground_truth
+
+    s_n = scene_from_ground_truth(rendered, n_points=500).normalized_from_sfm[0, 0]
+    assert al["scale"] == pytest.approx(1.0 / s_n, rel=1e-6)
+    assert sorted(al["outlier_cameras"]) == ["view_001.png", "view_005.png"] and al["cameras_inliers"] == 6
+    assert r["diagonal"] == pytest.approx(info["object_diagonal"])
+    assert r["accuracy"]["mean"] < 1e-5 * r["diagonal"] and r["completeness"]["mean"] < 1e-5 * r["diagonal"]
+    assert all(t["fscore"] == 1.0 for t in r["thresholds"].values())
+    assert r["samples"]["visibility_filter"] and 0.3 < r["samples"]["gt_visible_fraction"] < 1.0
+    depth, refine = r["depth"]["depth"], r["depth"]["refine"]
+    assert depth["views"] == 8 and depth["abs_rel"] < 1e-5 and depth["delta_1.01"] == 1.0
+    assert refine["abs_rel"] == pytest.approx(0.02, rel=1e-3) and refine["delta_1.01"] == 0.0 and refine["delta_1.05"] == 1.0
+    saved = json.loads((perfect_out / "eval.json").read_text())
+    assert saved["thresholds"] == r["thresholds"]
+    assert "F@0.5%" in format_summary(r)
+
+
+def test_gt_argument_forms_and_mesh_file_without_alignment(rendered, tmp_path):
+    """GT as the gt/ folder; OUT as a mesh already in the GT frame (--no-align), scored against a bare GT mesh."""
+    r = evaluate_reconstruction(rendered / "gt" / "object.ply", rendered / "gt" / "object.ply", align=False,
+                                json_path=tmp_path / "e.json", **FAST)
+    assert r["thresholds"]["1%"]["fscore"] == 1.0 and r["alignment"]["method"] == "none"
+    assert (tmp_path / "e.json").is_file()
+
+
+def test_bad_inputs_raise_one_line_errors(rendered, perfect_out, tmp_path):
+    empty = tmp_path / "empty_out"
+    empty.mkdir()
+    with pytest.raises(ReconError, match="no mesh.ply"):
+        evaluate_reconstruction(empty, rendered)
+    with pytest.raises(ReconError, match="not found"):
+        evaluate_reconstruction(tmp_path / "nope", rendered)
+    with pytest.raises(ReconError, match="ground truth not found"):
+        evaluate_reconstruction(perfect_out, tmp_path / "nope")
+    with pytest.raises(ReconError, match="no GT cameras"):
+        evaluate_reconstruction(perfect_out, rendered / "gt" / "mesh.ply", json_path=tmp_path / "x.json")
+    lone_mesh = tmp_path / "lone" / "mesh.ply"
+    lone_mesh.parent.mkdir()
+    lone_mesh.write_bytes((perfect_out / "mesh.ply").read_bytes())
+    with pytest.raises(ReconError, match="no cameras"):
+        evaluate_reconstruction(lone_mesh, rendered)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "mesh.ply").write_bytes((perfect_out / "mesh.ply").read_bytes())
+    write_colmap_model(renamed / "sparse", [(f"other_{i}.jpg", np.eye(3), np.eye(4), 10, 10) for i in range(4)])
+    with pytest.raises(ReconError, match="only 0 image name"):
+        evaluate_reconstruction(renamed, rendered)
+    bad_mesh = tmp_path / "bad.ply"
+    bad_mesh.write_text("not a mesh")
+    with pytest.raises(ReconError):
+        evaluate_reconstruction(bad_mesh, rendered / "gt" / "mesh.ply", align=False, json_path=tmp_path / "y.json")
+    with pytest.raises(ReconError) as info:
+        evaluate_reconstruction(empty, rendered)
+    assert "\n" not in str(info.value)
