@@ -241,14 +241,17 @@ def export_cmd(out_dir, formats, decimate, frame, dest) -> None:
 @click.option("--threshold-abs", type=float, default=None, help="Also score at this absolute distance (GT units).")
 @click.option("--no-align", is_flag=True, help="The mesh is already in the ground-truth frame.")
 @click.option("--icp", is_flag=True, help="Refine the camera alignment with point-to-plane ICP.")
-def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp) -> None:
+@click.option("--cameras", type=click.Path(exists=True, file_okay=False), default=None, help="COLMAP model of the mesh's cameras (default: OUT/sparse, or sparse/ beside a mesh file).")
+@click.option("--margin", type=float, default=0.05, show_default=True, help="Crop box growth per side, as a fraction of the GT object diagonal.")
+def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp, cameras, margin) -> None:
     """Score OUT (a recon output folder or a mesh) against ground truth; writes OUT/eval.json."""
     try:
         _setup_logging(False)
         from pipeline.evaluate import DEFAULT_THRESHOLDS_REL, evaluate_reconstruction, format_summary
 
         result = evaluate_reconstruction(Path(out), Path(gt), thresholds_rel=thresholds or DEFAULT_THRESHOLDS_REL,
-                                         threshold_abs=threshold_abs, align=not no_align, icp=icp)
+                                         threshold_abs=threshold_abs, align=not no_align, icp=icp,
+                                         cameras=Path(cameras) if cameras else None, margin=margin)
         click.echo(format_summary(result))
     except Exception as exc:  # noqa: BLE001
         _fail(exc, None)

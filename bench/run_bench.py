@@ -1,0 +1,430 @@
+"""Benchmark: render scenes, run recon on them, score the meshes against ground truth.
+
+    python bench/run_bench.py                       # blob, thin, knot: 24 views 480x360 on two rings
+    python bench/run_bench.py --shapes blob --views 12 --width 320 --height 240
+    python bench/run_bench.py --real                # also the photo sets in /work/shared/data/real (no GT)
+
+For each rendered scene (``WORK/scenes/<shape>_<views>v_<w>x<h>``, reused when
+already rendered with the same parameters) the driver runs, each stage as its
+own ``recon run SCENE --out OUT --until STAGE`` subprocess (earlier stages come
+from the cache), so every stage gets its own wall time and peak RSS:
+
+* ``full``     — every stage (refined depth fused);
+* ``norefine`` — ``--skip refine``; its ``sfm``/``depth`` caches (stage folders,
+  ``sparse/`` and their manifest entries) are *copied from the full run*, so
+  both variants fuse the very same initial depth maps and only fuse/export run;
+* ``floor``    — the sparse SfM points meshed with Open3D screened Poisson
+  (normals from 30 nearest neighbours, oriented towards the cameras that see
+  each point, low-density vertices trimmed): what SfM alone gives;
+* ``gt-depth`` — the ground-truth depth maps fused in-process by the fuse stage's
+  own code (``pipeline.fuse.fuse_ground_truth``, same settings as the runs;
+  skipped with a note when it does not exist): the upper bound of SPEC.md.
+
+Every mesh is scored with :func:`pipeline.evaluate.evaluate_reconstruction`
+(alignment from the cameras; the gt-depth mesh is built in the GT frame).
+Stage times come from ``OUT/manifest.json`` (``seconds``, the stage's own time);
+peak RSS is the subprocess's ``ru_maxrss`` from ``os.wait4`` (the process and
+the children it waited for). A failing step leaves an error in its row and the
+rest carries on. Prints one markdown table and writes ``WORK/bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import write_json_atomic
+from pipeline.errors import ReconError
+from pipeline.evaluate import evaluate_reconstruction
+from pipeline.stages import STAGE_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+# ---- subprocesses ----------------------------------------------------------------------
+
+def recon_command() -> list[str]:
+    """The ``recon`` CLI of this interpreter's environment (console script, else ``python -m cli``)."""
+    script = Path(sys.executable).with_name("recon")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
+
+
+def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None) -> dict[str, Any]:
+    """Run ``cmd``; return rc, wall seconds, peak RSS (MiB, from ``os.wait4``) and the last error line."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    import subprocess
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        timer = None
+        timed_out = threading.Event()
+        if timeout_s:
+            def _kill() -> None:
+                timed_out.set()
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the session this call started
+                except ProcessLookupError:
+                    pass
+            timer = threading.Timer(timeout_s, _kill)
+            timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    out: dict[str, Any] = {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2),
+                           "peak_rss_mib": round(usage.ru_maxrss / 1024.0, 1), "log": str(log_path)}
+    if timed_out.is_set():
+        out["error"] = f"timed out after {timeout_s:.0f} s"
+    elif proc.returncode != 0:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ln.startswith("error:")]
+        out["error"] = (errs[-1] if errs else (lines[-1] if lines else f"exit code {proc.returncode}"))[:300]
+    return out
+
+
+def run_stages(scene: Path, out: Path, stages: list[str], extra: list[str], timeout_s: float | None, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One ``recon run --until STAGE`` subprocess per stage; stops at the first failure."""
+    records = []
+    for stage in stages:
+        cmd = recon_command() + ["run", str(scene), "--out", str(out), "--until", stage, "--no-progress", *extra]
+        for s in skip:
+            cmd += ["--skip", s]
+        rec = run_measured(cmd, out.parent / "logs" / f"{out.name}_{stage}.log", timeout_s)
+        rec["stage"] = stage
+        records.append(rec)
+        print(f"    {out.name:<9} {stage:<7} rc={rec['rc']} {rec['wall_s']:7.1f} s  {rec['peak_rss_mib']:7.0f} MiB"
+              + (f"  {rec['error']}" if "error" in rec else ""), flush=True)
+        if rec["rc"] != 0:
+            break
+    return records
+
+
+def manifest_seconds(out: Path) -> dict[str, float]:
+    """Stage → seconds recorded in ``OUT/manifest.json`` (stages that finished)."""
+    try:
+        stages = json.loads((out / "manifest.json").read_text()).get("stages", {})
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v.get("seconds", 0.0)) for k, v in stages.items()}
+
+
+def manifest_summary(out: Path, stage: str) -> dict[str, Any]:
+    try:
+        return json.loads((out / "manifest.json").read_text())["stages"][stage].get("summary", {})
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def manifest_fingerprint(out: Path, stage: str) -> str | None:
+    try:
+        return json.loads((out / "manifest.json").read_text())["stages"][stage]["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def seed_norefine(full: Path, norefine: Path) -> None:
+    """Copy the full run's sfm and depth caches (stage folders, ``sparse/``, their manifest entries) into ``norefine``."""
+    if norefine.exists():
+        shutil.rmtree(norefine)
+    norefine.mkdir(parents=True)
+    for name in ("sfm", "depth", "sparse"):
+        shutil.copytree(full / name, norefine / name)
+    manifest = json.loads((full / "manifest.json").read_text())
+    manifest["stages"] = {k: v for k, v in manifest["stages"].items() if k in ("sfm", "depth")}
+    write_json_atomic(norefine / "manifest.json", manifest)
+
+
+# ---- baselines ----------------------------------------------------------------------------
+
+def sparse_poisson_floor(out: Path, mesh_path: Path, *, depth: int = 8, trim_quantile: float = 0.1) -> dict[str, Any]:
+    """Mesh the sfm stage's sparse points (normalized frame) with Open3D screened Poisson; write ``mesh_path``."""
+    import open3d as o3d
+
+    from pipeline.io import load_sfm_scene
+    from pipeline.workspace import Workspace
+
+    started = time.perf_counter()
+    scene = load_sfm_scene(Workspace(scene_dir=out, out_dir=out))
+    points = scene.points
+    if len(points) < 10:
+        raise ReconError(f"only {len(points)} sparse points; too few to mesh")
+    toward = np.zeros_like(points)  # sum of unit directions point → cameras that see it
+    for v in scene.views:
+        d = v.center - points[v.point_ids]
+        toward[v.point_ids] += d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points))
+    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamKNN(30))
+    normals = np.asarray(pcd.normals)
+    normals *= np.where(np.sum(normals * toward, axis=1, keepdims=True) < 0, -1.0, 1.0)
+    pcd.normals = o3d.utility.Vector3dVector(normals)
+    mesh, density = o3d.geometry.TriangleMesh.create_from_point_cloud_poisson(pcd, depth=depth)
+    density = np.asarray(density)
+    mesh.remove_vertices_by_mask(density < np.quantile(density, trim_quantile))
+    mesh_path.parent.mkdir(parents=True, exist_ok=True)
+    o3d.io.write_triangle_mesh(str(mesh_path), mesh)
+    return {"points": int(len(points)), "depth": depth, "trim_quantile": trim_quantile, "triangles": int(len(mesh.triangles)),
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def gt_depth_upper_bound(scene_dir: Path, mesh_path: Path, fuse_cfg: Any) -> dict[str, Any]:
+    """Fuse the GT depth maps (true cameras) with the fuse stage's code; the mesh is written in the GT frame.
+
+    Uses ``pipeline.fuse.fuse_ground_truth`` (TSDF sizes derived as in the stage, from
+    sparse points sampled on the GT depth, in that scene's normalized frame).
+    """
+    import open3d as o3d
+
+    from pipeline import fuse
+
+    fn = getattr(fuse, "fuse_ground_truth", None)
+    if fn is None:
+        raise NotImplementedError("pipeline.fuse.fuse_ground_truth does not exist yet")
+    started = time.perf_counter()
+    result, scene, params = fn(scene_dir, fuse_cfg)
+    mesh = result.mesh
+    mesh.transform(np.linalg.inv(scene.normalized_from_sfm))
+    mesh_path.parent.mkdir(parents=True, exist_ok=True)
+    o3d.io.write_triangle_mesh(str(mesh_path), mesh)
+    return {"triangles": int(len(mesh.triangles)), "voxel_size_normalized": float(params.voxel_size),
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+# ---- one scene ------------------------------------------------------------------------------
+
+def render_or_reuse(scenes_dir: Path, shape: str, views: int, width: int, height: int, seed: int) -> tuple[Path, float | None]:
+    """The rendered scene folder (rendered now unless a folder with the same parameters exists) and the render time."""
+    from pipeline.synth import render_scene
+
+    scene = scenes_dir / f"{shape}_{views}v_{width}x{height}_s{seed}"
+    info_path = scene / "gt" / "scene.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        cams = json.loads((scene / "gt" / "cameras.json").read_text())
+        if info.get("n_views") == views and cams.get("width") == width and cams.get("height") == height and info.get("seed") == seed:
+            return scene, None
+        shutil.rmtree(scene)
+    started = time.perf_counter()
+    render_scene(scene, shape=shape, n_views=views, width=width, height=height, seed=seed, rings=2)
+    return scene, round(time.perf_counter() - started, 2)
+
+
+def score(out: Path, gt: Path, *, align: bool = True, cameras: Path | None = None, max_points: int) -> dict[str, Any]:
+    try:
+        return evaluate_reconstruction(out, gt, align=align, cameras=cameras, max_points=max_points)
+    except (ReconError, OSError, ValueError, RuntimeError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def bench_synthetic(scene: Path, runs: Path, args: argparse.Namespace) -> dict[str, Any]:
+    extra = [a for s in args.set for a in ("--set", s)] + [a for c in args.config for a in ("--config", c)]
+    full, norefine = runs / "full", runs / "norefine"
+    res: dict[str, Any] = {"scene": scene.name, "variants": {}}
+    if not args.reuse_runs:
+        for d in (full, norefine, runs / "floor", runs / "gtdepth"):
+            shutil.rmtree(d, ignore_errors=True)
+
+    full_recs = run_stages(scene, full, list(STAGE_NAMES), extra, args.timeout)
+    done = {r["stage"] for r in full_recs if r["rc"] == 0}
+    res["variants"]["refined"] = {"runs": full_recs, "seconds": manifest_seconds(full),
+                                  "eval": score(full, scene, max_points=args.max_points) if (full / "mesh.ply").exists() else None}
+
+    if {"sfm", "depth"} <= done:
+        seed_norefine(full, norefine)
+        nr_recs = run_stages(scene, norefine, ["fuse", "export"], extra, args.timeout, skip=("refine",))
+        res["variants"]["initial"] = {"runs": [r for r in full_recs if r["stage"] in ("sfm", "depth")] + nr_recs,
+                                      "seconds": manifest_seconds(norefine), "copied_from_full": ["sfm", "depth"],
+                                      "eval": score(norefine, scene, max_points=args.max_points) if (norefine / "mesh.ply").exists() else None}
+        rerun = [s for s in ("sfm", "depth") if manifest_fingerprint(norefine, s) != manifest_fingerprint(full, s)]
+        if rerun:  # code or settings changed between the two runs: the variants no longer share their depth maps
+            res["variants"]["initial"]["error"] = f"{', '.join(rerun)} re-ran instead of reusing the full run's cache"
+    else:
+        res["variants"]["initial"] = {"runs": [], "error": "needs the full run's sfm and depth stages"}
+
+    floor: dict[str, Any] = {"runs": [r for r in full_recs if r["stage"] == "sfm"], "seconds": {}}
+    if "sfm" in done:
+        try:
+            floor["poisson"] = sparse_poisson_floor(full, runs / "floor" / "mesh.ply")
+            floor["seconds"] = {"sfm": manifest_seconds(full).get("sfm", 0.0), "fuse": floor["poisson"]["seconds"]}
+            floor["eval"] = score(runs / "floor" / "mesh.ply", scene, cameras=full / "sparse", max_points=args.max_points)
+        except Exception as exc:  # noqa: BLE001 - a benchmark row reports any failure
+            floor["error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        floor["error"] = "needs the sfm stage"
+    res["variants"]["floor"] = floor
+
+    upper: dict[str, Any] = {"runs": [], "seconds": {}}
+    try:
+        from pipeline.config import load_config
+
+        fuse_cfg = load_config([Path(c) for c in args.config], tuple(args.set), ()).fuse
+        upper["fuse"] = gt_depth_upper_bound(scene, runs / "gtdepth" / "mesh.ply", fuse_cfg)
+        upper["seconds"] = {"fuse": upper["fuse"]["seconds"]}
+        upper["eval"] = score(runs / "gtdepth" / "mesh.ply", scene, align=False, max_points=args.max_points)
+    except NotImplementedError as exc:
+        upper["error"] = f"skipped: {exc}"
+    except Exception as exc:  # noqa: BLE001
+        upper["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    res["variants"]["gt-depth"] = upper
+    return res
+
+
+def find_image_folder(root: Path) -> Path | None:
+    """The folder to pass to ``recon run``: ``root`` when it holds images/ or photos, else the first subfolder with 3+ photos."""
+    def n_images(d: Path) -> int:
+        return sum(1 for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    if (root / "images").is_dir() or n_images(root) >= 3:
+        return root
+    for d in sorted(p for p in root.rglob("*") if p.is_dir()):
+        if n_images(d) >= 3:
+            return d
+    return None
+
+
+def bench_real(root: Path, runs: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``recon run`` on a photo set without GT: stage times, peak RSS, registration, mesh size."""
+    extra = [a for s in args.set for a in ("--set", s)] + [a for c in args.config for a in ("--config", c)]
+    scene = find_image_folder(root)
+    res: dict[str, Any] = {"scene": root.name, "real": True}
+    if scene is None:
+        res["error"] = "no folder with 3 or more photos"
+        return res
+    out = runs / "full"
+    if not args.reuse_runs:
+        shutil.rmtree(out, ignore_errors=True)
+    recs = run_stages(scene, out, list(STAGE_NAMES), extra, args.timeout)
+    res.update({"images_dir": str(scene), "runs": recs, "seconds": manifest_seconds(out), "sfm": manifest_summary(out, "sfm")})
+    if (out / "mesh.ply").exists():
+        from pipeline.evaluate import load_mesh
+
+        try:
+            m = load_mesh(out / "mesh.ply")
+            res["mesh"] = {"vertices": int(len(m.vertices)), "triangles": int(len(m.triangles))}
+        except ReconError as exc:
+            res["mesh"] = {"error": str(exc)}
+    return res
+
+
+# ---- report -------------------------------------------------------------------------------
+
+def _f(x: Any, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """One markdown table: per scene and variant, stage times, peak RSS and the metrics (lengths in % of the diagonal)."""
+    head = ["scene", "variant", "sfm s", "depth s", "refine s", "fuse s", "export s", "peak RSS MiB", "F@0.5%", "F@1%",
+            "Chamfer %", "acc %", "comp %", "AbsRel", "δ<1.01", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if r.get("real"):
+            secs = r.get("seconds", {})
+            rss = max((x["peak_rss_mib"] for x in r.get("runs", [])), default=None)
+            errs = [f"{x['stage']}: {x['error']}" for x in r.get("runs", []) if "error" in x]
+            sfm = r.get("sfm", {})
+            note = f"registered {sfm.get('registered', '?')}/{sfm.get('images', '?')}"
+            if "mesh" in r:
+                note += f", mesh {r['mesh'].get('triangles', '?')} triangles"
+            if errs:
+                note += "; " + "; ".join(errs)
+            note = r.get("error", note)
+            lines.append("| " + " | ".join([r["scene"], "real (no GT)", *(_f(secs.get(s), "{:.1f}") for s in STAGE_NAMES), _f(rss, "{:.0f}"),
+                                            *["-"] * 7, note.replace("|", "/")]) + " |")
+            continue
+        for name in ("floor", "initial", "refined", "gt-depth"):
+            v = r["variants"].get(name, {})
+            secs = v.get("seconds", {})
+            rss = max((x["peak_rss_mib"] for x in v.get("runs", [])), default=None)
+            ev = v.get("eval") or {}
+            notes = [f"{x['stage']}: {x['error']}" for x in v.get("runs", []) if "error" in x]
+            if v.get("error"):
+                notes.append(v["error"])
+            if ev.get("error"):
+                notes.append("eval: " + ev["error"])
+            th = ev.get("thresholds", {})
+            depth_key = {"initial": "depth", "refined": "refine"}.get(name)
+            dm = (ev.get("depth") or {}).get(depth_key, {}) if depth_key else {}
+            times = [_f(secs.get(s), "{:.1f}") for s in STAGE_NAMES]
+            if name == "floor" and "fuse" in secs:
+                notes.append("fuse column = Poisson")
+            lines.append("| " + " | ".join([
+                r["scene"], name, *times, _f(rss, "{:.0f}"),
+                _f(th.get("0.5%", {}).get("fscore")), _f(th.get("1%", {}).get("fscore")),
+                _f(ev.get("chamfer_rel") and 100 * ev["chamfer_rel"]),
+                _f(ev.get("accuracy", {}).get("mean_rel") and 100 * ev["accuracy"]["mean_rel"]),
+                _f(ev.get("completeness", {}).get("mean_rel") and 100 * ev["completeness"]["mean_rel"]),
+                _f(dm.get("abs_rel"), "{:.4f}"), _f(dm.get("delta_1.01")),
+                "; ".join(notes).replace("|", "/")[:200],
+            ]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.synth import SHAPES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, runs/, bench.json) [bench/results]")
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES[:3]), choices=SHAPES, help="rendered shapes [%(default)s]; none: only --real")
+    p.add_argument("--views", type=int, default=24)
+    p.add_argument("--width", type=int, default=480)
+    p.add_argument("--height", type=int, default=360)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", action="store_true", help="also run the photo sets in --real-dir (no GT: times, registration, mesh size)")
+    p.add_argument("--real-dir", type=Path, default=Path("/work/shared/data/real"))
+    p.add_argument("--real-sets", nargs="+", default=None, metavar="NAME", help="only these photo sets of --real-dir [all]")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="passed to every `recon run`")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="passed to every `recon run`")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per stage subprocess (killed after)")
+    p.add_argument("--max-points", type=int, default=400_000, help="samples per surface in the evaluation")
+    p.add_argument("--reuse-runs", action="store_true", help="keep existing run folders (cached stages are not re-run)")
+    args = p.parse_args(argv)
+
+    scenes_dir, runs_dir = args.work / "scenes", args.work / "runs"
+    results: list[dict[str, Any]] = []
+    for shape in args.shapes:
+        print(f"== {shape}", flush=True)
+        try:
+            scene, render_s = render_or_reuse(scenes_dir, shape, args.views, args.width, args.height, args.seed)
+        except Exception as exc:  # noqa: BLE001
+            results.append({"scene": shape, "variants": {"refined": {"error": f"render failed: {exc}"}}})
+            continue
+        print(f"  scene {scene} ({'rendered in %.1f s' % render_s if render_s is not None else 'reused'})", flush=True)
+        res = bench_synthetic(scene, runs_dir / scene.name, args)
+        res["render_seconds"] = render_s
+        results.append(res)
+    if args.real:
+        if not args.real_dir.is_dir():
+            print(f"no photo sets in {args.real_dir}; --real skipped", flush=True)
+        else:
+            for root in sorted(d for d in args.real_dir.iterdir() if d.is_dir() and (args.real_sets is None or d.name in args.real_sets)):
+                print(f"== real: {root.name}", flush=True)
+                results.append(bench_real(root, runs_dir / f"real_{root.name}", args))
+
+    md = table(results)
+    print("\n" + md)
+    args.work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.work / "bench.json", {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "table": md})
+    print(f"\nwrote {args.work / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
