@@ -58,6 +58,8 @@ def test_settings_reach_the_stage(runner, tmp_path, monkeypatch):
                 (ctx.stage_dir / "model").mkdir()
             if name == "fuse":
                 (ctx.stage_dir / "mesh.ply").write_text("ply")
+            if name == "export":
+                (ctx.stage_dir / "mesh.glb").write_text("glb")
         return run
 
     for name, spec in list(stages.BY_NAME.items()):

@@ -45,6 +45,8 @@ class FakeStages:
                 write_json_atomic(ctx.stage_dir / "model" / "cameras.json", {"settings": str(upstream)})
             if name == "fuse":
                 write_json_atomic(ctx.stage_dir / "mesh.ply", {"mesh": True, "skipped": sorted(ctx.skipped)})
+            if name == "export":
+                write_json_atomic(ctx.stage_dir / "mesh.glb", {"glb": True})
             ctx.summary["views"] = len(VIEWS)
 
         return run
