@@ -135,7 +135,8 @@ def run(scene_dir, out, config_file, presets, overrides, verbose, no_progress, f
         _setup_logging(verbose, log_file)
         cfg = _config(ws, config_file, overrides, presets)
         result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip), show_progress=not no_progress)
-        _write_report(ws)
+        if any(st.status == "ran" for st in result.stages) or not ws.report_path.exists():
+            _write_report(ws)
         _print_summary(result)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
         _fail(exc, log_file)
