@@ -85,18 +85,19 @@ class DepthConfig:
     refine_hypotheses: int = setting(8, "mvs: hypotheses per pixel on each finer level: the upsampled estimate shifted to span ± refine_radius coarser steps.")
     refine_radius: float = setting(2.0, "mvs: half-width of the finer levels' search interval, in hypothesis steps of the coarser level.")
     edge_radius: int = setting(1, "mvs: finer levels also try the coarser estimate's local min and max depth over (2r+1)^2 coarser pixels, so depth edges can move (0 = off).")
+    propagation_shifts: tuple[int, ...] = setting((3, 8), "mvs: at full resolution each pixel also tries the smoothed estimate shifted by these pixel distances left/right/up/down (moves depth edges, fills weak texture).")
     polish_hypotheses: int = setting(5, "mvs: final full-resolution sweep of this many hypotheses at half the last step, for sub-hypothesis accuracy (0 = off).")
     polish_iterations: int = setting(1, "mvs: number of polish sweeps (each re-centres on the smoothed estimate and halves the step).")
     smooth_radius: int = setting(2, "mvs: the finer sweeps are centred on the previous estimate median-filtered over (2r+1)^2 pixels (coherent surfaces for the NCC windows; 0 = unfiltered).")
     offset_penalty: float = setting(0.05, "mvs: cost added at the ends of a finer sweep (quadratic in the offset), keeping weakly textured pixels near the smoothed estimate.")
     ncc_window: int = setting(5, "mvs: side of the square NCC window in pixels (odd).")
-    best_k: int = setting(3, "mvs: per pixel, the matching cost is the mean over the best_k best neighbours (occlusion-robust).")
+    best_k: int = setting(1, "mvs: per pixel, the matching cost is the mean over the best_k best neighbours (occlusion-robust).")
     cost_truncation: float = setting(2.0, "mvs: per-neighbour matching costs (1 - NCC, in [0, 2]) are clamped at this before the best_k mean, so occluded neighbours shift rather than bend the cost curve (2 = off).")
     min_ncc: float = setting(0.3, "mvs: pixels whose aggregated NCC is below this are invalid.")
     range_percentile: float = setting(2.0, "mvs: depth range of a view = [p, 100-p] percentiles of the depths of its sparse points, widened by range_margin.")
     range_margin: float = setting(0.25, "mvs: relative widening of the depth range (near / (1 + m), far · (1 + m)).")
     geometric_filter: bool = setting(True, "mvs: second pass that keeps only pixels whose depth agrees with at least geo_min_consistent neighbour maps.")
-    geo_neighbors: int = setting(10, "mvs: views checked by the geometric filter (most co-visible first, same angle rules as the matching neighbours).")
+    geo_neighbors: int = setting(6, "mvs: views checked by the geometric filter (most co-visible first, same angle rules as the matching neighbours).")
     geo_min_consistent: int = setting(1, "mvs: neighbour maps that must agree with a pixel (geometric filter).")
     geo_max_reproj_px: float = setting(1.0, "mvs: forward-backward reprojection error (pixels) below which a neighbour agrees.")
     geo_max_rel_depth: float = setting(0.01, "mvs: relative depth difference below which a neighbour agrees.")
@@ -152,17 +153,17 @@ def select_neighbors(scene: SfmScene, k: int, good_angle_deg: float, max_angle_d
     Score of ``j`` for reference ``i``: shared sparse points × min(1, θ / good_angle)
     where θ is the median triangulation angle of those points seen from the two
     camera centres; views sharing no point, or with θ > ``max_angle_deg``, are out.
+    Only the ``4k`` most co-visible views are scored (the angle weight is ≤ 1).
     """
     covis = scene.covisibility()
     centers = np.stack([v.center for v in scene.views]) if scene.views else np.zeros((0, 3))
     out = []
     for i, vi in enumerate(scene.views):
         scores = []
-        ids_i = vi.point_ids
-        for j, vj in enumerate(scene.views):
-            if j == i or covis[i, j] <= 0:
-                continue
-            shared = np.intersect1d(ids_i, vj.point_ids, assume_unique=True)
+        # Angles only for the most co-visible candidates (the angle weight is at most 1).
+        order = [j for j in np.argsort(-covis[i], kind="stable") if j != i and covis[i, j] > 0][: 4 * k]
+        for j in order:
+            shared = np.intersect1d(vi.point_ids, scene.views[j].point_ids, assume_unique=True)
             X = scene.points[shared]
             a = X - centers[i]
             b = X - centers[j]
@@ -170,7 +171,7 @@ def select_neighbors(scene: SfmScene, k: int, good_angle_deg: float, max_angle_d
             theta = float(np.degrees(np.median(np.arccos(np.clip(cos, -1.0, 1.0)))))
             if theta > max_angle_deg or theta <= 0:
                 continue
-            scores.append((len(shared) * min(1.0, theta / max(good_angle_deg, 1e-9)), j))
+            scores.append((len(shared) * min(1.0, theta / max(good_angle_deg, 1e-9)), int(j)))
         scores.sort(key=lambda s: (-s[0], s[1]))
         out.append([j for _, j in scores[:k]])
     return out
@@ -223,7 +224,7 @@ class _LRU:
 def load_image_tensor(view: View, size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """RGB (1, 3, h, w) float32 in [0, 1] at working size (width, height) = ``size``."""
     rgb = load_rgb(view.image_path)
-    t = torch.from_numpy(rgb).to(device=device, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+    t = torch.from_numpy(np.array(rgb, copy=True)).to(device=device, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
     return mvs.resize_image(t, size[1], size[0])
 
 
@@ -264,7 +265,7 @@ class MvsEstimator:
         self.images = _LRU(cfg.cache_images, lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
         self.settings = mvs.SweepSettings(
             num_hypotheses=cfg.num_hypotheses, levels=cfg.pyramid_levels, refine_hypotheses=cfg.refine_hypotheses,
-            refine_radius=cfg.refine_radius, edge_radius=cfg.edge_radius, polish_hypotheses=cfg.polish_hypotheses, polish_iterations=cfg.polish_iterations,
+            refine_radius=cfg.refine_radius, edge_radius=cfg.edge_radius, propagation_shifts=tuple(cfg.propagation_shifts), polish_hypotheses=cfg.polish_hypotheses, polish_iterations=cfg.polish_iterations,
             smooth_radius=cfg.smooth_radius, offset_penalty=cfg.offset_penalty, window=cfg.ncc_window, best_k=cfg.best_k, truncation=cfg.cost_truncation, min_ncc=cfg.min_ncc,
             chunk_pixels=max(1, cfg.chunk_pixels),
         )

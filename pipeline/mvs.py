@@ -14,12 +14,15 @@ One reference view against a few source (neighbour) views:
    robust to gain and offset changes between views), cost ``1 - NCC`` in
    [0, 2]; a hypothesis that lands outside a source image costs
    :data:`OUTSIDE_COST`. Costs of the ``best_k`` best neighbours per pixel
-   and hypothesis are averaged (occlusion-robust aggregation).
+   and hypothesis are averaged (occlusion-robust aggregation; ``best_k = 1``
+   keeps surfaces that only one neighbour sees, the geometric filter then
+   removes the chance matches).
 3. **Coarse to fine.** A full sweep, uniform in inverse depth, on the coarsest
-   pyramid level; each finer level sweeps a narrow per-pixel interval around
-   the upsampled estimate (widened to the 3x3 min/max so depth edges can move).
-   Winner-take-all plus a parabola fit on the cost curve gives sub-hypothesis
-   inverse depth.
+   pyramid level; each finer level sweeps a few offsets of the (median-
+   filtered, upsampled) estimate plus its local min and max, then spatial
+   propagation and polish sweeps at full resolution
+   (:func:`estimate_depth`). Winner-take-all plus a parabola fit on the cost
+   curve gives sub-hypothesis inverse depth.
 4. **Confidence** = clamp(NCC, 0, 1) x uniqueness, where uniqueness
    ``1 - c_best / c_second`` compares the coarse sweep's best cost with the
    best cost away from it (a peak-ratio measure).
@@ -354,6 +357,8 @@ class SweepSettings:
     refine_radius: float = 2.0
     edge_radius: int = 1
     """Finer levels also try the coarser estimate's local min and max (window 2r+1, coarser pixels): lets depth edges move."""
+    propagation_shifts: tuple[int, ...] = (3, 8)
+    """Full resolution: try the (smoothed) estimate shifted by each of these pixel distances in 4 directions."""
     polish_hypotheses: int = 5
     """Final sweep at full resolution around the (smoothed) result with half the last step (0 = none)."""
     polish_iterations: int = 1
@@ -363,7 +368,7 @@ class SweepSettings:
     offset_penalty: float = 0.05
     """Cost added at the ends of a finer sweep (quadratic in the offset): keeps weak texture near the centre."""
     window: int = 5
-    best_k: int = 3
+    best_k: int = 1
     truncation: float = OUTSIDE_COST
     """Per-neighbour costs are clamped here before aggregation (OUTSIDE_COST = no clamping)."""
     min_ncc: float = 0.3
@@ -425,6 +430,24 @@ def median_filter(x_hw: torch.Tensor, radius: int) -> torch.Tensor:
     return p.unfold(0, k, 1).unfold(1, k, 1).reshape(*x_hw.shape, k * k).median(-1).values
 
 
+def _shifted(x_hw: torch.Tensor, shift: int) -> list[torch.Tensor]:
+    """``x`` translated by ``shift`` pixels left, right, up and down (replicated borders)."""
+    p = F.pad(x_hw[None, None], (shift, shift, shift, shift), mode="replicate")[0, 0]
+    h, w = x_hw.shape
+    s2 = 2 * shift
+    return [p[shift : shift + h, s2 : s2 + w], p[shift : shift + h, 0:w], p[s2 : s2 + h, shift : shift + w], p[0:h, shift : shift + w]]
+
+
+def _try_candidates(ref: RefStats, sources: Sequence[Source], inv_hw: torch.Tensor, best_hw: torch.Tensor,
+                    candidates: Sequence[torch.Tensor], cfg: "SweepSettings") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel, replace the estimate by a candidate surface (H, W) that matches better."""
+    cand = torch.stack(list(candidates))
+    cost = sweep_cost(ref, sources, cand, cfg.best_k, cfg.chunk_pixels, cfg.truncation)
+    c_best, c_idx = cost.min(0)
+    switch = c_best < best_hw
+    return torch.where(switch, cand.gather(0, c_idx[None])[0], inv_hw), torch.where(switch, c_best, best_hw)
+
+
 def _min_max_pool(x_hw: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = x_hw[None, None]
     size = 2 * radius + 1
@@ -450,8 +473,13 @@ def estimate_depth(
     2. Each finer level: the upsampled estimate shifted by
        ``refine_hypotheses`` offsets spanning ± ``refine_radius`` coarser steps,
        plus two edge candidates (the coarser estimate's local min and max),
-       so a pixel on the wrong side of a depth edge can switch surfaces.
-    3. A polish sweep at full resolution with half the last step.
+       so a pixel on the wrong side of a depth edge can switch surfaces. The
+       sweeps are centred on the median-filtered estimate (coherent surfaces
+       for the NCC windows), with a small penalty on large offsets.
+    3. Spatial propagation at full resolution: the smoothed estimate shifted
+       by ``propagation_shifts`` pixels in four directions, kept per pixel where
+       it matches better (moves depth edges, fills weakly textured pixels).
+    4. Polish sweeps at full resolution, each with half the previous step.
 
     Args:
         ref_11hw: (1, 1, H, W) grayscale reference image in [0, 1] (working resolution).
@@ -488,16 +516,16 @@ def estimate_depth(
         centre = _upsample(median_filter(inv, cfg.smooth_radius), h, w, "bilinear")
         inv, best, _ = _offset_sweep(ref, sources, centre, new_step, n, cfg, cfg.offset_penalty)
         if candidates:
-            cand = torch.stack([_upsample(c, h, w, "bilinear") for c in candidates])
-            cand_cost = sweep_cost(ref, sources, cand, cfg.best_k, cfg.chunk_pixels, cfg.truncation)
-            c_best, c_idx = cand_cost.min(0)
-            switch = c_best < best
-            inv = torch.where(switch, cand.gather(0, c_idx[None])[0], inv)
-            best = torch.where(switch, c_best, best)
+            inv, best = _try_candidates(ref, sources, inv, best, [_upsample(c, h, w, "bilinear") for c in candidates], cfg)
         uniqueness = _upsample(uniqueness, h, w, "bilinear")
         step = new_step
 
-    # 3. polish at full resolution
+    # 2b. spatial propagation at full resolution: the estimate shifted by a few pixels
+    for shift in cfg.propagation_shifts:
+        smooth = median_filter(inv, cfg.smooth_radius)
+        inv, best = _try_candidates(ref, sources, inv, best, _shifted(smooth, shift), cfg)
+
+    # 4. polish at full resolution
     for _ in range(cfg.polish_iterations if cfg.polish_hypotheses >= 3 else 0):
         step = step / 2.0
         centre = median_filter(inv, cfg.smooth_radius)
