@@ -189,6 +189,18 @@ def image_edge_weights(image_bchw: torch.Tensor, alpha: float) -> tuple[torch.Te
     return torch.exp(-alpha * gx), torch.exp(-alpha * gy)
 
 
+def depth_edge_weights(depth_b1hw: torch.Tensor, w_x: torch.Tensor, w_y: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the pair weights across depth edges of ``depth`` (relative jump ``|Δd| / min(d) >= tol``).
+
+    Returns:
+        (w_x (B, 1, H, W−1), w_y (B, 1, H−1, W)) masked copies.
+    """
+    d = depth_b1hw
+    jump_x = (d[..., :, 1:] - d[..., :, :-1]).abs() / torch.minimum(d[..., :, 1:], d[..., :, :-1]).clamp(min=MIN_DEPTH)
+    jump_y = (d[..., 1:, :] - d[..., :-1, :]).abs() / torch.minimum(d[..., 1:, :], d[..., :-1, :]).clamp(min=MIN_DEPTH)
+    return w_x * (jump_x < tol).to(w_x.dtype), w_y * (jump_y < tol).to(w_y.dtype)
+
+
 def edge_smoothness_weights(
     valid_b1hw: torch.Tensor, scale_b1hw: torch.Tensor, w_x: torch.Tensor, w_y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

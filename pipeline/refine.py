@@ -85,6 +85,7 @@ class RefineConfig:
     occlusion_tol: float = setting(0.25, "Z-buffer test: a sample counts only if |Z_sel - sampled2| / (Z_sel + 1e-6) < occlusion_tol.")
     occlusion_tol_behind: float = setting(0.05, "One-sided z-buffer test: a sample lying behind the neighbour's surface by more than this relative depth is occluded there and dropped (in front = a real conflict, kept up to occlusion_tol).")
     edge_alpha: float = setting(10.0, "Edge sensitivity α of the smoothness weights exp(-α |∇I|) (image in [0, 1]; 0 = uniform).")
+    smooth_depth_edge: float = setting(0.0, "L_edge and L_surf ignore pixel pairs whose initial depths differ by more than this relative amount (a depth edge in the input; 0 = off).")
     use_confidence: bool = setting(True, "Weight L_mv samples by the depth maps' confidence (source × neighbour).")
     lr_final_ratio: float = setting(0.1, "Cosine learning-rate decay: the last step uses lr × lr_final_ratio (1 = constant).")
     max_anchor_points: int = setting(4096, "At most this many sparse points per view for L_anchor (random subset, seeded).")
@@ -350,6 +351,8 @@ def _prepare(views: Sequence[View], init: Sequence[DepthMap], points: np.ndarray
         sl = slice(start, stop)
         d0, ok, cf = t(depth[sl]), t(valid[sl], torch.bool), t(conf[sl])
         w_x, w_y = losses.image_edge_weights(t(gray[sl]), cfg.edge_alpha)
+        if cfg.smooth_depth_edge > 0:
+            w_x, w_y = losses.depth_edge_weights(d0, w_x, w_y, cfg.smooth_depth_edge)
         flat_valid = valid[sl].reshape(stop - start, -1)
         counts = flat_valid.sum(1)
         pix_index = np.zeros((stop - start, max(1, int(counts.max()))), np.int64)

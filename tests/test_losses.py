@@ -271,3 +271,11 @@ def test_magnitude_loss_gradcheck():
     dz = torch.tensor([[[[0.3, -0.2], [0.1, -0.05]]]], dtype=torch.float64, requires_grad=True)
     d0 = torch.tensor([[[[1.0, 2.0], [0.5, 3.0]]]], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: losses.magnitude_loss(t, d0, d0 > 0), (dz,))
+
+
+def test_depth_edge_weights_cut_pairs_across_depth_jumps():
+    depth = torch.tensor([[[[1.0, 1.005, 1.5], [1.0, 1.0, 1.0]]]])
+    w_x, w_y = torch.ones(1, 1, 2, 2), torch.ones(1, 1, 1, 3)
+    m_x, m_y = losses.depth_edge_weights(depth, w_x, w_y, 0.02)
+    assert m_x[0, 0].tolist() == [[1.0, 0.0], [1.0, 1.0]]  # 0.5 % kept, 49 % jump cut
+    assert m_y[0, 0].tolist() == [[1.0, 1.0, 0.0]]
