@@ -15,7 +15,7 @@ engineer's, so this measures the depth stage alone — writing the maps to
 
 * time per view (wall and CPU seconds of pass 1, the estimation, averaged over
   the views; the geometric filter pass separately) and the peak RSS of that
-  subprocess (``ru_maxrss``, imports included). Other work on the machine
+  subprocess (``VmHWM``, imports included). Other work on the machine
   inflates wall time; CPU time is the steadier number.
 * depth error of the final (filtered) and raw maps against GT depth over their
   valid pixels (:func:`pipeline.evaluate.depth_metrics`: AbsRel, δ<1.01,
@@ -73,6 +73,22 @@ def parse_overrides(items: list[str]):
     return cfg.depth
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB.
+
+    ``VmHWM`` from ``/proc/self/status`` where available: unlike ``ru_maxrss``,
+    which Linux carries over ``fork`` + ``exec`` (a worker would report its
+    parent's peak when that is larger), it starts afresh at ``exec``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(scene_dir: Path, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Depth maps of one scene in this process; JSON-able timings and memory."""
     from pipeline.depth import compute_depth_maps
@@ -91,7 +107,7 @@ def worker(scene_dir: Path, out_dir: Path, overrides: list[str]) -> dict[str, An
         "cpu_seconds_per_view": float(np.mean(result.cpu_seconds)),
         "seconds_per_view_max": float(np.max(result.seconds)),
         "filter_seconds": round(result.filter_seconds, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "views": len(result.written),
         "failed": result.failed,
         "torch_threads": __import__("torch").get_num_threads(),

@@ -227,13 +227,13 @@ def test_mvs_depth_matches_ground_truth(scene_dir, scene, mvs_run):
     assert sorted(result.written) == sorted(v.name for v in scene.views) and not result.failed
     final = _depth_errors(scene_dir, scene, ws.depth_view)
     raw = _depth_errors(scene_dir, scene, lambda n: raw_depth_path(ws, n))
-    # Thresholds measured on this scene with margin (see the report): filtered maps are accurate,
-    # raw maps cover more.
-    assert np.median(final[:, 0]) < 0.004
-    assert final[:, 1].mean() > 0.80 and final[:, 2].mean() > 0.93
-    assert final[:, 3].mean() > 0.15
-    assert np.median(raw[:, 0]) < 0.03 and raw[:, 3].mean() > 0.45
-    assert raw[:, 3].mean() > final[:, 3].mean()
+    # Measured on this scene (defaults, CPU): final maps median AbsRel 0.0012, δ<1 % 0.95 (worst view 0.91),
+    # δ<5 % 0.99, valid 0.55; raw maps AbsRel 0.004, valid 0.92. Asserted with margin.
+    assert np.median(final[:, 0]) < 0.003
+    assert final[:, 1].mean() > 0.85 and final[:, 1].min() > 0.75 and final[:, 2].mean() > 0.95
+    assert final[:, 3].mean() > 0.4
+    assert np.median(raw[:, 0]) < 0.01 and raw[:, 3].mean() > 0.8
+    assert raw[:, 3].mean() > final[:, 3].mean() and final[:, 1].mean() > raw[:, 1].mean()  # the filter trades coverage for accuracy
 
 
 def test_mvs_cache_contents(scene, mvs_run):
@@ -392,6 +392,7 @@ class _WrongShape(torch.nn.Module):
         return image[:, :2]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torchscript_estimator(scene_dir, scene, tmp_path):
     ws = _prior_ws(scene_dir, tmp_path)
     model = tmp_path / "toy.pt"
@@ -407,6 +408,7 @@ def test_torchscript_estimator(scene_dir, scene, tmp_path):
     assert dm.stats["anchoring"]["applied"] and dm.stats["source"] == str(model)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torchscript_errors(scene_dir, scene, tmp_path, caplog):
     ws = _prior_ws(scene_dir, tmp_path)
     with pytest.raises(ReconError, match="TorchScript model not found"):
