@@ -38,6 +38,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,10 +254,26 @@ class Estimator(Protocol):
         ...
 
 
+def check_mvs_config(cfg: DepthConfig) -> None:
+    """Reject mvs settings that cannot work, with a one-line message naming the setting."""
+    problems = []
+    if cfg.ncc_window < 3 or cfg.ncc_window % 2 == 0:
+        problems.append(f"depth.ncc_window must be odd and >= 3 (got {cfg.ncc_window})")
+    for key, minimum in (("num_neighbors", 1), ("best_k", 1), ("num_hypotheses", 3), ("pyramid_levels", 1), ("refine_hypotheses", 2),
+                         ("max_image_side", 16), ("geo_neighbors", 1)):
+        if getattr(cfg, key) < minimum:
+            problems.append(f"depth.{key} must be >= {minimum} (got {getattr(cfg, key)})")
+    if any(int(s) < 1 for s in cfg.propagation_shifts):
+        problems.append(f"depth.propagation_shifts must be positive pixel distances (got {tuple(cfg.propagation_shifts)})")
+    if problems:
+        raise ReconError("; ".join(problems))
+
+
 class MvsEstimator:
     """Plane-sweep stereo against co-visible neighbours (:func:`pipeline.mvs.estimate_depth`)."""
 
     def __init__(self, scene: SfmScene, cfg: DepthConfig, device: torch.device):
+        check_mvs_config(cfg)
         self.scene = scene
         self.cfg = cfg
         self.device = device
@@ -378,7 +395,9 @@ class TorchScriptEstimator:
         if not cfg.torchscript_path or not path.is_file():
             raise ReconError(f"{path if cfg.torchscript_path else '(empty)'}: TorchScript model not found; set depth.torchscript_path to a model file")
         try:
-            self.model = torch.jit.load(str(path), map_location=device).eval()
+            with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it is what this estimator reads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(path), map_location=device).eval()
         except (RuntimeError, ValueError) as exc:
             raise ReconError(f"{path}: not a TorchScript model ({str(exc).splitlines()[0]}); export one with torch.jit.script/trace and save()") from exc
         self.path = path

@@ -101,6 +101,12 @@ def test_winner_take_all_parabola_is_exact_on_a_parabola(device):
     assert torch.equal(mvs.winner_take_all(edge)[0], torch.zeros(2, 3, device=device))
 
 
+def test_bad_mvs_settings_are_reported(scene, tmp_path):
+    ws = Workspace(scene_dir=tmp_path, out_dir=tmp_path / "out")
+    with pytest.raises(ReconError, match=r"depth.ncc_window must be odd.*depth.best_k must be >= 1"):
+        compute_depth_maps(scene, ws, DepthConfig(ncc_window=4, best_k=0))
+
+
 def test_working_size():
     assert working_size(480, 360, 640) == (480, 360)
     assert working_size(4000, 3000, 640) == (640, 480)
