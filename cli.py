@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made the
+# depth stage 5-8x slower (bench/bench_depth.py). Set before torch is imported; a user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import logging
 import sys
 import traceback

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py: no busy-waiting OpenMP threads
+
 import pytest
 import torch
 
