@@ -44,33 +44,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.synth import render_or_reuse
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def render_or_reuse(scenes_dir: Path, shape: str, views: int, width: int, height: int, seed: int) -> Path:
-    """The rendered scene folder; rendered now unless one with these parameters exists."""
-    from pipeline.synth import render_scene
-
-    scene = scenes_dir / f"{shape}_{views}v_{width}x{height}_s{seed}"
-    info = scene / "gt" / "scene.json"
-    if info.is_file():
-        meta = json.loads(info.read_text())
-        cams = json.loads((scene / "gt" / "cameras.json").read_text())
-        if meta.get("n_views") == views and cams.get("width") == width and cams.get("height") == height and meta.get("seed") == seed:
-            return scene
-    render_scene(scene, shape=shape, n_views=views, width=width, height=height, seed=seed, rings=2)
-    return scene
-
-
 def parse_overrides(items: list[str]):
-    """``key=value`` strings → a DepthConfig (values parsed as YAML, checked against the declared types)."""
-    from pipeline.config import ReconConfig, parse_override, set_value
+    """``key=value`` strings (section ``depth.`` optional) → the depth settings, type-checked like ``--set``."""
+    from pipeline.config import load_config
 
-    cfg = ReconConfig()
-    for item in items:
-        key, value = parse_override(item if item.startswith("depth.") else f"depth.{item}")
-        set_value(cfg, key, value)
-    return cfg.depth
+    return load_config(overrides=[i if i.startswith("depth.") else f"depth.{i}" for i in items]).depth
 
 
 def peak_rss_mib() -> float:
@@ -213,7 +196,7 @@ def main() -> None:
         p.error(f"unknown shape(s) {bad}; shapes: {', '.join(SHAPES)}")
     rows: list[dict[str, Any]] = []
     for shape in args.shapes:
-        scene = render_or_reuse(args.work / "scenes", shape, args.views, args.width, args.height, args.seed)
+        scene, _ = render_or_reuse(args.work / "scenes", shape, n_views=args.views, width=args.width, height=args.height, seed=args.seed)
         out_dir = args.work / "depth" / scene.name
         shutil.rmtree(out_dir, ignore_errors=True)  # time every view
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(scene), str(out_dir)]

@@ -34,33 +34,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.synth import render_or_reuse
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def render_or_reuse(scenes_dir: Path, shape: str, views: int, width: int, height: int, seed: int) -> Path:
-    """The rendered scene folder; rendered now unless one with these parameters exists."""
-    from pipeline.synth import render_scene
-
-    scene = scenes_dir / f"{shape}_{views}v_{width}x{height}_s{seed}"
-    info = scene / "gt" / "scene.json"
-    if info.is_file():
-        meta = json.loads(info.read_text())
-        cams = json.loads((scene / "gt" / "cameras.json").read_text())
-        if meta.get("n_views") == views and cams.get("width") == width and cams.get("height") == height and meta.get("seed") == seed:
-            return scene
-    render_scene(scene, shape=shape, n_views=views, width=width, height=height, seed=seed, rings=2)
-    return scene
-
-
 def parse_overrides(items: list[str]):
-    """``key=value`` strings → a FuseConfig (values parsed as YAML, checked against the declared types)."""
-    from pipeline.config import ReconConfig, parse_override, set_value
+    """``key=value`` strings (section ``fuse.`` optional) → the fuse settings, type-checked like ``--set``."""
+    from pipeline.config import load_config
 
-    cfg = ReconConfig()
-    for item in items:
-        key, value = parse_override(item if item.startswith("fuse.") else f"fuse.{item}")
-        set_value(cfg, key, value)
-    return cfg.fuse
+    return load_config(overrides=[i if i.startswith("fuse.") else f"fuse.{i}" for i in items]).fuse
 
 
 def worker(scene: Path, mesh_path: Path, device: str, overrides: list[str]) -> dict[str, Any]:
@@ -125,7 +108,7 @@ def main() -> None:
         p.error(f"unknown shape(s) {bad}; shapes: {', '.join(SHAPES)}")
     rows: list[dict[str, Any]] = []
     for shape in args.shapes:
-        scene = render_or_reuse(args.work / "scenes", shape, args.views, args.width, args.height, args.seed)
+        scene, _ = render_or_reuse(args.work / "scenes", shape, n_views=args.views, width=args.width, height=args.height, seed=args.seed)
         mesh_path = args.work / "fuse" / scene.name / "mesh.ply"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(scene), str(mesh_path), "--device", args.device]
         cmd += [a for s in args.set for a in ("--set", s)]

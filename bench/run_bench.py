@@ -208,21 +208,13 @@ def gt_depth_upper_bound(scene_dir: Path, mesh_path: Path, fuse_cfg: Any) -> dic
 
 # ---- one scene ------------------------------------------------------------------------------
 
-def render_or_reuse(scenes_dir: Path, shape: str, views: int, width: int, height: int, seed: int) -> tuple[Path, float | None]:
-    """The rendered scene folder (rendered now unless a folder with the same parameters exists) and the render time."""
-    from pipeline.synth import render_scene
+def render_timed(scenes_dir: Path, shape: str, views: int, width: int, height: int, seed: int) -> tuple[Path, float | None]:
+    """The rendered scene folder (see :func:`pipeline.synth.render_or_reuse`) and its render time (None: reused)."""
+    from pipeline.synth import render_or_reuse
 
-    scene = scenes_dir / f"{shape}_{views}v_{width}x{height}_s{seed}"
-    info_path = scene / "gt" / "scene.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        cams = json.loads((scene / "gt" / "cameras.json").read_text())
-        if info.get("n_views") == views and cams.get("width") == width and cams.get("height") == height and info.get("seed") == seed:
-            return scene, None
-        shutil.rmtree(scene)
     started = time.perf_counter()
-    render_scene(scene, shape=shape, n_views=views, width=width, height=height, seed=seed, rings=2)
-    return scene, round(time.perf_counter() - started, 2)
+    scene, rendered = render_or_reuse(scenes_dir, shape, n_views=views, width=width, height=height, seed=seed)
+    return scene, round(time.perf_counter() - started, 2) if rendered else None
 
 
 def score(out: Path, gt: Path, *, align: bool = True, cameras: Path | None = None, max_points: int) -> dict[str, Any]:
@@ -402,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes:
         print(f"== {shape}", flush=True)
         try:
-            scene, render_s = render_or_reuse(scenes_dir, shape, args.views, args.width, args.height, args.seed)
+            scene, render_s = render_timed(scenes_dir, shape, args.views, args.width, args.height, args.seed)
         except Exception as exc:  # noqa: BLE001
             results.append({"scene": shape, "variants": {"refined": {"error": f"render failed: {exc}"}}})
             continue

@@ -688,3 +688,19 @@ def load_ground_truth(gt_dir: Path) -> GroundTruth:
                        object_bbox_min=np.asarray(info["object_bbox_min"], np.float64),
                        object_bbox_max=np.asarray(info["object_bbox_max"], np.float64),
                        scale=float(info["scale"]), root=gt_dir)
+
+
+def render_or_reuse(scenes_dir: Path, shape: str, *, n_views: int, width: int, height: int, seed: int = 0) -> tuple[Path, bool]:
+    """``scenes_dir/<shape>_<views>v_<W>x<H>_s<seed>``, rendered unless a scene with these parameters is there.
+
+    Returns (scene folder, whether it was rendered now). Used by the benchmarks.
+    """
+    scene = Path(scenes_dir) / f"{shape}_{n_views}v_{width}x{height}_s{seed}"
+    info = scene / "gt" / "scene.json"
+    if info.is_file():
+        meta = json.loads(info.read_text())
+        cams = json.loads((scene / "gt" / "cameras.json").read_text())
+        if meta.get("n_views") == n_views and (cams.get("width"), cams.get("height")) == (width, height) and meta.get("seed") == seed:
+            return scene, False
+    render_scene(scene, shape=shape, n_views=n_views, width=width, height=height, seed=seed, rings=2)
+    return scene, True
