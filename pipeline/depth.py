@@ -511,23 +511,32 @@ class DepthRunResult:
         }
 
 
-def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar: BarFactory = _no_bar,
-                       log: logging.Logger = logger) -> DepthRunResult:
-    """Estimate, anchor (and filter) a depth map per view of ``scene``; writes ``ws.depth_view`` files.
+def uses_two_passes(cfg: DepthConfig) -> bool:
+    """True when pass 1 writes raw maps that the geometric filter (pass 2) turns into the final ones."""
+    return cfg.geometric_filter and cfg.estimator == DepthEstimator.mvs
 
-    Views whose file exists are skipped (per pass). Raises ReconError when no view gets a map.
+
+def first_pass_path(ws: Workspace, cfg: DepthConfig, image_name: str) -> Path:
+    """Where pass 1 writes the map of ``image_name`` (raw map when a filter pass follows, else the final map)."""
+    return raw_depth_path(ws, image_name) if uses_two_passes(cfg) else ws.depth_view(image_name)
+
+
+def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, indices: list[int] | None = None, *,
+                   bar: BarFactory = _no_bar, log: logging.Logger = logger) -> DepthRunResult:
+    """Pass 1 for the views ``indices`` of ``scene`` (all when None): estimate and anchor, one file per view.
+
+    Views whose pass-1 file exists are skipped, so this is resumable and can be
+    split over workers (e.g. Ray tasks) sharing the workspace: every view's file
+    depends only on the scene, the inputs and ``cfg``, never on which worker made it.
+    Only ``seconds``/``cpu_seconds``/``failed`` of the result are filled.
     """
-    if not scene.views:
-        raise ReconError("the SfM model has no registered views; nothing to estimate depth for")
     device = default_device(cfg.device)
-    two_pass = cfg.geometric_filter and cfg.estimator == DepthEstimator.mvs
-    first_path = (lambda name: raw_depth_path(ws, name)) if two_pass else ws.depth_view
+    wanted = range(len(scene.views)) if indices is None else indices
     result = DepthRunResult(written=[], failed={}, seconds=[], cpu_seconds=[])
-
-    todo = [i for i, v in enumerate(scene.views) if not first_path(v.name).exists()]
+    todo = [i for i in wanted if not first_pass_path(ws, cfg, scene.views[i].name).exists()]
     estimator = make_estimator(scene, ws, cfg, device) if todo else None
-    with bar(desc="depth maps", total=len(scene.views), unit="view") as pbar:
-        pbar.update(len(scene.views) - len(todo))
+    with bar(desc="depth maps", total=len(wanted), unit="view") as pbar:
+        pbar.update(len(wanted) - len(todo))
         for i in todo:
             view = scene.views[i]
             t0, c0 = time.perf_counter(), time.process_time()
@@ -550,12 +559,27 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar:
                 **est.stats,
             }
             confidence = np.where(valid, est.confidence, 0.0).astype(np.float32)
-            save_depth_map(first_path(view.name), DepthMap(name=view.name, depth=depth, confidence=confidence, valid=valid,
-                                                           K=est.K, cam_from_world=view.cam_from_world, stats=stats))
+            save_depth_map(first_pass_path(ws, cfg, view.name),
+                           DepthMap(name=view.name, depth=depth, confidence=confidence, valid=valid,
+                                    K=est.K, cam_from_world=view.cam_from_world, stats=stats))
             result.seconds.append(seconds)
             result.cpu_seconds.append(cpu)
             pbar.set_postfix(valid=f"{valid.mean():.2f}", s_per_view=f"{np.mean(result.seconds):.2f}", scale=f"{anchor_stats.get('scale', 1.0):.3f}")
             pbar.update(1)
+    return result
+
+
+def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar: BarFactory = _no_bar,
+                       log: logging.Logger = logger) -> DepthRunResult:
+    """Estimate, anchor (and filter) a depth map per view of ``scene``; writes ``ws.depth_view`` files.
+
+    Views whose file exists are skipped (per pass). Raises ReconError when no view gets a map.
+    """
+    if not scene.views:
+        raise ReconError("the SfM model has no registered views; nothing to estimate depth for")
+    device = default_device(cfg.device)
+    two_pass = uses_two_passes(cfg)
+    result = estimate_views(scene, ws, cfg, bar=bar, log=log)
 
     if two_pass:
         t0 = time.perf_counter()
