@@ -1,8 +1,13 @@
 """Benchmark: render scenes, run recon on them, score the meshes against ground truth.
 
-    python bench/run_bench.py                       # blob, thin, knot: 24 views 480x360 on two rings
-    python bench/run_bench.py --shapes blob --views 12 --width 320 --height 240
+    python bench/run_bench.py                       # blob, thin, knot + spot, bob (textured models): 24 views 480x360
     python bench/run_bench.py --real                # also the photo sets in /work/shared/data/real (no GT)
+    python bench/run_bench.py --quick --real-sets templeSparseRing   # smoke run: one small scene, reduced settings
+    python bench/run_bench.py --shapes blob --models --views 12 --width 320 --height 240
+
+Rendered scenes: the procedural shapes of :data:`pipeline.synth.SHAPES` and the
+textured models in ``--models-dir`` (``spot``, ``bob``: their OBJ rendered by
+:func:`pipeline.synth.render_scene` with ``object_mesh``), each with GT.
 
 For each rendered scene (``WORK/scenes/<shape>_<views>v_<w>x<h>``, reused when
 already rendered with the same parameters) the driver runs, each stage as its
@@ -13,18 +18,24 @@ from the cache), so every stage gets its own wall time and peak RSS:
 * ``norefine`` — ``--skip refine``; its ``sfm``/``depth`` caches (stage folders,
   ``sparse/`` and their manifest entries) are *copied from the full run*, so
   both variants fuse the very same initial depth maps and only fuse/export run;
-* ``floor``    — the sparse SfM points meshed with Open3D screened Poisson
-  (normals from 30 nearest neighbours, oriented towards the cameras that see
-  each point, low-density vertices trimmed): what SfM alone gives;
+* ``floor``    — the sparse SfM points meshed with COLMAP's screened Poisson
+  (``pycolmap.poisson_meshing``; normals from 30 nearest neighbours, oriented
+  towards the cameras that see each point): what SfM alone gives;
 * ``gt-depth`` — the ground-truth depth maps fused in-process by the fuse stage's
   own code (``pipeline.fuse.fuse_ground_truth``, same settings as the runs;
   skipped with a note when it does not exist): the upper bound of SPEC.md.
 
+Real photo sets (``--real``; no GT): stage times, peak RSS, registered images
+and mesh size. A set whose photos carry no focal length in EXIF but that ships
+ground-truth intrinsics (``gt_colmap_text/cameras.txt``, e.g. fountain-P11) is
+copied with the EXIF tag ``FocalLengthIn35mmFilm`` written from them, so COLMAP
+starts from the right focal length (it still refines it).
+
 Every mesh is scored with :func:`pipeline.evaluate.evaluate_reconstruction`
 (alignment from the cameras; the gt-depth mesh is built in the GT frame).
 Stage times come from ``OUT/manifest.json`` (``seconds``, the stage's own time);
-peak RSS is the subprocess's ``ru_maxrss`` from ``os.wait4`` (the process and
-the children it waited for). A failing step leaves an error in its row and the
+peak RSS is the subprocess's ``VmHWM`` (``/proc/PID/status``, polled every
+0.1 s; see :func:`_poll_peak_rss` for why not ``ru_maxrss``). A failing step leaves an error in its row and the
 rest carries on. Prints one markdown table and writes ``WORK/bench.json``.
 """
 
@@ -62,8 +73,29 @@ def recon_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
+def _poll_peak_rss(pid: int, stop: threading.Event, peak_kib: list[int], interval_s: float = 0.1) -> None:
+    """Keep ``peak_kib[0]`` at the largest ``VmHWM`` of ``/proc/PID/status`` seen until ``stop``.
+
+    ``ru_maxrss`` from ``wait4`` is not used: Linux carries the parent's RSS at
+    fork time into the child's maximum at ``exec``, so every stage would
+    report at least this driver's own memory. ``VmHWM`` belongs to the exec'd
+    image alone (a peak in the last ``interval_s`` before exit can be missed).
+    """
+    path = f"/proc/{pid}/status"
+    while not stop.is_set():
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        peak_kib[0] = max(peak_kib[0], int(line.split()[1]))
+                        break
+        except (OSError, ValueError):
+            return
+        stop.wait(interval_s)
+
+
 def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None) -> dict[str, Any]:
-    """Run ``cmd``; return rc, wall seconds, peak RSS (MiB, from ``os.wait4``) and the last error line."""
+    """Run ``cmd``; return rc, wall seconds, peak RSS (MiB, the process's ``VmHWM``) and the last error line."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     import subprocess
@@ -81,15 +113,21 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None) -> dic
                     pass
             timer = threading.Timer(timeout_s, _kill)
             timer.start()
+        peak_kib = [0]
+        stop = threading.Event()
+        poller = threading.Thread(target=_poll_peak_rss, args=(proc.pid, stop, peak_kib), daemon=True)
+        poller.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, _ = os.wait4(proc.pid, 0)
         finally:
+            stop.set()
+            poller.join()
             if timer is not None:
                 timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     out: dict[str, Any] = {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2),
-                           "peak_rss_mib": round(usage.ru_maxrss / 1024.0, 1), "log": str(log_path)}
+                           "peak_rss_mib": round(peak_kib[0] / 1024.0, 1), "log": str(log_path)}
     if timed_out.is_set():
         out["error"] = f"timed out after {timeout_s:.0f} s"
     elif proc.returncode != 0:
@@ -153,9 +191,15 @@ def seed_norefine(full: Path, norefine: Path) -> None:
 
 # ---- baselines ----------------------------------------------------------------------------
 
-def sparse_poisson_floor(out: Path, mesh_path: Path, *, depth: int = 8, trim_quantile: float = 0.1) -> dict[str, Any]:
-    """Mesh the sfm stage's sparse points (normalized frame) with Open3D screened Poisson; write ``mesh_path``."""
+def sparse_poisson_floor(out: Path, mesh_path: Path, *, depth: int = 8, trim: float = 2.0) -> dict[str, Any]:
+    """Mesh the sfm stage's sparse points (normalized frame) with COLMAP's screened Poisson; write ``mesh_path``.
+
+    Normals: PCA over 30 neighbours, flipped towards the cameras that see the
+    point. ``pycolmap.poisson_meshing`` (octree ``depth``, density ``trim``)
+    meshes the oriented points.
+    """
     import open3d as o3d
+    import pycolmap
 
     from pipeline.io import load_sfm_scene
     from pipeline.workspace import Workspace
@@ -174,13 +218,20 @@ def sparse_poisson_floor(out: Path, mesh_path: Path, *, depth: int = 8, trim_qua
     normals = np.asarray(pcd.normals)
     normals *= np.where(np.sum(normals * toward, axis=1, keepdims=True) < 0, -1.0, 1.0)
     pcd.normals = o3d.utility.Vector3dVector(normals)
-    mesh, density = o3d.geometry.TriangleMesh.create_from_point_cloud_poisson(pcd, depth=depth)
-    density = np.asarray(density)
-    mesh.remove_vertices_by_mask(density < np.quantile(density, trim_quantile))
     mesh_path.parent.mkdir(parents=True, exist_ok=True)
-    o3d.io.write_triangle_mesh(str(mesh_path), mesh)
-    return {"points": int(len(points)), "depth": depth, "trim_quantile": trim_quantile, "triangles": int(len(mesh.triangles)),
-            "seconds": round(time.perf_counter() - started, 2)}
+    oriented = mesh_path.with_name("sparse_oriented.ply")
+    o3d.io.write_point_cloud(str(oriented), pcd)
+    options = pycolmap.PoissonMeshingOptions()
+    options.depth = depth
+    options.trim = trim
+    options.num_threads = -1
+    options.color = False
+    pycolmap.poisson_meshing(oriented, mesh_path, options)
+    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
+    if len(mesh.triangles) == 0:
+        raise ReconError(f"pycolmap.poisson_meshing wrote no triangles from {len(points)} points")
+    return {"points": int(len(points)), "method": "pycolmap.poisson_meshing", "depth": depth, "trim": trim,
+            "triangles": int(len(mesh.triangles)), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def gt_depth_upper_bound(scene_dir: Path, mesh_path: Path, fuse_cfg: Any) -> dict[str, Any]:
@@ -278,6 +329,72 @@ def bench_synthetic(scene: Path, runs: Path, args: argparse.Namespace) -> dict[s
     return res
 
 
+MODEL_FILES: dict[str, str] = {"spot": "spot/spot_triangulated.obj", "bob": "bob/bob_tri.obj"}
+"""Textured models of ``--models-dir`` rendered as objects (OBJ, +y up)."""
+
+
+def render_model_timed(scenes_dir: Path, name: str, models_dir: Path, views: int, width: int, height: int, seed: int) -> tuple[Path, float | None]:
+    """``scenes_dir/model-<name>_<views>v_<W>x<H>_s<seed>`` rendered from the model's OBJ (reused when the parameters match)."""
+    from pipeline.synth import render_scene
+
+    obj = models_dir / MODEL_FILES[name]
+    if not obj.is_file():
+        raise ReconError(f"{obj}: model file not found")
+    scene = scenes_dir / f"model-{name}_{views}v_{width}x{height}_s{seed}"
+    info = scene / "gt" / "scene.json"
+    if info.is_file():
+        meta = json.loads(info.read_text())
+        cams = json.loads((scene / "gt" / "cameras.json").read_text())
+        if (meta.get("n_views"), meta.get("seed"), meta.get("object_mesh")) == (views, seed, str(obj)) and (cams.get("width"), cams.get("height")) == (width, height):
+            return scene, None
+    started = time.perf_counter()
+    render_scene(scene, n_views=views, width=width, height=height, seed=seed, object_mesh=obj, rings=2)
+    return scene, round(time.perf_counter() - started, 2)
+
+
+def gt_focal_px(root: Path) -> tuple[float, int, int] | None:
+    """(focal px, width, height) of a photo set's single GT camera (``gt_colmap_text/cameras.txt``), else None."""
+    cams = root / "gt_colmap_text" / "cameras.txt"
+    if not cams.is_file():
+        return None
+    rows = [ln.split() for ln in cams.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if len(rows) != 1 or rows[0][1] not in ("PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"):
+        return None
+    w, h = int(rows[0][2]), int(rows[0][3])
+    params = [float(x) for x in rows[0][4:]]
+    f = 0.5 * (params[0] + params[1]) if rows[0][1] in ("PINHOLE", "OPENCV") else params[0]
+    return f, w, h
+
+
+def has_exif_focal(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        ifd = im.getexif().get_ifd(0x8769)
+    return bool(ifd.get(0x920A) or ifd.get(0xA405))
+
+
+def with_focal_exif(images: Path, dest: Path, focal_px: float, width: int, height: int) -> Path:
+    """Copy the photos of ``images`` to ``dest/images`` with EXIF FocalLengthIn35mmFilm = focal·35 / max(w, h)
+    (COLMAP's prior: focal = f35 / 35 · max side), re-encoded at JPEG quality 95; reused when already there."""
+    from PIL import Image
+
+    out = dest / "images"
+    files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    f35 = int(round(focal_px * 35.0 / max(width, height)))
+    marker = out / f".focal35_{f35}"
+    if marker.exists() and len(list(out.glob("*.jpg"))) == len(files):
+        return dest
+    out.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        with Image.open(p) as im:
+            exif = im.getexif()
+            exif.get_ifd(0x8769)[0xA405] = f35
+            im.convert("RGB").save(out / (p.stem + ".jpg"), format="JPEG", quality=95, exif=exif)
+    marker.touch()
+    return dest
+
+
 def find_image_folder(root: Path) -> Path | None:
     """The folder to pass to ``recon run``: ``root`` when it holds images/ or photos, else the first subfolder with 3+ photos."""
     def n_images(d: Path) -> int:
@@ -293,12 +410,18 @@ def find_image_folder(root: Path) -> Path | None:
 
 def bench_real(root: Path, runs: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``recon run`` on a photo set without GT: stage times, peak RSS, registration, mesh size."""
-    extra = [a for s in args.set for a in ("--set", s)] + [a for c in args.config for a in ("--config", c)]
+    sets = list(args.set) + list(args.real_set)
+    extra = [a for s in sets for a in ("--set", s)] + [a for c in args.config for a in ("--config", c)]
     scene = find_image_folder(root)
-    res: dict[str, Any] = {"scene": root.name, "real": True}
+    res: dict[str, Any] = {"scene": root.name, "real": True, "settings": sets}
     if scene is None:
         res["error"] = "no folder with 3 or more photos"
         return res
+    photos = sorted(p for p in (scene / "images" if (scene / "images").is_dir() else scene).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    focal = gt_focal_px(root)
+    if focal is not None and photos and not has_exif_focal(photos[0]):
+        scene = with_focal_exif(photos[0].parent, runs / "input", *focal)
+        res["focal_prior_px"] = round(focal[0], 2)
     out = runs / "full"
     if not args.reuse_runs:
         shutil.rmtree(out, ignore_errors=True)
@@ -369,34 +492,73 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of the peak RSS (MiB) of each stage's own ``recon run --until STAGE`` subprocess."""
+    head = ["scene", "run", *(f"{s} MiB" for s in STAGE_NAMES)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        runs = [("real (no GT)", r.get("runs", []))] if r.get("real") else [
+            (name, r.get("variants", {}).get(name, {}).get("runs", [])) for name in ("refined", "initial")]
+        for name, recs in runs:
+            by_stage = {x["stage"]: x["peak_rss_mib"] for x in recs if x.get("rc") == 0}
+            if by_stage:
+                lines.append("| " + " | ".join([r["scene"], name, *(_f(by_stage.get(s), "{:.0f}") for s in STAGE_NAMES)]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.synth import SHAPES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, runs/, bench.json) [bench/results]")
-    p.add_argument("--shapes", nargs="*", default=list(SHAPES[:3]), choices=SHAPES, help="rendered shapes [%(default)s]; none: only --real")
-    p.add_argument("--views", type=int, default=24)
-    p.add_argument("--width", type=int, default=480)
-    p.add_argument("--height", type=int, default=360)
+    p.add_argument("--shapes", nargs="*", default=None, choices=SHAPES, help=f"rendered shapes [{' '.join(SHAPES[:3])}]; none: no shapes")
+    p.add_argument("--models", nargs="*", default=None, choices=sorted(MODEL_FILES),
+                   help=f"textured models of --models-dir rendered as scenes [{' '.join(MODEL_FILES)} when present]; none: no models")
+    p.add_argument("--models-dir", type=Path, default=Path("/work/shared/data/models"))
+    p.add_argument("--views", type=int, default=None, help="views per rendered scene [24; --quick 12]")
+    p.add_argument("--width", type=int, default=None, help="[480; --quick 320]")
+    p.add_argument("--height", type=int, default=None, help="[360; --quick 240]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", action="store_true", help="also run the photo sets in --real-dir (no GT: times, registration, mesh size)")
     p.add_argument("--real-dir", type=Path, default=Path("/work/shared/data/real"))
-    p.add_argument("--real-sets", nargs="+", default=None, metavar="NAME", help="only these photo sets of --real-dir [all]")
+    p.add_argument("--real-sets", nargs="+", default=None, metavar="NAME", help="only these photo sets of --real-dir [all]; implies --real")
+    p.add_argument("--real-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="passed to `recon run` of the photo sets only (e.g. sfm.max_image_size=1000)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="passed to every `recon run`")
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="passed to every `recon run`")
     p.add_argument("--timeout", type=float, default=None, help="seconds per stage subprocess (killed after)")
-    p.add_argument("--max-points", type=int, default=400_000, help="samples per surface in the evaluation")
+    p.add_argument("--max-points", type=int, default=None, help="samples per surface in the evaluation [400000; --quick 100000]")
     p.add_argument("--reuse-runs", action="store_true", help="keep existing run folders (cached stages are not re-run)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: blob only, 12 views 320x240, depth.max_image_side=240, refine.steps=60, photo sets at "
+                        "sfm.max_image_size=640 / depth.max_image_side=320 (explicit options win)")
     args = p.parse_args(argv)
+    quick = args.quick
+    args.shapes = args.shapes if args.shapes is not None else (["blob"] if quick else list(SHAPES[:3]))
+    if args.models is None:
+        args.models = [] if quick else [m for m in MODEL_FILES if (args.models_dir / MODEL_FILES[m]).is_file()]
+    args.views = args.views or (12 if quick else 24)
+    args.width = args.width or (320 if quick else 480)
+    args.height = args.height or (240 if quick else 360)
+    args.max_points = args.max_points or (100_000 if quick else 400_000)
+    if quick:
+        given = {s.split("=", 1)[0] for s in args.set}
+        args.set = [s for s in ("depth.max_image_side=240", "refine.steps=60") if s.split("=", 1)[0] not in given] + args.set
+        given |= {s.split("=", 1)[0] for s in args.real_set}
+        args.real_set = [s for s in ("sfm.max_image_size=640", "depth.max_image_side=320") if s.split("=", 1)[0] not in given] + args.real_set
+    args.real = args.real or args.real_sets is not None
 
     scenes_dir, runs_dir = args.work / "scenes", args.work / "runs"
     results: list[dict[str, Any]] = []
-    for shape in args.shapes:
-        print(f"== {shape}", flush=True)
+    jobs = [(shape, lambda shape=shape: render_timed(scenes_dir, shape, args.views, args.width, args.height, args.seed)) for shape in args.shapes]
+    jobs += [(f"model-{m}", lambda m=m: render_model_timed(scenes_dir, m, args.models_dir, args.views, args.width, args.height, args.seed))
+             for m in args.models]
+    for label, render in jobs:
+        print(f"== {label}", flush=True)
         try:
-            scene, render_s = render_timed(scenes_dir, shape, args.views, args.width, args.height, args.seed)
+            scene, render_s = render()
         except Exception as exc:  # noqa: BLE001
-            results.append({"scene": shape, "variants": {"refined": {"error": f"render failed: {exc}"}}})
+            results.append({"scene": label, "variants": {"refined": {"error": f"render failed: {exc}"}}})
             continue
         print(f"  scene {scene} ({'rendered in %.1f s' % render_s if render_s is not None else 'reused'})", flush=True)
         res = bench_synthetic(scene, runs_dir / scene.name, args)
@@ -408,9 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for root in sorted(d for d in args.real_dir.iterdir() if d.is_dir() and (args.real_sets is None or d.name in args.real_sets)):
                 print(f"== real: {root.name}", flush=True)
-                results.append(bench_real(root, runs_dir / f"real_{root.name}", args))
+                try:
+                    results.append(bench_real(root, runs_dir / f"real_{root.name}", args))
+                except Exception as exc:  # noqa: BLE001 - a benchmark row reports any failure
+                    results.append({"scene": root.name, "real": True, "error": f"{type(exc).__name__}: {exc}"})
 
-    md = table(results)
+    md = table(results) + "\n\nPeak RSS per stage (each stage runs in its own process):\n\n" + memory_table(results)
     print("\n" + md)
     args.work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.work / "bench.json", {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "table": md})

@@ -6,35 +6,42 @@ Metric protocol (Tanks and Temples / DTU style; every length in GT units)
 1. **Alignment.** The reconstruction lives in its own (normalized) frame. The
    similarity ``x_gt = s R x_est + t`` is estimated from the camera centres
    (``OUT/sparse`` vs ``GT/cameras.json``, matched by image name) with RANSAC
-   over camera triples and a least-squares (Umeyama) refit on the inliers
-   (:func:`align_from_cameras`), optionally refined by point-to-plane ICP
-   (rigid, small correspondence distance). ``align=False`` scores a mesh that
-   is already in the GT frame.
+   over camera triples (a camera is an inlier within 5 % of the GT cameras'
+   RMS spread) and a least-squares (Umeyama) refit on the inliers
+   (:func:`align_from_cameras`), so a few badly registered cameras do not
+   move it; optionally refined by point-to-plane ICP (rigid, on the samples
+   of step 3, correspondences within 1 % of the diagonal). ``align=False``
+   scores a mesh that is already in the GT frame.
 2. **Crop.** Both surfaces are scored inside the GT object's bounding box
    (``scene.json`` ``object_bbox_min/max``; the GT mesh's box for a bare
-   mesh) grown on every side by ``margin`` × its diagonal (default 5 %), so a
-   strip of floor around the object counts but the room does not.
+   mesh) grown on every side by ``margin`` × the diagonal (default 5 %), so a
+   strip of floor around the object counts but the room does not. The
+   diagonal is ``scene.json``'s ``object_diagonal`` (else the box's own).
 3. **Sampling.** Each surface is sampled uniformly by area (seeded) at a
    spacing ``h`` = half the smallest threshold, at most ``max_points`` points
    (then ``h`` grows; the spacing used is reported). Samples are drawn on
    triangles that touch the box grown by a further ``max_dist`` and the
    *sources* are the samples inside the crop box. GT samples count only where
-   the GT surface is seen by at least ``min_views`` GT cameras (its GT depth
-   agrees within 1 %), like DTU's observation masks; without GT cameras (a
-   bare GT mesh) every GT sample counts.
+   the GT surface is seen by at least ``min_views`` (default 1) GT cameras,
+   like DTU's observation masks: the sample is in front of the camera,
+   projects inside its image, and the GT depth read there (bilinear, nearest
+   across depth edges) is > 0 and within 1 % of the sample's z. Without GT
+   cameras (a bare GT mesh) every GT sample counts.
 4. **Distances** are point-to-*mesh*, not point-to-point: accuracy = distance
    of each reconstructed sample to the GT surface, completeness = distance of
    each GT sample to the reconstructed surface. They are computed exactly
    (Open3D ``RaycastingScene.compute_distance``) for every point within
    ``2·τ_max + 4h`` of the other surface (found with a k-d tree on its
    samples) and from the k-d tree otherwise; all distances are capped at
-   ``max_dist`` (default 10 % of the diagonal; the share capped is reported).
+   ``max_dist`` = max(10 % of the diagonal, 2·τ_max) (the share capped is
+   reported). No reconstructed surface inside the box is an error.
    Because distances are to the surface, the sample density only sets the
    statistical precision, not a bias.
 5. **Numbers.** accuracy and completeness: mean and median distance;
    Chamfer = (mean accuracy + mean completeness) / 2; at each threshold τ:
    precision = share of accuracy distances < τ, recall = share of
-   completeness distances < τ, F = 2PR / (P + R). Thresholds are relative to
+   completeness distances < τ, F = 2PR / (P + R) (0 when P + R = 0). Sample
+   shares estimate shares of surface *area*. Thresholds are relative to
    the GT object's diagonal (default 0.5 % and 1 %) or absolute. Every length
    is also given divided by the diagonal (``*_rel``).
 6. **Depth maps** (when ``OUT`` holds depth/refine caches and GT depth
