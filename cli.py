@@ -8,6 +8,7 @@ import os
 # depth stage 5-8x slower (bench/bench_depth.py). Set before torch is imported; a user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import errno
 import logging
 import sys
 import traceback
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import click
 
+from pipeline.cache import ensure_output_dir, write_error
 from pipeline.config import PRESETS, describe_settings, load_config
 from pipeline.errors import ReconError
+from pipeline.sfm import native_output_to
 from pipeline.stages import STAGE_NAMES
 from pipeline.workspace import Workspace
 
@@ -25,19 +28,57 @@ logger = logging.getLogger("recon")
 STAGE_CHOICE = click.Choice(STAGE_NAMES)
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """The run's log file; if it cannot be written (disk full) it stops, instead of printing a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.setLevel(logging.CRITICAL + 1)
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout``/``sys.stderr`` is when a record comes (they are swapped while native output is redirected)."""
+
+    def __init__(self, stream_name: str):
+        self._stream_name = stream_name
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return getattr(sys, self._stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _one_line_warning(record: logging.LogRecord) -> bool:
+    """A captured Python warning (``file:line: Category: text`` + a source line) → its first line."""
+    if record.name == "py.warnings":
+        record.msg, record.args = (record.getMessage().strip().splitlines() or [""])[0], ()
+    return True
+
+
 def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    """Progress messages (debug, info) on stdout, warnings and errors on stderr, everything in ``log_file``."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     for h in list(root.handlers):
         root.removeHandler(h)
-    console = logging.StreamHandler(sys.stderr)
+    fmt = logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s")
+    console = _ConsoleHandler("stdout")
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
-    console.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(console)
+    console.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = _ConsoleHandler("stderr")
+    problems.setLevel(logging.WARNING)
+    problems.addFilter(_one_line_warning)
+    for h in (console, problems):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    logging.captureWarnings(True)  # library warnings: one line on stderr, not warnings' two-line format
     if log_file is not None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file)
+            fh = _QuietFileHandler(log_file)
         except OSError:
             return  # the run itself reports an unwritable output folder clearly
         fh.setLevel(logging.DEBUG)
@@ -47,10 +88,30 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _os_error(exc: OSError, out_dir: Path | None) -> BaseException:
+    """A disk-full / read-only / permission OSError that escaped the stages → a one-line ReconError; others unchanged."""
+    where = exc.filename or out_dir or "the output folder"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return write_error(where, exc)
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
+        inside_out = out_dir is not None and (Path(exc.filename) == out_dir or out_dir in Path(exc.filename).parents)
+        if inside_out:
+            return write_error(where, exc)
+        return ReconError(f"{exc.filename}: {exc.strerror}; check the file's permissions")
+    return exc
+
+
 def _fail(exc: BaseException, log_file: Path | None) -> None:
     """Print one line, keep the traceback in the log file, exit non-zero."""
+    cause = exc
+    if isinstance(exc, KeyboardInterrupt):
+        logging.getLogger("recon").debug("interrupted", exc_info=exc)
+        click.echo("error: interrupted; finished work is kept, run the same command again to resume", err=True)
+        sys.exit(130)
+    if isinstance(exc, OSError):
+        exc = _os_error(exc, log_file.parent if log_file else None)
     if isinstance(exc, ReconError):
-        logging.getLogger("recon").debug("error", exc_info=exc)
+        logging.getLogger("recon").debug("error", exc_info=cause)
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     tb = "".join(traceback.format_exception(exc))
@@ -66,11 +127,19 @@ def _fail(exc: BaseException, log_file: Path | None) -> None:
     sys.exit(2)
 
 
-def _workspace(scene_dir: str, out: str | None) -> Workspace:
+def _workspace(scene_dir: str, out: str | None, *, writable: bool = False) -> Workspace:
+    """The scene's workspace; with ``writable`` the output folder is created and checked for writing."""
     ws = Workspace.create(scene_dir, out)
     if not ws.scene_dir.is_dir():
         raise ReconError(f"{ws.scene_dir}: scene folder not found; pass a folder that holds images/")
+    if writable:
+        ensure_output_dir(ws.out_dir)
     return ws
+
+
+def _show_progress(no_progress: bool) -> bool:
+    """Progress bars only on a terminal: redirected stderr stays free of bar redraws."""
+    return not no_progress and sys.stderr.isatty()
 
 
 def _config(ws: Workspace, config_file: tuple[str, ...], overrides: tuple[str, ...], presets: tuple[str, ...]):
@@ -136,14 +205,15 @@ def run(scene_dir, out, config_file, presets, overrides, verbose, no_progress, f
 
     log_file = None
     try:
-        ws = _workspace(scene_dir, out)
+        ws = _workspace(scene_dir, out, writable=True)
         log_file = ws.log_path
-        _setup_logging(verbose, log_file)
-        cfg = _config(ws, config_file, overrides, presets)
-        result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip), show_progress=not no_progress)
-        if any(st.status == "ran" for st in result.stages) or not ws.report_path.exists():
-            _write_report(ws)
-        _print_summary(result)
+        with native_output_to(log_file):
+            _setup_logging(verbose, log_file)
+            cfg = _config(ws, config_file, overrides, presets)
+            result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip), show_progress=_show_progress(no_progress))
+            if any(st.status == "ran" for st in result.stages) or not ws.report_path.exists():
+                _write_report(ws)
+            _print_summary(result)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
         _fail(exc, log_file)
 
@@ -160,12 +230,13 @@ def stage(name, scene_dir, out, config_file, presets, overrides, verbose, no_pro
 
     log_file = None
     try:
-        ws = _workspace(scene_dir, out)
+        ws = _workspace(scene_dir, out, writable=True)
         log_file = ws.log_path
-        _setup_logging(verbose, log_file)
-        cfg = _config(ws, config_file, overrides, presets)
-        result = run_pipeline(ws, cfg, until=name, force=(name,), skip=tuple(skip), require_upstream=no_upstream, show_progress=not no_progress)
-        _print_summary(result)
+        with native_output_to(log_file):
+            _setup_logging(verbose, log_file)
+            cfg = _config(ws, config_file, overrides, presets)
+            result = run_pipeline(ws, cfg, until=name, force=(name,), skip=tuple(skip), require_upstream=no_upstream, show_progress=_show_progress(no_progress))
+            _print_summary(result)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
         _fail(exc, log_file)
 
@@ -260,6 +331,11 @@ def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp, cameras, margin)
                                          threshold_abs=threshold_abs, align=not no_align, icp=icp,
                                          cameras=Path(cameras) if cameras else None, margin=margin)
         click.echo(format_summary(result))
+        out_path = Path(out)
+        if out_path.is_dir() and (out_path / "report.html").exists():
+            from pipeline.report import build_report
+
+            build_report(Workspace.create(out_path.resolve().parent, out_path))
     except Exception as exc:  # noqa: BLE001
         _fail(exc, None)
 
@@ -299,15 +375,66 @@ def ablate(scene_dir, out, config_file, presets, overrides, verbose, no_progress
 
     log_file = None
     try:
-        ws = _workspace(scene_dir, out)
+        ws = _workspace(scene_dir, out, writable=True)
         log_file = ws.log_path
-        _setup_logging(verbose, log_file)
-        cfg = _config(ws, config_file, overrides, presets)
-        chosen = [parse_variant(v) for v in (variants or ("default", "mv-only", "no-refine"))]
-        gt_path = Path(gt) if gt else (ws.scene_dir / "gt" if (ws.scene_dir / "gt").is_dir() else None)
-        results = run_ablation(ws, cfg, chosen, gt=gt_path, show_progress=not no_progress)
-        click.echo(format_table(results))
+        with native_output_to(log_file):
+            _setup_logging(verbose, log_file)
+            cfg = _config(ws, config_file, overrides, presets)
+            chosen = [parse_variant(v) for v in (variants or ("default", "mv-only", "no-refine"))]
+            gt_path = Path(gt) if gt else (ws.scene_dir / "gt" if (ws.scene_dir / "gt").is_dir() else None)
+            results = run_ablation(ws, cfg, chosen, gt=gt_path, show_progress=_show_progress(no_progress))
+            click.echo(format_table(results))
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        _fail(exc, log_file)
+
+
+@main.command()
+@click.argument("scene_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--address", default=None, help="Ray cluster to join: HOST:PORT of its head (as `ray start --head` prints it) or 'auto' [default: start Ray on this machine, loopback only].")
+@click.option("--parallel", type=click.IntRange(min=1), default=None, help="Most scenes processed at once [default: the cluster's CPU count].")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder for the batch table: recon_batch.csv and recon_batch.json.")
+@click.option("--out", "out_root", type=click.Path(file_okay=False), default=None, help="Output root: each scene's output goes to OUT/<scene folder name> [default: SCENE_DIR/recon].")
+@click.option("--views-per-task", type=click.IntRange(min=0), default=8, show_default=True, help="Views per Ray task of the depth stage (0: the stage runs in one task).")
+@click.option("--cpus-per-task", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="CPUs each Ray task asks for (also its OMP_NUM_THREADS).")
+@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=1.0, show_default=True, help="GPUs a depth/refine/fuse task asks for when the cluster has GPUs (a fraction shares one).")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the Ray started on this machine (without --address) [default: all].")
+@click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable stage in every scene (refine: fuse the initial depth maps).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting for every scene (repeatable); `recon config` lists them.")
+@click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)), help="Named bundle of settings, e.g. mv-only.")
+@click.option("--config", "config_file", multiple=True, type=click.Path(dir_okay=False), help="YAML config file (each SCENE_DIR/recon.yaml is read first when present).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on the console.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, cpus_per_task, gpus_per_task, num_cpus, skip,
+          overrides, presets, config_file, verbose, no_progress) -> None:
+    """Run the pipeline on every SCENE_DIR as Ray tasks (this machine, or a cluster with --address) and print one table.
+
+    Caches are those of `recon run`: a second batch, or `recon run` on one of
+    the scenes, reuses them. A failing scene is a 'failed' row; the others go on.
+    """
+    from tqdm import tqdm
+
+    from workflows.batch import REPORT_NAME, format_table, make_jobs, run_batch, write_reports
+
+    report = Path(report_dir)
+    log_file = report / f"{REPORT_NAME}.log"
+    try:
+        _setup_logging(verbose, log_file)
+        load_config(list(config_file), overrides, presets)  # a bad --set fails here, once, not in every scene
+        jobs = make_jobs(scene_dirs, out_root=out_root, config_files=config_file, overrides=overrides, presets=presets, skip=skip)
+        with tqdm(total=len(jobs), desc="batch: scenes", unit="scene", disable=no_progress, leave=False, dynamic_ncols=True) as bar:
+            def done(row) -> None:
+                bar.set_postfix_str(f"{row.scene} {row.status}")
+                bar.update(1)
+
+            result = run_batch(jobs, address=address, parallel=parallel, num_cpus=num_cpus, cpus_per_task=cpus_per_task,
+                               gpus_per_task=gpus_per_task, views_per_task=views_per_task, on_scene_done=done)
+        click.echo(format_table(result.rows))
+        csv_path, json_path = write_reports(result.rows, report, result.info)
+        click.echo(f"wrote {csv_path}\nwrote {json_path}")
+        if result.failed:
+            names = ", ".join(r.scene for r in result.failed)
+            raise ReconError(f"{len(result.failed)} of {len(result.rows)} scene(s) failed ({names}); see the table above or {csv_path}")
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
         _fail(exc, log_file)
 
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Idempotent install of recon and its test tools into a virtual environment.
 #   bash .ci/install.sh [VENV_DIR]      (default: .venv)
-# Installs the Debian libraries Open3D needs when they are missing (as root or
+# Installs the Debian libraries Open3D needs, and chromium (the report test),
+# when they are missing (as root or
 # via sudo), creates the venv, puts in the CPU build of torch when there is no
-# NVIDIA GPU (set TORCH_SPEC to choose another), then `pip install -e .[dev]`.
+# NVIDIA GPU (set TORCH_SPEC to choose another), then `pip install -e .[dev,ray]` (ray: `recon batch` and its tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
 missing=()
-for pkg in libusb-1.0-0 libgl1 libgomp1; do
+for pkg in libusb-1.0-0 libgl1 libgomp1 chromium; do  # chromium: tests/test_report.py opens the report headless
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -32,5 +33,5 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,ray]"
 "$VENV/bin/python" -c "import torch, pycolmap, open3d, trimesh; print(f'recon environment ready: torch {torch.__version__}, pycolmap {pycolmap.__version__}, open3d {open3d.__version__}')"

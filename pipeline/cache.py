@@ -15,28 +15,102 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import LockedError, ReconError
+from pipeline.errors import LockedError, OutputError, ReconError
 
 MANIFEST_VERSION = 1
 
 
 # ---- atomic writes ------------------------------------------------------------------
 
-def _check_writable(path: Path, exc: OSError) -> ReconError:
-    if exc.errno == errno.ENOSPC:
-        return ReconError(f"{path}: no space left on the device; free some space or choose another --out folder")
+def write_error(path: Path | str, exc: OSError) -> OutputError:
+    """The one-line error for an OSError raised while writing ``path`` (disk full, read-only, no permission)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"no space left on the device while writing {path}; free some space or choose another --out folder")
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return ReconError(f"{path}: cannot write here ({exc.strerror}); choose a writable --out folder")
-    return ReconError(f"{path}: cannot write ({exc.strerror or exc}); check the output folder")
+        return OutputError(f"{path}: cannot write here ({exc.strerror}); choose a writable --out folder")
+    return OutputError(f"{path}: cannot write ({exc.strerror or exc}); check the output folder")
+
+
+def raise_if_disk_full(path: Path, min_free_bytes: int = 1 << 14) -> None:
+    """Raise :class:`OutputError` when the file system holding ``path`` has (almost) no free space left.
+
+    Native writers (COLMAP, Open3D) can report success on a full disk after
+    writing a truncated file; checking the free space right after them keeps
+    such a file from ever being moved into place or trusted.
+    """
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free < min_free_bytes:
+        raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)))
+
+
+def ensure_output_dir(path: Path) -> None:
+    """Create the output folder and check that a file can be written in it.
+
+    Raises:
+        ReconError: the folder cannot be created or written (read-only, no
+            permission, disk full), naming it and what to do.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        try:
+            os.write(fd, b"recon")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+
+
+# ---- fault injection (crash tests) ----------------------------------------------------
+
+FAULT_KILL_ENV = "RECON_FAULT_KILL_AT"
+"""Crash tests: ``N`` kills this process with SIGKILL at the N-th (1-based) write event."""
+FAULT_TRACE_ENV = "RECON_FAULT_TRACE"
+"""Crash tests: a file to which every write event is appended as one JSON line."""
+_fault_events = [0]
+
+
+def fault_point(path: Path, event: str) -> None:
+    """A write event for crash tests (``tests/test_faults.py``); does nothing unless the env vars are set.
+
+    Events: ``staged`` (the temporary file or folder is complete but not yet
+    moved into place: a kill leaves a stale temporary behind) and ``replaced``
+    (``path`` is in place). With :data:`FAULT_TRACE_ENV` each event is appended
+    to that file; with :data:`FAULT_KILL_ENV` = N the process SIGKILLs itself
+    at the N-th event, so a test can crash a real run at every write of every stage.
+    """
+    trace, kill_at = os.environ.get(FAULT_TRACE_ENV), os.environ.get(FAULT_KILL_ENV)
+    if not trace and not kill_at:
+        return
+    _fault_events[0] += 1
+    n = _fault_events[0]
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(json.dumps({"n": n, "event": event, "path": str(path), "pid": os.getpid()}) + "\n")
+    if kill_at and n == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -52,15 +126,18 @@ def atomic_path(path: Path, suffix: str | None = None) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise _check_writable(path, exc) from exc
+        raise write_error(path, exc) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
         _fsync_file(tmp)
+        raise_if_disk_full(path)
+        fault_point(path, "staged")
         os.replace(tmp, path)
+        fault_point(path, "replaced")
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _check_writable(path, exc) from exc
+        raise write_error(path, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -95,7 +172,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise ReconError(f"{path}: cache file is unreadable ({exc}); delete it or re-run with --force") from exc
 
 
@@ -103,17 +180,26 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``path`` (old one removed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         yield tmp
+        raise_if_disk_full(path)
+        fault_point(path, "staged")
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
+        fault_point(path, "replaced")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(path, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -152,6 +238,30 @@ def remove_stale_temp_files(folder: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+_TEMP_NAME = re.compile(r"^\.[^/]+\.(?:[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?|old\.\d+)$")
+"""Names :func:`atomic_path` / :func:`atomic_dir` give their temporaries (``.mesh.k2j4x9_a.ply``, ``.sparse.ab12cd34``, ``.sparse.old.123``)."""
+
+
+def remove_stale_output_temps(folder: Path) -> list[str]:
+    """Delete leftovers of atomic writes interrupted by a crash directly in ``folder`` (the output folder).
+
+    Unlike :func:`remove_stale_temp_files` (a stage folder, recon's own) only
+    names of the exact temporary pattern are touched and only at the top
+    level, since ``--out`` may be a folder with other files. Call it while
+    holding the folder's :func:`run_lock`. Returns the removed names.
+    """
+    removed = []
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if p.name == ".lock" or not _TEMP_NAME.match(p.name):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
+
+
 # ---- fingerprints and checksums -----------------------------------------------------
 
 def fingerprint(payload: Any) -> str:
@@ -178,6 +288,23 @@ def checksum_tree(root: Path) -> dict[str, str]:
         if p.is_file() and not any(part.startswith(".") for part in rel.parts):
             out[rel.as_posix()] = file_checksum(p)
     return out
+
+
+def remove_changed_outputs(root: Path, recorded: dict[str, str]) -> list[str]:
+    """Delete the files under ``root`` whose checksum differs from ``recorded`` (``relative path → checksum``).
+
+    For resuming a stage whose finished outputs were later corrupted: a
+    per-view stage skips the views whose file exists, so a damaged file must
+    go before the stage runs again. Files not in ``recorded`` are kept.
+    Returns the removed relative paths.
+    """
+    removed = []
+    for rel, digest in recorded.items():
+        p = root / rel
+        if p.is_file() and file_checksum(p) != digest:
+            p.unlink()
+            removed.append(rel)
+    return removed
 
 
 # ---- manifest ---------------------------------------------------------------------------
@@ -215,12 +342,15 @@ class Manifest:
 
 @contextlib.contextmanager
 def run_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder; a second run fails at once, clearly."""
+    """Hold an exclusive lock on the output folder; a second run fails at once, clearly.
+
+    Once the lock is held, temporaries that a crashed run left in the folder are removed.
+    """
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(lock_path, "a+")
     except OSError as exc:
-        raise _check_writable(lock_path, exc) from exc
+        raise write_error(lock_path, exc) from exc
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -235,6 +365,7 @@ def run_lock(lock_path: Path) -> Iterator[None]:
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
+        remove_stale_output_temps(lock_path.parent)  # a crashed run's half-written manifest, mesh, report
         yield
     finally:
         with contextlib.suppress(OSError):

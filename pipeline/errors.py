@@ -15,3 +15,7 @@ class StageNotImplemented(ReconError):
 
 class LockedError(ReconError):
     """Another recon process holds the output folder."""
+
+
+class OutputError(ReconError):
+    """The output folder cannot be written (read-only, no permission, disk full); never a reason to skip an input."""

@@ -105,3 +105,43 @@ def scene_from_ground_truth(scene_dir: Path, *, n_points: int = 3000, seed: int 
         point_errors=np.zeros(len(points)),
         normalized_from_sfm=T_norm,
     )
+
+
+def write_gt_model(scene_dir: Path, model_dir: Path, *, n_points: int = 300, seed: int = 0) -> Path:
+    """Write the true cameras of a rendered scene as a COLMAP model (``model_dir``, binary).
+
+    One PINHOLE camera at the image size, every view registered with its true
+    ``cam_from_world`` (scene frame, not normalized), and the sparse points of
+    :func:`scene_from_ground_truth` seen by at least two views, with their
+    keypoints at the exact projections. Placed in ``SCENE_DIR/sparse/0`` it
+    stands in for SfM (``sfm.use_existing_model``): fast and deterministic,
+    for tests and benchmarks of the later stages. Returns ``model_dir``.
+    """
+    import pycolmap
+
+    gt = scene_from_ground_truth(scene_dir, n_points=n_points, seed=seed, normalize=False)
+    K = gt.views[0].K
+    rec = pycolmap.Reconstruction()
+    rec.add_camera_with_trivial_rig(pycolmap.Camera(
+        model="PINHOLE", width=gt.views[0].width, height=gt.views[0].height,
+        params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], camera_id=1,
+    ))
+    tracks: dict[int, list[tuple[int, int]]] = {}
+    for image_id, view in enumerate(gt.views, start=1):
+        T = view.cam_from_world
+        pc = gt.points[view.point_ids] @ T[:3, :3].T + T[:3, 3]
+        uv = pc[:, :2] / pc[:, 2:] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
+        rec.add_image_with_trivial_frame(
+            pycolmap.Image(name=view.name, keypoints=uv.reshape(-1, 2), camera_id=1, image_id=image_id), pycolmap.Rigid3d(T[:3, :4])
+        )
+        for idx, pid in enumerate(view.point_ids):
+            tracks.setdefault(int(pid), []).append((image_id, idx))
+    for pid, elements in tracks.items():
+        if len(elements) >= 2:
+            track = pycolmap.Track()
+            for image_id, idx in elements:
+                track.add_element(image_id, idx)
+            rec.add_point3D(gt.points[pid], track)
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    rec.write_binary(str(model_dir))
+    return Path(model_dir)

@@ -20,42 +20,60 @@ from pipeline.workspace import IMAGE_SUFFIXES, Workspace
 
 logger = logging.getLogger(__name__)
 
+_EXIF_ORIENTATION = 0x0112
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files (JPEG/PNG) under ``folder``, sorted; other files are skipped with a warning."""
+
+def split_image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files (JPEG/PNG), other files) under ``folder``, each sorted; hidden files and folders are left out.
+
+    Raises:
+        ReconError: ``folder`` does not exist.
+    """
     if not folder.is_dir():
         raise ReconError(f"{folder}: scene folder not found; pass a folder that holds images/ or the photos themselves")
-    images, skipped = [], []
+    images, others = [], []
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
             continue
-        if p.suffix in IMAGE_SUFFIXES:
-            images.append(p)
-        elif folder.name == "images":
-            skipped.append(p.name)
-    if skipped:
-        logger.warning("skipping %d non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped[:5]))
-    return images
+        (images if p.suffix in IMAGE_SUFFIXES else others).append(p)
+    return images, others
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files (JPEG/PNG) under ``folder``, sorted (other files: :func:`split_image_files`)."""
+    return split_image_files(folder)[0]
 
 
 def load_rgb(path: Path, max_size: int | None = None) -> np.ndarray:
     """Read an image as RGB uint8 (H, W, 3), EXIF orientation applied, optional downscale.
 
     Grayscale, RGBA, palette and 16-bit images are converted to 8-bit RGB.
+    With ``max_size`` the longer side ends at most ``max_size`` pixels; a JPEG
+    at least 4x larger is decoded at a reduced scale first (libjpeg DCT
+    scaling to no less than twice the target), so peak memory is bounded by
+    about ``(2 max_size)^2`` pixels rather than by the photo's size.
+
+    Raises:
+        ReconError: the file cannot be decoded (names the file).
     """
     try:
         with Image.open(path) as im:
+            # Size as displayed (EXIF orientations 5-8 swap the axes): the output size never depends on the draft.
+            full_w, full_h = im.size[::-1] if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else im.size
+            if max_size and im.format == "JPEG" and max(im.size) >= 4 * max_size:
+                scale = 2 * max_size / max(im.size)
+                im.draft(None, (max(1, int(im.width * scale)), max(1, int(im.height * scale))))
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
                 arr = np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).astype(np.uint8)
                 im = Image.fromarray(arr)
             im = im.convert("RGB")
-            if max_size and max(im.size) > max_size:
-                scale = max_size / max(im.size)
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
+            if max_size and max(full_w, full_h) > max_size:
+                scale = max_size / max(full_w, full_h)
+                im = im.resize((max(1, round(full_w * scale)), max(1, round(full_h * scale))), Image.Resampling.LANCZOS)
             return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ReconError(f"{path}: cannot read image ({exc}); replace or remove the file") from exc
 
 

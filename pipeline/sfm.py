@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from pipeline.cache import atomic_dir, atomic_path, write_json_atomic
-from pipeline.errors import ReconError
+from pipeline.cache import atomic_dir, atomic_path, raise_if_disk_full, write_json_atomic
+from pipeline.errors import OutputError, ReconError
 from pipeline.geometry import normalizing_similarity, similarity_matrix
-from pipeline.io import list_images, load_rgb
+from pipeline.io import load_rgb, split_image_files
 from pipeline.settings import setting
 from pipeline.stage import StageContext
 from pipeline.workspace import Workspace
@@ -209,15 +209,24 @@ def _camera_key(path: Path) -> tuple:
         return (im.width, im.height, str(exif.get(0x010F, "")), str(exif.get(0x0110, "")), str(ifd.get(0x920A, "")), str(ifd.get(0xA405, "")))
 
 
-def scene_images(ws: Workspace) -> list[Path]:
-    """The scene's input image files (``pipeline.io.list_images``), never files of recon's own folders.
+def scene_files(ws: Workspace) -> tuple[list[Path], list[Path]]:
+    """(input image files, other files) of the scene (``pipeline.io.split_image_files``), never files of recon's own folders.
 
     When the photos sit directly in ``SCENE_DIR``, the output folder (default
-    ``SCENE_DIR/recon``), ``masks/`` and ``depth_prior/`` are left out.
+    ``SCENE_DIR/recon``), ``masks/`` and ``depth_prior/`` are left out, and
+    other files there (``recon.yaml``, notes) are not reported.
     """
     images_dir = ws.images_dir
     exclude = [ws.out_dir, ws.masks_dir, ws.depth_prior_dir]
-    return [p for p in list_images(images_dir) if not any(p == d or d in p.parents for d in exclude)]
+    images, others = split_image_files(images_dir)
+    images = [p for p in images if not any(p == d or d in p.parents for d in exclude)]
+    others = others if images_dir != ws.scene_dir else []
+    return images, others
+
+
+def scene_images(ws: Workspace) -> list[Path]:
+    """The scene's input image files (see :func:`scene_files`)."""
+    return scene_files(ws)[0]
 
 
 def prepare_inputs(
@@ -227,34 +236,40 @@ def prepare_inputs(
 
     Names are the paths relative to ``images_dir``. Returns the readable
     images, sorted by name; unreadable ones are skipped with a warning naming
-    them.
+    them (given once all images are read, and only when the stage goes on:
+    otherwise the error names them).
 
     Raises:
         ReconError: no images, or fewer than 3 readable ones.
     """
     if not files:
-        raise ReconError(f"{images_dir}: no JPEG/PNG images found; put the photos in SCENE_DIR/images/")
+        others = sorted(p.name for p in images_dir.iterdir() if p.is_file()) if images_dir.is_dir() else []
+        found = f" (found only {_names(others, limit=3)})" if others else ""
+        raise ReconError(f"{images_dir}: no JPEG/PNG images found{found}; put the photos in SCENE_DIR/images/")
     out: list[InputImage] = []
-    unreadable: list[str] = []
+    unreadable: dict[str, str] = {}
     for src in files:
         name = src.relative_to(images_dir).as_posix()
         dst = input_dir / name
         if not dst.exists():
             try:
                 prepare_image(src, dst, max_image_size=cfg.max_image_size, jpeg_quality=cfg.jpeg_quality)
+            except OutputError:
+                raise  # the output folder is full or read-only: not the image's fault
             except (ReconError, Image.DecompressionBombError, ValueError) as exc:
-                logger.warning("skipping unreadable image %s: %s", src, exc)
-                unreadable.append(name)
+                unreadable[name] = str(exc) if str(src) in str(exc) else f"{src}: cannot read image ({exc})"
                 on_image()
                 continue
         key = _camera_key(dst)
         out.append(InputImage(name=name, width=key[0], height=key[1], camera_key=key))
         on_image()
     if len(out) < 3:
-        extra = f" ({len(unreadable)} unreadable: {_names(unreadable)})" if unreadable else ""
+        extra = f" ({len(unreadable)} unreadable: {_names(list(unreadable))})" if unreadable else ""
         raise ReconError(
             f"{images_dir}: only {len(out)} readable image(s){extra}; SfM needs at least 3 overlapping photos; add more to this folder"
         )
+    for reason in unreadable.values():
+        logger.warning("skipping %s", reason)
     return sorted(out, key=lambda im: im.name)
 
 
@@ -281,15 +296,24 @@ def camera_groups(images: Sequence[InputImage], mode: CameraMode) -> list[list[s
 # ---- COLMAP output -----------------------------------------------------------------------------
 
 
+def _fd_of(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return None
+
+
 @contextlib.contextmanager
 def native_output_to(log_path: Path) -> Iterator[None]:
-    """Send what the C++ libraries print (glog, Ceres) to ``log_path`` (appended) while the block runs.
+    """Send what C/C++ libraries print (glog, Ceres, Open3D) to ``log_path`` (appended) while the block runs.
 
     pycolmap logs through glog to the process's stderr, and glog's own log
     files get a timestamp and pid appended to their name, so file descriptors
     1 and 2 are pointed at the log file and restored afterwards. Python's
-    ``sys.stderr`` writes to the original stderr meanwhile, so progress bars
-    created inside the block still reach the console.
+    ``sys.stdout``/``sys.stderr``, when they write to those descriptors, are
+    swapped for streams on copies of the original ones meanwhile, so log
+    messages and progress bars (created inside the block) still reach the
+    console. Nested use is fine (the inner block's file wins).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
@@ -300,18 +324,28 @@ def native_output_to(log_path: Path) -> Iterator[None]:
     except OSError:  # no stdout/stderr to redirect (detached process): nothing to hide
         yield
         return
-    py_stderr = sys.stderr
-    console = io.TextIOWrapper(io.FileIO(os.dup(saved[2]), "w"), encoding="utf-8", errors="replace", line_buffering=True, write_through=True)
+    originals = {"stdout": sys.stdout, "stderr": sys.stderr}
+    consoles = {}
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = originals[name]
+        if _fd_of(stream) == fd:
+            consoles[name] = io.TextIOWrapper(
+                io.FileIO(os.dup(saved[fd]), "w"), encoding=getattr(stream, "encoding", None) or "utf-8",
+                errors="replace", line_buffering=True, write_through=True,
+            )
     try:
         with open(log_path, "ab") as log:
             for fd in (1, 2):
                 os.dup2(log.fileno(), fd)
-            sys.stderr = console
+            for name, console in consoles.items():
+                setattr(sys, name, console)
             yield
     finally:
-        sys.stderr = py_stderr
-        with contextlib.suppress(Exception):
-            console.close()
+        for name, stream in originals.items():
+            setattr(sys, name, stream)
+        for console in consoles.values():
+            with contextlib.suppress(Exception):
+                console.close()
         for fd, dup in saved.items():
             os.dup2(dup, fd)
             os.close(dup)
@@ -579,7 +613,7 @@ def check_pose_convention(rec: pycolmap.Reconstruction, model_dir: Path) -> None
     from pipeline.diagnose import reconstruction_reprojection_error
 
     err = reconstruction_reprojection_error(rec)
-    if np.isfinite(err) and err > MAX_USER_MODEL_REPROJECTION_PX:
+    if not np.isnan(err) and err > MAX_USER_MODEL_REPROJECTION_PX:
         raise ReconError(
             f"{model_dir}: the poses do not reproject the model's points onto its keypoints (median error {err:.0f} px); "
             "COLMAP models store world→camera poses — if yours holds camera→world, invert them"
@@ -645,6 +679,7 @@ def undistort_and_normalize(paths: SfmPaths, cfg: SfmConfig) -> pycolmap.Reconst
                 work, paths.mapped_dir, paths.input_dir, output_type="COLMAP", undistort_options=options,
                 jpeg_quality=cfg.jpeg_quality, num_threads=_threads(cfg.num_threads),
             )
+        raise_if_disk_full(ws.sfm_images_dir)  # a full disk leaves COLMAP's undistorted images and model truncated
         rec = pycolmap.Reconstruction(str(work / "sparse"))
         s, c, normalized_from_sfm = normalize_model(rec)
         with atomic_dir(ws.sfm_images_dir) as tmp:
@@ -697,6 +732,7 @@ def _run_sfm(ctx: StageContext, paths: SfmPaths, images: Sequence[InputImage], s
             with ctx.bar(desc=f"{cfg.matcher.value} matching", total=1, unit="phase") as bar:
                 match_features(paths.database_building, cfg)
                 bar.update(1)
+        raise_if_disk_full(paths.database)  # COLMAP does not always report a failed write
         os.replace(paths.database_building, paths.database)
         seconds["matching"] = time.perf_counter() - t0
         ctx.logger.info("features and matches of %d images in %.1f s", len(names), seconds["features"] + seconds["matching"])
@@ -712,6 +748,7 @@ def _run_sfm(ctx: StageContext, paths: SfmPaths, images: Sequence[InputImage], s
                     bar.refresh()
 
                 rec = map_images(paths.database, paths.input_dir, work, cfg, on_registered=on_registered)
+        raise_if_disk_full(paths.mapped_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds["mapping"] = time.perf_counter() - t0
@@ -735,7 +772,10 @@ def run(ctx: StageContext) -> None:
     check_config(cfg)
 
     t0 = time.perf_counter()
-    files = scene_images(ws)
+    files, others = scene_files(ws)
+    if others and files:
+        ctx.logger.warning("skipping %d file(s) that are not JPEG/PNG images in %s: %s", len(others), ws.images_dir,
+                           _names([p.relative_to(ws.images_dir).as_posix() for p in others], limit=5))
     with ctx.bar(desc="prepare images", total=len(files), unit="img") as bar:
         images = prepare_inputs(files, ws.images_dir, paths.input_dir, cfg, on_image=lambda: bar.update(1))
     seconds["prepare"] = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Manifest, checksum_tree, copy_atomic, fingerprint, remove_stale_temp_files, run_lock, write_bytes_atomic
+from pipeline.cache import Manifest, checksum_tree, copy_atomic, fingerprint, remove_changed_outputs, remove_stale_temp_files, run_lock, write_bytes_atomic
 from pipeline.config import ReconConfig, config_to_yaml
 from pipeline.errors import ReconError
 from pipeline.stage import StageContext
@@ -171,6 +171,30 @@ def _prepare_stage_dir(ws: Workspace, name: str, fp: str, fresh: bool) -> bool:
     return False
 
 
+def prepare_stage(ws: Workspace, cfg: ReconConfig, name: str, *, skip: tuple[str, ...] = ()) -> str | None:
+    """Ready stage ``name``'s folder for parts of it computed outside :func:`run_pipeline` (e.g. per-view Ray tasks).
+
+    Returns the fingerprint the next ``run_pipeline`` gives the stage — the
+    folder then carries it, so files written there now are resumed from, not
+    wiped — or None when the stage is already done (cached) under ``cfg``.
+
+    Raises:
+        ReconError: a stage that ``name`` reads is not done yet.
+    """
+    _validate_names([name, *skip], "stage")
+    skipped = frozenset(skip)
+    with run_lock(ws.lock_path):
+        manifest = Manifest(ws.manifest_path)
+        if stage_state(ws, cfg, manifest, name, skipped).state == "done":
+            return None
+        upstream = _upstream_digests(ws, cfg, name, manifest, skipped)
+        if upstream is None:
+            raise ReconError(f"{ws.out_dir}: stage {name} cannot start, a stage it reads ({', '.join(effective_deps(name, skipped))}) is not done")
+        fp = stage_fingerprint(name, cfg, upstream)
+        _prepare_stage_dir(ws, name, fp, fresh=False)
+        return fp
+
+
 def run_pipeline(
     ws: Workspace,
     cfg: ReconConfig,
@@ -228,6 +252,11 @@ def run_pipeline(
             resuming = _prepare_stage_dir(ws, name, fp, fresh=name in forced)
             if resuming:
                 logger.info("%s: resuming from partial results of an interrupted run", name)
+                previous = manifest.get(name)
+                if previous is not None:
+                    damaged = remove_changed_outputs(ws.stage_dir(name), previous.get("outputs", {}))
+                    if damaged:
+                        logger.info("%s: recomputing damaged output(s): %s", name, ", ".join(damaged[:5]))
             manifest.forget(name)
             ctx = StageContext(ws=ws, config=cfg, name=name, fingerprint=fp, skipped=skipped, show_progress=show_progress)
             t0 = time.perf_counter()
