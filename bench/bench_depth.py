@@ -90,6 +90,7 @@ def worker(scene_dir: Path, out_dir: Path, overrides: list[str]) -> dict[str, An
         "cpu_seconds_per_view": float(np.mean(result.cpu_seconds)),
         "seconds_per_view_max": float(np.max(result.seconds)),
         "filter_seconds": round(result.filter_seconds, 3),
+        "candidates_seconds": round(result.candidates_seconds, 3),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "views": len(result.written),
         "failed": result.failed,

@@ -97,11 +97,12 @@ class DepthConfig:
     min_ncc: float = setting(0.3, "mvs: pixels whose aggregated NCC is below this are invalid.")
     range_percentile: float = setting(2.0, "mvs: depth range of a view = [p, 100-p] percentiles of the depths of its sparse points, widened by range_margin.")
     range_margin: float = setting(0.25, "mvs: relative widening of the depth range (near / (1 + m), far · (1 + m)).")
+    cross_view_candidates: bool = setting(True, "mvs: after the first pass every view also tries, per pixel, the surfaces its geo_neighbors found (their maps reprojected into it) and keeps whichever matches best (recovers thin and briefly seen surfaces).")
     geometric_filter: bool = setting(True, "mvs: second pass that keeps only pixels whose depth agrees with at least geo_min_consistent neighbour maps.")
     geo_neighbors: int = setting(6, "mvs: views checked by the geometric filter (most co-visible first, same angle rules as the matching neighbours).")
     geo_min_consistent: int = setting(1, "mvs: neighbour maps that must agree with a pixel (geometric filter).")
-    geo_max_reproj_px: float = setting(1.0, "mvs: forward-backward reprojection error (pixels) below which a neighbour agrees.")
-    geo_max_rel_depth: float = setting(0.01, "mvs: relative depth difference below which a neighbour agrees.")
+    geo_max_reproj_px: float = setting(2.0, "mvs: forward-backward reprojection error (pixels) below which a neighbour agrees.")
+    geo_max_rel_depth: float = setting(0.02, "mvs: relative depth difference below which a neighbour agrees.")
     geo_free_space_margin: float = setting(0.05, "mvs: a neighbour contradicts a pixel when it sees a surface more than this (relative) behind the pixel's point.")
     geo_unverified_min_confidence: float = setting(0.5, "mvs: a pixel no neighbour agrees with is still kept when no neighbour contradicts it and its confidence is at least this (occluded regions; above 1 = never).")
     geo_average: bool = setting(True, "mvs: replace a kept pixel's depth by the mean of its own and the agreeing neighbours' depths.")
@@ -127,6 +128,12 @@ def raw_depth_path(ws: Workspace, image_name: str) -> Path:
     """Pass-1 (unfiltered) map of a view: ``OUT/depth/raw/<stem>.npz``."""
     final = ws.depth_view(image_name)
     return final.parent.parent / "raw" / final.name
+
+
+def adopted_depth_path(ws: Workspace, image_name: str) -> Path:
+    """Map of a view after cross-view candidates (pass 1b), before the filter: ``OUT/depth/adopted/<stem>.npz``."""
+    final = ws.depth_view(image_name)
+    return final.parent.parent / "adopted" / final.name
 
 
 def prior_candidates(ws: Workspace, image_name: str) -> list[Path]:
@@ -287,6 +294,18 @@ class MvsEstimator:
             chunk_pixels=max(1, cfg.chunk_pixels),
         )
 
+    def sources(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Matching neighbours of view ``index``: (grayscale images, working intrinsics, ``src_from_ref`` poses)."""
+        view = self.scene.views[index]
+        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
+        src_images, K_srcs, poses = [], [], []
+        for j in self.neighbors[index]:
+            vj = self.scene.views[j]
+            src_images.append(self.images.get(j))
+            K_srcs.append(t(working_intrinsics(vj, self.sizes[j])))
+            poses.append(t(vj.cam_from_world @ invert_pose(view.cam_from_world)))
+        return src_images, K_srcs, poses
+
     def estimate(self, index: int) -> Estimate:
         view = self.scene.views[index]
         nbrs = self.neighbors[index]
@@ -295,12 +314,7 @@ class MvsEstimator:
         near, far = depth_range(self.scene, view, self.cfg.range_percentile, self.cfg.range_margin)
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
         K_ref = working_intrinsics(view, self.sizes[index])
-        src_images, K_srcs, poses = [], [], []
-        for j in nbrs:
-            vj = self.scene.views[j]
-            src_images.append(self.images.get(j))
-            K_srcs.append(t(working_intrinsics(vj, self.sizes[j])))
-            poses.append(t(vj.cam_from_world @ invert_pose(view.cam_from_world)))
+        src_images, K_srcs, poses = self.sources(index)
         with torch.no_grad():
             res = mvs.estimate_depth(self.images.get(index), t(K_ref), src_images, K_srcs, poses, near, far, self.settings)
         valid = res.valid.cpu().numpy()
@@ -498,6 +512,7 @@ class DepthRunResult:
     """Wall seconds of each view estimated in this run (pass 1)."""
     cpu_seconds: list[float]
     filter_seconds: float = 0.0
+    candidates_seconds: float = 0.0
     valid_fraction: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -508,12 +523,18 @@ class DepthRunResult:
             "seconds_per_view": round(float(np.mean(self.seconds)), 3) if self.seconds else None,
             "cpu_seconds_per_view": round(float(np.mean(self.cpu_seconds)), 3) if self.cpu_seconds else None,
             "filter_seconds": round(self.filter_seconds, 3),
+            "candidates_seconds": round(self.candidates_seconds, 3),
         }
 
 
 def uses_two_passes(cfg: DepthConfig) -> bool:
-    """True when pass 1 writes raw maps that the geometric filter (pass 2) turns into the final ones."""
-    return cfg.geometric_filter and cfg.estimator == DepthEstimator.mvs
+    """True when pass 1 writes raw maps that later passes (cross-view candidates, geometric filter) turn into the final ones."""
+    return cfg.estimator == DepthEstimator.mvs and (cfg.geometric_filter or cfg.cross_view_candidates)
+
+
+def filter_input_path(ws: Workspace, cfg: DepthConfig, image_name: str) -> Path:
+    """The map the geometric filter reads: after cross-view candidates when those run, else the raw map."""
+    return adopted_depth_path(ws, image_name) if cfg.cross_view_candidates else raw_depth_path(ws, image_name)
 
 
 def first_pass_path(ws: Workspace, cfg: DepthConfig, image_name: str) -> Path:
@@ -581,7 +602,12 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar:
     two_pass = uses_two_passes(cfg)
     result = estimate_views(scene, ws, cfg, bar=bar, log=log)
 
-    if two_pass:
+    if two_pass and cfg.cross_view_candidates:
+        t0 = time.perf_counter()
+        adopted_path = (lambda name: adopted_depth_path(ws, name)) if cfg.geometric_filter else ws.depth_view
+        _cross_view_pass(scene, ws, cfg, device, bar, adopted_path)
+        result.candidates_seconds = time.perf_counter() - t0
+    if two_pass and cfg.geometric_filter:
         t0 = time.perf_counter()
         _geometric_filter_pass(scene, ws, cfg, device, bar, result)
         result.filter_seconds = time.perf_counter() - t0
@@ -598,16 +624,59 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar:
     return result
 
 
+def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device, bar: BarFactory,
+                     out_path: Callable[[str], Path]) -> None:
+    """Pass 1b: raw maps → maps that also tried the neighbours' surfaces (:func:`pipeline.mvs.adopt_candidates`).
+
+    Candidates come from the ``geo_neighbors`` views' raw maps splatted into
+    the view; the matching cost uses the view's usual matching neighbours.
+    Confidence becomes min(raw confidence, NCC of the kept depth), so an
+    adopted surface is kept by the filter only when a neighbour agrees with it.
+    """
+    names = [v.name for v in scene.views]
+    have_raw = [raw_depth_path(ws, n).exists() for n in names]
+    todo = [i for i, n in enumerate(names) if have_raw[i] and not out_path(n).exists()]
+    if not todo:
+        return
+    estimator = MvsEstimator(scene, cfg, device)
+    geo_neighbors = select_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+    maps = _LRU(cfg.cache_images, lambda i: load_depth_map(raw_depth_path(ws, names[i])))
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    with bar(desc="cross-view candidates", total=len(todo), unit="view") as pbar:
+        for i in todo:
+            dm = maps.get(i)
+            h, w = dm.depth.shape
+            with torch.no_grad():
+                candidates = []
+                for j in geo_neighbors[i]:
+                    if have_raw[j]:
+                        dj = maps.get(j)
+                        candidates.append(mvs.splat_depth(t(dj.depth), t(dj.K), t(dm.K), t(dm.cam_from_world @ invert_pose(dj.cam_from_world)), h, w))
+                src_images, K_srcs, poses = estimator.sources(i)
+                depth, ncc, adopted = mvs.adopt_candidates(estimator.images.get(i), t(dm.K), src_images, K_srcs, poses,
+                                                           t(dm.depth), candidates, estimator.settings)
+            valid = (depth > 0).cpu().numpy()
+            confidence = np.where(valid, np.minimum(dm.confidence, ncc.clamp(0.0, 1.0).cpu().numpy()), 0.0).astype(np.float32)
+            stats = dict(dm.stats)
+            stats["pass1_valid_fraction"] = stats.get("valid_fraction", 0.0)
+            stats["valid_fraction"] = float(valid.mean())
+            stats["cross_view"] = {"candidate_views": len(candidates), "adopted_fraction": float(adopted.float().mean())}
+            save_depth_map(out_path(dm.name), DepthMap(name=dm.name, depth=depth.cpu().numpy(), confidence=confidence, valid=valid,
+                                                       K=dm.K, cam_from_world=dm.cam_from_world, stats=stats))
+            pbar.set_postfix(adopted=f"{float(adopted.float().mean()):.2f}")
+            pbar.update(1)
+
+
 def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device, bar: BarFactory,
                            result: DepthRunResult) -> None:
     """Pass 2: raw maps → filtered maps (``ws.depth_view``), skipping views already filtered."""
     names = [v.name for v in scene.views]
-    have_raw = [raw_depth_path(ws, n).exists() for n in names]
+    have_raw = [filter_input_path(ws, cfg, n).exists() for n in names]
     geo_neighbors = select_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
     todo = [i for i, n in enumerate(names) if have_raw[i] and not ws.depth_view(n).exists()]
     if not todo:
         return
-    maps = _LRU(cfg.cache_images, lambda i: load_depth_map(raw_depth_path(ws, names[i])))
+    maps = _LRU(cfg.cache_images, lambda i: load_depth_map(filter_input_path(ws, cfg, names[i])))
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     with bar(desc="consistency filter", total=len(todo), unit="view") as pbar:
         for i in todo:

@@ -545,6 +545,74 @@ def _upsample(x_hw: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
     return F.interpolate(x_hw[None, None], size=(h, w), mode=mode, **kwargs)[0, 0]
 
 
+# ---- cross-view candidates ---------------------------------------------------------------------
+
+def splat_depth(depth_src_hw: torch.Tensor, K_src_33: torch.Tensor, K_ref_33: torch.Tensor, ref_from_src_44: torch.Tensor,
+                height: int, width: int, fill_radius: int = 1) -> torch.Tensor:
+    """A neighbour's depth map seen from the reference camera: inverse depth (H, W), 0 where none.
+
+    Every valid source pixel is back-projected, moved into the reference
+    camera and written to the pixel it lands in; where several land in one
+    pixel the nearest wins (z-buffer: largest inverse depth). Holes left by
+    the forward mapping are filled with the nearest surface of the
+    surrounding (2r+1)² pixels (a max-filter on inverse depth, holes only).
+    """
+    hs, ws = depth_src_hw.shape
+    uv = pixel_grid(hs, ws, device=depth_src_hw.device, dtype=depth_src_hw.dtype).reshape(1, -1, 2)
+    d = depth_src_hw.reshape(1, -1)
+    keep = d[0] > 0
+    X = transform_points(ref_from_src_44[None], backproject(uv[:, keep], d[:, keep], K_src_33[None]))
+    uv_ref, z = project(X, K_ref_33[None])
+    u, v = uv_ref[0, :, 0].floor().long(), uv_ref[0, :, 1].floor().long()
+    ok = (z[0] > _EPS) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    inv = torch.zeros(height * width, device=depth_src_hw.device, dtype=depth_src_hw.dtype)
+    inv.scatter_reduce_(0, (v[ok] * width + u[ok]), z[0, ok].reciprocal(), reduce="amax", include_self=True)
+    inv = inv.view(height, width)
+    if fill_radius > 0:
+        filled = F.max_pool2d(inv[None, None], 2 * fill_radius + 1, stride=1, padding=fill_radius)[0, 0]
+        inv = torch.where(inv > 0, inv, filled)
+    return inv
+
+
+def adopt_candidates(
+    ref_11hw: torch.Tensor,
+    K_ref_33: torch.Tensor,
+    src_images: Sequence[torch.Tensor],
+    K_srcs: Sequence[torch.Tensor],
+    src_from_ref: Sequence[torch.Tensor],
+    depth_hw: torch.Tensor,
+    candidates_inv: Sequence[torch.Tensor],
+    cfg: SweepSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second look at a finished depth map with the surfaces other views found.
+
+    Per pixel, the current depth competes with each candidate inverse-depth
+    map (the neighbours' maps :func:`splat_depth`-ed into this view; 0 = no
+    proposal) on the same full-resolution matching cost, and the lowest cost
+    wins. A view whose coarse sweep fell into the wrong cost basin (a thin or
+    briefly seen surface) takes the surface a neighbour found when it matches
+    better. No propagation or polishing follows: spreading adopted surfaces
+    to pixels no view proposed them for costs precision (measured).
+
+    Returns (depth (H, W), 0 where invalid; NCC of the kept depth (H, W);
+    adopted (H, W) bool: the depth came from a candidate).
+    """
+    ref, sources = _level_inputs(ref_11hw, K_ref_33, src_images, K_srcs, src_from_ref, 0, cfg.window)
+    own = depth_hw > 0
+    inv = torch.where(own, depth_hw.clamp(min=_EPS).reciprocal(), torch.zeros_like(depth_hw))
+    best = sweep_cost(ref, sources, inv.clamp(min=_EPS)[None], cfg.best_k, cfg.chunk_pixels, cfg.truncation)[0]
+    best = torch.where(own, best, torch.full_like(best, OUTSIDE_COST))
+    origin = inv
+    cands = [torch.where(c > 0, c, inv) for c in candidates_inv]
+    if cands:
+        inv, best = _try_candidates(ref, sources, inv, best, cands, cfg)
+    ncc = 1.0 - best
+    valid = (inv > 0) & (ncc >= cfg.min_ncc)
+    adopted = valid & (inv != origin)
+    depth = torch.where(valid, 1.0 / inv.clamp(min=_EPS), torch.zeros_like(inv))
+    return depth, ncc, adopted
+
+
 # ---- geometric consistency ---------------------------------------------------------------------
 
 @dataclass(frozen=True)

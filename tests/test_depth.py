@@ -61,6 +61,38 @@ def test_warps_shift_the_source_by_the_disparity(device):
         assert torch.equal(ins, in_h)
 
 
+def test_splat_depth_moves_a_plane_and_keeps_the_nearest_surface(device):
+    """A source map of the plane z = 4 with a near patch (z = 2) seen from the reference camera."""
+    K, src_from_ref = _stereo_pair(device)
+    depth_src = torch.full((48, 64), 4.0, device=device)
+    depth_src[20:28, 30:38] = 2.0
+    depth_src[0:4, 0:4] = 0.0  # invalid source pixels propose nothing
+    inv = mvs.splat_depth(depth_src, K, K, torch.linalg.inv(src_from_ref), 48, 64)
+    # ref pixel u sees the plane where the source sees it at u - 5 (z = 4) and the patch at u - 10 (z = 2)
+    torch.testing.assert_close(inv[10, 20:50], torch.full((30,), 0.25, device=device))
+    torch.testing.assert_close(inv[22:26, 42:46], torch.full((4, 4), 0.5, device=device))  # the nearer patch wins
+    assert (inv[:, :4] == 0).all()  # left of the source's field of view: no proposal
+
+
+def test_adopt_candidates_takes_the_surface_that_matches(device):
+    """Reference = source shifted by the disparity of z = 4; a wrong own depth on the left is replaced by the candidate."""
+    K, src_from_ref = _stereo_pair(device)
+    g = torch.Generator().manual_seed(1)
+    src = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 52, 68, generator=g), 3, 1)[..., :48, :64].to(device)
+    H = mvs.plane_homographies(K, K, src_from_ref, torch.tensor([4.0], device=device))
+    ref, _ = mvs.warp_by_homography(src, H, 48, 64)
+    own = torch.full((48, 64), 4.0, device=device)
+    own[:, :32] = 2.5  # the wrong basin
+    candidate = torch.full((48, 64), 0.25, device=device)  # inverse depth of the right surface
+    candidate[:, 32:] = 1.0  # a worse proposal where the own depth is right
+    cfg = mvs.SweepSettings(window=5, min_ncc=0.3)
+    depth, ncc, adopted = mvs.adopt_candidates(ref, K, [src], [K], [src_from_ref], own, [candidate], cfg)
+    inner = (slice(4, 44), slice(10, 28))
+    torch.testing.assert_close(depth[inner], torch.full((40, 18), 4.0, device=device))
+    assert adopted[inner].all() and ncc[inner].min() > 0.9
+    assert not adopted[:, 36:60].any() and (depth[4:44, 36:60] == 4.0).all()  # the right surface is kept
+
+
 def test_ncc_cost_is_invariant_to_gain_and_offset(device):
     g = torch.Generator().manual_seed(1)
     ref = torch.rand(1, 1, 40, 50, generator=g).to(device)
