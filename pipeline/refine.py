@@ -86,6 +86,10 @@ class RefineConfig:
     occlusion_tol_behind: float = setting(0.05, "One-sided z-buffer test: a sample lying behind the neighbour's surface by more than this relative depth is occluded there and dropped (in front = a real conflict, kept up to occlusion_tol).")
     edge_alpha: float = setting(10.0, "Edge sensitivity α of the smoothness weights exp(-α |∇I|) (image in [0, 1]; 0 = uniform).")
     smooth_depth_edge: float = setting(0.0, "L_edge and L_surf ignore pixel pairs whose initial depths differ by more than this relative amount (a depth edge in the input; 0 = off).")
+    keep_if_more_consistent: bool = setting(True, "After optimizing, a pixel keeps its refined depth only where it agrees with more neighbour maps (refined vs refined) than its initial depth did (initial vs initial); elsewhere the initial depth stays. Refinement then never replaces a depth by one the other views support less (measured: unsupported corrections in briefly seen regions cost F-score).")
+    accept_neighbors: int = setting(6, "Neighbour maps checked by keep_if_more_consistent (most shared sparse points first).")
+    accept_reproj_px: float = setting(2.0, "keep_if_more_consistent: forward-backward reprojection error (pixels) below which a neighbour agrees.")
+    accept_rel_depth: float = setting(0.01, "keep_if_more_consistent: relative depth difference below which a neighbour agrees.")
     use_confidence: bool = setting(True, "Weight L_mv samples by the depth maps' confidence (source × neighbour).")
     lr_final_ratio: float = setting(0.1, "Cosine learning-rate decay: the last step uses lr × lr_final_ratio (1 = constant).")
     max_anchor_points: int = setting(4096, "At most this many sparse points per view for L_anchor (random subset, seeded).")
@@ -553,6 +557,8 @@ def _refine(
                                 refresh=False)
 
     maps_s, stats = _finalize(groups, views_s, init_s)
+    if cfg.keep_if_more_consistent:
+        maps_s, stats = keep_more_consistent(views_s, maps_s, cfg, device)
     out = [None] * len(views)
     for pos, i in enumerate(order):
         out[i] = maps_s[pos]
@@ -598,6 +604,53 @@ def _finalize(groups: Sequence[_Group], views: Sequence[View], init: Sequence[De
                 stats[views[i].name] = s
                 out.append(replace(dm, depth=d_pred, valid=valid.copy(), confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
                                    depth_init=d_init.astype(np.float32), stats={**dm.stats, **s}))
+    return out, stats
+
+
+def agreement_counts(maps: Sequence[DepthMap], index: int, neighbors: Sequence[int], *, initial: bool, reproj_px: float,
+                     rel_depth: float, device: torch.device) -> np.ndarray:
+    """Per pixel of view ``index``: how many ``neighbors`` agree with its depth (int (H, W)).
+
+    ``initial`` compares ``depth_init`` maps with each other, else the refined
+    ``depth`` maps (:func:`pipeline.mvs.geometric_consistency`: forward-backward
+    reprojection within ``reproj_px`` pixels and ``rel_depth`` relative depth).
+    """
+    from pipeline import mvs
+    from pipeline.geometry import invert_pose
+
+    def depth_of(dm: DepthMap) -> torch.Tensor:
+        d = dm.depth_init if initial else dm.depth
+        return torch.as_tensor(np.where(dm.valid, d, 0.0), dtype=torch.float32, device=device)
+
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    ref = maps[index]
+    others = [(depth_of(maps[j]), t(maps[j].K), t(maps[j].cam_from_world @ invert_pose(ref.cam_from_world))) for j in neighbors]
+    with torch.no_grad():
+        cons = mvs.geometric_consistency(depth_of(ref), t(ref.K), others, reproj_px, rel_depth)
+    return cons.count.cpu().numpy()
+
+
+def keep_more_consistent(views: Sequence[View], maps: Sequence[DepthMap], cfg: RefineConfig, device: torch.device
+                         ) -> tuple[list[DepthMap], dict[str, dict[str, Any]]]:
+    """Refined depth where more neighbours agree with it than with the initial depth, initial depth elsewhere.
+
+    Returns the maps (same order) and their statistics (INIT / PRED / DELTA,
+    ``refined_fraction``: share of valid pixels that kept the refined depth).
+    """
+    neighbors = select_neighbors(views, cfg.accept_neighbors)
+    out: list[DepthMap] = []
+    stats: dict[str, dict[str, Any]] = {}
+    for i, dm in enumerate(maps):
+        kw = {"reproj_px": cfg.accept_reproj_px, "rel_depth": cfg.accept_rel_depth, "device": device}
+        before = agreement_counts(maps, i, neighbors[i].tolist(), initial=True, **kw)
+        after = agreement_counts(maps, i, neighbors[i].tolist(), initial=False, **kw)
+        keep = dm.valid & (after > before)
+        depth = np.where(keep, dm.depth, np.where(dm.valid, dm.depth_init, 0.0)).astype(np.float32)
+        s = {"INIT": value_stats(dm.depth_init[dm.valid]), "PRED": value_stats(depth[dm.valid]),
+             "DELTA": value_stats((depth - dm.depth_init)[dm.valid]), "valid_fraction": float(dm.valid.mean()),
+             "refined_fraction": float(keep.sum() / max(1, dm.valid.sum()))}
+        stats[views[i].name] = s
+        out.append(replace(dm, depth=depth, stats={**dm.stats, **s}))
     return out, stats
 
 
@@ -647,6 +700,7 @@ def run(ctx: StageContext) -> None:
         "dz_std": round(float(np.mean([d["std"] for d in deltas])), 6),
         "mv_kept": round(float(last.get("mv_kept", 0.0)), 3),
         "skipped_steps": log["skipped_steps"],
+        "refined_fraction": round(float(np.mean([s.get("refined_fraction", 1.0) for s in log["views"].values()])), 4),
     })
 
 

@@ -72,7 +72,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("sfm", 1, (), sfm.run, publish=(("model", "sparse"),), inputs=sfm_inputs,
               checked_outputs=("model", "images", "normalization.json")),
     StageSpec("depth", 2, ("sfm",), depth.run, inputs=depth_inputs),
-    StageSpec("refine", 1, ("depth", "sfm"), refine.run, skippable=True),
+    StageSpec("refine", 2, ("depth", "sfm"), refine.run, skippable=True),
     StageSpec("fuse", 1, ("refine", "sfm"), fuse.run, publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs),
     StageSpec("export", 1, ("fuse", "sfm"), export.run, skippable=True, publish=(("mesh.glb", "mesh.glb"),)),
 )

@@ -7,6 +7,8 @@ import logging
 
 import numpy as np
 import pytest
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +20,7 @@ from pipeline.geometry import sample_image
 from pipeline.groundtruth import scene_from_ground_truth
 from pipeline.io import DepthMap, load_depth_map, load_rgb, save_depth_map
 from pipeline.refine import (
-    LOG_COLUMNS, RefineConfig, corrupt_depth, depth_error, ground_truth_depths, refine_depth_maps, sample_views,
+    LOG_COLUMNS, RefineConfig, corrupt_depth, depth_error, ground_truth_depths, keep_more_consistent, refine_depth_maps, sample_views,
     select_neighbors, upsample2x, upsample_sum, view_groups,
 )
 from pipeline.stage import StageContext
@@ -145,11 +147,13 @@ def test_refinement_removes_smooth_warp(blob_scene, refined):
 @pytest.mark.slow
 def test_refinement_removes_mvs_noise_and_outliers(blob_scene, refined):
     """GT × (1 + 0.5 % noise), 3 % outliers (±5-30 %), 3 % holes: measured mean relative error
-    0.92 % → 0.17 % (−81 %); asserted: at least −50 %. The holes stay holes."""
+    0.91 % → 0.51 % (−44 %; −81 % before the keep_if_more_consistent gate, which keeps the noisy initial
+    depth wherever the neighbours already agree with it within 1 %, and is what makes fused meshes better
+    on real MVS depth); asserted: at least −35 %. The holes stay holes."""
     _, _, gts, _ = blob_scene
     init, maps, _ = refined["mvs"]
     before, after = _mean_error(init, gts), _mean_error(maps, gts)
-    assert after < 0.5 * before, f"mean relative depth error {before:.4f} → {after:.4f}"
+    assert after < 0.65 * before, f"mean relative depth error {before:.4f} → {after:.4f}"
     for dm0, dm in zip(init, maps):
         assert np.array_equal(dm.valid, dm0.valid)
         assert (dm.depth[~dm.valid] == 0).all()
@@ -267,3 +271,30 @@ def test_run_stage_writes_views_and_log(blob_scene, tmp_path, monkeypatch):
     mtime = ws.refine_view(scene.views[0].name).stat().st_mtime_ns
     refine_mod.run(ctx)
     assert ws.refine_view(scene.views[0].name).stat().st_mtime_ns == mtime
+
+
+def test_keep_more_consistent_keeps_whichever_depth_the_neighbours_support(blob_scene):
+    """View 0: the initial map is 5 % off in the left band, the "refined" one in the right band; the gate
+    returns the ground truth in both bands (neighbours agree with GT), and the initial depth where both are equal."""
+    _, scene, gts, _ = blob_scene
+    maps = []
+    for v, g in zip(scene.views, gts):
+        valid = g > 0
+        maps.append(DepthMap(name=v.name, depth=g.astype(np.float32), confidence=valid.astype(np.float32), valid=valid, K=v.K,
+                             cam_from_world=v.cam_from_world, depth_init=g.astype(np.float32)))
+    g0 = gts[0]
+    left, right = np.zeros_like(maps[0].valid), np.zeros_like(maps[0].valid)
+    left[60:180, 60:140], right[60:180, 180:260] = True, True
+    init0, refined0 = g0.copy(), g0.copy()
+    init0[left] *= 1.05
+    refined0[right] *= 1.05
+    maps[0] = replace(maps[0], depth=refined0.astype(np.float32), depth_init=init0.astype(np.float32))
+    out, stats = keep_more_consistent(scene.views, maps, RefineConfig(), torch.device("cpu"))
+    v0 = out[0].valid
+    # refined kept where neighbours see the band (measured: 88.5 % of it; the rest no neighbour sees, so the initial depth stays)
+    assert np.mean(np.isclose(out[0].depth[left & v0], g0[left & v0], rtol=1e-6)) > 0.8
+    # refined rejected, initial kept (measured: all but 3 of 9600 pixels, at depth edges)
+    assert np.mean(np.isclose(out[0].depth[right & v0], g0[right & v0], rtol=1e-6)) > 0.995
+    assert 0.1 < stats[scene.views[0].name]["refined_fraction"] < 0.6
+    for a, b in zip(out[1:], maps[1:]):
+        np.testing.assert_array_equal(a.depth, b.depth)
