@@ -35,6 +35,7 @@ resumes without ever mixing filtered and unfiltered maps under one name.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import time
@@ -53,6 +54,7 @@ from tqdm import tqdm
 
 from pipeline import anchoring, mvs
 from pipeline.errors import ReconError
+from pipeline.oom import call_with_oom_fallback
 from pipeline.geometry import default_device, invert_pose, scale_intrinsics
 from pipeline.io import DepthMap, SfmScene, View, load_depth_map, load_rgb, load_sfm_scene, save_depth_map
 from pipeline.settings import setting
@@ -315,8 +317,18 @@ class MvsEstimator:
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
         K_ref = working_intrinsics(view, self.sizes[index])
         src_images, K_srcs, poses = self.sources(index)
-        with torch.no_grad():
-            res = mvs.estimate_depth(self.images.get(index), t(K_ref), src_images, K_srcs, poses, near, far, self.settings)
+        ref = self.images.get(index)
+
+        def sweep(chunk_pixels: int, device: torch.device) -> mvs.SweepResult:
+            to = lambda x: x.to(device)  # noqa: E731
+            settings = dataclasses.replace(self.settings, chunk_pixels=chunk_pixels)
+            with torch.no_grad():
+                return mvs.estimate_depth(to(ref), to(t(K_ref)), [to(x) for x in src_images], [to(x) for x in K_srcs],
+                                          [to(x) for x in poses], near, far, settings)
+
+        # chunk_pixels only bounds memory (same result): on out-of-memory, smaller chunks, then the CPU.
+        res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device, what=f"depth of {view.name}",
+                                     setting="depth.chunk_pixels", min_batch=min(self.settings.chunk_pixels, 1 << 14)).value
         valid = res.valid.cpu().numpy()
         stats = {
             "near": near,

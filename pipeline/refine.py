@@ -59,6 +59,7 @@ from pipeline import losses
 from pipeline.errors import ReconError
 from pipeline.geometry import default_device, inside_image, sample_image
 from pipeline.io import DepthMap, View
+from pipeline.oom import call_with_oom_fallback
 from pipeline.settings import fingerprint_fields, setting
 from pipeline.stage import StageContext
 
@@ -682,7 +683,11 @@ def run(ctx: StageContext) -> None:
     ctx.logger.info("refine: %d views at %dx%d on %s, %d steps", len(views), init[0].depth.shape[1], init[0].depth.shape[0], device, cfg.steps)
     bar = ctx.bar(desc="refine depth", total=cfg.steps, unit="step")
     try:
-        maps, log = refine_depth_maps(views, init, scene.points, cfg, device, images=images, bar=bar)
+        # views_per_batch changes the result, so an out-of-memory GPU goes straight to the CPU (same settings).
+        maps, log = call_with_oom_fallback(
+            lambda _batch, dev: refine_depth_maps(views, init, scene.points, cfg, dev, images=images, bar=bar),
+            batch=cfg.views_per_batch, min_batch=cfg.views_per_batch, device=device, what="refinement",
+            setting="refine.views_per_batch", log=ctx.logger).value
     finally:
         bar.close()
     for v, dm in zip(views, maps):

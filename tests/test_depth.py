@@ -476,3 +476,27 @@ def test_stage_run_writes_summary(scene_dir, scene, tmp_path, monkeypatch):
     assert 0 < ctx.summary["mean_valid_fraction"] <= 1 and ctx.summary["seconds_per_view"] > 0
     assert all(ws.depth_view(v.name).exists() for v in scene.views)
     assert not any(p.name.startswith(".") for p in (ws.stage_dir("depth") / "views").iterdir())
+
+
+def test_out_of_memory_retries_with_smaller_chunks(scene, tmp_path, monkeypatch, caplog):
+    """A CUDA out-of-memory error in the sweep is retried with half the chunk (same result), with a warning."""
+    from pipeline.depth import MvsEstimator
+
+    real = mvs.estimate_depth
+    chunks = []
+
+    def flaky(*args, **kwargs):
+        chunks.append(args[-1].chunk_pixels)
+        if len(chunks) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    cfg = DepthConfig(device="cpu", pyramid_levels=2, num_hypotheses=32)
+    expected = MvsEstimator(scene, cfg, torch.device("cpu")).estimate(0)
+    monkeypatch.setattr(mvs, "estimate_depth", flaky)
+    with caplog.at_level(logging.WARNING):
+        got = MvsEstimator(scene, cfg, torch.device("cpu")).estimate(0)
+    assert chunks == [cfg.chunk_pixels, cfg.chunk_pixels // 2]
+    assert "out of memory" in caplog.text.lower() and "depth of" in caplog.text
+    np.testing.assert_array_equal(got.valid, expected.valid)
+    np.testing.assert_allclose(got.values, expected.values, rtol=1e-5)

@@ -298,3 +298,33 @@ def test_keep_more_consistent_keeps_whichever_depth_the_neighbours_support(blob_
     assert 0.1 < stats[scene.views[0].name]["refined_fraction"] < 0.6
     for a, b in zip(out[1:], maps[1:]):
         np.testing.assert_array_equal(a.depth, b.depth)
+
+
+def test_cuda_out_of_memory_falls_back_to_the_cpu(blob_scene, tmp_path, monkeypatch, caplog):
+    """The stage on a (simulated) GPU that runs out of memory: a warning, then the same refinement on the CPU."""
+    import logging
+
+    import pipeline.io
+
+    scene_dir, scene, gts, _ = blob_scene
+    ws = Workspace.create(scene_dir, tmp_path / "out")
+    ctx = StageContext(ws=ws, config=ReconConfig(), name="refine", fingerprint="test", show_progress=False)
+    monkeypatch.setattr(pipeline.io, "load_sfm_scene", lambda _ws: scene)
+    for dm in _initial_maps(scene, gts, "mvs"):
+        save_depth_map(ws.depth_view(dm.name), dm)
+    ctx.config.refine.steps = 5
+    real, devices = refine_mod.refine_depth_maps, []
+
+    def gpu_then_cpu(views, init, points, cfg, device, **kwargs):
+        devices.append(torch.device(device).type)
+        if torch.device(device).type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(views, init, points, cfg, device, **kwargs)
+
+    monkeypatch.setattr(refine_mod, "default_device", lambda _pref: torch.device("cuda"))
+    monkeypatch.setattr(refine_mod, "refine_depth_maps", gpu_then_cpu)
+    with caplog.at_level(logging.WARNING):
+        refine_mod.run(ctx)
+    assert devices == ["cuda", "cpu"]
+    assert "out of memory" in caplog.text.lower() and "cpu" in caplog.text.lower()
+    assert all(ws.refine_view(v.name).exists() for v in scene.views)
