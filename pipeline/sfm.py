@@ -95,7 +95,8 @@ class SfmConfig:
     use_existing_model: bool = setting(True, "Use SCENE_DIR/sparse/0 (or SCENE_DIR/sparse) instead of running SfM when present.")
     seed: int = setting(0, "Random seed for COLMAP (RANSAC, mapping) so runs are repeatable (-1: not seeded).")
     jpeg_quality: int = setting(95, "JPEG quality (1-100) of JPEG images the stage re-encodes (downscaled, rotated or undistorted).")
-    num_threads: int = setting(-1, "CPU threads for COLMAP (-1: all).", affects_output=False)
+    num_threads: int = setting(1, "CPU threads for COLMAP feature extraction, matching and undistortion. 1 makes SfM repeatable run to run (with more threads the order of features and matches, and so the model, can change slightly from one run to the next); -1: all, faster on large scenes.")
+    mapper_threads: int = setting(1, "CPU threads of COLMAP's incremental mapping (bundle adjustment). 1 keeps SfM repeatable (multi-threaded bundle adjustment is not bit-reproducible); -1: all, faster on large scenes.")
 
 
 # ---- paths ---------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ def map_images(
 
     options = pycolmap.IncrementalPipelineOptions()
     options.random_seed = cfg.seed
-    options.num_threads = _threads(cfg.num_threads)
+    options.num_threads = _threads(cfg.mapper_threads)
     count = [0]
 
     def initial_pair() -> None:

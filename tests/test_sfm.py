@@ -377,3 +377,20 @@ def test_photos_directly_in_scene_dir_exclude_recon_folders(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / rel)
     files = scene_images(Workspace.create(tmp_path))
     assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.png", "b.png", "sub/c.png"]
+
+
+@pytest.mark.slow
+def test_sfm_is_repeatable_in_another_process(sfm_run, tmp_path):
+    """A second `recon stage sfm` in a fresh process gives bit-identical poses and points (mapper_threads=1)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "cli", "stage", "sfm", str(sfm_run.scene_dir), "--out", str(out)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    first, second = load_sfm_scene(sfm_run.ws), load_sfm_scene(Workspace.create(sfm_run.scene_dir, out))
+    assert [v.name for v in first.views] == [v.name for v in second.views]
+    for a, b in zip(first.views, second.views):
+        np.testing.assert_array_equal(a.cam_from_world, b.cam_from_world)
+    np.testing.assert_array_equal(first.points, second.points)
