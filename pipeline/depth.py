@@ -624,12 +624,17 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar:
         _geometric_filter_pass(scene, ws, cfg, device, bar, result)
         result.filter_seconds = time.perf_counter() - t0
 
+    estimated_now = bool(result.seconds)
     for v in scene.views:
         path = ws.depth_view(v.name)
         if path.exists():
             result.written.append(v.name)
             result.failed.pop(v.name, None)
-            result.valid_fraction.append(float(load_depth_map(path).stats.get("valid_fraction", 0.0)))
+            stats = load_depth_map(path).stats
+            result.valid_fraction.append(float(stats.get("valid_fraction", 0.0)))
+            if not estimated_now and "seconds" in stats:  # estimated earlier or by other workers: report their timing
+                result.seconds.append(float(stats["seconds"]))
+                result.cpu_seconds.append(float(stats.get("cpu_seconds", stats["seconds"])))
     if not result.written:
         reasons = "; ".join(list(result.failed.values())[:3])
         raise ReconError(f"no view got a depth map ({len(result.failed)} failed: {reasons}); fix the inputs or choose another depth.estimator")
