@@ -514,13 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="*", default=None, choices=SHAPES, help=f"rendered shapes [{' '.join(SHAPES[:3])}]; none: no shapes")
     p.add_argument("--models", nargs="*", default=None, choices=sorted(MODEL_FILES),
                    help=f"textured models of --models-dir rendered as scenes [{' '.join(MODEL_FILES)} when present]; none: no models")
-    p.add_argument("--models-dir", type=Path, default=Path("/work/shared/data/models"))
+    p.add_argument("--models-dir", type=Path, default=REPO.parent / "shared" / "data" / "models")
     p.add_argument("--views", type=int, default=None, help="views per rendered scene [24; --quick 12]")
     p.add_argument("--width", type=int, default=None, help="[480; --quick 320]")
     p.add_argument("--height", type=int, default=None, help="[360; --quick 240]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--real", action="store_true", help="also run the photo sets in --real-dir (no GT: times, registration, mesh size)")
-    p.add_argument("--real-dir", type=Path, default=Path("/work/shared/data/real"))
+    p.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the photo sets in --real-dir (no GT: times, registration, mesh size) [on when --real-dir exists, off with --quick]")
+    p.add_argument("--real-dir", type=Path, default=REPO.parent / "shared" / "data" / "real")
     p.add_argument("--real-sets", nargs="+", default=None, metavar="NAME", help="only these photo sets of --real-dir [all]; implies --real")
     p.add_argument("--real-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="passed to `recon run` of the photo sets only (e.g. sfm.max_image_size=1000)")
@@ -546,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         args.set = [s for s in ("depth.max_image_side=240", "refine.steps=60") if s.split("=", 1)[0] not in given] + args.set
         given |= {s.split("=", 1)[0] for s in args.real_set}
         args.real_set = [s for s in ("sfm.max_image_size=640", "depth.max_image_side=320") if s.split("=", 1)[0] not in given] + args.real_set
-    args.real = args.real or args.real_sets is not None
+    if args.real is None:
+        args.real = args.real_sets is not None or (not args.quick and args.real_dir.is_dir())
 
     scenes_dir, runs_dir = args.work / "scenes", args.work / "runs"
     results: list[dict[str, Any]] = []
