@@ -328,3 +328,24 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(blob_scene, tmp_path, monkeypa
     assert devices == ["cuda", "cpu"]
     assert "out of memory" in caplog.text.lower() and "cpu" in caplog.text.lower()
     assert all(ws.refine_view(v.name).exists() for v in scene.views)
+
+
+def test_max_correction_keeps_the_initial_depth_of_large_moves(blob_scene):
+    """With max_correction, a refined depth more than that (relative) away from the initial one is not kept."""
+    _, scene, gts, _ = blob_scene
+    maps = []
+    for v, g in zip(scene.views, gts):
+        valid = g > 0
+        maps.append(DepthMap(name=v.name, depth=g.astype(np.float32), confidence=valid.astype(np.float32), valid=valid, K=v.K,
+                             cam_from_world=v.cam_from_world, depth_init=g.astype(np.float32)))
+    band = np.zeros_like(maps[0].valid)
+    band[60:180, 60:140] = True
+    init0 = gts[0].copy()
+    init0[band] *= 1.05  # the refined map (GT) corrects it by ~5 %
+    maps[0] = replace(maps[0], depth_init=init0.astype(np.float32))
+    v0 = maps[0].valid & band
+    free, _ = keep_more_consistent(scene.views, maps, RefineConfig(), torch.device("cpu"))
+    capped, stats = keep_more_consistent(scene.views, maps, RefineConfig(max_correction=0.01), torch.device("cpu"))
+    assert np.mean(np.isclose(free[0].depth[v0], gts[0][v0], rtol=1e-6)) > 0.8
+    np.testing.assert_array_equal(capped[0].depth[v0], init0[v0].astype(np.float32))
+    assert stats[scene.views[0].name]["refined_fraction"] == 0.0
