@@ -601,58 +601,63 @@ def _finalize(groups: Sequence[_Group], views: Sequence[View], init: Sequence[De
                     logger.warning("refine: %s: %d non-finite refined depths replaced by the initial depth", views[i].name, int(bad.sum()))
                     d_pred = np.where(bad, d_init, d_pred)
                 d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
-                s = {"INIT": value_stats(d_init[valid]), "PRED": value_stats(d_pred[valid]), "DELTA": value_stats((d_pred - d_init)[valid]),
-                     "valid_fraction": float(valid.mean())}
+                s = change_stats(d_init, d_pred, valid)
                 stats[views[i].name] = s
                 out.append(replace(dm, depth=d_pred, valid=valid.copy(), confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
                                    depth_init=d_init.astype(np.float32), stats={**dm.stats, **s}))
     return out, stats
 
 
-def agreement_counts(maps: Sequence[DepthMap], index: int, neighbors: Sequence[int], *, initial: bool, reproj_px: float,
-                     rel_depth: float, device: torch.device) -> np.ndarray:
+def agreement_counts(depths: Sequence[torch.Tensor], Ks: Sequence[torch.Tensor], cam_from_world: Sequence[np.ndarray], index: int,
+                     neighbors: Sequence[int], *, reproj_px: float, rel_depth: float) -> np.ndarray:
     """Per pixel of view ``index``: how many ``neighbors`` agree with its depth (int (H, W)).
 
-    ``initial`` compares ``depth_init`` maps with each other, else the refined
-    ``depth`` maps (:func:`pipeline.mvs.geometric_consistency`: forward-backward
-    reprojection within ``reproj_px`` pixels and ``rel_depth`` relative depth).
+    ``depths`` are (H, W) maps (0 where invalid) of every view, ``Ks`` their
+    intrinsics; agreement is :func:`pipeline.mvs.geometric_consistency`
+    (forward-backward reprojection within ``reproj_px`` pixels and ``rel_depth``
+    relative depth).
     """
     from pipeline import mvs
     from pipeline.geometry import invert_pose
 
-    def depth_of(dm: DepthMap) -> torch.Tensor:
-        d = dm.depth_init if initial else dm.depth
-        return torch.as_tensor(np.where(dm.valid, d, 0.0), dtype=torch.float32, device=device)
-
-    t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-    ref = maps[index]
-    others = [(depth_of(maps[j]), t(maps[j].K), t(maps[j].cam_from_world @ invert_pose(ref.cam_from_world))) for j in neighbors]
+    world_from_ref = invert_pose(cam_from_world[index])
+    others = [(depths[j], Ks[j], torch.as_tensor(cam_from_world[j] @ world_from_ref, dtype=torch.float32, device=depths[j].device))
+              for j in neighbors]
     with torch.no_grad():
-        cons = mvs.geometric_consistency(depth_of(ref), t(ref.K), others, reproj_px, rel_depth)
+        cons = mvs.geometric_consistency(depths[index], Ks[index], others, reproj_px, rel_depth)
     return cons.count.cpu().numpy()
+
+
+def change_stats(depth_init: np.ndarray, depth: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
+    """INIT / PRED / DELTA statistics (mean, std, min, max) over the valid pixels, and the valid fraction."""
+    return {"INIT": value_stats(depth_init[valid]), "PRED": value_stats(depth[valid]), "DELTA": value_stats((depth - depth_init)[valid]),
+            "valid_fraction": float(valid.mean())}
 
 
 def keep_more_consistent(views: Sequence[View], maps: Sequence[DepthMap], cfg: RefineConfig, device: torch.device
                          ) -> tuple[list[DepthMap], dict[str, dict[str, Any]]]:
     """Refined depth where more neighbours agree with it than with the initial depth, initial depth elsewhere.
 
-    Returns the maps (same order) and their statistics (INIT / PRED / DELTA,
+    Returns the maps (same order) and their statistics (:func:`change_stats` plus
     ``refined_fraction``: share of valid pixels that kept the refined depth).
     """
     neighbors = select_neighbors(views, cfg.accept_neighbors)
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    initial = [t(np.where(dm.valid, dm.depth_init, 0.0)) for dm in maps]
+    refined = [t(np.where(dm.valid, dm.depth, 0.0)) for dm in maps]
+    Ks = [t(dm.K) for dm in maps]
+    poses = [np.asarray(dm.cam_from_world, np.float64) for dm in maps]
+    kw = {"reproj_px": cfg.accept_reproj_px, "rel_depth": cfg.accept_rel_depth}
     out: list[DepthMap] = []
     stats: dict[str, dict[str, Any]] = {}
     for i, dm in enumerate(maps):
-        kw = {"reproj_px": cfg.accept_reproj_px, "rel_depth": cfg.accept_rel_depth, "device": device}
-        before = agreement_counts(maps, i, neighbors[i].tolist(), initial=True, **kw)
-        after = agreement_counts(maps, i, neighbors[i].tolist(), initial=False, **kw)
+        before = agreement_counts(initial, Ks, poses, i, neighbors[i].tolist(), **kw)
+        after = agreement_counts(refined, Ks, poses, i, neighbors[i].tolist(), **kw)
         keep = dm.valid & (after > before)
         if cfg.max_correction > 0:
             keep &= np.abs(dm.depth - dm.depth_init) <= cfg.max_correction * dm.depth_init
         depth = np.where(keep, dm.depth, np.where(dm.valid, dm.depth_init, 0.0)).astype(np.float32)
-        s = {"INIT": value_stats(dm.depth_init[dm.valid]), "PRED": value_stats(depth[dm.valid]),
-             "DELTA": value_stats((depth - dm.depth_init)[dm.valid]), "valid_fraction": float(dm.valid.mean()),
-             "refined_fraction": float(keep.sum() / max(1, dm.valid.sum()))}
+        s = {**change_stats(dm.depth_init, depth, dm.valid), "refined_fraction": float(keep.sum() / max(1, dm.valid.sum()))}
         stats[views[i].name] = s
         out.append(replace(dm, depth=depth, stats={**dm.stats, **s}))
     return out, stats
