@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,24 +146,34 @@ def depth_errors(scene_dir: Path, out_dir: Path, which: str) -> dict[str, Any]:
 
 def fuse_and_score(scene_dir: Path, out_dir: Path, max_points: int) -> dict[str, Any]:
     """Fuse the final maps with the fuse stage's defaults and score them like ``recon eval``."""
-    from pipeline.evaluate import GtViews, evaluate_meshes
-    from pipeline.fuse import FuseConfig, FusionFrame, fuse_depth_maps, resolve_params
     from pipeline.groundtruth import scene_from_ground_truth
-    from pipeline.io import load_depth_map, load_rgb
+    from pipeline.io import load_depth_map
     from pipeline.workspace import Workspace
 
     scene = scene_from_ground_truth(scene_dir)
     ws = Workspace.create(scene_dir, out_dir)
-    present = [(v, ws.depth_view(v.name)) for v in scene.views if ws.depth_view(v.name).exists()]
-    first = load_depth_map(present[0][1])
-    focal_scale = float(np.sqrt(first.K[0, 0] * first.K[1, 1] / (present[0][0].K[0, 0] * present[0][0].K[1, 1])))
+    views = [v for v in scene.views if ws.depth_view(v.name).exists()]
+    return score_maps(scene_dir, scene, views, lambda i: load_depth_map(ws.depth_view(views[i].name)), max_points)
+
+
+def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_points: int = 400_000) -> dict[str, Any]:
+    """Fuse ``map_of(i)`` (the DepthMap of ``views[i]``, loaded when fused) with the fuse defaults; score like ``recon eval``.
+
+    Ground truth: the scene's ``gt/mesh.ply`` cropped to the object box + 5 %, F at 0.5 % and 1 % of the object diagonal.
+    """
+    from pipeline.evaluate import GtViews, evaluate_meshes
+    from pipeline.fuse import FuseConfig, FusionFrame, fuse_depth_maps, resolve_params
+    from pipeline.io import load_rgb
+
+    first = map_of(0)
+    focal_scale = float(np.sqrt(first.K[0, 0] * first.K[1, 1] / (views[0].K[0, 0] * views[0].K[1, 1])))
     params = resolve_params(FuseConfig(), scene, focal_scale)
 
     def frames():
-        for v, p in present:
-            yield FusionFrame(load_depth_map(p), lambda path=v.image_path: load_rgb(path))
+        for i, v in enumerate(views):
+            yield FusionFrame(map_of(i), lambda path=v.image_path: load_rgb(path))
 
-    fused = fuse_depth_maps(frames, params, "auto", total=len(present))
+    fused = fuse_depth_maps(frames, params, "auto", total=len(views))
     info = json.loads((scene_dir / "gt" / "scene.json").read_text())
     box = (np.asarray(info["object_bbox_min"]), np.asarray(info["object_bbox_max"]))
     return evaluate_meshes(fused.mesh, scene_dir / "gt" / "mesh.ply", gt_from_est=np.linalg.inv(scene.normalized_from_sfm), crop_box=box,

@@ -41,18 +41,10 @@ def depth_error(scene_dir: Path, views, maps, scale: float) -> dict[str, float]:
 
 
 def fused_scores(scene_dir: Path, scene, views, maps) -> dict[str, float]:
-    from pipeline.evaluate import GtViews, evaluate_meshes
-    from pipeline.fuse import FuseConfig, FusionFrame, fuse_depth_maps, resolve_params
-    from pipeline.io import load_rgb
+    """F@0.5 %, F@1 % and Chamfer (% of the diagonal) of ``maps`` fused (:func:`bench_depth.score_maps`)."""
+    from bench_depth import score_maps
 
-    info = json.loads((scene_dir / "gt" / "scene.json").read_text())
-    focal_scale = float(np.sqrt(maps[0].K[0, 0] * maps[0].K[1, 1] / (views[0].K[0, 0] * views[0].K[1, 1])))
-    params = resolve_params(FuseConfig(), scene, focal_scale)
-    frames = lambda: (FusionFrame(dm, lambda p=v.image_path: load_rgb(p)) for v, dm in zip(views, maps))  # noqa: E731
-    fused = fuse_depth_maps(frames, params, "auto", total=len(views))
-    box = (np.asarray(info["object_bbox_min"]), np.asarray(info["object_bbox_max"]))
-    r = evaluate_meshes(fused.mesh, scene_dir / "gt" / "mesh.ply", gt_from_est=np.linalg.inv(scene.normalized_from_sfm), crop_box=box,
-                        diagonal=float(info["object_diagonal"]), gt_views=GtViews.load(scene_dir / "gt"), thresholds_rel=(0.005, 0.01))
+    r = score_maps(scene_dir, scene, views, lambda i: maps[i])
     t = r["thresholds"]
     return {"F@0.5%": t["0.5%"]["fscore"], "F@1%": t["1%"]["fscore"], "chamfer_%": 100 * r["chamfer_rel"]}
 
