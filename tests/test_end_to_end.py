@@ -28,6 +28,11 @@ FAST = ["--set", "depth.max_image_side=200", "--set", "refine.steps=60", "--no-p
 pytestmark = pytest.mark.slow
 
 
+def _copy_sample(dest: Path) -> None:
+    """The sample scene without the output a `make demo` may have left in it (sample_scenes/blob/recon)."""
+    shutil.copytree(SAMPLE, dest, ignore=shutil.ignore_patterns("recon"))
+
+
 def _recon(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=Path(cli.__file__).parent)
 
@@ -35,7 +40,7 @@ def _recon(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     scene = tmp_path_factory.mktemp("e2e") / "blob"
-    shutil.copytree(SAMPLE, scene)
+    _copy_sample(scene)
     result = CliRunner().invoke(cli.main, ["run", str(scene), *FAST])
     assert result.exit_code == 0, result.output
     return scene
@@ -79,7 +84,7 @@ def test_diagnose_passes_on_a_good_run(finished_run):
 
 def test_sigkill_during_depth_resumes_to_the_same_mesh(finished_run, tmp_path):
     scene = tmp_path / "blob"
-    shutil.copytree(SAMPLE, scene)
+    _copy_sample(scene)
     proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(scene), *FAST], cwd=Path(cli.__file__).parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     views = scene / "recon" / "depth"
