@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,6 +22,8 @@ from pipeline.errors import ReconError
 from pipeline.workspace import IMAGE_SUFFIXES, Workspace
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -207,10 +212,7 @@ class DepthMap:
         return self.depth.shape  # type: ignore[return-value]
 
 
-def save_depth_map(path: Path, dm: DepthMap) -> None:
-    """Write a :class:`DepthMap` atomically."""
-    from pipeline.cache import write_npz_atomic
-
+def _depth_map_arrays(dm: DepthMap) -> dict[str, np.ndarray]:
     arrays = dict(
         name=np.array(dm.name),
         depth=dm.depth.astype(np.float32),
@@ -222,11 +224,24 @@ def save_depth_map(path: Path, dm: DepthMap) -> None:
     )
     if dm.depth_init is not None:
         arrays["depth_init"] = dm.depth_init.astype(np.float32)
-    write_npz_atomic(path, **arrays)
+    return arrays
+
+
+def save_depth_map(path: Path, dm: DepthMap) -> None:
+    """Write a :class:`DepthMap` atomically."""
+    from pipeline.cache import write_npz_atomic
+
+    write_npz_atomic(path, **_depth_map_arrays(dm))
+
+
+def save_scratch_depth_map(path: Path, dm: DepthMap) -> None:
+    """Write a :class:`DepthMap` to a stage's scratch file: uncompressed, not atomic, never a cache
+    (the writer reads it back itself; :func:`load_depth_map` reads it). ``path`` must end in ``.npz``."""
+    np.savez(path, **_depth_map_arrays(dm))
 
 
 def load_depth_map(path: Path) -> DepthMap:
-    """Read a :class:`DepthMap` written by :func:`save_depth_map`."""
+    """Read a :class:`DepthMap` written by :func:`save_depth_map` (or :func:`save_scratch_depth_map`)."""
     from pipeline.cache import read_npz
 
     d = read_npz(path)
@@ -240,3 +255,27 @@ def load_depth_map(path: Path) -> DepthMap:
         stats=json.loads(str(d["stats"])),
         depth_init=d.get("depth_init"),
     )
+
+
+class LazySequence(Sequence[T]):
+    """A read-only sequence whose items are made on access by ``load(index)`` and not kept.
+
+    For inputs too many to hold at once (every view's depth map and image):
+    a stage passes ``LazySequence(len(views), lambda i: load_depth_map(...))``
+    where a function takes a ``Sequence``, and each access reads the file again.
+    """
+
+    def __init__(self, length: int, load: Callable[[int], T]):
+        self._length = int(length)
+        self._load = load
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._length))]
+        i = operator.index(index)
+        if not -self._length <= i < self._length:
+            raise IndexError(f"index {i} out of range for {self._length} items")
+        return self._load(i % self._length)

@@ -45,8 +45,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,7 +62,7 @@ import torch.nn.functional as F
 from pipeline import losses
 from pipeline.errors import ReconError
 from pipeline.geometry import default_device, inside_image, sample_image
-from pipeline.io import DepthMap, View
+from pipeline.io import DepthMap, LazySequence, View, load_depth_map, save_scratch_depth_map
 from pipeline.oom import call_with_oom_fallback
 from pipeline.settings import fingerprint_fields, setting
 from pipeline.stage import StageContext
@@ -75,6 +79,8 @@ class RefineConfig:
     steps: int = setting(400, "Optimizer steps; each refines one group of views_per_batch views, so a view is updated steps / ceil(views / views_per_batch) times.")
     samples_per_view: int = setting(1024, "Pixels sampled per view per step for the multiview loss.")
     views_per_batch: int = setting(8, "Views refined per step (bounds the memory of a step: about views_per_batch full-resolution maps and their gradients).")
+    max_resident_views: int = setting(24, "Views whose optimizer tensors stay in memory (about 7.5 MiB per view at 480x360; every view's current depth, 1.3 MiB, stays regardless). With more views, the groups beyond this budget take turns in one resident slot and wait in scratch files under refine/ (their δz grids, Adam state and fixed per-view tensors, about 8 MiB per view): the same result, paid with disk reads and writes at each turn (fewer with steps_per_visit > 1). At least one group of views_per_batch views is resident.", affects_output=False)
+    steps_per_visit: int = setting(1, "Consecutive steps a group of views is refined before the next group's turn (1: round robin, one step each). Larger values make fewer turns, so offloaded groups (max_resident_views) are read and written less often, but a group then takes several steps against the same neighbour depths.")
     num_neighbors: int = setting(4, "Neighbour views per view for L_mv (most shared sparse points).")
     pyramid_strides: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "Strides in pixels of the summed δz grids (1 = per-pixel; larger = smoother, low-frequency corrections).")
     weight_mv: float = setting(2.0, "Weight of the multiview reprojection loss L_mv.")
@@ -132,7 +138,8 @@ def value_stats(values: np.ndarray) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
 
 
-def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.Tensor) -> torch.Tensor:
+def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.Tensor,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Bilinear read of per-view maps at pixel coordinates, each sample from its own view.
 
     The same values as :func:`pipeline.geometry.sample_image` of map
@@ -146,8 +153,10 @@ def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.T
         maps_vhwc: (V, H, W, C) maps of all views, channels last.
         view_bn: (B, N) long view indices.
         uv_bn2: (B, N, 2) pixel coordinates in those views.
+        decode: optional map of each tap's values (B, N, C) → (B, N, C'), applied
+            before the interpolation (a compact storage read as more channels).
     Returns:
-        (B, C, N).
+        (B, C, N), or (B, C', N) with ``decode``.
     """
     v, h, w, c = maps_vhwc.shape
     x = (uv_bn2[..., 0] - 0.5).clamp(0, w - 1)
@@ -160,7 +169,8 @@ def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.T
     base = view_bn * (h * w)
 
     def tap(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        return rows.index_select(0, (base + yy * w + xx).reshape(-1)).reshape(*view_bn.shape, c)
+        values = rows.index_select(0, (base + yy * w + xx).reshape(-1)).reshape(*view_bn.shape, c)
+        return values if decode is None else decode(values)
 
     top = tap(y0, x0) * (1 - ax) + tap(y0, x1) * ax
     bottom = tap(y1, x0) * (1 - ax) + tap(y1, x1) * ax
@@ -239,7 +249,7 @@ class _Group:
     valid: torch.Tensor  # (B, 1, H, W) bool
     valid_count: torch.Tensor  # () number of valid pixels
     confidence: torch.Tensor  # (B, 1, H, W)
-    pix_index: torch.Tensor  # (B, Nmax) flat indices of valid pixels
+    pix_index: torch.Tensor  # (B, Nmax) int32 flat indices of valid pixels
     pix_count: torch.Tensor  # (B, 1)
     K_src: torch.Tensor  # (B*k, 3, 3)
     K_dst: torch.Tensor  # (B*k, 3, 3)
@@ -255,32 +265,57 @@ class _Group:
     exp_avg_sq: list[torch.Tensor]
     adam_steps: torch.Tensor  # () device step count (skipped steps do not count)
 
+    _FIXED = ("depth_init", "valid", "valid_count", "confidence", "pix_index", "pix_count", "K_src", "K_dst", "nbr", "dst_from_src",
+              "anchor_uv", "anchor_z", "anchor_mask")
 
-def _check_inputs(views: Sequence[View], init: Sequence[DepthMap]) -> None:
-    if len(views) != len(init) or not views:
-        raise ValueError(f"need one depth map per view, got {len(views)} views and {len(init)} maps")
-    for v, dm in zip(views, init):
-        h, w = dm.depth.shape
-        if dm.valid.shape != (h, w) or dm.confidence.shape != (h, w) or np.shape(dm.K) != (3, 3) or np.shape(dm.cam_from_world) != (4, 4):
-            raise ReconError(f"depth map of {v.name}: inconsistent shapes (depth {dm.depth.shape}, valid {dm.valid.shape}, "
-                             f"confidence {dm.confidence.shape}); delete it and re-run the depth stage")
+    def fixed_tensors(self) -> list[torch.Tensor]:
+        """The tensors that do not change while optimizing, in a fixed order (see :meth:`from_tensors`)."""
+        return [getattr(self, k) for k in self._FIXED] + [*self.edge_w, *self.surf_w]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The optimizer state: grids, Adam moments, step count."""
+        return [*self.grids, *self.exp_avg, *self.exp_avg_sq, self.adam_steps]
+
+    @classmethod
+    def from_tensors(cls, start: int, stop: int, fixed: Sequence[torch.Tensor], state: Sequence[torch.Tensor]) -> "_Group":
+        n = len(cls._FIXED)
+        levels = (len(state) - 1) // 3
+        return cls(start=start, stop=stop, **dict(zip(cls._FIXED, fixed[:n])), edge_w=(fixed[n], fixed[n + 1]), surf_w=(fixed[n + 2], fixed[n + 3]),
+                   grids=list(state[:levels]), exp_avg=list(state[levels:2 * levels]), exp_avg_sq=list(state[2 * levels:3 * levels]),
+                   adam_steps=state[-1])
 
 
-def _anchor_projections(views: Sequence[View], init: Sequence[DepthMap], points: np.ndarray, max_points: int,
+def _check_map(view: View, dm: DepthMap) -> None:
+    h, w = dm.depth.shape
+    if dm.valid.shape != (h, w) or dm.confidence.shape != (h, w) or np.shape(dm.K) != (3, 3) or np.shape(dm.cam_from_world) != (4, 4):
+        raise ReconError(f"depth map of {view.name}: inconsistent shapes (depth {dm.depth.shape}, valid {dm.valid.shape}, "
+                         f"confidence {dm.confidence.shape}); delete it and re-run the depth stage")
+
+
+@dataclass(frozen=True)
+class _ViewCamera:
+    """What the scene-wide tables need of one initial map (kept for every view: small)."""
+
+    shape: tuple[int, int]
+    K: np.ndarray  # (3, 3) float64
+    cam_from_world: np.ndarray  # (4, 4) float64
+
+
+def _anchor_projections(views: Sequence[View], cameras: Sequence[_ViewCamera], points: np.ndarray, max_points: int,
                         seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each view's sparse points projected with its depth map's K and pose, padded: (uv (V,P,2), z (V,P), in-image mask (V,P))."""
     rng = np.random.default_rng([seed, 1])
     rows = []
-    for v, dm in zip(views, init):
+    for v, cam in zip(views, cameras):
         ids = np.asarray(v.point_ids, np.int64)
         if len(ids) > max_points:
             ids = np.sort(rng.choice(ids, max_points, replace=False))
-        T, K = np.asarray(dm.cam_from_world, np.float64), np.asarray(dm.K, np.float64)
+        T, K = cam.cam_from_world, cam.K
         Xc = points[ids] @ T[:3, :3].T + T[:3, 3] if len(ids) else np.zeros((0, 3))
         z = Xc[:, 2]
         zc = np.maximum(z, 1e-8)
         uv = np.stack([K[0, 0] * Xc[:, 0] / zc + K[0, 2], K[1, 1] * Xc[:, 1] / zc + K[1, 2]], -1).reshape(-1, 2)
-        h, w = dm.depth.shape
+        h, w = cam.shape
         ok = (z > losses.MIN_DEPTH) & (uv[:, 0] >= 0) & (uv[:, 0] <= w) & (uv[:, 1] >= 0) & (uv[:, 1] <= h)
         rows.append((uv, z, ok))
     P = max(1, max(len(z) for _, z, _ in rows))
@@ -303,7 +338,7 @@ def _check_config(cfg: RefineConfig) -> None:
     for key in ("lr", "huber_delta", "occlusion_tol", "occlusion_tol_behind"):
         if not getattr(cfg, key) > 0:
             raise ReconError(f"refine.{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("samples_per_view", "views_per_batch", "log_every", "max_anchor_points"):
+    for key in ("samples_per_view", "views_per_batch", "log_every", "max_anchor_points", "max_resident_views", "steps_per_visit"):
         if getattr(cfg, key) < 1:
             raise ReconError(f"refine.{key} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.steps < 0 or cfg.num_neighbors < 0:
@@ -315,73 +350,222 @@ def _check_config(cfg: RefineConfig) -> None:
         raise ReconError(f"refine.lr_final_ratio must be in (0, 1], got {cfg.lr_final_ratio}")
 
 
-def _prepare(views: Sequence[View], init: Sequence[DepthMap], points: np.ndarray, images: Sequence[np.ndarray | None] | None,
-             cfg: RefineConfig, device: torch.device) -> tuple[list[_Group], torch.Tensor, np.ndarray]:
-    """Device tensors of every group, the shared ``current`` (V, H, W, 3) maps, and the neighbour table.
+def _input_arrays(dm: DepthMap, cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An initial map as optimized: (depth float32, 0 where invalid; valid; L_mv weight float32, 0 where invalid), (h, w) each."""
+    d = np.asarray(dm.depth, np.float32)
+    ok = np.asarray(dm.valid, bool) & np.isfinite(d) & (d > losses.MIN_DEPTH)
+    c = np.nan_to_num(np.asarray(dm.confidence, np.float32), nan=0.0)
+    conf = np.where(ok, np.clip(c, 0.0, 1.0) if cfg.use_confidence else 1.0, 0.0).astype(np.float32)
+    return np.where(ok, d, 0.0).astype(np.float32), ok, conf
 
-    Views (in storage order) are padded to a common (H, W) with invalid pixels.
+
+def _decode_current(taps: torch.Tensor) -> torch.Tensor:
+    """``current`` stores (depth, weight) with weight −1 at invalid pixels; read as (depth, valid 0/1, weight ≥ 0)."""
+    c = taps[..., 1]
+    return torch.stack([taps[..., 0], (c >= 0).to(taps.dtype), c.clamp(min=0.0)], -1)
+
+
+@dataclass
+class _SceneTables:
+    """Per-view data small enough to keep for every view (storage order), and the common padded size."""
+
+    height: int
+    width: int
+    Ks: np.ndarray  # (V, 3, 3)
+    nbr: np.ndarray  # (V, k) neighbour storage indices
+    dst_from_src: np.ndarray  # (V, k, 4, 4)
+    anchor_uv: np.ndarray  # (V, P, 2)
+    anchor_z: np.ndarray  # (V, P)
+    anchor_ok: np.ndarray  # (V, P)
+    pyramid: list[tuple[int, int]]
+
+
+def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.ndarray, cfg: RefineConfig,
+                  device: torch.device) -> tuple[_SceneTables, torch.Tensor]:
+    """The scene-wide tables and the shared ``current`` maps (V, H, W, 2): depth and L_mv weight (−1 where invalid).
+
+    Reads each initial map twice, one at a time (sizes and cameras first, then
+    the common padded size is known); views are padded to (H, W) with invalid pixels.
     """
     n = len(views)
-    H = max(dm.depth.shape[0] for dm in init)
-    W = max(dm.depth.shape[1] for dm in init)
-    depth = np.zeros((n, 1, H, W), np.float32)
-    valid = np.zeros((n, 1, H, W), bool)
-    conf = np.zeros((n, 1, H, W), np.float32)
-    gray = np.zeros((n, 1, H, W), np.float32)
-    for i, dm in enumerate(init):
-        h, w = dm.depth.shape
-        d = np.asarray(dm.depth, np.float32)
-        ok = np.asarray(dm.valid, bool) & np.isfinite(d) & (d > losses.MIN_DEPTH)
-        depth[i, 0, :h, :w] = np.where(ok, d, 0.0)
-        valid[i, 0, :h, :w] = ok
-        c = np.nan_to_num(np.asarray(dm.confidence, np.float32), nan=0.0)
-        conf[i, 0, :h, :w] = np.where(ok, np.clip(c, 0.0, 1.0) if cfg.use_confidence else 1.0, 0.0)
-        g = _gray(images[i] if images is not None else None, h, w)
-        if g is not None:
-            gray[i, 0, :h, :w] = g
-    Ks = np.stack([np.asarray(dm.K, np.float64) for dm in init])
-    poses = np.stack([np.asarray(dm.cam_from_world, np.float64) for dm in init])
+    cameras = []
+    for v, dm in zip(views, init):
+        _check_map(v, dm)
+        cameras.append(_ViewCamera(dm.depth.shape, np.asarray(dm.K, np.float64), np.asarray(dm.cam_from_world, np.float64)))
+    H = max(c.shape[0] for c in cameras)
+    W = max(c.shape[1] for c in cameras)
+    pyramid = _pyramid_shapes(H, W, cfg.pyramid_strides)
+    poses = np.stack([c.cam_from_world for c in cameras])
     nbr = select_neighbors(views, cfg.num_neighbors)
     k = nbr.shape[1]
     dst_from_src = np.array([[poses[j] @ np.linalg.inv(poses[i]) for j in nbr[i]] for i in range(n)]).reshape(n, k, 4, 4)
-    a_uv, a_z, a_ok = _anchor_projections(views, init, points, cfg.max_anchor_points, cfg.seed)
-    shapes = _pyramid_shapes(H, W, cfg.pyramid_strides)
+    a_uv, a_z, a_ok = _anchor_projections(views, cameras, points, cfg.max_anchor_points, cfg.seed)
+    current = torch.empty((n, H, W, 2), dtype=torch.float32, device=device)
+    for i, dm in enumerate(init):
+        h, w = dm.depth.shape
+        d, ok, conf = _input_arrays(dm, cfg)
+        block = np.zeros((H, W, 2), np.float32)
+        block[..., 1] = -1.0
+        block[:h, :w, 0] = d
+        block[:h, :w, 1] = np.where(ok, conf, -1.0)
+        current[i] = torch.from_numpy(block)
+    tables = _SceneTables(height=H, width=W, Ks=np.stack([c.K for c in cameras]), nbr=nbr, dst_from_src=dst_from_src,
+                          anchor_uv=a_uv, anchor_z=a_z, anchor_ok=a_ok, pyramid=pyramid)
+    return tables, current
+
+
+def _build_group(start: int, stop: int, init: Sequence[DepthMap], images: Sequence[np.ndarray | None] | None, tables: _SceneTables,
+                 cfg: RefineConfig, device: torch.device) -> _Group:
+    """The device tensors of the views ``start:stop`` (storage order), read from their initial maps and images; δz = 0."""
+    B, H, W = stop - start, tables.height, tables.width
+    depth = np.zeros((B, 1, H, W), np.float32)
+    valid = np.zeros((B, 1, H, W), bool)
+    conf = np.zeros((B, 1, H, W), np.float32)
+    gray = np.zeros((B, 1, H, W), np.float32)
+    for j, i in enumerate(range(start, stop)):
+        dm = init[i]
+        h, w = dm.depth.shape
+        depth[j, 0, :h, :w], valid[j, 0, :h, :w], conf[j, 0, :h, :w] = _input_arrays(dm, cfg)
+        g = _gray(images[i] if images is not None else None, h, w)
+        if g is not None:
+            gray[j, 0, :h, :w] = g
+    sl = slice(start, stop)
+    nbr = tables.nbr
+    k = nbr.shape[1]
 
     def t(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
 
-    groups = []
-    start = 0
-    for members in view_groups(n, cfg.views_per_batch):
-        stop = start + len(members)
-        sl = slice(start, stop)
-        d0, ok, cf = t(depth[sl]), t(valid[sl], torch.bool), t(conf[sl])
-        w_x, w_y = losses.image_edge_weights(t(gray[sl]), cfg.edge_alpha)
-        if cfg.smooth_depth_edge > 0:
-            w_x, w_y = losses.depth_edge_weights(d0, w_x, w_y, cfg.smooth_depth_edge)
-        flat_valid = valid[sl].reshape(stop - start, -1)
-        counts = flat_valid.sum(1)
-        pix_index = np.zeros((stop - start, max(1, int(counts.max()))), np.int64)
-        for j in range(stop - start):
-            idx = np.flatnonzero(flat_valid[j])
-            pix_index[j, : len(idx)] = idx
-        anchor_uv = t(a_uv[sl])
-        # Anchors must land on valid depth (all four bilinear taps valid).
-        anchor_ok = t(a_ok[sl], torch.bool) & (sample_image(ok.float(), anchor_uv)[:, 0] > 0.999)
-        grids = [torch.zeros(stop - start, 1, h, w, device=device) for h, w in shapes]
-        groups.append(_Group(
-            start=start, stop=stop, depth_init=d0, valid=ok, valid_count=ok.sum().float(), confidence=cf,
-            pix_index=t(pix_index, torch.long), pix_count=t(counts[:, None]),
-            K_src=t(Ks[sl]).repeat_interleave(k, 0), K_dst=t(Ks[nbr[sl].reshape(-1)]), nbr=t(nbr[sl].reshape(-1), torch.long),
-            dst_from_src=t(dst_from_src[sl].reshape(-1, 4, 4)),
-            edge_w=losses.edge_smoothness_weights(ok, d0, w_x, w_y), surf_w=losses.surface_smoothness_weights(ok, d0, w_x, w_y),
-            anchor_uv=anchor_uv, anchor_z=t(a_z[sl]), anchor_mask=anchor_ok,
-            grids=grids, exp_avg=[torch.zeros_like(g) for g in grids], exp_avg_sq=[torch.zeros_like(g) for g in grids],
-            adam_steps=torch.zeros((), device=device),
-        ))
-        start = stop
-    current = torch.cat([t(depth), t(valid).float(), t(conf)], 1).permute(0, 2, 3, 1).contiguous()
-    return groups, current, nbr
+    d0, ok, cf = t(depth), t(valid, torch.bool), t(conf)
+    w_x, w_y = losses.image_edge_weights(t(gray), cfg.edge_alpha)
+    if cfg.smooth_depth_edge > 0:
+        w_x, w_y = losses.depth_edge_weights(d0, w_x, w_y, cfg.smooth_depth_edge)
+    flat_valid = valid.reshape(B, -1)
+    counts = flat_valid.sum(1)
+    pix_index = np.zeros((B, max(1, int(counts.max()))), np.int32)  # int32 halves the largest fixed tensor (H·W < 2³¹)
+    for j in range(B):
+        idx = np.flatnonzero(flat_valid[j])
+        pix_index[j, : len(idx)] = idx
+    anchor_uv = t(tables.anchor_uv[sl])
+    # Anchors must land on valid depth (all four bilinear taps valid).
+    anchor_ok = t(tables.anchor_ok[sl], torch.bool) & (sample_image(ok.float(), anchor_uv)[:, 0] > 0.999)
+    grids = [torch.zeros(B, 1, h, w, device=device) for h, w in tables.pyramid]
+    return _Group(
+        start=start, stop=stop, depth_init=d0, valid=ok, valid_count=ok.sum().float(), confidence=cf,
+        pix_index=t(pix_index, torch.int32), pix_count=t(counts[:, None]),
+        K_src=t(tables.Ks[sl]).repeat_interleave(k, 0), K_dst=t(tables.Ks[nbr[sl].reshape(-1)]), nbr=t(nbr[sl].reshape(-1), torch.long),
+        dst_from_src=t(tables.dst_from_src[sl].reshape(-1, 4, 4)),
+        edge_w=losses.edge_smoothness_weights(ok, d0, w_x, w_y), surf_w=losses.surface_smoothness_weights(ok, d0, w_x, w_y),
+        anchor_uv=anchor_uv, anchor_z=t(tables.anchor_z[sl]), anchor_mask=anchor_ok,
+        grids=grids, exp_avg=[torch.zeros_like(g) for g in grids], exp_avg_sq=[torch.zeros_like(g) for g in grids],
+        adam_steps=torch.zeros((), device=device),
+    )
+
+
+# ---- scratch files: offloaded groups, maps awaiting the consistency gate ------------------
+
+_ALIGN = 64
+
+
+def _save_tensors(path: Path, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Write the tensors' raw bytes one after another (each padded to 64 bytes); returns their (shape, dtype) for :func:`_load_tensors`."""
+    layout = []
+    with open(path, "wb") as fh:
+        for x in tensors:
+            a = x.detach().contiguous().cpu().numpy()
+            fh.write(a.reshape(-1).view(np.uint8).data)
+            fh.write(b"\0" * (-a.nbytes % _ALIGN))
+            layout.append((tuple(x.shape), x.dtype))
+    return layout
+
+
+def _load_tensors(path: Path, layout: Sequence[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> list[torch.Tensor]:
+    """Read back what :func:`_save_tensors` wrote: the same values, bit for bit (one read; on the CPU the tensors share its buffer)."""
+    buf = np.fromfile(path, dtype=np.uint8)
+    out, offset = [], 0
+    for shape, dtype in layout:
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        nbytes = math.prod(shape) * np_dtype.itemsize
+        out.append(torch.from_numpy(buf[offset: offset + nbytes].view(np_dtype).reshape(shape)).to(device))
+        offset += nbytes + (-nbytes % _ALIGN)
+    return out
+
+
+@contextlib.contextmanager
+def _scratch_folder(parent: Path | None) -> Iterator[Callable[[], Path]]:
+    """Yield a function giving this call's own scratch folder (made on first use in ``parent``, or the
+    system's temporary folder); the folder is removed on exit, also after an error."""
+    made: list[Path] = []
+
+    def folder() -> Path:
+        if not made:
+            if parent is not None:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            made.append(Path(tempfile.mkdtemp(prefix=".refine.", dir=parent)))
+        return made[0]
+
+    try:
+        yield folder
+    finally:
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class _GroupStore:
+    """Every group's tensors, made on first use and kept — or, when the groups exceed ``max_views``, the
+    first groups kept and the others taking turns in one slot, their tensors in scratch files between
+    turns (raw bytes: a group comes back bit-identical, so the result does not depend on ``max_views``)."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]], build: Callable[[int, int], _Group], max_views: int,
+                 scratch: Callable[[], Path], device: torch.device):
+        self.spans = list(spans)
+        self._build, self._scratch, self._device = build, scratch, device
+        sizes = [b - a for a, b in self.spans]
+        kept = 0  # groups always resident; the remaining ones share one slot
+        while kept < len(sizes) - 1 and sum(sizes[: kept + 1]) + max(sizes[kept + 1:]) <= max_views:
+            kept += 1
+        self.kept = kept
+        self.offloading = kept < len(sizes) - 1
+        self._resident: dict[int, _Group] = {}
+        self._slot: tuple[int, _Group] | None = None
+        self._layouts: dict[int, tuple[list, list]] = {}
+        self.swaps = 0
+
+    def get(self, g: int) -> _Group:
+        if not self.offloading or g < self.kept:
+            if g not in self._resident:
+                self._resident[g] = self._build(*self.spans[g])
+            return self._resident[g]
+        if self._slot is not None and self._slot[0] == g:
+            return self._slot[1]
+        if self._slot is not None:
+            self._save(*self._slot)
+            self._slot = None
+        self._slot = (g, self._load(g))
+        return self._slot[1]
+
+    def _paths(self, g: int) -> tuple[Path, Path]:
+        folder = self._scratch()
+        return folder / f"group{g:04d}.fixed", folder / f"group{g:04d}.state"
+
+    def _save(self, g: int, gr: _Group) -> None:
+        fixed, state = self._paths(g)
+        if g not in self._layouts:  # the fixed tensors once, the state at every turn
+            self._layouts[g] = (_save_tensors(fixed, gr.fixed_tensors()), [])
+        self._layouts[g] = (self._layouts[g][0], _save_tensors(state, gr.state_tensors()))
+
+    def _load(self, g: int) -> _Group:
+        self.swaps += 1
+        if g not in self._layouts:
+            return self._build(*self.spans[g])
+        fixed, state = self._paths(g)
+        layout_fixed, layout_state = self._layouts[g]
+        return _Group.from_tensors(*self.spans[g], _load_tensors(fixed, layout_fixed, self._device), _load_tensors(state, layout_state, self._device))
+
+    def release(self) -> None:
+        """Drop every group's tensors (the scratch files stay until the scratch folder goes)."""
+        self._resident.clear()
+        self._slot = None
 
 
 LOSS_TERMS: tuple[str, ...] = ("L_mv", "L_anchor", "L_edge", "L_surf", "L_mag")
@@ -402,13 +586,13 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
         S = cfg.samples_per_view
         # (a view without valid pixels samples pixel 0: invalid, so its confidence weight is 0)
         pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(), (gr.pix_count - 1).clamp(min=0).long())
-        flat = torch.gather(gr.pix_index, 1, pick)  # (B, S)
+        flat = torch.gather(gr.pix_index, 1, pick).long()  # (B, S)
         uv_src = torch.stack([(flat % W).to(pred.dtype) + 0.5, torch.div(flat, W, rounding_mode="floor").to(pred.dtype) + 0.5], -1)
         d_src = torch.gather(pred.reshape(B, -1), 1, flat)
         c_src = torch.gather(gr.confidence.reshape(B, -1), 1, flat)
         uv_dst, z_sel = losses.reproject(uv_src.repeat_interleave(k, 0), d_src.repeat_interleave(k, 0), gr.K_src, gr.K_dst, gr.dst_from_src)
         # The neighbour's current depth is this step's target: read as a constant, at a constant location.
-        read = sample_views(current, gr.nbr[:, None].expand(B * k, S), uv_dst.detach())  # (B*k, 3, S)
+        read = sample_views(current, gr.nbr[:, None].expand(B * k, S), uv_dst.detach(), _decode_current)  # (B*k, 3, S): depth, valid, weight
         inside = inside_image(uv_dst, H, W) & (read[:, 1] > 0.999)
         weight = c_src.repeat_interleave(k, 0) * read[:, 2]
         terms["L_mv"], keep = losses.multiview_loss(z_sel, read[:, 0], inside, delta=cfg.huber_delta, tol=cfg.occlusion_tol,
@@ -470,8 +654,17 @@ def refine_depth_maps(
     *,
     images: Sequence[np.ndarray | None] | None = None,
     bar: Any = None,
+    sink: Callable[[int, DepthMap], None] | None = None,
+    scratch_dir: Path | None = None,
 ) -> tuple[list[DepthMap], dict[str, Any]]:
-    """Refine the depth maps of a scene jointly (the core of the stage, no file I/O).
+    """Refine the depth maps of a scene jointly (the core of the stage; no file I/O but its own scratch files).
+
+    Memory: besides every view's current depth (the multiview targets) and small
+    per-view tables, only the groups of views that ``cfg.max_resident_views``
+    allows are in memory; ``init`` and ``images`` are read one view at a time
+    (and more than once), so they may be :class:`pipeline.io.LazySequence`\\ s that
+    load each item from its file, and with ``sink`` the refined maps are handed
+    over one by one instead of being collected.
 
     Args:
         views: the scene's views (``point_ids`` for anchoring, co-visibility for neighbours).
@@ -483,13 +676,18 @@ def refine_depth_maps(
         images: optional per-view RGB/gray images (any resolution; resized to the
             depth maps) for the edge-aware weights; None = uniform weights.
         bar: optional tqdm-like bar (``update``, ``set_postfix``).
+        sink: optional ``sink(index in views, refined map)``, called once per view
+            after the optimization; the returned list is then empty.
+        scratch_dir: folder in which this call makes its own scratch folder (offloaded
+            groups, maps awaiting the consistency gate), removed before it returns, also
+            after an error; None: the system's temporary folder.
     Returns:
         (refined maps in the order of ``views`` — ``depth = depth_init + δz``, 0 where
         invalid, ``depth_init`` set, ``stats`` with INIT/PRED/DELTA mean/std/min/max —
-        and the log dict).
+        or ``[]`` with ``sink``; and the log dict).
     """
     with torch_threads(cfg.cpu_threads if torch.device(device).type == "cpu" else 0):
-        return _refine(views, init, points, cfg, device, images=images, bar=bar)
+        return _refine(views, init, points, cfg, device, images=images, bar=bar, sink=sink, scratch_dir=scratch_dir)
 
 
 def _refine(
@@ -501,17 +699,64 @@ def _refine(
     *,
     images: Sequence[np.ndarray | None] | None = None,
     bar: Any = None,
+    sink: Callable[[int, DepthMap], None] | None = None,
+    scratch_dir: Path | None = None,
 ) -> tuple[list[DepthMap], dict[str, Any]]:
     _check_config(cfg)
-    _check_inputs(views, init)
+    if len(views) != len(init) or not views:
+        raise ValueError(f"need one depth map per view, got {len(views)} views and {len(init)} maps")
     device = torch.device(device)
     started = time.perf_counter()
     # Storage order: the members of each group side by side.
-    order = np.concatenate(view_groups(len(views), cfg.views_per_batch))
+    groups_idx = view_groups(len(views), cfg.views_per_batch)
+    order = np.concatenate(groups_idx)
+    spans = np.cumsum([0] + [len(g) for g in groups_idx])
+    spans = [(int(a), int(b)) for a, b in zip(spans[:-1], spans[1:])]
     views_s = [views[i] for i in order]
-    init_s = [init[i] for i in order]
-    images_s = [images[i] for i in order] if images is not None else None
-    groups, current, nbr = _prepare(views_s, init_s, np.asarray(points, np.float64).reshape(-1, 3), images_s, cfg, device)
+    init_s = LazySequence(len(views), lambda pos: init[order[pos]])
+    images_s = LazySequence(len(views), lambda pos: images[order[pos]]) if images is not None else None
+    out: list[DepthMap | None] = [None] * len(views) if sink is None else []
+
+    def emit(pos: int, dm: DepthMap) -> None:
+        if sink is None:
+            out[order[pos]] = dm
+        else:
+            sink(int(order[pos]), dm)
+
+    with _scratch_folder(scratch_dir) as scratch:
+        tables, current = _scene_tables(views_s, init_s, np.asarray(points, np.float64).reshape(-1, 3), cfg, device)
+        store = _GroupStore(spans, lambda a, b: _build_group(a, b, init_s, images_s, tables, cfg, device), cfg.max_resident_views, scratch, device)
+        if store.offloading:
+            logger.info("refine: %d views, %d in memory at once (refine.max_resident_views=%d): %d of %d groups wait in scratch files between turns",
+                        len(views), sum(b - a for a, b in spans[: store.kept]) + max(b - a for a, b in spans[store.kept:]),
+                        cfg.max_resident_views, len(spans) - store.kept, len(spans))
+        hist = _optimize(store, current, cfg, device, bar)
+        del current
+        if store.offloading:
+            logger.info("refine: %d group turns read from scratch files", store.swaps)
+        if cfg.keep_if_more_consistent:
+            ungated = lambda pos: scratch() / f"ungated{pos:05d}.npz"  # noqa: E731
+            _finalize(store, views_s, init_s, lambda pos, dm: save_scratch_depth_map(ungated(pos), dm))
+            stats = _gate(views_s, lambda pos: load_depth_map(ungated(pos)), cfg, device, emit)
+        else:
+            stats = _finalize(store, views_s, init_s, emit)
+    log = {
+        "settings": fingerprint_fields(cfg),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "num_views": len(views),
+        "resolution": [tables.width, tables.height],
+        "neighbors": {views_s[i].name: [views_s[j].name for j in row] for i, row in enumerate(tables.nbr.tolist())},
+        "skipped_steps": int((hist[:, -1] == 0).sum()),
+        "seconds": round(time.perf_counter() - started, 3),
+        "steps": [{"step": i, **{k: float(hist[i, j]) for j, k in enumerate(LOG_COLUMNS)}} for i in range(cfg.steps)],
+        "views": {v.name: stats[v.name] for v in views},
+    }
+    return out, log  # type: ignore[return-value]
+
+
+def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, device: torch.device, bar: Any) -> np.ndarray:
+    """The optimization loop (updates the groups' grids and ``current`` in place); returns the per-step log (steps, LOG_COLUMNS)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     history = torch.zeros(max(cfg.steps, 1), len(LOG_COLUMNS), device=device)
@@ -520,7 +765,7 @@ def _refine(
     skipped_seen = 0
 
     for step in range(cfg.steps):
-        gr = groups[step % len(groups)]
+        gr = store.get((step // cfg.steps_per_visit) % len(store.spans))
         for g in gr.grids:
             g.requires_grad_(True)
         terms, pred, kept = _group_losses(gr, current, cfg, gen)
@@ -545,6 +790,7 @@ def _refine(
             dz_mean = dz.sum() / n
             dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
             history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, lr, finite.to(pred.dtype)])
+        del terms, pred, kept, loss, grads
         if bar is not None:
             bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -557,35 +803,19 @@ def _refine(
             if bar is not None:
                 bar.set_postfix({k: f"{values[k]:.2e}" for k in LOSS_TERMS} | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
                                 refresh=False)
-
-    maps_s, stats = _finalize(groups, views_s, init_s)
-    if cfg.keep_if_more_consistent:
-        maps_s, stats = keep_more_consistent(views_s, maps_s, cfg, device)
-    out = [None] * len(views)
-    for pos, i in enumerate(order):
-        out[i] = maps_s[pos]
-    hist = history[: cfg.steps].cpu().numpy()
-    log = {
-        "settings": fingerprint_fields(cfg),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "num_views": len(views),
-        "resolution": [int(current.shape[2]), int(current.shape[1])],
-        "neighbors": {views_s[i].name: [views_s[j].name for j in row] for i, row in enumerate(nbr.tolist())},
-        "skipped_steps": int((hist[:, -1] == 0).sum()),
-        "seconds": round(time.perf_counter() - started, 3),
-        "steps": [{"step": i, **{k: float(hist[i, j]) for j, k in enumerate(LOG_COLUMNS)}} for i in range(cfg.steps)],
-        "views": {v.name: stats[v.name] for v in views},
-    }
-    return out, log  # type: ignore[return-value]
+    return history[: cfg.steps].cpu().numpy()
 
 
-def _finalize(groups: Sequence[_Group], views: Sequence[View], init: Sequence[DepthMap]) -> tuple[list[DepthMap], dict[str, dict[str, Any]]]:
-    """Full-resolution refined maps (storage order), one group at a time; never NaN."""
-    out: list[DepthMap] = []
+def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap], emit: Callable[[int, DepthMap], None]
+              ) -> dict[str, dict[str, Any]]:
+    """Full-resolution refined maps, one group at a time, handed to ``emit(storage index, map)``; never NaN.
+
+    Returns each view's statistics; the groups' tensors are released.
+    """
     stats: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
-        for gr in groups:
+        for g in range(len(store.spans)):
+            gr = store.get(g)
             H, W = gr.depth_init.shape[-2:]
             pred = (gr.depth_init * torch.exp(upsample_sum(gr.grids, H, W))).cpu().numpy()
             d0 = gr.depth_init.cpu().numpy()
@@ -603,17 +833,21 @@ def _finalize(groups: Sequence[_Group], views: Sequence[View], init: Sequence[De
                 d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
                 s = change_stats(d_init, d_pred, valid)
                 stats[views[i].name] = s
-                out.append(replace(dm, depth=d_pred, valid=valid.copy(), confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
-                                   depth_init=d_init.astype(np.float32), stats={**dm.stats, **s}))
-    return out, stats
+                emit(i, replace(dm, depth=d_pred, valid=valid.copy(), confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
+                                depth_init=d_init.astype(np.float32), stats={**dm.stats, **s}))
+            del gr, pred, d0, valid_all
+    store.release()
+    return stats
 
 
-def agreement_counts(depths: Sequence[torch.Tensor], Ks: Sequence[torch.Tensor], cam_from_world: Sequence[np.ndarray], index: int,
+def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], Ks: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+                     cam_from_world: Mapping[int, np.ndarray] | Sequence[np.ndarray], index: int,
                      neighbors: Sequence[int], *, reproj_px: float, rel_depth: float) -> np.ndarray:
     """Per pixel of view ``index``: how many ``neighbors`` agree with its depth (int (H, W)).
 
-    ``depths`` are (H, W) maps (0 where invalid) of every view, ``Ks`` their
-    intrinsics; agreement is :func:`pipeline.mvs.geometric_consistency`
+    ``depths`` are (H, W) maps (0 where invalid), ``Ks`` their intrinsics, each
+    indexed by view (every view, or a mapping holding at least ``index`` and
+    ``neighbors``); agreement is :func:`pipeline.mvs.geometric_consistency`
     (forward-backward reprojection within ``reproj_px`` pixels and ``rel_depth``
     relative depth).
     """
@@ -641,34 +875,65 @@ def keep_more_consistent(views: Sequence[View], maps: Sequence[DepthMap], cfg: R
     Returns the maps (same order) and their statistics (:func:`change_stats` plus
     ``refined_fraction``: share of valid pixels that kept the refined depth).
     """
+    out: list[DepthMap | None] = [None] * len(maps)
+    stats = _gate(views, maps.__getitem__, cfg, device, out.__setitem__)
+    return out, stats  # type: ignore[return-value]
+
+
+def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineConfig, device: torch.device,
+          emit: Callable[[int, DepthMap], None]) -> dict[str, dict[str, Any]]:
+    """:func:`keep_more_consistent` one view at a time: ``load(i)`` gives view i's refined map (with
+    ``depth_init``), ``emit(i, map)`` takes the gated one; only a few views' maps are held at once."""
     neighbors = select_neighbors(views, cfg.accept_neighbors)
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-    initial = [t(np.where(dm.valid, dm.depth_init, 0.0)) for dm in maps]
-    refined = [t(np.where(dm.valid, dm.depth, 0.0)) for dm in maps]
-    Ks = [t(dm.K) for dm in maps]
-    poses = [np.asarray(dm.cam_from_world, np.float64) for dm in maps]
+    cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]] = OrderedDict()
+    capacity = 2 * (neighbors.shape[1] + 1)
+
+    def tensors(j: int, dm: DepthMap | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+        """View j's (initial, refined, K, pose), each map converted once while it stays in the small cache."""
+        if j in cache:
+            cache.move_to_end(j)
+            return cache[j]
+        dm = load(j) if dm is None else dm
+        cache[j] = (t(np.where(dm.valid, dm.depth_init, 0.0)), t(np.where(dm.valid, dm.depth, 0.0)), t(dm.K),
+                    np.asarray(dm.cam_from_world, np.float64))
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+        return cache[j]
+
     kw = {"reproj_px": cfg.accept_reproj_px, "rel_depth": cfg.accept_rel_depth}
-    out: list[DepthMap] = []
     stats: dict[str, dict[str, Any]] = {}
-    for i, dm in enumerate(maps):
-        before = agreement_counts(initial, Ks, poses, i, neighbors[i].tolist(), **kw)
-        after = agreement_counts(refined, Ks, poses, i, neighbors[i].tolist(), **kw)
+    for i in range(len(views)):
+        dm = load(i)
+        nb = neighbors[i].tolist()
+        entries = {j: tensors(j, dm if j == i else None) for j in [i, *nb]}
+        Ks = {j: e[2] for j, e in entries.items()}
+        poses = {j: e[3] for j, e in entries.items()}
+        before = agreement_counts({j: e[0] for j, e in entries.items()}, Ks, poses, i, nb, **kw)
+        after = agreement_counts({j: e[1] for j, e in entries.items()}, Ks, poses, i, nb, **kw)
         keep = dm.valid & (after > before)
         if cfg.max_correction > 0:
             keep &= np.abs(dm.depth - dm.depth_init) <= cfg.max_correction * dm.depth_init
         depth = np.where(keep, dm.depth, np.where(dm.valid, dm.depth_init, 0.0)).astype(np.float32)
         s = {**change_stats(dm.depth_init, depth, dm.valid), "refined_fraction": float(keep.sum() / max(1, dm.valid.sum()))}
         stats[views[i].name] = s
-        out.append(replace(dm, depth=depth, stats={**dm.stats, **s}))
-    return out, stats
+        emit(i, replace(dm, depth=depth, stats={**dm.stats, **s}))
+    return stats
 
 
 # ---- the stage ---------------------------------------------------------------------------
 
 def run(ctx: StageContext) -> None:
-    """Refine every view's depth map; writes ``refine/views/<stem>.npz`` and ``refine/log.json``."""
+    """Refine every view's depth map; writes ``refine/views/<stem>.npz`` and ``refine/log.json``.
+
+    Inputs are read lazily (one view's depth map and image at a time) and each
+    refined map is written as soon as it is final, to the stage's scratch folder;
+    the maps are moved into ``refine/views/`` only once the whole refinement has
+    succeeded (a GPU out-of-memory retry on the CPU never mixes in maps of the
+    failed attempt). The scratch folder is removed when the stage ends.
+    """
     from pipeline.cache import write_json_atomic
-    from pipeline.io import load_depth_map, load_rgb, load_sfm_scene, save_depth_map
+    from pipeline.io import load_rgb, load_sfm_scene, save_depth_map
 
     ws, cfg = ctx.ws, ctx.settings
     scene = load_sfm_scene(ws)
@@ -681,32 +946,53 @@ def run(ctx: StageContext) -> None:
     if all(ws.refine_view(v.name).exists() for v in views) and ws.refine_log.exists():
         ctx.logger.info("refine: all %d views already refined", len(views))
         return
-    init = [load_depth_map(ws.depth_view(v.name)) for v in views]
-    images = []
-    for v, dm in zip(views, init):
+    for v in views:
         if not v.image_path.exists():
             raise ReconError(f"{v.image_path}: undistorted image missing from the sfm cache; re-run `recon run {ws.scene_dir} --force sfm`")
-        images.append(load_rgb(v.image_path, max_size=max(dm.depth.shape)))  # only for edge weights at the depth resolution
+    shapes: dict[int, tuple[int, int]] = {}
+
+    def load_init(i: int) -> DepthMap:
+        dm = load_depth_map(ws.depth_view(views[i].name))
+        shapes[i] = dm.depth.shape
+        return dm
+
+    def load_image(i: int) -> np.ndarray:  # only for edge weights at the depth resolution
+        shape = shapes[i] if i in shapes else load_init(i).depth.shape
+        return load_rgb(views[i].image_path, max_size=max(shape))
+
+    init, images = LazySequence(len(views), load_init), LazySequence(len(views), load_image)
     device = default_device(cfg.device)
-    ctx.logger.info("refine: %d views at %dx%d on %s, %d steps", len(views), init[0].depth.shape[1], init[0].depth.shape[0], device, cfg.steps)
+    h, w = init[0].depth.shape
+    ctx.logger.info("refine: %d views at %dx%d on %s, %d steps", len(views), w, h, device, cfg.steps)
+    scratch = ws.refine_scratch
+    shutil.rmtree(scratch, ignore_errors=True)
+    finished = scratch / "views"
+
+    def write(i: int, dm: DepthMap) -> None:
+        path = ws.refine_view(views[i].name)
+        if not path.exists():
+            save_depth_map(finished / path.name, dm)
+
     bar = ctx.bar(desc="refine depth", total=cfg.steps, unit="step")
     try:
         # views_per_batch changes the result, so an out-of-memory GPU goes straight to the CPU (same settings).
-        maps, log = call_with_oom_fallback(
-            lambda _batch, dev: refine_depth_maps(views, init, scene.points, cfg, dev, images=images, bar=bar),
+        _, log = call_with_oom_fallback(
+            lambda _batch, dev: refine_depth_maps(views, init, scene.points, cfg, dev, images=images, bar=bar, sink=write, scratch_dir=scratch),
             batch=cfg.views_per_batch, min_batch=cfg.views_per_batch, device=device, what="refinement",
             setting="refine.views_per_batch", log=ctx.logger).value
+        ws.refine_view(views[0].name).parent.mkdir(parents=True, exist_ok=True)
+        for v in views:
+            path = ws.refine_view(v.name)
+            if (finished / path.name).exists():
+                os.replace(finished / path.name, path)
     finally:
         bar.close()
-    for v, dm in zip(views, maps):
-        path = ws.refine_view(v.name)
-        if not path.exists():
-            save_depth_map(path, dm)
+        shutil.rmtree(scratch, ignore_errors=True)
     write_json_atomic(ws.refine_log, log)
     last = log["steps"][-1] if log["steps"] else {}
     deltas = [s["DELTA"] for s in log["views"].values()]
     ctx.summary.update({
-        "views": len(maps),
+        "views": len(views),
         "steps": cfg.steps,
         "device": str(device),
         "dz_mean": round(float(np.mean([d["mean"] for d in deltas])), 6),

@@ -8,7 +8,7 @@ Layout of the output folder (default ``SCENE_DIR/recon``)::
       manifest.json  config.yaml  log.txt  report.html
       sfm/        database.db  colmap.log  model/ (undistorted, normalized)  images/  normalization.json
       depth/      views/<stem>.npz
-      refine/     views/<stem>.npz  log.json
+      refine/     views/<stem>.npz  log.json  (.scratch/ while running)
       fuse/       mesh.ply
       export/     mesh.glb ...
 """
@@ -139,6 +139,13 @@ class Workspace:
     @property
     def refine_log(self) -> Path:
         return self.stage_dir("refine") / "log.json"
+
+    @property
+    def refine_scratch(self) -> Path:
+        """Temporary files of a running refine stage (offloaded optimizer state, maps before the
+        consistency gate); removed when the stage ends. Dot-named: never checksummed, and removed
+        with the other temporaries when an interrupted stage resumes."""
+        return self.stage_dir("refine") / ".scratch"
 
     @property
     def fuse_mesh(self) -> Path:
