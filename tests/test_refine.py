@@ -349,3 +349,164 @@ def test_max_correction_keeps_the_initial_depth_of_large_moves(blob_scene):
     assert np.mean(np.isclose(free[0].depth[v0], gts[0][v0], rtol=1e-6)) > 0.8
     np.testing.assert_array_equal(capped[0].depth[v0], init0[v0].astype(np.float32))
     assert stats[scene.views[0].name]["refined_fraction"] == 0.0
+
+
+# ---- memory: offloaded groups, streamed inputs and outputs, scratch files ------------------
+
+@pytest.fixture(scope="module")
+def small_scene(tmp_path_factory):
+    """12 views 160x120 of the blob scene with warp-corrupted initial maps: (scene_dir, SfmScene, GT depth, images, init)."""
+    from pipeline.synth import render_scene
+
+    scene_dir = render_scene(tmp_path_factory.mktemp("refine_small") / "blob", shape="blob", n_views=12, width=160, height=120, seed=0)
+    scene = scene_from_ground_truth(scene_dir)
+    gts = ground_truth_depths(scene_dir, scene.views, scene.normalized_from_sfm)
+    images = [load_rgb(v.image_path) for v in scene.views]
+    return scene_dir, scene, gts, images, _initial_maps(scene, gts, "warp")
+
+
+def _assert_same_maps(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.name == y.name and x.stats == y.stats
+        for key in ("depth", "depth_init", "valid", "confidence", "K", "cam_from_world"):
+            np.testing.assert_array_equal(getattr(x, key), getattr(y, key), err_msg=f"{x.name}: {key}")
+
+
+def _without_seconds(log):
+    return {k: v for k, v in log.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("max_resident_views", [4, 8])
+def test_offloaded_groups_give_the_same_maps(small_scene, tmp_path, caplog, max_resident_views):
+    """3 groups of 4 views; max_resident_views 4: all three take turns in one slot, 8: the first stays and
+    two take turns. Their tensors go through scratch files as raw bytes, so the result is bit-identical."""
+    _, scene, _, images, init = small_scene
+    cfg = RefineConfig(steps=20, views_per_batch=4)
+    resident, log_resident = refine_depth_maps(scene.views, init, scene.points, cfg, "cpu", images=images)
+    with caplog.at_level(logging.INFO, logger="pipeline.refine"):
+        offloaded, log_offloaded = refine_depth_maps(scene.views, init, scene.points, replace(cfg, max_resident_views=max_resident_views), "cpu",
+                                                     images=images, scratch_dir=tmp_path)
+    assert "wait in scratch files" in caplog.text and "group turns read from scratch files" in caplog.text
+    _assert_same_maps(offloaded, resident)
+    assert _without_seconds(log_offloaded) == _without_seconds(log_resident)
+    assert list(tmp_path.iterdir()) == []  # the call's scratch folder is gone
+
+
+def test_offloaded_groups_with_several_steps_per_visit(small_scene):
+    """Offloading with steps_per_visit=3 (each group refined 3 steps in a row, 3 groups through one slot):
+    deterministic, finite, and as good as the round robin on the warp corruption. Measured mean relative
+    error 1.336 % → 0.643 % (round robin, all resident: 0.640 %); asserted: at least −40 % and within 5 %
+    of the round robin."""
+    _, scene, gts, images, init = small_scene
+    cfg = RefineConfig(steps=150, views_per_batch=4)
+    baseline, _ = refine_depth_maps(scene.views, init, scene.points, cfg, "cpu", images=images)
+    visits = replace(cfg, max_resident_views=4, steps_per_visit=3)
+    a, log_a = refine_depth_maps(scene.views, init, scene.points, visits, "cpu", images=images)
+    b, log_b = refine_depth_maps(scene.views, init, scene.points, visits, "cpu", images=images)
+    _assert_same_maps(a, b)
+    assert _without_seconds(log_a) == _without_seconds(log_b)
+    assert all(np.isfinite(m.depth).all() for m in a) and log_a["skipped_steps"] == 0
+    before, after, after_baseline = _mean_error(init, gts), _mean_error(a, gts), _mean_error(baseline, gts)
+    assert after < 0.6 * before, f"mean relative depth error {before:.5f} → {after:.5f}"
+    assert after < 1.05 * after_baseline, f"steps_per_visit=3: {after:.5f}, round robin {after_baseline:.5f}"
+    assert any(not np.array_equal(x.depth, y.depth) for x, y in zip(a, baseline))  # a different schedule
+
+
+def test_lazy_inputs_and_sink(small_scene):
+    """Lazily loaded inputs and a sink give the maps of the plain call; each view's map is emitted once."""
+    from pipeline.io import LazySequence
+
+    _, scene, _, images, init = small_scene
+    cfg = RefineConfig(steps=10, views_per_batch=4)
+    plain, log_plain = refine_depth_maps(scene.views, init, scene.points, cfg, "cpu", images=images)
+    loads = {"init": 0, "image": 0}
+
+    def load(kind, items):
+        def get(i):
+            loads[kind] += 1
+            return items[i]
+        return get
+
+    got = {}
+    out, log = refine_depth_maps(scene.views, LazySequence(len(init), load("init", init)), scene.points, cfg, "cpu",
+                                 images=LazySequence(len(images), load("image", images)), sink=got.__setitem__)
+    assert out == [] and sorted(got) == list(range(len(init)))
+    _assert_same_maps([got[i] for i in range(len(init))], plain)
+    assert _without_seconds(log) == _without_seconds(log_plain)
+    assert loads["image"] == len(images)  # each image once (groups built once when all are resident)
+    assert loads["init"] <= 4 * len(init)  # sizes, current maps, group tensors, final maps
+
+
+def _stage(scene_dir, scene, init, tmp_path, monkeypatch, **settings):
+    import pipeline.io
+
+    ws = Workspace.create(scene_dir, tmp_path / "out")
+    ctx = StageContext(ws=ws, config=ReconConfig(), name="refine", fingerprint="test", show_progress=False)
+    monkeypatch.setattr(pipeline.io, "load_sfm_scene", lambda _ws: scene)
+    for dm in init:
+        save_depth_map(ws.depth_view(dm.name), dm)
+    for key, value in settings.items():
+        setattr(ctx.config.refine, key, value)
+    return ws, ctx
+
+
+def test_stage_writes_the_maps_of_the_in_memory_call(small_scene, tmp_path, monkeypatch):
+    """The streaming stage (lazy inputs, maps written one by one) writes exactly what refine_depth_maps returns
+    for the same inputs read from the files, and leaves no scratch or temporary file behind."""
+    import json
+
+    from pipeline.io import load_rgb
+
+    scene_dir, scene, _, _, init = small_scene
+    ws, ctx = _stage(scene_dir, scene, init, tmp_path, monkeypatch, steps=15, views_per_batch=4)
+    refine_mod.run(ctx)
+    loaded = [load_depth_map(ws.depth_view(v.name)) for v in scene.views]
+    images = [load_rgb(v.image_path, max_size=max(dm.depth.shape)) for v, dm in zip(scene.views, loaded)]
+    expected, log = refine_depth_maps(scene.views, loaded, scene.points, ctx.config.refine, "cpu", images=images)
+    _assert_same_maps([load_depth_map(ws.refine_view(v.name)) for v in scene.views], expected)
+    assert _without_seconds(json.loads(ws.refine_log.read_text())) == json.loads(json.dumps(_without_seconds(log)))
+    assert not ws.refine_scratch.exists()
+    assert [p for p in ws.stage_dir("refine").rglob(".*")] == []
+
+
+def test_scratch_files_are_removed_after_the_stage_and_after_a_failure(small_scene, tmp_path, monkeypatch):
+    """Offloading stage: scratch files exist while it runs and are gone after it; a failure after the
+    optimization (in the consistency gate) leaves neither scratch files nor any refined map."""
+    scene_dir, scene, _, _, init = small_scene
+    ws, ctx = _stage(scene_dir, scene, init, tmp_path, monkeypatch, steps=6, views_per_batch=4, max_resident_views=4)
+    seen = []
+    real_gate = refine_mod._gate
+
+    def gate(*args, **kwargs):
+        seen.append(sorted(p.name for p in ws.refine_scratch.rglob("*") if p.is_file()))
+        return real_gate(*args, **kwargs)
+
+    monkeypatch.setattr(refine_mod, "_gate", gate)
+    refine_mod.run(ctx)
+    assert any(name.endswith(".state") for name in seen[0]) and any(name.startswith("ungated") for name in seen[0])
+    assert not ws.refine_scratch.exists() and all(ws.refine_view(v.name).exists() for v in scene.views)
+
+    ws, ctx = _stage(scene_dir, scene, init, tmp_path / "failing", monkeypatch, steps=6, views_per_batch=4, max_resident_views=4)
+
+    def failing_gate(views, load, cfg, device, emit):
+        emit(0, load(0))  # one map final, then a failure
+        raise RuntimeError("simulated failure in the gate")
+
+    monkeypatch.setattr(refine_mod, "_gate", failing_gate)
+    with pytest.raises(RuntimeError, match="simulated"):
+        refine_mod.run(ctx)
+    assert not ws.refine_scratch.exists()
+    assert not any(ws.refine_view(v.name).exists() for v in scene.views) and not ws.refine_log.exists()
+
+
+def test_sample_views_decode_reads_compact_maps(device):
+    """The (depth, weight with −1 = invalid) storage of the neighbour maps reads as the 3-channel maps did."""
+    torch.manual_seed(0)
+    depth, conf = torch.rand(3, 9, 11, device=device), torch.rand(3, 9, 11, device=device)
+    valid = torch.rand(3, 9, 11, device=device) > 0.3
+    full = torch.stack([depth * valid, valid.float(), conf * valid], -1)
+    compact = torch.stack([depth * valid, torch.where(valid, conf, torch.full_like(conf, -1.0))], -1)
+    view = torch.randint(0, 3, (2, 200), device=device)
+    uv = torch.rand(2, 200, 2, device=device) * torch.tensor([13.0, 11.0], device=device) - 1.0
+    assert torch.equal(sample_views(compact, view, uv, refine_mod._decode_current), sample_views(full, view, uv))
