@@ -3,6 +3,7 @@
     python bench/bench_memory.py                          # blob, 12 / 24 / 48 views at 480x360, COLMAP SfM
     python bench/bench_memory.py --sfm gt                 # true cameras as the COLMAP model: no matching (faster)
     python bench/bench_memory.py --views 8 16 --width 160 --height 120 --sfm gt --set refine.steps=30   # smoke run
+    python bench/bench_memory.py --sfm gt --stages refine   # re-measure one stage on the outputs of an earlier run
 
 For each view count the same object is rendered (``WORK/scenes/<shape>_<views>v_<w>x<h>_s<seed>``,
 shared with the other benchmarks) and every stage runs as its own process,
@@ -22,6 +23,10 @@ table and writes ``WORK/bench_memory.json``.
 stage reads a model instead of matching: use it to measure the later stages
 quickly; the default runs COLMAP (whose database grows with the number of
 image pairs under exhaustive matching).
+
+``--stages`` runs only the named stages on the output folders an earlier run
+with the same options left (they are not wiped then), e.g. to re-measure
+refine after changing it without repeating the depth stage.
 """
 
 from __future__ import annotations
@@ -106,11 +111,11 @@ def run_stage(stage: str, scene: Path, out: Path, overrides: list[str], timeout:
     return row
 
 
-def format_table(results: dict[str, Any], views: list[int]) -> str:
+def format_table(results: dict[str, Any], views: list[int], stages: tuple[str, ...] = STAGES) -> str:
     lo, hi = views[0], views[-1]
     head = "| stage | " + " | ".join(f"{v} views: peak MiB (s)" for v in views) + f" | peak {hi}/{lo} | views {hi}/{lo} |"
     lines = [head, "|" + " --- |" * (len(views) + 3)]
-    for stage in STAGES:
+    for stage in stages:
         cells = []
         for v in views:
             r = results[str(v)][stage]
@@ -132,6 +137,8 @@ def main() -> None:
     p.add_argument("--sfm", choices=["colmap", "gt"], default="colmap", help="colmap: real SfM; gt: true cameras as the user's COLMAP model [colmap]")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="setting for every stage (repeatable)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per stage process [3600]")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="stages to run; a subset reuses the output folders of an earlier run, whose upstream stages must be done [all]")
     p.add_argument("--json", type=Path, default=None, help="result file [WORK/bench_memory.json]")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("cli_args", nargs="*", help=argparse.SUPPRESS)
@@ -141,24 +148,28 @@ def main() -> None:
         return
 
     views = sorted(args.views)
+    stages = tuple(s for s in STAGES if s in args.stages)
     overrides = list(args.set) + (["sfm.use_existing_model=false"] if args.sfm == "colmap" else [])
     results: dict[str, Any] = {}
     for n in views:
         scene = prepare_scene(args.work, args.shape, n, args.width, args.height, args.seed, args.sfm)
         out = args.work / "memory" / f"{args.shape}_{n}v_{args.width}x{args.height}_{args.sfm}"
-        shutil.rmtree(out, ignore_errors=True)
+        if stages == STAGES:
+            shutil.rmtree(out, ignore_errors=True)
+        elif not (out / "manifest.json").exists():
+            raise SystemExit(f"{out}: no earlier run to reuse; run all stages first (without --stages)")
         results[str(n)] = {}
-        for stage in STAGES:
+        for stage in stages:
             row = run_stage(stage, scene, out, overrides, args.timeout)
             results[str(n)][stage] = row
             print(f"{n:3d} views  {stage:<7} peak {row['peak_rss_mib']:7.1f} MiB  {row['seconds']:7.1f} s  wrote {row['output_mib']:.1f} MiB", flush=True)
-    table = format_table(results, views)
+    table = format_table(results, views, stages)
     print()
     print(table)
     payload = {
         "shape": args.shape, "width": args.width, "height": args.height, "seed": args.seed, "sfm": args.sfm, "settings": overrides,
         "views": views, "stages": results, "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "peak_ratio": {s: round(results[str(views[-1])][s]["peak_rss_mib"] / results[str(views[0])][s]["peak_rss_mib"], 3) for s in STAGES},
+        "peak_ratio": {s: round(results[str(views[-1])][s]["peak_rss_mib"] / results[str(views[0])][s]["peak_rss_mib"], 3) for s in stages},
     }
     path = args.json or args.work / "bench_memory.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -790,7 +790,7 @@ def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, devi
             dz_mean = dz.sum() / n
             dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
             history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, lr, finite.to(pred.dtype)])
-        del terms, pred, kept, loss, grads
+        del gr, g, terms, pred, kept, loss, grads, cur, m, dz  # this step's tensors go before the next group's arrive
         if bar is not None:
             bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
