@@ -90,16 +90,21 @@ def test_select_neighbors_by_covisibility():
 
 # ---- a rendered scene ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def blob_scene(tmp_path_factory):
-    """10 views 320x240 of the blob scene (rendered once), as (scene_dir, SfmScene, GT depth, images)."""
+def _render_blob(folder, *, n_views: int, width: int, height: int):
+    """The blob scene rendered into ``folder``: (scene_dir, SfmScene with true cameras, GT depth per view, images)."""
     from pipeline.synth import render_scene
 
-    scene_dir = render_scene(tmp_path_factory.mktemp("refine") / "blob", shape="blob", n_views=10, width=320, height=240, seed=0)
+    scene_dir = render_scene(folder / "blob", shape="blob", n_views=n_views, width=width, height=height, seed=0)
     scene = scene_from_ground_truth(scene_dir)
     gts = ground_truth_depths(scene_dir, scene.views, scene.normalized_from_sfm)
     images = [load_rgb(v.image_path) for v in scene.views]
     return scene_dir, scene, gts, images
+
+
+@pytest.fixture(scope="module")
+def blob_scene(tmp_path_factory):
+    """10 views 320x240 of the blob scene (rendered once), as (scene_dir, SfmScene, GT depth, images)."""
+    return _render_blob(tmp_path_factory.mktemp("refine"), n_views=10, width=320, height=240)
 
 
 def _initial_maps(scene, gts, kind: str, seed: int = 0) -> list[DepthMap]:
@@ -356,12 +361,7 @@ def test_max_correction_keeps_the_initial_depth_of_large_moves(blob_scene):
 @pytest.fixture(scope="module")
 def small_scene(tmp_path_factory):
     """12 views 160x120 of the blob scene with warp-corrupted initial maps: (scene_dir, SfmScene, GT depth, images, init)."""
-    from pipeline.synth import render_scene
-
-    scene_dir = render_scene(tmp_path_factory.mktemp("refine_small") / "blob", shape="blob", n_views=12, width=160, height=120, seed=0)
-    scene = scene_from_ground_truth(scene_dir)
-    gts = ground_truth_depths(scene_dir, scene.views, scene.normalized_from_sfm)
-    images = [load_rgb(v.image_path) for v in scene.views]
+    scene_dir, scene, gts, images = _render_blob(tmp_path_factory.mktemp("refine_small"), n_views=12, width=160, height=120)
     return scene_dir, scene, gts, images, _initial_maps(scene, gts, "warp")
 
 
