@@ -94,6 +94,7 @@ class RefineConfig:
     edge_alpha: float = setting(10.0, "Edge sensitivity α of the smoothness weights exp(-α |∇I|) (image in [0, 1]; 0 = uniform).")
     smooth_depth_edge: float = setting(0.0, "L_edge and L_surf ignore pixel pairs whose initial depths differ by more than this relative amount (a depth edge in the input; 0 = off).")
     keep_if_more_consistent: bool = setting(True, "After optimizing, a pixel keeps its refined depth only where it agrees with more neighbour maps (refined vs refined) than its initial depth did (initial vs initial); elsewhere the initial depth stays. Refinement then never replaces a depth by one the other views support less (measured: unsupported corrections in briefly seen regions cost F-score).")
+    keep_if_photo_consistent: bool = setting(True, "keep_if_more_consistent also requires that the refined depth matches the neighbour images at least as well as the initial depth (NCC over 5x5 windows, best neighbour, as in the depth stage); needs the images. Measured (24 views, 480x360, COLMAP cameras, fused F@1 %): blob 0.939 -> 0.942 vs the consistency test alone; it stops moves onto the wrong surface that a neighbour's equally wrong map seems to confirm.")
     max_correction: float = setting(0.0, "keep_if_more_consistent: a refined depth that moved more than this relative amount keeps the initial depth instead (0 = no limit). 0.01 made the blob benchmark's fused F@1 % beat --skip refine (0.935 vs 0.934) but leaves outliers and warps above 1 % uncorrected.")
     accept_neighbors: int = setting(6, "Neighbour maps checked by keep_if_more_consistent (most shared sparse points first).")
     accept_reproj_px: float = setting(2.0, "keep_if_more_consistent: forward-backward reprojection error (pixels) below which a neighbour agrees.")
@@ -737,7 +738,7 @@ def _refine(
         if cfg.keep_if_more_consistent:
             ungated = lambda pos: scratch() / f"ungated{pos:05d}.npz"  # noqa: E731
             _finalize(store, views_s, init_s, lambda pos, dm: save_scratch_depth_map(ungated(pos), dm))
-            stats = _gate(views_s, lambda pos: load_depth_map(ungated(pos)), cfg, device, emit)
+            stats = _gate(views_s, lambda pos: load_depth_map(ungated(pos)), cfg, device, emit, images_s)
         else:
             stats = _finalize(store, views_s, init_s, emit)
     log = {
@@ -862,26 +863,54 @@ def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
     return cons.count.cpu().numpy()
 
 
+def photometric_costs(ref_gray_11hw: torch.Tensor, K_ref_33: torch.Tensor, cam_from_world_ref: np.ndarray,
+                      sources: Sequence[tuple[torch.Tensor, torch.Tensor, np.ndarray]], depths_dhw: torch.Tensor,
+                      window: int = 5) -> torch.Tensor:
+    """Matching cost ``1 - NCC`` (D, H, W) of each candidate depth map against the best neighbour image.
+
+    The depth stage's cost (:func:`pipeline.mvs.sweep_cost`, ``best_k = 1``):
+    grayscale windows of ``window`` pixels, a pixel's window warped through
+    its own candidate depth. ``sources`` are (grayscale (1, 1, h, w), K (3, 3),
+    cam_from_world (4, 4)) of the neighbours; depths are camera z (0 = none:
+    cost of a far-away point, irrelevant where the caller masks invalid pixels).
+    """
+    from pipeline import mvs
+    from pipeline.geometry import invert_pose
+
+    H, W = depths_dhw.shape[-2:]
+    ref = mvs.reference_stats(ref_gray_11hw, window)
+    world_from_ref = invert_pose(cam_from_world_ref)
+    prepared = [mvs.make_source(g, K_ref_33, K_j, torch.as_tensor(pose_j @ world_from_ref, dtype=torch.float32, device=g.device), H, W)
+                for g, K_j, pose_j in sources]
+    inv = torch.where(depths_dhw > 0, depths_dhw.clamp(min=1e-6).reciprocal(), torch.full_like(depths_dhw, 1e-6))
+    with torch.no_grad():
+        return mvs.sweep_cost(ref, prepared, inv, 1, 1 << 20)
+
+
 def change_stats(depth_init: np.ndarray, depth: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
     """INIT / PRED / DELTA statistics (mean, std, min, max) over the valid pixels, and the valid fraction."""
     return {"INIT": value_stats(depth_init[valid]), "PRED": value_stats(depth[valid]), "DELTA": value_stats((depth - depth_init)[valid]),
             "valid_fraction": float(valid.mean())}
 
 
-def keep_more_consistent(views: Sequence[View], maps: Sequence[DepthMap], cfg: RefineConfig, device: torch.device
-                         ) -> tuple[list[DepthMap], dict[str, dict[str, Any]]]:
+def keep_more_consistent(views: Sequence[View], maps: Sequence[DepthMap], cfg: RefineConfig, device: torch.device,
+                         images: Sequence[np.ndarray | None] | None = None) -> tuple[list[DepthMap], dict[str, dict[str, Any]]]:
     """Refined depth where more neighbours agree with it than with the initial depth, initial depth elsewhere.
+
+    With ``images`` (one per view) and ``cfg.keep_if_photo_consistent``, the
+    refined depth must also match the neighbour images at least as well as the
+    initial depth (:func:`photometric_costs`).
 
     Returns the maps (same order) and their statistics (:func:`change_stats` plus
     ``refined_fraction``: share of valid pixels that kept the refined depth).
     """
     out: list[DepthMap | None] = [None] * len(maps)
-    stats = _gate(views, maps.__getitem__, cfg, device, out.__setitem__)
+    stats = _gate(views, maps.__getitem__, cfg, device, out.__setitem__, images)
     return out, stats  # type: ignore[return-value]
 
 
 def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineConfig, device: torch.device,
-          emit: Callable[[int, DepthMap], None]) -> dict[str, dict[str, Any]]:
+          emit: Callable[[int, DepthMap], None], images: Sequence[np.ndarray | None] | None = None) -> dict[str, dict[str, Any]]:
     """:func:`keep_more_consistent` one view at a time: ``load(i)`` gives view i's refined map (with
     ``depth_init``), ``emit(i, map)`` takes the gated one; only a few views' maps are held at once."""
     neighbors = select_neighbors(views, cfg.accept_neighbors)
@@ -902,6 +931,19 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
         return cache[j]
 
     kw = {"reproj_px": cfg.accept_reproj_px, "rel_depth": cfg.accept_rel_depth}
+    photo = cfg.keep_if_photo_consistent and images is not None
+    grays: OrderedDict[int, torch.Tensor | None] = OrderedDict()
+
+    def gray(j: int, shape: tuple[int, int]) -> torch.Tensor | None:
+        """View j's grayscale image (1, 1, H, W) at its map's resolution (small cache), None without an image."""
+        if j not in grays:
+            g = _gray(images[j], *shape)  # type: ignore[index]
+            grays[j] = None if g is None else t(g)[None, None]
+            while len(grays) > capacity:
+                grays.popitem(last=False)
+        grays.move_to_end(j)
+        return grays[j]
+
     stats: dict[str, dict[str, Any]] = {}
     for i in range(len(views)):
         dm = load(i)
@@ -912,6 +954,14 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
         before = agreement_counts({j: e[0] for j, e in entries.items()}, Ks, poses, i, nb, **kw)
         after = agreement_counts({j: e[1] for j, e in entries.items()}, Ks, poses, i, nb, **kw)
         keep = dm.valid & (after > before)
+        if photo and keep.any():
+            shape = dm.depth.shape
+            ref_gray = gray(i, shape)
+            src = [(gray(j, tuple(entries[j][0].shape)), Ks[j], poses[j]) for j in nb]
+            src = [s_ for s_ in src if s_[0] is not None]
+            if ref_gray is not None and src:
+                costs = photometric_costs(ref_gray, Ks[i], poses[i], src, torch.stack([entries[i][0], entries[i][1]]))
+                keep &= (costs[1] <= costs[0]).cpu().numpy()
         if cfg.max_correction > 0:
             keep &= np.abs(dm.depth - dm.depth_init) <= cfg.max_correction * dm.depth_init
         depth = np.where(keep, dm.depth, np.where(dm.valid, dm.depth_init, 0.0)).astype(np.float32)
