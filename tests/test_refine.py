@@ -278,15 +278,17 @@ def test_run_stage_writes_views_and_log(blob_scene, tmp_path, monkeypatch):
     assert ws.refine_view(scene.views[0].name).stat().st_mtime_ns == mtime
 
 
+def _gt_maps(scene, gts) -> list[DepthMap]:
+    """Ground-truth maps (refined = initial = GT) of every view."""
+    return [DepthMap(name=v.name, depth=g.astype(np.float32), confidence=(g > 0).astype(np.float32), valid=g > 0, K=v.K,
+                     cam_from_world=v.cam_from_world, depth_init=g.astype(np.float32)) for v, g in zip(scene.views, gts)]
+
+
 def test_keep_more_consistent_keeps_whichever_depth_the_neighbours_support(blob_scene):
     """View 0: the initial map is 5 % off in the left band, the "refined" one in the right band; the gate
     returns the ground truth in both bands (neighbours agree with GT), and the initial depth where both are equal."""
     _, scene, gts, _ = blob_scene
-    maps = []
-    for v, g in zip(scene.views, gts):
-        valid = g > 0
-        maps.append(DepthMap(name=v.name, depth=g.astype(np.float32), confidence=valid.astype(np.float32), valid=valid, K=v.K,
-                             cam_from_world=v.cam_from_world, depth_init=g.astype(np.float32)))
+    maps = _gt_maps(scene, gts)
     g0 = gts[0]
     left, right = np.zeros_like(maps[0].valid), np.zeros_like(maps[0].valid)
     left[60:180, 60:140], right[60:180, 180:260] = True, True
@@ -303,11 +305,6 @@ def test_keep_more_consistent_keeps_whichever_depth_the_neighbours_support(blob_
     assert 0.1 < stats[scene.views[0].name]["refined_fraction"] < 0.6
     for a, b in zip(out[1:], maps[1:]):
         np.testing.assert_array_equal(a.depth, b.depth)
-
-
-def _gt_maps(scene, gts) -> list[DepthMap]:
-    return [DepthMap(name=v.name, depth=g.astype(np.float32), confidence=(g > 0).astype(np.float32), valid=g > 0, K=v.K,
-                     cam_from_world=v.cam_from_world, depth_init=g.astype(np.float32)) for v, g in zip(scene.views, gts)]
 
 
 def test_photometric_costs_prefer_the_true_depth(blob_scene):
@@ -392,11 +389,7 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(blob_scene, tmp_path, monkeypa
 def test_max_correction_keeps_the_initial_depth_of_large_moves(blob_scene):
     """With max_correction, a refined depth more than that (relative) away from the initial one is not kept."""
     _, scene, gts, _ = blob_scene
-    maps = []
-    for v, g in zip(scene.views, gts):
-        valid = g > 0
-        maps.append(DepthMap(name=v.name, depth=g.astype(np.float32), confidence=valid.astype(np.float32), valid=valid, K=v.K,
-                             cam_from_world=v.cam_from_world, depth_init=g.astype(np.float32)))
+    maps = _gt_maps(scene, gts)
     band = np.zeros_like(maps[0].valid)
     band[60:180, 60:140] = True
     init0 = gts[0].copy()
