@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import open3d as o3d
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -99,6 +100,9 @@ class DepthConfig:
     min_ncc: float = setting(0.3, "mvs: pixels whose aggregated NCC is below this are invalid.")
     range_percentile: float = setting(2.0, "mvs: depth range of a view = [p, 100-p] percentiles of the depths of its sparse points, widened by range_margin.")
     range_margin: float = setting(0.25, "mvs: relative widening of the depth range (near / (1 + m), far · (1 + m)).")
+    plane_candidates: int = setting(1, "mvs: dominant planes fitted to the sparse points (RANSAC; floors, table tops, walls) whose depth every pixel also tries, keeping it where it matches better (0 = off).")
+    plane_distance: float = setting(0.005, "mvs: RANSAC inlier distance of the plane fit, as a fraction of the diagonal of the sparse points' 2-98 percentile box.")
+    plane_min_inliers: float = setting(0.1, "mvs: a fitted plane is used only when at least this fraction of the sparse points lie on it.")
     cross_view_candidates: bool = setting(True, "mvs: after the first pass every view also tries, per pixel, the surfaces its geo_neighbors found (their maps reprojected into it) and keeps whichever matches best (recovers thin and briefly seen surfaces).")
     geometric_filter: bool = setting(True, "mvs: second pass that keeps only pixels whose depth agrees with at least geo_min_consistent neighbour maps.")
     geo_neighbors: int = setting(6, "mvs: views checked by the geometric filter (most co-visible first, same angle rules as the matching neighbours).")
@@ -203,6 +207,44 @@ def depth_range(scene: SfmScene, view: View, percentile: float, margin: float) -
     return float(near / (1.0 + margin)), float(max(far, near * 1.01) * (1.0 + margin))
 
 
+def fit_scene_planes(points: np.ndarray, max_planes: int, distance_fraction: float, min_inlier_fraction: float,
+                     seed: int = 0) -> list[np.ndarray]:
+    """Dominant planes of the sparse points: up to ``max_planes`` ``(n, d)`` (4,) with ``n·X + d = 0``, ``|n| = 1``.
+
+    Sequential RANSAC (Open3D ``segment_plane``): fit, remove the inliers,
+    repeat. The inlier distance is ``distance_fraction`` × the diagonal of the
+    points' 2-98 percentile box; a plane is kept only when at least
+    ``min_inlier_fraction`` of all the points lie on it. Deterministic for a
+    given ``seed``.
+    """
+    if max_planes <= 0 or len(points) < 50:
+        return []
+    lo, hi = np.percentile(points, [2, 98], axis=0)
+    distance = distance_fraction * float(np.linalg.norm(hi - lo))
+    if distance <= 0:
+        return []
+    o3d.utility.random.seed(seed)
+    remaining = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
+    planes = []
+    for _ in range(max_planes):
+        if len(remaining.points) < max(3, min_inlier_fraction * len(points)):
+            break
+        model, inliers = remaining.segment_plane(distance_threshold=distance, ransac_n=3, num_iterations=1000)
+        if len(inliers) < min_inlier_fraction * len(points):
+            break
+        plane = np.asarray(model, dtype=np.float64)
+        planes.append(plane / np.linalg.norm(plane[:3]))
+        remaining = remaining.select_by_index(inliers, invert=True)
+    return planes
+
+
+def plane_in_camera(plane_world: np.ndarray, cam_from_world: np.ndarray) -> np.ndarray:
+    """The plane ``(n, d)`` (``n·X + d = 0``, world frame) in the frame of the camera ``cam_from_world`` (4x4)."""
+    R, t = cam_from_world[:3, :3], cam_from_world[:3, 3]
+    n_cam = R @ plane_world[:3]
+    return np.concatenate([n_cam, [plane_world[3] - n_cam @ t]])
+
+
 def sparse_in_view(scene: SfmScene, view: View, K: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates (N, 2) at working size and depths (N,) of the sparse points ``view`` observes."""
     X = scene.points[view.point_ids] if len(view.point_ids) else np.zeros((0, 3))
@@ -288,6 +330,7 @@ class MvsEstimator:
         self.device = device
         self.neighbors = select_neighbors(scene, cfg.num_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
         self.sizes = [working_size(v.width, v.height, cfg.max_image_side) for v in scene.views]
+        self.planes = fit_scene_planes(scene.points, cfg.plane_candidates, cfg.plane_distance, cfg.plane_min_inliers)
         self.images = _LRU(cfg.cache_images, lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
         self.settings = mvs.SweepSettings(
             num_hypotheses=cfg.num_hypotheses, levels=cfg.pyramid_levels, refine_hypotheses=cfg.refine_hypotheses,
@@ -318,13 +361,14 @@ class MvsEstimator:
         K_ref = working_intrinsics(view, self.sizes[index])
         src_images, K_srcs, poses = self.sources(index)
         ref = self.images.get(index)
+        planes_cam = [t(plane_in_camera(plane, view.cam_from_world)) for plane in self.planes]
 
         def sweep(chunk_pixels: int, device: torch.device) -> mvs.SweepResult:
             to = lambda x: x.to(device)  # noqa: E731
             settings = dataclasses.replace(self.settings, chunk_pixels=chunk_pixels)
             with torch.no_grad():
                 return mvs.estimate_depth(to(ref), to(t(K_ref)), [to(x) for x in src_images], [to(x) for x in K_srcs],
-                                          [to(x) for x in poses], near, far, settings)
+                                          [to(x) for x in poses], near, far, settings, [to(x) for x in planes_cam])
 
         # chunk_pixels only bounds memory (same result): on out-of-memory, smaller chunks, then the CPU.
         res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device, what=f"depth of {view.name}",

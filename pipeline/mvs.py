@@ -448,6 +448,23 @@ def _try_candidates(ref: RefStats, sources: Sequence[Source], inv_hw: torch.Tens
     return torch.where(switch, cand.gather(0, c_idx[None])[0], inv_hw), torch.where(switch, c_best, best_hw)
 
 
+def plane_inverse_depth(K_33: torch.Tensor, plane_cam_4: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse depth (H, W) at which each pixel's ray meets the plane ``n·X + d = 0`` (camera frame).
+
+    ``plane_cam_4 = (n_x, n_y, n_z, d)``. With the ray ``X = z K^-1 p~`` (pixel
+    centres), ``1 / z = -(n · K^-1 p~) / d``. Pixels whose ray meets the plane
+    behind the camera (or never) get 0.
+    """
+    p = pixel_grid(height, width, device=K_33.device, dtype=K_33.dtype)
+    ph = torch.cat([p, torch.ones_like(p[..., :1])], -1)  # (H, W, 3)
+    rays = ph @ torch.linalg.inv(K_33).T
+    n, d = plane_cam_4[:3], plane_cam_4[3]
+    if float(d.abs()) < _EPS:  # the plane passes through the camera centre: seen edge-on
+        return torch.zeros(height, width, device=K_33.device, dtype=K_33.dtype)
+    inv = -(rays @ n) / d
+    return inv.clamp(min=0.0)
+
+
 def _min_max_pool(x_hw: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = x_hw[None, None]
     size = 2 * radius + 1
@@ -465,6 +482,7 @@ def estimate_depth(
     near: float,
     far: float,
     cfg: SweepSettings,
+    planes_cam: Sequence[torch.Tensor] = (),
 ) -> SweepResult:
     """Coarse-to-fine plane-sweep depth of one reference view.
 
@@ -480,6 +498,11 @@ def estimate_depth(
        by ``propagation_shifts`` pixels in four directions, kept per pixel where
        it matches better (moves depth edges, fills weakly textured pixels).
     4. Polish sweeps at full resolution, each with half the previous step.
+    5. Scene planes (``planes_cam``, e.g. the floor fitted to the sparse
+       points): each pixel also tries the depth where its ray meets each plane
+       and keeps it where it matches better. This recovers slivers of a
+       slanted plane between occluders, which the fronto-parallel sweeps and
+       the propagation miss.
 
     Args:
         ref_11hw: (1, 1, H, W) grayscale reference image in [0, 1] (working resolution).
@@ -488,6 +511,7 @@ def estimate_depth(
         K_srcs: their intrinsics at (h_i, w_i).
         src_from_ref: (4, 4) poses of each neighbour camera relative to the reference camera.
         near, far: depth range of the sweep (reference camera z, > 0).
+        planes_cam: (4,) planes ``(n, d)`` with ``n·X + d = 0`` in the reference camera frame.
     """
     H, W = ref_11hw.shape[-2:]
     dev, dt = ref_11hw.device, ref_11hw.dtype
@@ -530,6 +554,15 @@ def estimate_depth(
         step = step / 2.0
         centre = median_filter(inv, cfg.smooth_radius)
         inv, best, _ = _offset_sweep(ref, sources, centre, step, cfg.polish_hypotheses, cfg, cfg.offset_penalty)
+
+    # 5. scene planes
+    if planes_cam:
+        cands = []
+        for plane in planes_cam:
+            plane_inv = plane_inverse_depth(K_ref_33, plane.to(dev, dt), H, W)
+            usable = (plane_inv >= inv_far) & (plane_inv <= inv_near)
+            cands.append(torch.where(usable, plane_inv, inv))
+        inv, best = _try_candidates(ref, sources, inv, best, cands, cfg)
 
     ncc = 1.0 - best
     valid = (ncc >= cfg.min_ncc) & (inv >= inv_far * (1 - 1e-4)) & (inv <= inv_near * (1 + 1e-4)) & (inv > 0)
