@@ -101,6 +101,7 @@ class DepthConfig:
     range_percentile: float = setting(2.0, "mvs: depth range of a view = [p, 100-p] percentiles of the depths of its sparse points, widened by range_margin.")
     range_margin: float = setting(0.25, "mvs: relative widening of the depth range (near / (1 + m), far · (1 + m)).")
     plane_candidates: int = setting(1, "mvs: dominant planes fitted to the sparse points (RANSAC; floors, table tops, walls) whose depth every pixel also tries, keeping it where it matches better (0 = off).")
+    plane_max_gap: float = setting(0.25, "mvs: a plane's depth is tried only where it is within this relative (inverse-depth) distance of the pixel's estimate: an object pixel that took the floor behind it would be depth that is too far, which carves the true surface out of the TSDF (knot F@1 %: no limit 0.942, 0.25 0.946).")
     plane_distance: float = setting(0.005, "mvs: RANSAC inlier distance of the plane fit, as a fraction of the diagonal of the sparse points' 2-98 percentile box.")
     plane_min_inliers: float = setting(0.1, "mvs: a fitted plane is used only when at least this fraction of the sparse points lie on it.")
     cross_view_candidates: bool = setting(True, "mvs: after the first pass every view also tries, per pixel, the surfaces its geo_neighbors found (their maps reprojected into it) and keeps whichever matches best (recovers thin and briefly seen surfaces).")
@@ -335,7 +336,7 @@ class MvsEstimator:
         self.settings = mvs.SweepSettings(
             num_hypotheses=cfg.num_hypotheses, levels=cfg.pyramid_levels, refine_hypotheses=cfg.refine_hypotheses,
             refine_radius=cfg.refine_radius, edge_radius=cfg.edge_radius, propagation_shifts=tuple(cfg.propagation_shifts), polish_hypotheses=cfg.polish_hypotheses, polish_iterations=cfg.polish_iterations,
-            smooth_radius=cfg.smooth_radius, offset_penalty=cfg.offset_penalty, window=cfg.ncc_window, best_k=cfg.best_k, truncation=cfg.cost_truncation, min_ncc=cfg.min_ncc,
+            smooth_radius=cfg.smooth_radius, offset_penalty=cfg.offset_penalty, window=cfg.ncc_window, plane_max_gap=cfg.plane_max_gap, best_k=cfg.best_k, truncation=cfg.cost_truncation, min_ncc=cfg.min_ncc,
             chunk_pixels=max(1, cfg.chunk_pixels),
         )
 

@@ -367,6 +367,8 @@ class SweepSettings:
     """Centre surfaces of the finer sweeps are the previous estimate median-filtered over (2r+1)² pixels."""
     offset_penalty: float = 0.05
     """Cost added at the ends of a finer sweep (quadratic in the offset): keeps weak texture near the centre."""
+    plane_max_gap: float = 1.0
+    """A scene-plane candidate is tried only where it is within this relative inverse-depth distance of the estimate."""
     window: int = 5
     best_k: int = 1
     truncation: float = OUTSIDE_COST
@@ -502,7 +504,10 @@ def estimate_depth(
        points): each pixel also tries the depth where its ray meets each plane
        and keeps it where it matches better. This recovers slivers of a
        slanted plane between occluders, which the fronto-parallel sweeps and
-       the propagation miss.
+       the propagation miss. The plane is tried only where it lies within
+       ``plane_max_gap`` (relative inverse depth) of the estimate: an object
+       pixel that took the floor behind it by a chance match would be depth
+       that is too far, which carves the true surface out of a TSDF.
 
     Args:
         ref_11hw: (1, 1, H, W) grayscale reference image in [0, 1] (working resolution).
@@ -560,7 +565,7 @@ def estimate_depth(
         cands = []
         for plane in planes_cam:
             plane_inv = plane_inverse_depth(K_ref_33, plane.to(dev, dt), H, W)
-            usable = (plane_inv >= inv_far) & (plane_inv <= inv_near)
+            usable = (plane_inv >= inv_far) & (plane_inv <= inv_near) & ((plane_inv - inv).abs() <= cfg.plane_max_gap * inv)
             cands.append(torch.where(usable, plane_inv, inv))
         inv, best = _try_candidates(ref, sources, inv, best, cands, cfg)
 

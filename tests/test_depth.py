@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numpy as np
 import pytest
@@ -156,14 +157,15 @@ def test_plane_candidates_recover_a_slanted_floor(device):
     scored = (inv_true > 0.1) & inside[0, 0]
     scored[:, :16] = False  # left border: the source does not see it at every hypothesis
 
-    def good_fraction(planes):
-        res = mvs.estimate_depth(ref, K, [src], [K], [src_from_ref], 1.0, 10.0, cfg, planes)
+    def good_fraction(planes, max_gap=1.0):
+        res = mvs.estimate_depth(ref, K, [src], [K], [src_from_ref], 1.0, 10.0, dataclasses.replace(cfg, plane_max_gap=max_gap), planes)
         rel = (res.depth * inv_true - 1.0).abs()
         return float(((rel < 0.005) & res.valid)[scored].float().mean())
 
     without, with_plane = good_fraction([]), good_fraction([plane])
     # measured (CPU): 0.75 of the floor within 0.5 % without the plane, 1.00 with it
     assert with_plane > 0.95 and with_plane > without + 0.05
+    assert good_fraction([plane], max_gap=0.0) == pytest.approx(without, abs=0.01)  # a plane too far from every estimate is never tried
 
 
 def test_ncc_cost_is_invariant_to_gain_and_offset(device):
