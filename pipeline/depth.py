@@ -215,28 +215,54 @@ def fit_scene_planes(points: np.ndarray, max_planes: int, distance_fraction: flo
     Sequential RANSAC (Open3D ``segment_plane``): fit, remove the inliers,
     repeat. The inlier distance is ``distance_fraction`` × the diagonal of the
     points' 2-98 percentile box; a plane is kept only when at least
-    ``min_inlier_fraction`` of all the points lie on it. Deterministic for a
-    given ``seed``.
+    ``min_inlier_fraction`` of all the points lie on it. Each RANSAC plane is
+    then refitted by least squares to its inliers until they stop changing:
+    RANSAC's multithreaded sampling differs with the thread count, the
+    refitted plane does not (the depth maps must not depend on how many
+    threads a worker has).
     """
     if max_planes <= 0 or len(points) < 50:
         return []
+    points = np.asarray(points, dtype=np.float64)
     lo, hi = np.percentile(points, [2, 98], axis=0)
     distance = distance_fraction * float(np.linalg.norm(hi - lo))
     if distance <= 0:
         return []
     o3d.utility.random.seed(seed)
-    remaining = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
+    remaining = points
     planes = []
     for _ in range(max_planes):
-        if len(remaining.points) < max(3, min_inlier_fraction * len(points)):
+        if len(remaining) < max(3, min_inlier_fraction * len(points)):
             break
-        model, inliers = remaining.segment_plane(distance_threshold=distance, ransac_n=3, num_iterations=1000)
-        if len(inliers) < min_inlier_fraction * len(points):
+        cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(remaining))
+        model, _ = cloud.segment_plane(distance_threshold=distance, ransac_n=3, num_iterations=1000)
+        plane, inliers = refit_plane(remaining, np.asarray(model, dtype=np.float64), distance)
+        if inliers.sum() < min_inlier_fraction * len(points):
             break
-        plane = np.asarray(model, dtype=np.float64)
-        planes.append(plane / np.linalg.norm(plane[:3]))
-        remaining = remaining.select_by_index(inliers, invert=True)
+        planes.append(plane)
+        remaining = remaining[~inliers]
     return planes
+
+
+def refit_plane(points: np.ndarray, plane: np.ndarray, distance: float, max_iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares plane (4,) through the points within ``distance`` of ``plane``, repeated until the inliers settle.
+
+    Returns the plane (unit normal, sign fixed so that its largest component is positive) and the inlier mask (N,).
+    """
+    plane = plane / np.linalg.norm(plane[:3])
+    inliers = np.abs(points @ plane[:3] + plane[3]) < distance
+    for _ in range(max_iterations):
+        if inliers.sum() < 3:
+            break
+        centroid = points[inliers].mean(axis=0)
+        normal = np.linalg.svd(points[inliers] - centroid, full_matrices=False)[2][2]
+        normal = normal * np.sign(normal[np.argmax(np.abs(normal))])
+        plane = np.concatenate([normal, [-normal @ centroid]])
+        updated = np.abs(points @ plane[:3] + plane[3]) < distance
+        if np.array_equal(updated, inliers):
+            break
+        inliers = updated
+    return plane, inliers
 
 
 def plane_in_camera(plane_world: np.ndarray, cam_from_world: np.ndarray) -> np.ndarray:

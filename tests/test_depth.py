@@ -18,6 +18,7 @@ from pipeline.depth import (
     depth_range,
     fit_scene_planes,
     plane_in_camera,
+    refit_plane,
     raw_depth_path,
     select_neighbors,
     working_size,
@@ -140,6 +141,20 @@ def test_fit_scene_planes_finds_the_floor_and_nothing_else():
     n, d = planes[0][:3] * np.sign(planes[0][2]), planes[0][3] * np.sign(planes[0][2])
     assert np.degrees(np.arccos(min(1.0, n[2]))) < 1.0 and abs(d) < 0.005
     assert fit_scene_planes(np.vstack([floor, blob]), 0, 0.005, 0.1) == []
+
+
+def test_refit_plane_settles_on_the_same_plane_from_different_starts():
+    """RANSAC's pick depends on the thread count; the least-squares refit must not (deterministic depth maps)."""
+    rng = np.random.default_rng(1)
+    floor = np.c_[rng.uniform(-1, 1, (500, 2)), rng.normal(0, 2e-3, 500)]
+    points = np.vstack([floor, rng.normal(0, 0.3, (200, 3)) + [0, 0, 0.6]])
+    starts = [np.array([0.0, 0.0, 1.0, 0.0]), np.array([0.01, -0.01, 1.0, 0.002]), np.array([-0.01, 0.0, -1.0, 0.001])]
+    fits = [refit_plane(points, start, 0.01) for start in starts]
+    for plane, inliers in fits[1:]:
+        np.testing.assert_array_equal(plane, fits[0][0])
+        np.testing.assert_array_equal(inliers, fits[0][1])
+    plane, inliers = fits[0]
+    assert inliers[:500].mean() > 0.99 and abs(plane[2]) > 0.9999 and abs(plane[3]) < 1e-3
 
 
 def test_plane_candidates_recover_a_slanted_floor(device):
