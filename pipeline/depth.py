@@ -395,7 +395,7 @@ class MvsEstimator:
             settings = dataclasses.replace(self.settings, chunk_pixels=chunk_pixels)
             with torch.no_grad():
                 return mvs.estimate_depth(to(ref), to(t(K_ref)), [to(x) for x in src_images], [to(x) for x in K_srcs],
-                                          [to(x) for x in poses], near, far, settings, [to(x) for x in planes_cam])
+                                          [to(x) for x in poses], near, far, settings, planes_cam=[to(x) for x in planes_cam])
 
         # chunk_pixels only bounds memory (same result): on out-of-memory, smaller chunks, then the CPU.
         res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device, what=f"depth of {view.name}",
