@@ -367,7 +367,7 @@ class SweepSettings:
     """Centre surfaces of the finer sweeps are the previous estimate median-filtered over (2r+1)² pixels."""
     offset_penalty: float = 0.05
     """Cost added at the ends of a finer sweep (quadratic in the offset): keeps weak texture near the centre."""
-    plane_max_gap: float = 1.0
+    plane_max_gap: float = 0.25
     """A scene-plane candidate is tried only where it is within this relative inverse-depth distance of the estimate."""
     window: int = 5
     best_k: int = 1
@@ -457,14 +457,13 @@ def plane_inverse_depth(K_33: torch.Tensor, plane_cam_4: torch.Tensor, height: i
     centres), ``1 / z = -(n · K^-1 p~) / d``. Pixels whose ray meets the plane
     behind the camera (or never) get 0.
     """
-    p = pixel_grid(height, width, device=K_33.device, dtype=K_33.dtype)
-    ph = torch.cat([p, torch.ones_like(p[..., :1])], -1)  # (H, W, 3)
-    rays = ph @ torch.linalg.inv(K_33).T
+    uv = pixel_grid(height, width, device=K_33.device, dtype=K_33.dtype).reshape(1, -1, 2)
+    rays = backproject(uv, torch.ones_like(uv[..., 0]), K_33[None])[0]  # (H·W, 3) at unit depth
     n, d = plane_cam_4[:3], plane_cam_4[3]
-    if float(d.abs()) < _EPS:  # the plane passes through the camera centre: seen edge-on
-        return torch.zeros(height, width, device=K_33.device, dtype=K_33.dtype)
-    inv = -(rays @ n) / d
-    return inv.clamp(min=0.0)
+    # d = 0: the plane passes through the camera centre (seen edge-on) and is never tried.
+    edge_on = d.abs() <= _EPS
+    inv = torch.where(edge_on, torch.zeros_like(rays[:, 0]), -(rays @ n) / torch.where(edge_on, torch.ones_like(d), d))
+    return inv.clamp(min=0.0).reshape(height, width)
 
 
 def _min_max_pool(x_hw: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
