@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import open3d as o3d
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -228,6 +227,8 @@ def fit_scene_planes(points: np.ndarray, max_planes: int, distance_fraction: flo
     distance = distance_fraction * float(np.linalg.norm(hi - lo))
     if distance <= 0:
         return []
+    import open3d as o3d  # here, not at import: the stage's other passes (and a GPU machine without Open3D) do not need it
+
     o3d.utility.random.seed(seed)
     remaining = points
     planes = []
