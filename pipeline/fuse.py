@@ -36,10 +36,19 @@ Cleaning: the surface is extracted where at least ``min_views`` depth maps
 observed a voxel (Open3D keeps ``weight > threshold``, so ``min_views - 0.5``
 is passed), cropped to the region, and connected components with fewer than
 ``min_component_fraction`` of the largest one's triangles are removed. The
-fraction is small (0.5 %) because the largest component usually includes the
+fraction is small (0.1 %) because the largest component usually includes the
 floor or table around the object: a real part that touches it at a single
 point (a sphere resting on the floor) is a separate component of ~2 % of it,
-while fusion debris is 10-100 triangles.
+while fusion debris is 10-100 triangles. Then **visibility cleaning**
+(``visibility_margin``): every vertex is projected into every fused depth
+map; a map *sees through* the vertex when its depth there is more than
+``visibility_margin`` (relative) behind it, and *agrees* when it is within
+``visibility_agree``. A vertex that at least one map sees through, and that
+more maps see through than agree with, lies in space the views found empty
+(a floater, or a surface fused from depth that was too near) and is removed
+with its triangles. Measured on five rendered scenes (24 views 480x360,
+refined depth): precision at 1 % rose to 0.989-0.999 (knot 0.977 -> 0.992)
+at a recall cost of 0.001-0.01.
 
 Pixel convention: Open3D's TSDF kernels read the depth pixel
 ``(int(u), int(v))`` of a projected voxel, i.e. pixel ``(i, j)`` covers
@@ -92,6 +101,8 @@ class FuseConfig:
     crop_percentile: float = setting(1.0, "Region of interest: per-axis percentile range [p, 100-p] of those points.")
     crop_margin: float = setting(0.1, "Region of interest: grown on every side by this fraction of its diagonal.")
     min_component_fraction: float = setting(0.001, "Remove connected mesh components with fewer triangles than this fraction of the largest one (0 keeps all). 0.005 removed a correct 2600-triangle part of the thin scene (0.4 % of the largest); the floaters it is meant for had under 100 triangles.")
+    visibility_margin: float = setting(0.12, "Visibility cleaning: a depth map sees through a mesh vertex when its depth at the vertex's pixel is more than this (relative) behind the vertex; a vertex that more maps see through than agree with it (within visibility_agree) is removed with its triangles (floaters, surfaces fused from too-near depth). 0 = off.")
+    visibility_agree: float = setting(0.01, "Visibility cleaning: a depth map agrees with a vertex when its depth there is within this relative distance of the vertex.")
     device: str = setting("auto", "Open3D device: auto (CUDA:0 when present), cpu or cuda.", affects_output=False)
 
 
@@ -111,6 +122,9 @@ class FusionParams:
     roi_max: tuple[float, float, float] | None = None
     """Axis-aligned region of interest: blocks outside are not allocated, the mesh is cropped to it."""
     min_component_fraction: float = 0.0
+    visibility_margin: float = 0.0
+    """Visibility cleaning (:func:`visibility_outliers`); 0 = off."""
+    visibility_agree: float = 0.01
     max_memory_gb: float = 8.0
 
     @property
@@ -295,6 +309,7 @@ def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -
         block_resolution=int(cfg.block_resolution), block_count=int(cfg.block_count),
         min_confidence=float(cfg.min_confidence), min_views=int(cfg.min_views),
         roi_min=roi_min, roi_max=roi_max, min_component_fraction=float(cfg.min_component_fraction),
+        visibility_margin=float(cfg.visibility_margin), visibility_agree=float(cfg.visibility_agree),
         max_memory_gb=float(cfg.max_memory_gb),
     )
 
@@ -550,10 +565,73 @@ def fuse_depth_maps(frames: FrameSource, params: FusionParams, device: str = "au
     }
     del grid, tmesh
     mesh = clean_mesh(mesh, params.roi, params.min_component_fraction)
+    if params.visibility_margin > 0 and len(mesh.vertices):
+        vertices = np.asarray(mesh.vertices)
+        sees_through = np.zeros(len(vertices), dtype=np.int32)
+        agrees = np.zeros(len(vertices), dtype=np.int32)
+        for item in progress(frames(), "visibility check", total):
+            frame = _as_frame(item)
+            depth = fusion_depth(frame.depth_map, min_confidence=params.min_confidence, depth_max=params.depth_max, mask=frame.mask)
+            through, agree = visibility_votes(vertices, depth, frame.depth_map.K, frame.depth_map.cam_from_world,
+                                              margin=params.visibility_margin, agree=params.visibility_agree)
+            sees_through += through
+            agrees += agree
+        outliers = visibility_outliers(sees_through, agrees)
+        stats["visibility_removed_vertices"] = int(outliers.sum())
+        mesh = remove_vertices(mesh, outliers)
     if len(mesh.triangles) == 0:
         raise ReconError("TSDF fusion produced an empty mesh; check the depth maps, fuse.min_views and the region of interest (fuse.crop=false)")
     stats.update(integrate_seconds=round(t_integrate, 3), seconds=round(time.perf_counter() - t0, 3), device=str(dev))
     return FusionResult(mesh=mesh, stats=stats)
+
+
+def visibility_votes(vertices_n3: np.ndarray, depth_hw: np.ndarray, K: np.ndarray, cam_from_world: np.ndarray, *,
+                     margin: float, agree: float) -> tuple[np.ndarray, np.ndarray]:
+    """What one depth map says about each mesh vertex: (sees through it, agrees with it), (N,) bool each.
+
+    The vertex is projected into the map and the depth of the pixel it falls in
+    is read (``(int(u), int(v))``, Open3D's TSDF convention; 0 = no depth).
+    With ``rel = (depth − z) / z`` (``z`` the vertex's depth in that camera), the
+    map *sees through* the vertex when ``rel > margin`` (it saw a surface farther
+    along the same ray, so the vertex lies in space that map found empty) and
+    *agrees* when ``|rel| < agree``. Vertices behind the camera, outside the
+    image or on pixels without depth get neither vote.
+    """
+    X = vertices_n3 @ np.asarray(cam_from_world, dtype=np.float64)[:3, :3].T + np.asarray(cam_from_world, dtype=np.float64)[:3, 3]
+    z = X[:, 2]
+    h, w = depth_hw.shape
+    front = z > 1e-9
+    zs = np.where(front, z, 1.0)
+    u = K[0, 0] * X[:, 0] / zs + K[0, 2]
+    v = K[1, 1] * X[:, 1] / zs + K[1, 2]
+    inside = front & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    d = np.asarray(depth_hw, dtype=np.float64)[np.clip(v, 0, h - 1).astype(np.int64), np.clip(u, 0, w - 1).astype(np.int64)]
+    seen = inside & (d > 0)
+    rel = (d - zs) / zs
+    return seen & (rel > margin), seen & (np.abs(rel) < agree)
+
+
+def visibility_outliers(sees_through: np.ndarray, agrees: np.ndarray) -> np.ndarray:
+    """Vertices to drop: at least one depth map sees through them, and more maps do than agree with them."""
+    return (sees_through >= 1) & (sees_through > agrees)
+
+
+def remove_vertices(mesh, drop: np.ndarray):
+    """A copy of a legacy mesh without the vertices ``drop`` (N,) bool and every triangle that uses one."""
+    triangles = np.asarray(mesh.triangles).astype(np.int64)
+    return keep_triangles(mesh, ~drop[triangles].any(axis=1))
+
+
+def keep_triangles(mesh, keep: np.ndarray):
+    """A copy of a legacy mesh with only the triangles ``keep`` (T,) bool and the vertices they use."""
+    vertices = np.asarray(mesh.vertices)
+    kept_tris = np.asarray(mesh.triangles).astype(np.int64)[keep]
+    used = np.zeros(len(vertices), dtype=bool)
+    used[kept_tris.ravel()] = True
+    new_index = np.cumsum(used) - 1
+    colors = np.asarray(mesh.vertex_colors)[used] if mesh.has_vertex_colors() else None
+    normals = np.asarray(mesh.vertex_normals)[used] if mesh.has_vertex_normals() else None
+    return mesh_from_arrays(vertices[used], new_index[kept_tris], colors, normals)
 
 
 def triangle_components(triangles: np.ndarray, n_vertices: int) -> np.ndarray:
@@ -605,13 +683,7 @@ def clean_mesh(mesh, roi: tuple[np.ndarray, np.ndarray] | None, min_component_fr
         counts = np.bincount(label)
         kept = np.flatnonzero(keep)
         keep[kept[counts[label] < min_component_fraction * counts.max()]] = False
-    kept_tris = triangles[keep]
-    used = np.zeros(len(vertices), dtype=bool)
-    used[kept_tris.ravel()] = True
-    new_index = np.cumsum(used) - 1
-    colors = np.asarray(mesh.vertex_colors)[used] if mesh.has_vertex_colors() else None
-    normals = np.asarray(mesh.vertex_normals)[used] if mesh.has_vertex_normals() else None
-    return mesh_from_arrays(vertices[used], new_index[kept_tris], colors, normals)
+    return keep_triangles(mesh, keep)
 
 
 def write_mesh_ply(mesh, path: Path) -> None:

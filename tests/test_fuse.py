@@ -8,6 +8,7 @@ protocol of ``recon eval``).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,11 @@ from pipeline.fuse import (
     fuse_ground_truth,
     fusion_depth,
     ground_truth_frames,
+    remove_vertices,
     resize_rgb,
     resolve_params,
+    visibility_outliers,
+    visibility_votes,
 )
 from pipeline.groundtruth import gt_depth_path, scene_from_ground_truth
 from pipeline.io import DepthMap, save_depth_map
@@ -209,6 +213,78 @@ def test_clean_mesh_crops_and_removes_small_components():
     assert len(kept.triangles) == n_big
     assert np.asarray(kept.vertices).max() <= 1.0 + 1e-9 and kept.has_vertex_colors()
     assert len(clean_mesh(merged, None, 0.0).triangles) == len(merged.triangles)
+
+
+def test_visibility_votes_see_through_agree_and_abstain():
+    K = np.array([[100.0, 0.0, 50.0], [0.0, 100.0, 40.0], [0.0, 0.0, 1.0]])
+    depth = np.full((80, 100), 2.0, dtype=np.float32)
+    depth[:, 90:] = 0.0  # no depth in the right-hand columns
+    vertices = np.array([
+        [0.0, 0.0, 1.0],    # in front of the map's surface: seen through
+        [0.0, 0.0, 2.01],   # on it (0.5 %): agrees
+        [0.0, 0.0, 2.2],    # 9 % behind it: hidden, no vote
+        [0.0, 0.0, 1.9],    # 5 % in front: within the margin, no vote
+        [0.9, 0.0, 2.0],    # projects to u = 95, a pixel without depth
+        [5.0, 0.0, 1.0],    # outside the image
+        [0.0, 0.0, -1.0],   # behind the camera
+    ])
+    through, agree = visibility_votes(vertices, depth, K, np.eye(4), margin=0.12, agree=0.01)
+    assert through.tolist() == [True, False, False, False, False, False, False]
+    assert agree.tolist() == [False, True, False, False, False, False, False]
+    # the same vertices seen from a camera shifted by +1 along x: the pose is applied
+    cam_from_world = np.eye(4)
+    cam_from_world[0, 3] = -1.0
+    through2, _ = visibility_votes(vertices + [1.0, 0.0, 0.0], depth, K, cam_from_world, margin=0.12, agree=0.01)
+    assert through2.tolist() == through.tolist()
+
+
+def test_visibility_outliers_need_more_maps_seeing_through_than_agreeing():
+    through = np.array([0, 1, 1, 2, 3])
+    agree = np.array([0, 0, 1, 1, 5])
+    assert visibility_outliers(through, agree).tolist() == [False, True, False, True, False]
+
+
+def test_remove_vertices_drops_their_triangles_and_keeps_colours():
+    mesh = o3d.geometry.TriangleMesh.create_box()
+    mesh.vertex_colors = o3d.utility.Vector3dVector(np.random.default_rng(0).random((len(mesh.vertices), 3)))
+    drop = np.zeros(len(mesh.vertices), bool)
+    drop[0] = True
+    kept = remove_vertices(mesh, drop)
+    uses_0 = (np.asarray(mesh.triangles) == 0).any(1).sum()
+    assert len(kept.triangles) == len(mesh.triangles) - uses_0
+    assert len(kept.vertices) == len(mesh.vertices) - 1
+    assert not np.any(np.all(np.isclose(np.asarray(kept.vertices), np.asarray(mesh.vertices)[0]), axis=1))
+    original = {tuple(v): tuple(c) for v, c in zip(np.asarray(mesh.vertices), np.asarray(mesh.vertex_colors))}
+    assert all(original[tuple(v)] == tuple(c) for v, c in zip(np.asarray(kept.vertices), np.asarray(kept.vertex_colors)))
+
+
+def test_visibility_cleaning_removes_a_floater_and_keeps_the_surface(gt_scene, small_frames):
+    """A view whose depth has a patch at half the true depth fuses a floater; the other views see through it."""
+    params = replace(resolve_params(FuseConfig(), gt_scene), visibility_margin=0.0)
+    reference = fuse_depth_maps(small_frames, params, "auto").mesh
+    first = small_frames[0]
+    dm = first.depth_map
+    h, w = dm.shape
+    depth = dm.depth.copy()
+    patch = np.zeros((h, w), bool)
+    patch[h // 3: h // 2, w // 3: w // 2] = True
+    depth[patch & dm.valid] *= 0.5
+    corrupted = replace(first, depth_map=replace(dm, depth=depth))
+    frames = [*small_frames, corrupted]
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(reference))
+
+    def off_surface(mesh) -> int:
+        d = scene.compute_distance(o3d.core.Tensor(np.asarray(mesh.vertices, dtype=np.float32))).numpy()
+        return int((d > 3 * params.voxel_size).sum())
+
+    plain = fuse_depth_maps(frames, params, "auto")
+    cleaned = fuse_depth_maps(frames, replace(params, visibility_margin=0.12), "auto")
+    assert off_surface(plain.mesh) > 200, "the corrupted view should fuse a floater"
+    assert off_surface(cleaned.mesh) < 0.1 * off_surface(plain.mesh)
+    assert cleaned.stats["visibility_removed_vertices"] > 0
+    assert len(cleaned.mesh.vertices) > 0.9 * len(reference.vertices)
 
 
 # ---- the hash map ------------------------------------------------------------------------------------
