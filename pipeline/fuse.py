@@ -88,7 +88,7 @@ class FuseConfig:
     voxel_size: float = setting(0.0, "TSDF voxel size in normalized-frame units (0: voxel_factor x the median pixel footprint depth/focal of the sparse points at the depth maps' resolution).")
     voxel_factor: float = setting(1.0, "Automatic voxel size in pixel footprints at the sparse points' median depth (used when voxel_size is 0).")
     sdf_trunc: float = setting(0.0, "TSDF truncation distance in normalized-frame units (0: trunc_voxels x voxel size).")
-    trunc_voxels: float = setting(4.0, "Automatic truncation distance in voxels (used when sdf_trunc is 0); larger fills grazing surfaces, smaller keeps thin parts.")
+    trunc_voxels: float = setting(5.0, "Automatic truncation distance in voxels (used when sdf_trunc is 0); larger fills surfaces seen by few views or at grazing angles, smaller keeps thin parts and concave corners sharp. Measured with visibility cleaning (24 views 480x360, refined depth, F@1 %): 4 / 5 / 6 voxels gave knot 0.949 / 0.954 / 0.956, blob 0.952 / 0.952 / 0.950, thin 0.990 / 0.991 / 0.991, spot 0.976 / 0.977 / 0.977.")
     depth_max: float = setting(0.0, "Depth cut-off in normalized-frame units: farther depth is not fused (0: depth_max_factor x the 99th percentile of sparse-point depths).")
     depth_max_factor: float = setting(1.5, "Automatic depth cut-off as a multiple of the 99th percentile of sparse-point depths (used when depth_max is 0).")
     min_confidence: float = setting(0.1, "Depth pixels with confidence below this (0..1) are not fused.")

@@ -155,7 +155,7 @@ def test_absolute_settings_override_the_auto_values(gt_scene):
     auto = resolve_params(FuseConfig(), gt_scene)
     fixed = resolve_params(FuseConfig(voxel_size=0.02, sdf_trunc=0.05, depth_max=2.5, crop=False), gt_scene)
     assert (fixed.voxel_size, fixed.sdf_trunc, fixed.depth_max, fixed.roi) == (0.02, 0.05, 2.5, None)
-    assert auto.sdf_trunc == pytest.approx(4.0 * auto.voxel_size)
+    assert auto.sdf_trunc == pytest.approx(FuseConfig().trunc_voxels * auto.voxel_size)
     # Half-resolution depth maps: twice the pixel footprint.
     assert resolve_params(FuseConfig(), gt_scene, focal_scale=0.5).voxel_size == pytest.approx(2 * auto.voxel_size)
 
