@@ -597,17 +597,18 @@ def visibility_votes(vertices_n3: np.ndarray, depth_hw: np.ndarray, K: np.ndarra
     *agrees* when ``|rel| < agree``. Vertices behind the camera, outside the
     image or on pixels without depth get neither vote.
     """
-    X = vertices_n3 @ np.asarray(cam_from_world, dtype=np.float64)[:3, :3].T + np.asarray(cam_from_world, dtype=np.float64)[:3, 3]
-    z = X[:, 2]
+    import torch
+
+    from pipeline.geometry import project, transform_points
+
+    t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))[None]  # noqa: E731
+    uv, z = project(transform_points(t(cam_from_world), t(vertices_n3)), t(K), eps=1e-9)
+    u, v, z = uv[0, :, 0].numpy(), uv[0, :, 1].numpy(), z[0].numpy()
     h, w = depth_hw.shape
-    front = z > 1e-9
-    zs = np.where(front, z, 1.0)
-    u = K[0, 0] * X[:, 0] / zs + K[0, 2]
-    v = K[1, 1] * X[:, 1] / zs + K[1, 2]
-    inside = front & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    inside = (z > 1e-9) & (u >= 0) & (u < w) & (v >= 0) & (v < h)  # int(u) < w: Open3D's pixel
     d = np.asarray(depth_hw, dtype=np.float64)[np.clip(v, 0, h - 1).astype(np.int64), np.clip(u, 0, w - 1).astype(np.int64)]
     seen = inside & (d > 0)
-    rel = (d - zs) / zs
+    rel = (d - z) / np.maximum(z, 1e-9)
     return seen & (rel > margin), seen & (np.abs(rel) < agree)
 
 
