@@ -300,6 +300,8 @@ def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -
         raise ReconError(f"fusion sizes must be positive (voxel {voxel}, truncation {trunc}, depth_max {depth_max}); check the fuse.* settings")
     if cfg.block_resolution < 2 or cfg.min_views < 1:
         raise ReconError("fuse.block_resolution must be >= 2 and fuse.min_views >= 1")
+    if cfg.visibility_margin < 0 or cfg.visibility_agree <= 0:
+        raise ReconError("fuse.visibility_margin must be >= 0 (0 = no visibility cleaning) and fuse.visibility_agree > 0")
     roi_min = roi_max = None
     if cfg.crop:
         lo, hi = camera_roi(scene, depth_max, view_fraction=cfg.crop_view_fraction, percentile=cfg.crop_percentile, margin=cfg.crop_margin)

@@ -173,6 +173,13 @@ def test_region_of_interest_holds_the_object(rendered, gt_scene):
     assert np.all(roi_hi - roi_lo < 2.5 * diag)
 
 
+def test_negative_visibility_settings_fail_clearly(gt_scene):
+    with pytest.raises(ReconError, match="visibility_margin"):
+        resolve_params(FuseConfig(visibility_margin=-0.1), gt_scene)
+    with pytest.raises(ReconError, match="visibility_agree"):
+        resolve_params(FuseConfig(visibility_agree=0.0), gt_scene)
+
+
 def test_inverted_poses_fail_clearly(gt_scene):
     z = np.concatenate([(gt_scene.points[v.point_ids] @ v.cam_from_world[2, :3] + v.cam_from_world[2, 3]) for v in gt_scene.views])
     check_poses(z)
