@@ -577,6 +577,20 @@ def evaluate_meshes(
 
 # ---- depth maps ----------------------------------------------------------------------------
 
+def _depth_in_gt(uv_n2: np.ndarray, depth_n: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray, gt_from_est: np.ndarray,
+                 depth_gt: np.ndarray, K_gt: np.ndarray, gt_cam_from_world: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z (N,), g (N,), paired (N,) bool): estimated points' depth in the GT camera (GT units) and the GT depth there."""
+    gtcam_from_estcam = np.asarray(gt_cam_from_world) @ np.asarray(gt_from_est) @ invert_pose(np.asarray(est_cam_from_world, dtype=np.float64))
+    pts = backproject(torch.from_numpy(uv_n2)[None], torch.from_numpy(depth_n)[None], torch.as_tensor(K_est, dtype=torch.float64)[None])
+    pts_gt = transform_points(torch.as_tensor(gtcam_from_estcam, dtype=torch.float64)[None], pts)
+    uv_gt, z = project(pts_gt, torch.as_tensor(K_gt, dtype=torch.float64)[None])
+    hg, wg = depth_gt.shape
+    keep = (z[0] > 1e-9) & inside_image(uv_gt[0], hg, wg)
+    uv_gt, z = uv_gt[0].numpy(), z[0].numpy()
+    g = sample_depth(np.asarray(depth_gt, dtype=np.float64), np.where(keep.numpy()[:, None], uv_gt, -1.0))
+    return z, g, keep.numpy() & (g > 0)
+
+
 def depth_pairs(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray, gt_from_est: np.ndarray,
                 depth_gt: np.ndarray, K_gt: np.ndarray, gt_cam_from_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel (estimated depth, GT depth), both GT units, for the valid pixels of one map.
@@ -597,20 +611,30 @@ def depth_pairs(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.ndarray,
     """
     h, w = depth_est.shape
     ok = valid_est & np.isfinite(depth_est) & (depth_est > 0)
-    uv = pixel_grid(h, w, dtype=torch.float64).numpy()[ok]
-    d = depth_est[ok].astype(np.float64)
-    if len(d) == 0:
+    if not ok.any():
         return np.zeros(0), np.zeros(0)
-    gtcam_from_estcam = np.asarray(gt_cam_from_world) @ np.asarray(gt_from_est) @ invert_pose(np.asarray(est_cam_from_world, dtype=np.float64))
-    pts = backproject(torch.from_numpy(uv)[None], torch.from_numpy(d)[None], torch.as_tensor(K_est, dtype=torch.float64)[None])
-    pts_gt = transform_points(torch.as_tensor(gtcam_from_estcam, dtype=torch.float64)[None], pts)
-    uv_gt, z = project(pts_gt, torch.as_tensor(K_gt, dtype=torch.float64)[None])
-    hg, wg = depth_gt.shape
-    keep = (z[0] > 1e-9) & inside_image(uv_gt[0], hg, wg)
-    uv_gt, z = uv_gt[0].numpy(), z[0].numpy()
-    g = sample_depth(np.asarray(depth_gt, dtype=np.float64), np.where(keep.numpy()[:, None], uv_gt, -1.0))
-    keep = keep.numpy() & (g > 0)
-    return z[keep], g[keep]
+    uv = pixel_grid(h, w, dtype=torch.float64).numpy()[ok]
+    z, g, paired = _depth_in_gt(uv, depth_est[ok].astype(np.float64), K_est, est_cam_from_world, gt_from_est, depth_gt, K_gt, gt_cam_from_world)
+    return z[paired], g[paired]
+
+
+def depth_error_image(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray, gt_from_est: np.ndarray,
+                      depth_gt: np.ndarray, K_gt: np.ndarray, gt_cam_from_world: np.ndarray) -> np.ndarray:
+    """(H, W) signed relative depth error ``(z − g) / g`` of each valid pixel (> 0: too far), NaN where :func:`depth_pairs` has no pair.
+
+    The pixel-wise form of :func:`depth_pairs` (same arguments and pairing).
+    """
+    h, w = depth_est.shape
+    out = np.full((h, w), np.nan)
+    ok = valid_est & np.isfinite(depth_est) & (depth_est > 0)
+    if not ok.any():
+        return out
+    uv = pixel_grid(h, w, dtype=torch.float64).numpy()[ok]
+    z, g, paired = _depth_in_gt(uv, depth_est[ok].astype(np.float64), K_est, est_cam_from_world, gt_from_est, depth_gt, K_gt, gt_cam_from_world)
+    err = np.full(len(z), np.nan)
+    err[paired] = (z[paired] - g[paired]) / g[paired]
+    out[ok] = err
+    return out
 
 
 def depth_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.errors import ReconError
 from pipeline.evaluate import (
-    Mesh, align_from_cameras, depth_metrics, depth_pairs, evaluate_meshes, evaluate_reconstruction, format_summary, sample_depth,
+    Mesh, align_from_cameras, depth_error_image, depth_metrics, depth_pairs, evaluate_meshes, evaluate_reconstruction, format_summary, sample_depth,
 )
 from pipeline.geometry import scale_intrinsics, transform_pose_by_similarity, umeyama
 
@@ -188,6 +188,36 @@ def test_depth_metrics_on_scaled_depth_in_another_frame_and_resolution():
     assert m["abs_rel"] == pytest.approx(0.03, rel=0.01)
     assert m["rmse"] == pytest.approx(0.03 * np.sqrt(np.mean(gt**2)), rel=0.01)
     assert m["delta_1.01"] == 0.0 and m["delta_1.05"] == 1.0
+
+
+def test_depth_error_image_is_the_signed_relative_error_per_pixel():
+    """Same plane and frames as above: a block 3 % too far, a block 2 % too near, invalid pixels and GT background are NaN."""
+    rng = np.random.default_rng(1)
+    W, H = 64, 48
+    K_gt = np.array([[58.0, 0, 32], [0, 58.0, 24], [0, 0, 1]])
+    T_gt = np.eye(4)
+    normal, offset = np.array([0.2, -0.3, -1.0]), -3.0
+    depth_gt = plane_depth(K_gt, T_gt, normal, offset, W, H)
+    depth_gt[:, 56:] = 0.0  # GT background (no surface) on the right
+    s_n, R_n, t_n = 0.5, random_rotation(rng), np.array([0.3, -1.0, 2.0])
+    T_est = transform_pose_by_similarity(T_gt, s_n, R_n, t_n)
+    gt_from_est = np.eye(4)
+    gt_from_est[:3, :3] = R_n.T / s_n
+    gt_from_est[:3, 3] = -R_n.T @ t_n / s_n
+    depth_est = plane_depth(K_gt, T_gt, normal, offset, W, H) * s_n
+    depth_est[5:15, 5:20] *= 1.03
+    depth_est[30:40, 10:30] *= 0.98
+    valid = np.ones((H, W), bool)
+    valid[20:25, 40:45] = False
+    err = depth_error_image(depth_est, valid, K_gt, T_est, gt_from_est, depth_gt, K_gt, T_gt)
+    assert err.shape == (H, W)
+    assert np.allclose(err[6:14, 6:19], 0.03, atol=1e-6) and np.allclose(err[31:39, 11:29], -0.02, atol=1e-6)
+    assert np.abs(err[45:, :50]).max() < 1e-6
+    assert np.isnan(err[20:25, 40:45]).all() and np.isnan(err[:, 57:]).all()
+    # the valid, paired pixels are exactly depth_pairs'
+    pred, gt = depth_pairs(depth_est, valid, K_gt, T_est, gt_from_est, depth_gt, K_gt, T_gt)
+    assert np.isfinite(err).sum() == len(gt)
+    assert np.allclose(np.sort(err[np.isfinite(err)]), np.sort((pred - gt) / gt))
 
 
 def test_sample_depth_bilinear_inside_nearest_across_edges():
