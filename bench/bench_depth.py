@@ -162,12 +162,11 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
     Ground truth: the scene's ``gt/mesh.ply`` cropped to the object box + 5 %, F at 0.5 % and 1 % of the object diagonal.
     """
     from pipeline.evaluate import GtViews, evaluate_meshes
-    from pipeline.fuse import FuseConfig, FusionFrame, fuse_depth_maps, resolve_params
+    from pipeline.fuse import FuseConfig, FusionFrame, fuse_depth_maps, map_focal_scale, resolve_params
     from pipeline.io import load_rgb
 
     first = map_of(0)
-    focal_scale = float(np.sqrt(first.K[0, 0] * first.K[1, 1] / (views[0].K[0, 0] * views[0].K[1, 1])))
-    params = resolve_params(FuseConfig(), scene, focal_scale)
+    params = resolve_params(FuseConfig(), scene, map_focal_scale(first, views[0]))
 
     def frames():
         for i, v in enumerate(views):

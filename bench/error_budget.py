@@ -54,10 +54,8 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.depth import adopted_depth_path  # noqa: E402
 from pipeline.errors import ReconError  # noqa: E402
-from pipeline.evaluate import (GtViews, align_from_cameras, depth_error_image, evaluate_meshes, match_cameras,  # noqa: E402
-                               read_colmap_poses, resolve_ground_truth)
-from pipeline.fuse import FusionFrame, fuse_depth_maps, resolve_params  # noqa: E402
-from pipeline.geometry import camera_center  # noqa: E402
+from pipeline.evaluate import GtViews, align_to_gt_cameras, depth_error_image, evaluate_meshes, read_colmap_poses, resolve_ground_truth  # noqa: E402
+from pipeline.fuse import FusionFrame, fuse_depth_maps, map_focal_scale, resolve_params  # noqa: E402
 from pipeline.io import DepthMap, load_depth_map, load_rgb, load_sfm_scene  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402
 
@@ -71,8 +69,6 @@ class ViewData:
 
     dm: DepthMap
     err: np.ndarray
-    gt_rel: np.ndarray | None = None
-    """GT depth along each pixel's ray in the map's units (via the error of a unit depth), NaN where none."""
     adopted: DepthMap | None = None
     adopted_err: np.ndarray | None = None
     refined: DepthMap | None = None
@@ -161,17 +157,6 @@ def variants(have_adopted: bool, have_refined: bool) -> dict[str, Variant]:
     return out
 
 
-def gt_alignment(out: Path, gt_views: GtViews) -> np.ndarray:
-    """4x4 similarity est → GT from the cameras (as ``recon eval``)."""
-    est = read_colmap_poses(out / "sparse")
-    gt = {n: T for n, (_, T) in gt_views.cameras.items()}
-    pairs = match_cameras(est, gt)
-    if len(pairs) < 3:
-        raise ReconError(f"{out / 'sparse'}: only {len(pairs)} cameras shared with the GT; run `recon run` to the end first")
-    sim = align_from_cameras(np.stack([camera_center(est[a]) for a, _ in pairs]), np.stack([camera_center(gt[b]) for _, b in pairs]))
-    return sim.matrix()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scene", type=Path, help="rendered scene folder (with gt/)")
@@ -189,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     path_of = ws.refine_view if source == "refine" else ws.depth_view
     gt_in = resolve_ground_truth(args.scene / "gt")
     gt_views = GtViews.load(gt_in.gt_dir)
-    gt_from_est = gt_alignment(args.out, gt_views)
+    gt_from_est = align_to_gt_cameras(read_colmap_poses(args.out / "sparse"), gt_views, source=args.out / "sparse")[0].matrix()
     cfg = load_config(files=[args.out / "config.yaml"] if (args.out / "config.yaml").exists() else [], overrides=args.overrides)
     ws_ref = Workspace(args.scene, args.refined) if args.refined is not None else None
 
@@ -210,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         data.append(vd)
     have_adopted = all(d.adopted is not None for d in data)
     first = data[0].dm
-    params = resolve_params(cfg.fuse, scene, float(np.sqrt(first.K[0, 0] * first.K[1, 1]) / np.sqrt(scene.views[0].K[0, 0] * scene.views[0].K[1, 1])))
+    params = resolve_params(cfg.fuse, scene, map_focal_scale(first, scene.views[0]))
+    rgbs = [load_rgb(v.image_path) for v in scene.views]  # read once, fused by every variant
 
     errs = np.concatenate([d.err[np.isfinite(d.err)] for d in data])
     print(f"{args.out} ({source} maps): {len(errs)} pixels with GT; |e|<1%: {np.mean(np.abs(errs) < 0.01):.4f}, "
@@ -221,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         maps, changed = zip(*(apply(d) for d in data))
-        frames = lambda: (FusionFrame(dm, (lambda p=v.image_path: load_rgb(p)), None) for v, dm in zip(scene.views, maps))  # noqa: E731
+        frames = lambda: (FusionFrame(dm, rgb, None) for dm, rgb in zip(maps, rgbs))  # noqa: E731
         mesh = fuse_depth_maps(frames, params, args.device, total=len(maps)).mesh
         m = evaluate_meshes(mesh, gt_in.mesh, gt_from_est=gt_from_est, crop_box=gt_in.crop_box, diagonal=gt_in.diagonal, gt_views=gt_views)
         t = m["thresholds"]

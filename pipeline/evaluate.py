@@ -726,6 +726,27 @@ def _find_sparse(out: Path) -> Path | None:
     return None
 
 
+def align_to_gt_cameras(est_poses: dict[str, np.ndarray], gt_views: GtViews, *, source: Path | str, seed: int = 0
+                        ) -> tuple[Similarity, list[tuple[str, str]]]:
+    """Similarity est → GT frame from the camera centres of the images both share (:func:`align_from_cameras`).
+
+    Args:
+        est_poses: image name → cam_from_world (est frame), e.g. from :func:`read_colmap_poses`.
+        source: where ``est_poses`` came from (named in the error).
+    Returns:
+        (the similarity, the (est name, GT name) pairs it used).
+    Raises:
+        ReconError: fewer than 3 shared images.
+    """
+    gt_poses = {n: T for n, (_, T) in gt_views.cameras.items()}
+    pairs = match_cameras(est_poses, gt_poses)
+    if len(pairs) < 3:
+        raise ReconError(f"{source}: only {len(pairs)} image name(s) shared with {gt_views.gt_dir / 'cameras.json'}; alignment needs 3 or more")
+    est_c = np.stack([camera_center(est_poses[a]) for a, _ in pairs])
+    gt_c = np.stack([camera_center(gt_poses[b]) for _, b in pairs])
+    return align_from_cameras(est_c, gt_c, seed=seed), pairs
+
+
 def evaluate_reconstruction(
     out_dir: Path,
     gt: Path,
@@ -789,13 +810,7 @@ def evaluate_reconstruction(
             raise ReconError(f"{gt}: no GT cameras (cameras.json) to align with; pass the scene's gt/ folder, or --no-align for a mesh already in the GT frame")
         if sparse is None:
             raise ReconError(f"{out_dir}: no cameras (sparse/ COLMAP model) to align with; pass --no-align for a mesh already in the GT frame")
-        gt_poses = {n: T for n, (_, T) in gt_views.cameras.items()}
-        pairs = match_cameras(est_poses, gt_poses)
-        if len(pairs) < 3:
-            raise ReconError(f"{sparse}: only {len(pairs)} image name(s) shared with {gt_views.gt_dir / 'cameras.json'}; alignment needs 3 or more")
-        est_c = np.stack([camera_center(est_poses[a]) for a, _ in pairs])
-        gt_c = np.stack([camera_center(gt_poses[b]) for _, b in pairs])
-        sim = align_from_cameras(est_c, gt_c, seed=seed)
+        sim, pairs = align_to_gt_cameras(est_poses, gt_views, source=sparse, seed=seed)
         T = sim.matrix()
         alignment = {"method": "cameras", "scale": sim.scale, "cameras_common": len(pairs), "cameras_inliers": int(sim.inliers.sum()),
                      "outlier_cameras": [a for (a, _), ok in zip(pairs, sim.inliers) if not ok], "rms_camera_error": sim.rms}

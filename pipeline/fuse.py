@@ -71,7 +71,7 @@ import numpy as np
 
 from pipeline.cache import atomic_path
 from pipeline.errors import ReconError
-from pipeline.io import DepthMap, SfmScene, load_depth_map, load_mask, load_rgb, load_sfm_scene
+from pipeline.io import DepthMap, SfmScene, View, load_depth_map, load_mask, load_rgb, load_sfm_scene
 from pipeline.settings import setting
 from pipeline.stage import StageContext
 
@@ -280,6 +280,11 @@ def camera_roi(scene: SfmScene, depth_max: float, *, view_fraction: float, perce
     hi = np.percentile(sel, 100.0 - percentile, axis=0)
     grow = margin * float(np.linalg.norm(hi - lo))  # isotropic: a flat box still gets room above its top
     return lo - grow, hi + grow
+
+
+def map_focal_scale(dm: DepthMap, view: View) -> float:
+    """Ratio of a depth map's focal length to its view's full-resolution one (the maps' resolution / the images')."""
+    return float(np.sqrt(dm.K[0, 0] * dm.K[1, 1] / (view.K[0, 0] * view.K[1, 1])))
 
 
 def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -> FusionParams:
@@ -753,8 +758,7 @@ def run(ctx: StageContext) -> None:
 
     first_view, first_path = present[0]
     first = load_depth_map(first_path)
-    focal_scale = float(np.sqrt(first.K[0, 0] * first.K[1, 1]) / np.sqrt(first_view.K[0, 0] * first_view.K[1, 1]))
-    params = resolve_params(cfg, scene, focal_scale)
+    params = resolve_params(cfg, scene, map_focal_scale(first, first_view))
     ctx.logger.info(
         "fusing %d depth maps (%s stage): voxel %.4g, truncation %.4g, depth_max %.3g%s",
         len(present), source, params.voxel_size, params.sdf_trunc, params.depth_max,
