@@ -10,16 +10,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import errno
 import logging
+import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from pipeline.cache import ensure_output_dir, write_error
-from pipeline.config import PRESETS, describe_settings, load_config
+from pipeline.cache import write_error
+from pipeline.config import PRESETS, ReconConfig, describe_settings, load_config
 from pipeline.errors import ReconError
-from pipeline.sfm import native_output_to
+from pipeline.native_output import native_output_to
+from pipeline.output_folder import FORCE_FLAG, adopt_output_dir
 from pipeline.stages import STAGE_NAMES
 from pipeline.workspace import Workspace
 
@@ -101,13 +104,30 @@ def _os_error(exc: OSError, out_dir: Path | None) -> BaseException:
     return exc
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled like Ctrl-C (finished work is kept, child processes are stopped)."""
+
+
+def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
+def _stop_on_sigterm() -> None:
+    """From now on SIGTERM stops the command like Ctrl-C. pycolmap is imported first: its import installs
+    glog's crash handler for SIGTERM (a stack trace, then death), which this one must replace."""
+    import pycolmap  # noqa: F401
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def _fail(exc: BaseException, log_file: Path | None) -> None:
     """Print one line, keep the traceback in the log file, exit non-zero."""
     cause = exc
     if isinstance(exc, KeyboardInterrupt):
         logging.getLogger("recon").debug("interrupted", exc_info=exc)
-        click.echo("error: interrupted; finished work is kept, run the same command again to resume", err=True)
-        sys.exit(130)
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        click.echo(f"error: {what}; finished work is kept, run the same command again to resume", err=True)
+        sys.exit(code)
     if isinstance(exc, OSError):
         exc = _os_error(exc, log_file.parent if log_file else None)
     if isinstance(exc, ReconError):
@@ -127,14 +147,35 @@ def _fail(exc: BaseException, log_file: Path | None) -> None:
     sys.exit(2)
 
 
-def _workspace(scene_dir: str, out: str | None, *, writable: bool = False) -> Workspace:
-    """The scene's workspace; with ``writable`` the output folder is created and checked for writing."""
+def _workspace(scene_dir: str, out: str | None) -> Workspace:
+    """The scene's workspace (nothing is created)."""
     ws = Workspace.create(scene_dir, out)
     if not ws.scene_dir.is_dir():
         raise ReconError(f"{ws.scene_dir}: scene folder not found; pass a folder that holds images/")
-    if writable:
-        ensure_output_dir(ws.out_dir)
     return ws
+
+
+def _run_in_output(scene_dir: str, out: str | None, force_out: bool, config_file: tuple[str, ...], overrides: tuple[str, ...],
+                   presets: tuple[str, ...], verbose: bool, body: Callable[[Workspace, ReconConfig], None]) -> None:
+    """What every command that writes a run does around ``body(ws, cfg)``.
+
+    The settings are checked before anything is written; then the output
+    folder is adopted (:func:`pipeline.output_folder.adopt_output_dir`), the
+    log file opened and native output sent to it; any failure ends as one line.
+    """
+    log_file = None
+    try:
+        ws = _workspace(scene_dir, out)
+        _setup_logging(verbose)
+        cfg = _config(ws, config_file, overrides, presets)
+        _stop_on_sigterm()
+        adopt_output_dir(ws, force=force_out)
+        log_file = ws.log_path
+        with native_output_to(log_file):
+            _setup_logging(verbose, log_file)
+            body(ws, cfg)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
+        _fail(exc, log_file)
 
 
 def _show_progress(no_progress: bool) -> bool:
@@ -158,6 +199,11 @@ def config_options(fn):
     return fn
 
 
+def force_out_option(fn):
+    return click.option(FORCE_FLAG, "force_out", is_flag=True,
+                        help="Write into --out even if it holds files recon did not write (recon replaces only its own).")(fn)
+
+
 def _write_report(ws: Workspace) -> None:
     """Write OUT/report.html; a report failure never fails the run (it is logged)."""
     from pipeline.report import build_report
@@ -169,7 +215,13 @@ def _write_report(ws: Workspace) -> None:
         logger.debug("report failure", exc_info=exc)
 
 
-def _print_summary(result) -> None:
+def _print_summary(result, *, strict: bool = False) -> None:
+    """Per stage: status, time, numbers; the files written; then, on stderr, every photo the mesh does not use.
+
+    Raises:
+        ReconError: with ``strict``, when a photo is left out.
+    """
+    from pipeline.report import left_out_lines
     from workflows.local import published_outputs
 
     click.echo("\nsummary")
@@ -180,9 +232,41 @@ def _print_summary(result) -> None:
     click.echo(f"  time this run: {result.total_seconds:.1f} s")
     for p in published_outputs(result.ws):
         click.echo(f"  wrote {p}")
+    sfm = next((st.summary for st in result.stages if st.name == "sfm"), {})
+    for line in left_out_lines(sfm, kinds=("not_registered",)):  # skipped files and duplicates were named as they were found
+        logger.warning("warning: %s", line)
+    left_out = left_out_lines(sfm)
+    if strict and left_out:
+        raise ReconError(f"--strict: {'; '.join(left_out)}; the outputs are written, but not every photo is in them")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """The ``recon`` group: a wrong command line (unknown option, bad value) is one ``error:`` line too."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "recon"
+            click.echo(f"error: {exc.format_message()} (see `{command} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        sys.exit(0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="recon")
 def main() -> None:
     """recon: photos → accurate, clean, coloured mesh.
@@ -195,50 +279,43 @@ def main() -> None:
 @main.command()
 @click.argument("scene_dir", type=click.Path())
 @config_options
+@force_out_option
 @click.option("--force", multiple=True, type=STAGE_CHOICE, help="Re-run this stage even if cached (repeatable).")
 @click.option("--from", "start_from", type=STAGE_CHOICE, help="Re-run this stage and every stage after it.")
 @click.option("--until", type=STAGE_CHOICE, help="Stop after this stage.")
 @click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable stage (refine: fuse the initial depth maps).")
-def run(scene_dir, out, config_file, presets, overrides, verbose, no_progress, force, start_from, until, skip) -> None:
+@click.option("--strict", is_flag=True, help="Exit non-zero when a photo is left out (not registered, unreadable, a duplicate).")
+def run(scene_dir, out, config_file, presets, overrides, verbose, no_progress, force_out, force, start_from, until, skip, strict) -> None:
     """Run every stage on SCENE_DIR that is not already cached and up to date."""
-    from workflows.local import run_pipeline
 
-    log_file = None
-    try:
-        ws = _workspace(scene_dir, out, writable=True)
-        log_file = ws.log_path
-        with native_output_to(log_file):
-            _setup_logging(verbose, log_file)
-            cfg = _config(ws, config_file, overrides, presets)
-            result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip), show_progress=_show_progress(no_progress))
-            if any(st.status == "ran" for st in result.stages) or not ws.report_path.exists():
-                _write_report(ws)
-            _print_summary(result)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
-        _fail(exc, log_file)
+    def body(ws: Workspace, cfg: ReconConfig) -> None:
+        from workflows.local import run_pipeline
+
+        result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip), show_progress=_show_progress(no_progress))
+        if any(st.status == "ran" for st in result.stages) or not ws.report_path.exists():
+            _write_report(ws)
+        _print_summary(result, strict=strict)
+
+    _run_in_output(scene_dir, out, force_out, config_file, overrides, presets, verbose, body)
 
 
 @main.command()
 @click.argument("name", type=STAGE_CHOICE)
 @click.argument("scene_dir", type=click.Path())
 @config_options
+@force_out_option
 @click.option("--no-upstream", is_flag=True, help="Fail instead of computing missing upstream stages.")
 @click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable upstream stage.")
-def stage(name, scene_dir, out, config_file, presets, overrides, verbose, no_progress, no_upstream, skip) -> None:
+def stage(name, scene_dir, out, config_file, presets, overrides, verbose, no_progress, force_out, no_upstream, skip) -> None:
     """Run stage NAME on SCENE_DIR (computing missing upstream stages first)."""
-    from workflows.local import run_pipeline
 
-    log_file = None
-    try:
-        ws = _workspace(scene_dir, out, writable=True)
-        log_file = ws.log_path
-        with native_output_to(log_file):
-            _setup_logging(verbose, log_file)
-            cfg = _config(ws, config_file, overrides, presets)
-            result = run_pipeline(ws, cfg, until=name, force=(name,), skip=tuple(skip), require_upstream=no_upstream, show_progress=_show_progress(no_progress))
-            _print_summary(result)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        _fail(exc, log_file)
+    def body(ws: Workspace, cfg: ReconConfig) -> None:
+        from workflows.local import run_pipeline
+
+        result = run_pipeline(ws, cfg, until=name, force=(name,), skip=tuple(skip), require_upstream=no_upstream, show_progress=_show_progress(no_progress))
+        _print_summary(result)
+
+    _run_in_output(scene_dir, out, force_out, config_file, overrides, presets, verbose, body)
 
 
 @main.command()
@@ -262,8 +339,8 @@ def status(scene_dir, out, config_file, presets, overrides, verbose, no_progress
 @main.command("config")
 def config_cmd() -> None:
     """List every setting with its default and meaning."""
-    for key, default, help_text in describe_settings():
-        click.echo(f"{key} = {default!r}\n    {help_text}")
+    for key, default, help_text, rule in describe_settings():
+        click.echo(f"{key} = {default!r}" + (f"  ({rule})" if rule else "") + f"\n    {help_text}")
 
 
 @main.command()
@@ -367,25 +444,21 @@ def diagnose(out, scene) -> None:
 @main.command()
 @click.argument("scene_dir", type=click.Path())
 @config_options
+@force_out_option
 @click.option("--variant", "variants", multiple=True, help="NAME (built in: default, mv-only, no-refine) or NAME='--set section.key=value ...' (repeatable).")
 @click.option("--gt", type=click.Path(exists=True), default=None, help="Ground truth to score each variant against (default: SCENE_DIR/gt when present).")
-def ablate(scene_dir, out, config_file, presets, overrides, verbose, no_progress, variants, gt) -> None:
+def ablate(scene_dir, out, config_file, presets, overrides, verbose, no_progress, force_out, variants, gt) -> None:
     """Run refine/fuse variants over shared sfm and depth caches and print one table."""
-    from workflows.ablate import format_table, parse_variant, run_ablation
 
-    log_file = None
-    try:
-        ws = _workspace(scene_dir, out, writable=True)
-        log_file = ws.log_path
-        with native_output_to(log_file):
-            _setup_logging(verbose, log_file)
-            cfg = _config(ws, config_file, overrides, presets)
-            chosen = [parse_variant(v) for v in (variants or ("default", "mv-only", "no-refine"))]
-            gt_path = Path(gt) if gt else (ws.scene_dir / "gt" if (ws.scene_dir / "gt").is_dir() else None)
-            results = run_ablation(ws, cfg, chosen, gt=gt_path, show_progress=_show_progress(no_progress))
-            click.echo(format_table(results))
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        _fail(exc, log_file)
+    def body(ws: Workspace, cfg: ReconConfig) -> None:
+        from workflows.ablate import format_table, parse_variant, run_ablation
+
+        chosen = [parse_variant(v) for v in (variants or ("default", "mv-only", "no-refine"))]
+        gt_path = Path(gt) if gt else (ws.scene_dir / "gt" if (ws.scene_dir / "gt").is_dir() else None)
+        results = run_ablation(ws, cfg, chosen, gt=gt_path, show_progress=_show_progress(no_progress))
+        click.echo(format_table(results))
+
+    _run_in_output(scene_dir, out, force_out, config_file, overrides, presets, verbose, body)
 
 
 @main.command()
@@ -399,12 +472,13 @@ def ablate(scene_dir, out, config_file, presets, overrides, verbose, no_progress
 @click.option("--gpus-per-task", type=click.FloatRange(min=0), default=1.0, show_default=True, help="GPUs a depth/refine/fuse task asks for when the cluster has GPUs (a fraction shares one).")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the Ray started on this machine (without --address) [default: all].")
 @click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable stage in every scene (refine: fuse the initial depth maps).")
+@force_out_option
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting for every scene (repeatable); `recon config` lists them.")
 @click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)), help="Named bundle of settings, e.g. mv-only.")
 @click.option("--config", "config_file", multiple=True, type=click.Path(dir_okay=False), help="YAML config file (each SCENE_DIR/recon.yaml is read first when present).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on the console.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, cpus_per_task, gpus_per_task, num_cpus, skip,
+def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, cpus_per_task, gpus_per_task, num_cpus, skip, force_out,
           overrides, presets, config_file, verbose, no_progress) -> None:
     """Run the pipeline on every SCENE_DIR as Ray tasks (this machine, or a cluster with --address) and print one table.
 
@@ -419,8 +493,11 @@ def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, c
     log_file = report / f"{REPORT_NAME}.log"
     try:
         _setup_logging(verbose, log_file)
-        load_config(list(config_file), overrides, presets)  # a bad --set fails here, once, not in every scene
-        jobs = make_jobs(scene_dirs, out_root=out_root, config_files=config_file, overrides=overrides, presets=presets, skip=skip)
+        # A bad --set fails here, once, not in every scene; devices are checked where the tasks run.
+        load_config(list(config_file), overrides, presets, on_this_machine=False)
+        _stop_on_sigterm()
+        jobs = make_jobs(scene_dirs, out_root=out_root, config_files=config_file, overrides=overrides, presets=presets, skip=skip,
+                         force_out=force_out)
         with tqdm(total=len(jobs), desc="batch: scenes", unit="scene", disable=no_progress, leave=False, dynamic_ncols=True) as bar:
             def done(row) -> None:
                 bar.set_postfix_str(f"{row.scene} {row.status}")
@@ -439,4 +516,4 @@ def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, c
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="recon")

@@ -31,6 +31,11 @@ import numpy as np
 from pipeline.errors import LockedError, OutputError, ReconError
 
 MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+"""``OUT/manifest.json``: what marks a folder as a recon output (see :func:`is_recon_output`)."""
+MANIFEST_TOOL = "recon"
+FINGERPRINT_FILE = "_fingerprint.txt"
+"""In a stage folder: the fingerprint of the configuration it holds (complete or partial) work of."""
 
 
 # ---- atomic writes ------------------------------------------------------------------
@@ -113,17 +118,35 @@ def fault_point(path: Path, event: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _umask() -> int:
+    """This process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<stem>.`` for a temporary next to ``path``, the stem cut so that the temporary's name stays under
+    the 255 bytes a file name may have (``mkstemp`` adds 8 characters and the suffix)."""
+    stem = path.stem
+    while len(f".{stem}.".encode()) + 8 + len(path.suffix.encode()) > 250:
+        stem = stem[:-1]
+    return f".{stem}."
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success move it onto ``path``.
 
     The temporary name keeps the suffix (``suffix`` or the target's), so
-    libraries that pick a format from the extension still work.
+    libraries that pick a format from the extension still work. The file ends
+    with the permissions a plain ``open`` would give it (the umask applies).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix or path.suffix, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
     except OSError as exc:
         raise write_error(path, exc) from exc
@@ -178,11 +201,12 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``path`` (old one removed)."""
+    """Yield a temporary folder; on success it replaces ``path`` (old one removed). The umask applies to it."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())
     except OSError as exc:
         raise write_error(path, exc) from exc
     try:
@@ -252,7 +276,7 @@ def remove_stale_output_temps(folder: Path) -> list[str]:
     """
     removed = []
     for p in folder.iterdir() if folder.is_dir() else ():
-        if p.name == ".lock" or not _TEMP_NAME.match(p.name):
+        if p.name == ".lock" or not is_recon_temporary(p.name):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -319,7 +343,7 @@ class Manifest:
             try:
                 data = json.loads(self.path.read_text())
                 self.stages = dict(data.get("stages", {}))
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError, TypeError):
                 # A manifest we cannot read trusts nothing: every stage re-runs.
                 self.stages = {}
 
@@ -335,7 +359,30 @@ class Manifest:
             self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"version": MANIFEST_VERSION, "updated": time.time(), "stages": self.stages})
+        write_json_atomic(self.path, {"tool": MANIFEST_TOOL, "version": MANIFEST_VERSION, "updated": time.time(), "stages": self.stages})
+
+
+def is_recon_output(folder: Path) -> bool:
+    """True when ``folder`` holds a recon manifest (``manifest.json`` that names recon, or one of the
+    unmarked ones recon wrote before the marker: ``version``, ``updated`` and ``stages``)."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+        return False
+    return data.get("tool") == MANIFEST_TOOL or ("tool" not in data and {"version", "updated"} <= set(data))
+
+
+def is_recon_folder(folder: Path) -> bool:
+    """True for a recon output folder or a stage folder of one (it holds a :data:`FINGERPRINT_FILE`)."""
+    return (Path(folder) / FINGERPRINT_FILE).is_file() or is_recon_output(folder)
+
+
+def is_recon_temporary(name: str) -> bool:
+    """True for the name of a temporary that :func:`atomic_path` / :func:`atomic_dir` leave when a write is interrupted."""
+    return _TEMP_NAME.match(name) is not None
 
 
 # ---- lock -------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ YAML layout mirrors :class:`ReconConfig`::
 
 ``--set refine.weight_edge=0`` overrides one value (parsed as YAML, then
 checked against the declared type). Unknown keys and wrong types raise a
-one-line :class:`~pipeline.errors.ConfigError` that lists the valid keys.
+one-line :class:`~pipeline.errors.ConfigError` that lists the valid keys;
+once everything is applied, every setting's rule (range, choices, finite
+numbers, a CUDA device that exists) is checked, so a bad value fails before
+any stage runs.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from typing import Any
 
 import yaml
 
-from pipeline.depth import DepthConfig
+from pipeline.depth_config import DepthConfig
 from pipeline.errors import ConfigError
-from pipeline.export import ExportConfig
-from pipeline.fuse import FuseConfig
-from pipeline.refine import RefineConfig
-from pipeline.settings import coerce, field_help, resolved_hints, to_plain
-from pipeline.sfm import SfmConfig
+from pipeline.export_config import ExportConfig
+from pipeline.fuse_config import FuseConfig
+from pipeline.refine_config import RefineConfig
+from pipeline.settings import coerce, field_check, field_help, resolved_hints, section_problems, to_plain
+from pipeline.sfm_config import SfmConfig
 
 
 @dataclass(kw_only=True)
@@ -59,15 +62,32 @@ def valid_keys(section: str | None = None) -> list[str]:
     return out
 
 
-def describe_settings() -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every setting, for ``recon config --list``."""
+def describe_settings() -> list[tuple[str, Any, str, str]]:
+    """(key, default, help, rule) for every setting, for ``recon config`` (rule: "" when any value of the type goes)."""
     cfg = ReconConfig()
     rows = []
     for sec in SECTIONS:
         section = getattr(cfg, sec)
         for f in dataclasses.fields(section):
-            rows.append((f"{sec}.{f.name}", to_plain(getattr(section, f.name)), field_help(f)))
+            check = field_check(f)
+            rows.append((f"{sec}.{f.name}", to_plain(getattr(section, f.name)), field_help(f), check.rule if check else ""))
     return rows
+
+
+def config_problems(cfg: ReconConfig, *, on_this_machine: bool = True) -> list[str]:
+    """Every setting that breaks its rule, one line each (see :func:`pipeline.settings.section_problems`).
+
+    Args:
+        on_this_machine: also check what depends on this machine (a CUDA device asked for must exist).
+    """
+    problems = []
+    for sec in SECTIONS:
+        section = getattr(cfg, sec)
+        problems += section_problems(section, sec, runtime=on_this_machine)
+        extra = getattr(section, "cross_problems", None)
+        if extra is not None:
+            problems += extra()
+    return problems
 
 
 def set_value(cfg: ReconConfig, key: str, value: Any) -> None:
@@ -120,8 +140,18 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     presets: list[str] | tuple[str, ...] = (),
     base: ReconConfig | None = None,
+    *,
+    on_this_machine: bool = True,
 ) -> ReconConfig:
-    """Build the effective config from defaults (or a copy of ``base``), YAML files (in order), presets and ``--set`` overrides."""
+    """Build the effective config from defaults (or a copy of ``base``), YAML files (in order), presets and ``--set`` overrides.
+
+    Args:
+        on_this_machine: the config is for a run on this machine: devices it asks for must exist here
+            (False on a Ray driver whose workers may have GPUs it lacks).
+
+    Raises:
+        ConfigError: a file, key, type or value is wrong (one line naming each bad setting and its rule).
+    """
     cfg = copy.deepcopy(base) if base is not None else ReconConfig()
     for path in files:
         path = Path(path)
@@ -144,6 +174,9 @@ def load_config(
     for text in overrides:
         key, value = parse_override(text)
         set_value(cfg, key, value)
+    problems = config_problems(cfg, on_this_machine=on_this_machine)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return cfg
 
 

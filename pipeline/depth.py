@@ -36,12 +36,11 @@ resumes without ever mixing filtered and unfiltered maps under one name.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,75 +52,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import anchoring, mvs
+from pipeline.depth_config import DepthConfig, DepthEstimator, PriorKind  # noqa: F401 - re-exported
 from pipeline.errors import ReconError
 from pipeline.oom import call_with_oom_fallback
 from pipeline.geometry import default_device, invert_pose, scale_intrinsics
-from pipeline.io import DepthMap, SfmScene, View, load_depth_map, load_rgb, load_sfm_scene, save_depth_map
-from pipeline.settings import setting
+from pipeline.io import DepthMap, SfmScene, View, claim_files, load_depth_map, load_rgb, load_sfm_scene, save_depth_map
+from pipeline.settings import check_section
 from pipeline.stage import StageContext
 from pipeline.workspace import Workspace, view_stem
 
 logger = logging.getLogger(__name__)
-
-
-class DepthEstimator(str, enum.Enum):
-    mvs = "mvs"
-    prior = "prior"
-    torchscript = "torchscript"
-
-
-class PriorKind(str, enum.Enum):
-    depth = "depth"
-    inverse_depth = "inverse_depth"
-
-
-@dataclass(kw_only=True)
-class DepthConfig:
-    estimator: DepthEstimator = setting(DepthEstimator.mvs, "Initial depth estimator: mvs (plane-sweep stereo, no weights), prior (SCENE_DIR/depth_prior files) or torchscript (a model file).")
-    max_image_side: int = setting(640, "Working resolution: images are downscaled so that their longer side is at most this many pixels (depth maps have this size).")
-    # -- mvs
-    num_neighbors: int = setting(5, "mvs: neighbour views per reference view (ranked by shared sparse points weighted by triangulation angle).")
-    neighbor_angle_deg: float = setting(10.0, "mvs: a neighbour whose median triangulation angle (deg) with the reference is below this has its co-visibility score scaled down proportionally.")
-    max_neighbor_angle_deg: float = setting(60.0, "mvs: neighbours with a median triangulation angle above this (deg) are not used.")
-    num_hypotheses: int = setting(96, "mvs: depth hypotheses of the full sweep on the coarsest pyramid level (uniform in inverse depth).")
-    pyramid_levels: int = setting(2, "mvs: coarse-to-fine levels (each halves the resolution; 1 = a single full-resolution sweep).")
-    refine_hypotheses: int = setting(8, "mvs: hypotheses per pixel on each finer level: the upsampled estimate shifted to span ± refine_radius coarser steps.")
-    refine_radius: float = setting(2.0, "mvs: half-width of the finer levels' search interval, in hypothesis steps of the coarser level.")
-    edge_radius: int = setting(1, "mvs: finer levels also try the coarser estimate's local min and max depth over (2r+1)^2 coarser pixels, so depth edges can move (0 = off).")
-    propagation_shifts: tuple[int, ...] = setting((3, 8), "mvs: at full resolution each pixel also tries the smoothed estimate shifted by these pixel distances left/right/up/down (moves depth edges, fills weak texture).")
-    polish_hypotheses: int = setting(5, "mvs: final full-resolution sweep of this many hypotheses at half the last step, for sub-hypothesis accuracy (0 = off).")
-    polish_iterations: int = setting(1, "mvs: number of polish sweeps (each re-centres on the smoothed estimate and halves the step).")
-    smooth_radius: int = setting(2, "mvs: the finer sweeps are centred on the previous estimate median-filtered over (2r+1)^2 pixels (coherent surfaces for the NCC windows; 0 = unfiltered).")
-    offset_penalty: float = setting(0.05, "mvs: cost added at the ends of a finer sweep (quadratic in the offset), keeping weakly textured pixels near the smoothed estimate.")
-    ncc_window: int = setting(5, "mvs: side of the square NCC window in pixels (odd).")
-    best_k: int = setting(1, "mvs: per pixel, the matching cost is the mean over the best_k best neighbours (occlusion-robust).")
-    cost_truncation: float = setting(2.0, "mvs: per-neighbour matching costs (1 - NCC, in [0, 2]) are clamped at this before the best_k mean, so occluded neighbours shift rather than bend the cost curve (2 = off).")
-    min_ncc: float = setting(0.3, "mvs: pixels whose aggregated NCC is below this are invalid.")
-    range_percentile: float = setting(2.0, "mvs: depth range of a view = [p, 100-p] percentiles of the depths of its sparse points, widened by range_margin.")
-    range_margin: float = setting(0.25, "mvs: relative widening of the depth range (near / (1 + m), far · (1 + m)).")
-    plane_candidates: int = setting(1, "mvs: dominant planes fitted to the sparse points (RANSAC; floors, table tops, walls) whose depth every pixel also tries, keeping it where it matches better (0 = off).")
-    plane_max_gap: float = setting(0.25, "mvs: a plane's depth is tried only where it is within this relative (inverse-depth) distance of the pixel's estimate: an object pixel that took the floor behind it would be depth that is too far, which carves the true surface out of the TSDF (knot F@1 %: no limit 0.942, 0.25 0.946).")
-    plane_distance: float = setting(0.005, "mvs: RANSAC inlier distance of the plane fit, as a fraction of the diagonal of the sparse points' 2-98 percentile box.")
-    plane_min_inliers: float = setting(0.1, "mvs: a fitted plane is used only when at least this fraction of the sparse points lie on it.")
-    cross_view_candidates: bool = setting(True, "mvs: after the first pass every view also tries, per pixel, the surfaces its geo_neighbors found (their maps reprojected into it) and keeps whichever matches best (recovers thin and briefly seen surfaces).")
-    geometric_filter: bool = setting(True, "mvs: second pass that keeps only pixels whose depth agrees with at least geo_min_consistent neighbour maps.")
-    geo_neighbors: int = setting(6, "mvs: views checked by the geometric filter (most co-visible first, same angle rules as the matching neighbours).")
-    geo_min_consistent: int = setting(1, "mvs: neighbour maps that must agree with a pixel (geometric filter).")
-    geo_max_reproj_px: float = setting(2.0, "mvs: forward-backward reprojection error (pixels) below which a neighbour agrees.")
-    geo_max_rel_depth: float = setting(0.02, "mvs: relative depth difference below which a neighbour agrees.")
-    geo_free_space_margin: float = setting(0.05, "mvs: a neighbour contradicts a pixel when it sees a surface more than this (relative) behind the pixel's point.")
-    geo_unverified_min_confidence: float = setting(0.5, "mvs: a pixel no neighbour agrees with is still kept when no neighbour contradicts it and its confidence is at least this (occluded regions; above 1 = never).")
-    geo_average: bool = setting(True, "mvs: replace a kept pixel's depth by the mean of its own and the agreeing neighbours' depths.")
-    mvs_rescale_tolerance: float = setting(0.05, "mvs: the sparse-point scale of a map is applied only if it differs from 1 by more than this (then a warning is logged).")
-    # -- prior / torchscript
-    prior_kind: PriorKind = setting(PriorKind.depth, "prior / torchscript: the maps hold depth or inverse_depth (disparity).")
-    prior_affine: bool = setting(False, "prior / torchscript: maps are affine-invariant (unknown scale and shift, fitted in their own domain) instead of scale-only.")
-    torchscript_path: str = setting("", "torchscript: path of the TorchScript model file.")
-    min_anchor_points: int = setting(20, "Sparse points a view must see on valid pixels to be anchored; fewer → the view is left out (prior/torchscript) or kept unscaled (mvs).")
-    # -- how it runs
-    chunk_pixels: int = setting(1 << 20, "mvs: pixels x hypotheses x neighbours scored at once (bounds memory: about 60 bytes each).", affects_output=False)
-    cache_images: int = setting(16, "Images / depth maps kept in memory at once (LRU).", affects_output=False)
-    device: str = setting("auto", "Torch device: auto (cuda when present), cpu or cuda.", affects_output=False)
 
 
 class ViewFailure(Exception):
@@ -131,21 +71,30 @@ class ViewFailure(Exception):
 # ---- paths and sizes -----------------------------------------------------------------------
 
 def raw_depth_path(ws: Workspace, image_name: str) -> Path:
-    """Pass-1 (unfiltered) map of a view: ``OUT/depth/raw/<stem>.npz``."""
+    """Pass-1 (unfiltered) map of a view: ``OUT/depth/raw/<key>.npz``."""
     final = ws.depth_view(image_name)
     return final.parent.parent / "raw" / final.name
 
 
 def adopted_depth_path(ws: Workspace, image_name: str) -> Path:
-    """Map of a view after cross-view candidates (pass 1b), before the filter: ``OUT/depth/adopted/<stem>.npz``."""
+    """Map of a view after cross-view candidates (pass 1b), before the filter: ``OUT/depth/adopted/<key>.npz``."""
     final = ws.depth_view(image_name)
     return final.parent.parent / "adopted" / final.name
 
 
 def prior_candidates(ws: Workspace, image_name: str) -> list[Path]:
-    """Files a user may supply as the prior of an image: ``depth_prior/<stem>.npy`` then ``.png``."""
-    stem = view_stem(image_name)
-    return [ws.depth_prior_dir / f"{stem}.npy", ws.depth_prior_dir / f"{stem}.png"]
+    """Files a user may supply as the prior of an image, in order, each as ``.npy`` then ``.png``:
+    ``depth_prior/<image name>`` (``a/b.jpg.npy``), the name without its extension (``a/b.npy``),
+    then the flat stem (``a__b.npy``)."""
+    no_ext = image_name.rsplit(".", 1)[0] if "." in Path(image_name).name else image_name
+    stems = dict.fromkeys([image_name, no_ext, view_stem(image_name)])
+    return [ws.depth_prior_dir / f"{stem}{ext}" for stem in stems for ext in (".npy", ".png")]
+
+
+def unambiguous_prior_candidates(ws: Workspace, names: Sequence[str]) -> dict[str, list[Path]]:
+    """:func:`prior_candidates` of every image, less the files two images would share (``a.npy`` for ``a.jpg``
+    and ``a.png``, see :func:`pipeline.io.claim_files`), so one photo's depth is never fused with another's colours."""
+    return claim_files({name: prior_candidates(ws, name) for name in names})
 
 
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -333,26 +282,11 @@ class Estimator(Protocol):
         ...
 
 
-def check_mvs_config(cfg: DepthConfig) -> None:
-    """Reject mvs settings that cannot work, with a one-line message naming the setting."""
-    problems = []
-    if cfg.ncc_window < 3 or cfg.ncc_window % 2 == 0:
-        problems.append(f"depth.ncc_window must be odd and >= 3 (got {cfg.ncc_window})")
-    for key, minimum in (("num_neighbors", 1), ("best_k", 1), ("num_hypotheses", 3), ("pyramid_levels", 1), ("refine_hypotheses", 2),
-                         ("max_image_side", 16), ("geo_neighbors", 1)):
-        if getattr(cfg, key) < minimum:
-            problems.append(f"depth.{key} must be >= {minimum} (got {getattr(cfg, key)})")
-    if any(int(s) < 1 for s in cfg.propagation_shifts):
-        problems.append(f"depth.propagation_shifts must be positive pixel distances (got {tuple(cfg.propagation_shifts)})")
-    if problems:
-        raise ReconError("; ".join(problems))
-
-
 class MvsEstimator:
     """Plane-sweep stereo against co-visible neighbours (:func:`pipeline.mvs.estimate_depth`)."""
 
     def __init__(self, scene: SfmScene, cfg: DepthConfig, device: torch.device):
-        check_mvs_config(cfg)
+        check_section(cfg, "depth")
         self.scene = scene
         self.cfg = cfg
         self.device = device
@@ -464,18 +398,25 @@ def _check_aspect(shape_hw: tuple[int, int], view: View, what: str) -> None:
 
 
 class PriorEstimator:
-    """User-supplied maps ``SCENE_DIR/depth_prior/<stem>.npy|.png``."""
+    """User-supplied maps ``SCENE_DIR/depth_prior/<image name or stem>.npy|.png`` (see :func:`prior_candidates`)."""
 
     def __init__(self, scene: SfmScene, ws: Workspace, cfg: DepthConfig):
         self.scene, self.ws, self.cfg = scene, ws, cfg
         if not ws.depth_prior_dir.is_dir():
             raise ReconError(f"{ws.depth_prior_dir}: folder of depth priors not found; add <image stem>.npy files there or set depth.estimator=mvs")
+        self.candidates = unambiguous_prior_candidates(ws, [v.name for v in scene.views])
 
     def estimate(self, index: int) -> Estimate:
         view = self.scene.views[index]
-        path = next((p for p in prior_candidates(self.ws, view.name) if p.is_file()), None)
+        path = next((p for p in self.candidates[view.name] if p.is_file()), None)
         if path is None:
-            raise ViewFailure(f"{prior_candidates(self.ws, view.name)[0]}: no prior for image {view.name} (.npy or 16-bit .png)")
+            shared = [p for p in prior_candidates(self.ws, view.name) if p.is_file() and p not in self.candidates[view.name]]
+            if shared:
+                raise ViewFailure(f"{shared[0]}: this prior fits more than one image ({view.name} among them); "
+                                  f"name it {self.ws.depth_prior_dir / view.name}.npy")
+            flat = self.ws.depth_prior_dir / view_stem(view.name)
+            raise ViewFailure(f"{flat}.npy: no prior for image {view.name} (.npy or 16-bit .png, named {view_stem(view.name)}, "
+                              f"or {view.name} plus the suffix)")
         arr = read_prior_file(path)
         _check_aspect(arr.shape, view, str(path))
         size = working_size(view.width, view.height, self.cfg.max_image_side)

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ReconError
+from pipeline.native_output import quiet_native
 from pipeline.geometry import backproject, camera_center, inside_image, invert_pose, pixel_grid, project, transform_points, umeyama
 from pipeline.groundtruth import load_gt_cameras, load_gt_depth
 
@@ -130,7 +131,8 @@ def load_mesh(path: Path) -> Mesh:
     path = Path(path)
     if not path.is_file():
         raise ReconError(f"{path}: mesh file not found")
-    mesh = o3d.io.read_triangle_mesh(str(path))
+    with quiet_native():
+        mesh = o3d.io.read_triangle_mesh(str(path))
     out = Mesh(np.asarray(mesh.vertices, dtype=np.float64).reshape(-1, 3), np.asarray(mesh.triangles, dtype=np.int64).reshape(-1, 3))
     if len(out.triangles) == 0:
         raise ReconError(f"{path}: no triangles (empty or unreadable mesh); check the file or re-run the fuse stage")

@@ -25,7 +25,6 @@ folder, so the cached stages stay valid).
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 from collections.abc import Iterable
@@ -37,32 +36,11 @@ import numpy as np
 
 from pipeline.cache import atomic_dir, atomic_path, write_json_atomic
 from pipeline.errors import ReconError
-from pipeline.settings import setting
+from pipeline.export_config import ExportConfig, ExportFrame, MeshFormat  # noqa: F401 - re-exported
 from pipeline.stage import StageContext
 from pipeline.workspace import Workspace
 
 logger = logging.getLogger(__name__)
-
-
-class MeshFormat(str, enum.Enum):
-    ply = "ply"
-    obj = "obj"
-    glb = "glb"
-    stl = "stl"
-
-
-class ExportFrame(str, enum.Enum):
-    normalized = "normalized"
-    """The frame of ``OUT/mesh.ply`` and ``OUT/sparse`` (median sparse-point depth 1)."""
-    sfm = "sfm"
-    """The original SfM (COLMAP mapper / user model) frame."""
-
-
-@dataclass(kw_only=True)
-class ExportConfig:
-    formats: tuple[MeshFormat, ...] = setting((MeshFormat.glb,), "Mesh formats written as OUT/export/mesh.<format>: any of ply, obj, glb, stl (mesh.glb is always written and published as OUT/mesh.glb).")
-    decimate: int = setting(0, "Target triangle count for quadric decimation of the exported meshes (0: keep every triangle).")
-    frame: ExportFrame = setting(ExportFrame.normalized, "Frame of the exported meshes and cameras: normalized (that of OUT/mesh.ply and OUT/sparse) or sfm (the original SfM frame).")
 
 
 STAGE_FILE_STEM = "mesh"

@@ -71,9 +71,11 @@ import numpy as np
 
 from pipeline.cache import atomic_path
 from pipeline.errors import ReconError
-from pipeline.io import DepthMap, SfmScene, View, load_depth_map, load_mask, load_rgb, load_sfm_scene
-from pipeline.settings import setting
+from pipeline.fuse_config import FuseConfig  # noqa: F401 - re-exported
+from pipeline.io import DepthMap, SfmScene, View, displayed_size, find_masks, load_depth_map, load_rgb, load_sfm_scene, read_mask
+from pipeline.settings import check_section
 from pipeline.stage import StageContext
+from pipeline.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -81,29 +83,6 @@ BYTES_PER_VOXEL = 4 + 4 + 3 * 4
 """tsdf (float32) + weight (float32) + colour (3 x float32)."""
 MAX_ATTEMPTS = 3
 """Fusion restarts (capacity doubled each time) before a dropping hash map is reported."""
-
-
-@dataclass(kw_only=True)
-class FuseConfig:
-    voxel_size: float = setting(0.0, "TSDF voxel size in normalized-frame units (0: voxel_factor x the median pixel footprint depth/focal of the sparse points at the depth maps' resolution).")
-    voxel_factor: float = setting(1.0, "Automatic voxel size in pixel footprints at the sparse points' median depth (used when voxel_size is 0).")
-    sdf_trunc: float = setting(0.0, "TSDF truncation distance in normalized-frame units (0: trunc_voxels x voxel size).")
-    trunc_voxels: float = setting(6.0, "Automatic truncation distance in voxels (used when sdf_trunc is 0); larger fills surfaces seen by few views or at grazing angles, smaller keeps thin parts and concave corners sharp. Measured with visibility cleaning (24 views 480x360, refined depth, F@1 %), 4 / 5 / 6 voxels: knot 0.949 / 0.954 / 0.956, blob 0.952 / 0.952 / 0.950, thin 0.990 / 0.991 / 0.991, spot 0.976 / 0.977 / 0.977, bob 0.975 / 0.980 / 0.982; on the same scenes rendered by today's bench/run_bench.py, 5 / 6 voxels: knot 0.949 / 0.952, blob 0.963 / 0.963, thin 0.987 / 0.987.")
-    depth_max: float = setting(0.0, "Depth cut-off in normalized-frame units: farther depth is not fused (0: depth_max_factor x the 99th percentile of sparse-point depths).")
-    depth_max_factor: float = setting(1.5, "Automatic depth cut-off as a multiple of the 99th percentile of sparse-point depths (used when depth_max is 0).")
-    min_confidence: float = setting(0.1, "Depth pixels with confidence below this (0..1) are not fused.")
-    min_views: int = setting(1, "A voxel becomes surface only if at least this many depth maps observed it.")
-    block_resolution: int = setting(8, "Voxels per side of a voxel block (Open3D VoxelBlockGrid).")
-    block_count: int = setting(0, "Initial voxel-block capacity (0: counted from the depth maps first). The grid grows when it is too small.", affects_output=False)
-    max_memory_gb: float = setting(8.0, "Fail clearly instead of allocating a voxel grid larger than this (GiB).", affects_output=False)
-    crop: bool = setting(True, "Fuse and keep only the region the cameras look at (see crop_view_fraction); false fuses everything up to depth_max.")
-    crop_view_fraction: float = setting(0.5, "Region of interest: sparse points inside at least this fraction of the most-viewed point's camera frustums.")
-    crop_percentile: float = setting(1.0, "Region of interest: per-axis percentile range [p, 100-p] of those points.")
-    crop_margin: float = setting(0.1, "Region of interest: grown on every side by this fraction of its diagonal.")
-    min_component_fraction: float = setting(0.001, "Remove connected mesh components with fewer triangles than this fraction of the largest one (0 keeps all). 0.005 removed a correct 2600-triangle part of the thin scene (0.4 % of the largest); the floaters it is meant for had under 100 triangles.")
-    visibility_margin: float = setting(0.12, "Visibility cleaning: a depth map sees through a mesh vertex when its depth at the vertex's pixel is more than this (relative) behind the vertex; a vertex that more maps see through than agree with it (within visibility_agree) is removed with its triangles (floaters, surfaces fused from too-near depth). 0 = off.")
-    visibility_agree: float = setting(0.01, "Visibility cleaning: a depth map agrees with a vertex when its depth there is within this relative distance of the vertex.")
-    device: str = setting("auto", "Open3D device: auto (CUDA:0 when present), cpu or cuda.", affects_output=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -305,8 +284,7 @@ def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -
         raise ReconError(f"fusion sizes must be positive (voxel {voxel}, truncation {trunc}, depth_max {depth_max}); check the fuse.* settings")
     if cfg.block_resolution < 2 or cfg.min_views < 1:
         raise ReconError("fuse.block_resolution must be >= 2 and fuse.min_views >= 1")
-    if cfg.visibility_margin < 0 or cfg.visibility_agree <= 0:
-        raise ReconError("fuse.visibility_margin must be >= 0 (0 = no visibility cleaning) and fuse.visibility_agree > 0")
+    check_section(cfg, "fuse", runtime=False)
     roi_min = roi_max = None
     if cfg.crop:
         lo, hi = camera_roi(scene, depth_max, view_fraction=cfg.crop_view_fraction, percentile=cfg.crop_percentile, margin=cfg.crop_margin)
@@ -437,7 +415,12 @@ class _Integrator:
         depth_img = o3d.t.geometry.Image(o3c.Tensor(depth)).to(self.device)
         K = o3c.Tensor(np.asarray(dm.K, dtype=np.float64))
         extrinsic = o3c.Tensor(np.asarray(dm.cam_from_world, dtype=np.float64))
-        coords_t = self.toucher.compute_unique_block_coordinates(depth_img, K, extrinsic, 1.0, p.depth_max, self.trunc_mult)
+        try:
+            coords_t = self.toucher.compute_unique_block_coordinates(depth_img, K, extrinsic, 1.0, p.depth_max, self.trunc_mult)
+        except RuntimeError as exc:
+            if "No block is touched" not in str(exc):
+                raise
+            return None  # a nearly empty view (a speck of depth that Open3D's subsampled touch misses): nothing to fuse
         coords = coords_t.cpu().numpy().reshape(-1, 3)
         keep = _blocks_in_roi(coords, self.block_size, p.roi)
         if not keep.any():
@@ -740,6 +723,34 @@ def fuse_ground_truth(scene_dir: Path, cfg: FuseConfig | None = None, device: st
 # ---- the stage -------------------------------------------------------------------------------------------
 
 
+def check_masks(ws: Workspace, cfg: FuseConfig) -> None:
+    """Check ``SCENE_DIR/masks`` before any stage runs: every mask readable and of its photo's size (or
+    ``fuse.resize_masks``); masks that fit no photo, or two, are named in a warning and not used.
+
+    Raises:
+        ReconError: a mask that cannot be read, or one of another size than its photo, naming it.
+    """
+    from pipeline.sfm import scene_images
+
+    if not ws.masks_dir.is_dir():
+        return
+    photos = {p.relative_to(ws.images_dir).as_posix(): p for p in scene_images(ws)}
+    found, unmatched, shared = find_masks(ws.masks_dir, list(photos))
+    if unmatched:
+        logger.warning("%s: %d mask file(s) match no photo and are not used (a mask is named <photo name>.png or <photo stem>.png): %s",
+                       ws.masks_dir, len(unmatched), ", ".join(p.relative_to(ws.masks_dir).as_posix() for p in unmatched[:8]))
+    if shared:
+        logger.warning("%s: mask file(s) that fit two photos are not used (name them <photo name>.png, e.g. a.jpg.png): %s",
+                       ws.masks_dir, ", ".join(p.relative_to(ws.masks_dir).as_posix() for p in shared[:8]))
+    for name, mask in found.items():
+        read_mask(mask, (2, 2))  # decodes the file: a corrupt mask fails now, not after SfM and depth
+        size, photo_size = displayed_size(mask), displayed_size(photos[name])
+        if size != photo_size and not cfg.resize_masks:
+            raise ReconError(f"{mask}: the mask is {size[0]}x{size[1]} but its photo {name} is {photo_size[0]}x{photo_size[1]}; "
+                             "save the mask at the photo's size, or set fuse.resize_masks=true to stretch it")
+
+
+
 def run(ctx: StageContext) -> None:
     """Fuse the refined (or, with refine skipped, the initial) depth maps into ``OUT/fuse/mesh.ply``."""
     t0 = time.perf_counter()
@@ -765,11 +776,13 @@ def run(ctx: StageContext) -> None:
         "" if params.roi is None else f", region {np.round(params.roi[0], 3).tolist()} .. {np.round(params.roi[1], 3).tolist()}",
     )
 
+    masks, _, _ = find_masks(ws.masks_dir, [v.name for v, _ in present])
+
     def frames() -> Iterator[FusionFrame]:
         for view, path in present:
             dm = load_depth_map(path)
             rgb = lambda path=view.image_path: load_rgb(path)  # noqa: E731 - read only when integrating
-            yield FusionFrame(dm, rgb, load_mask(ws, view.name, dm.shape))
+            yield FusionFrame(dm, rgb, read_mask(masks[view.name], dm.shape) if view.name in masks else None)
 
     result = fuse_depth_maps(
         frames, params, cfg.device, total=len(present),

@@ -7,10 +7,13 @@ path) and the sparse points with the views that observe them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import operator
-from collections.abc import Callable, Sequence
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -28,25 +31,47 @@ T = TypeVar("T")
 _EXIF_ORIENTATION = 0x0112
 
 
-def split_image_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files (JPEG/PNG), other files) under ``folder``, each sorted; hidden files and folders are left out.
+def is_image_name(name: str) -> bool:
+    """True for a JPEG or PNG file name (any case: ``a.JPG``, ``b.jPeg``)."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def split_image_files(folder: Path, exclude: Sequence[Path] = ()) -> tuple[list[Path], list[Path]]:
+    """(image files (JPEG/PNG, any case), other files) under ``folder``, each sorted.
+
+    Left out: hidden files and folders, the folders in ``exclude``, and every
+    recon folder wherever it sits (an output folder with a recon manifest, a
+    stage folder marked with its fingerprint, see :func:`pipeline.cache.is_recon_folder`),
+    so recon never reads its own caches as photos.
 
     Raises:
         ReconError: ``folder`` does not exist.
     """
+    from pipeline.cache import is_recon_folder
+
     if not folder.is_dir():
         raise ReconError(f"{folder}: scene folder not found; pass a folder that holds images/ or the photos themselves")
+    excluded = {Path(p) for p in exclude}
     images, others = [], []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
-            continue
-        (images if p.suffix in IMAGE_SUFFIXES else others).append(p)
-    return images, others
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and here / d not in excluded and not is_recon_folder(here / d)]
+        for name in files:
+            if not name.startswith("."):
+                (images if is_image_name(name) else others).append(here / name)
+    return sorted(images), sorted(others)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files (JPEG/PNG) under ``folder``, sorted (other files: :func:`split_image_files`)."""
-    return split_image_files(folder)[0]
+@contextlib.contextmanager
+def warnings_named(path: Path) -> Iterator[None]:
+    """Python warnings raised while reading ``path`` (PIL: "Corrupt EXIF data", "Possibly corrupt ...")
+    logged as one warning line that names the file."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = (str(w.message).strip().splitlines() or [""])[0]
+        logger.warning("%s: %s", path, text)
 
 
 def load_rgb(path: Path, max_size: int | None = None) -> np.ndarray:
@@ -62,7 +87,7 @@ def load_rgb(path: Path, max_size: int | None = None) -> np.ndarray:
         ReconError: the file cannot be decoded (names the file).
     """
     try:
-        with Image.open(path) as im:
+        with warnings_named(path), Image.open(path) as im:
             # Size as displayed (EXIF orientations 5-8 swap the axes): the output size never depends on the draft.
             full_w, full_h = im.size[::-1] if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else im.size
             if max_size and im.format == "JPEG" and max(im.size) >= 4 * max_size:
@@ -82,15 +107,64 @@ def load_rgb(path: Path, max_size: int | None = None) -> np.ndarray:
         raise ReconError(f"{path}: cannot read image ({exc}); replace or remove the file") from exc
 
 
-def load_mask(ws: Workspace, image_name: str, shape_hw: tuple[int, int]) -> np.ndarray | None:
-    """Mask for an image (``masks/<image name>.png`` or ``masks/<stem>.png``), resized to ``shape_hw``; True = keep."""
-    name = Path(image_name)
-    for cand in (ws.masks_dir / f"{image_name}.png", ws.masks_dir / name.with_suffix(".png")):
-        if cand.is_file():
-            with Image.open(cand) as im:
-                im = im.convert("L").resize((shape_hw[1], shape_hw[0]), Image.Resampling.NEAREST)
-                return np.asarray(im) > 127
-    return None
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Mask file suffixes (any case)."""
+
+
+def mask_candidates(image_name: str) -> list[str]:
+    """Names (relative to ``masks/``, lower-case suffixes) a mask of ``image_name`` may have, in order:
+    the photo's name plus a suffix (``a.jpg.png``, COLMAP's convention), then its name without extension (``a.png``)."""
+    no_ext = image_name.rsplit(".", 1)[0] if "." in Path(image_name).name else image_name
+    return [f"{stem}{ext}" for stem in dict.fromkeys([image_name, no_ext]) for ext in MASK_SUFFIXES]
+
+
+def claim_files(candidates: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Each name's candidate files less those another name also claims (``a.png`` for ``a.jpg`` and ``a.png``):
+    a file two photos could own belongs to neither, so one photo's data is never used for another."""
+    claims: dict[Path, int] = {}
+    for paths in candidates.values():
+        for p in paths:
+            claims[p] = claims.get(p, 0) + 1
+    return {name: [p for p in paths if claims[p] == 1] for name, paths in candidates.items()}
+
+
+def find_masks(masks_dir: Path, image_names: Sequence[str]) -> tuple[dict[str, Path], list[Path], list[Path]]:
+    """Which file of ``masks_dir`` is each photo's mask.
+
+    Returns:
+        (``{image name: mask file}`` for photos that have one, mask files no photo claims, mask files two photos
+        claim). Suffixes match in any case; hidden files are left out.
+    """
+    if not masks_dir.is_dir():
+        return {}, [], []
+    files = sorted(p for p in masks_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(masks_dir).parts))
+    by_key = {p.relative_to(masks_dir).as_posix().lower(): p for p in files if p.suffix.lower() in MASK_SUFFIXES}
+    wanted = {name: [by_key[c.lower()] for c in mask_candidates(name) if c.lower() in by_key] for name in image_names}
+    owned = claim_files(wanted)
+    found = {name: paths[0] for name, paths in owned.items() if paths}
+    shared = sorted({p for paths in wanted.values() for p in paths} - {p for paths in owned.values() for p in paths})
+    unmatched = [p for p in files if p not in set(found.values()) and p not in shared]
+    return found, unmatched, shared
+
+
+def read_mask(path: Path, shape_hw: tuple[int, int]) -> np.ndarray:
+    """A mask file as bool (H, W) resized to ``shape_hw`` (nearest); True (> 127) = keep.
+
+    Raises:
+        ReconError: the file cannot be decoded (names it).
+    """
+    try:
+        with warnings_named(path), Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("L").resize((shape_hw[1], shape_hw[0]), Image.Resampling.NEAREST)
+            return np.asarray(im) > 127
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ReconError(f"{path}: cannot read mask ({exc}); replace it (8-bit image, white = keep) or remove it") from exc
+
+
+def displayed_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied), from its header."""
+    with warnings_named(path), Image.open(path) as im:
+        return im.size[::-1] if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else im.size
 
 
 @dataclass(frozen=True, kw_only=True)

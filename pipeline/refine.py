@@ -64,48 +64,14 @@ from pipeline.errors import ReconError
 from pipeline.geometry import default_device, inside_image, sample_image
 from pipeline.io import DepthMap, LazySequence, View, load_depth_map, save_scratch_depth_map
 from pipeline.oom import call_with_oom_fallback
-from pipeline.settings import fingerprint_fields, setting
+from pipeline.refine_config import RefineConfig  # noqa: F401 - re-exported
+from pipeline.settings import check_section, fingerprint_fields
 from pipeline.stage import StageContext
 
 logger = logging.getLogger(__name__)
 
 LOG_COLUMNS: tuple[str, ...] = ("loss", "L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "dz_mean", "dz_std", "mv_kept", "lr", "finite")
 """Per-step values in ``log.json`` (``dz_*`` in normalized-frame depth units, ``mv_kept`` = share of L_mv samples kept)."""
-
-
-@dataclass(kw_only=True)
-class RefineConfig:
-    lr: float = setting(2e-3, "Adam learning rate of the δz pyramid: one step changes the depth by about lr relatively (the research value 5e-5 was a network's; it cannot remove outliers here, see the README table).")
-    steps: int = setting(400, "Optimizer steps; each refines one group of views_per_batch views, so a view is updated steps / ceil(views / views_per_batch) times.")
-    samples_per_view: int = setting(1024, "Pixels sampled per view per step for the multiview loss.")
-    views_per_batch: int = setting(8, "Views refined per step (bounds the memory of a step: about views_per_batch full-resolution maps and their gradients).")
-    max_resident_views: int = setting(24, "Views whose optimizer tensors stay in memory (about 7.5 MiB per view at 480x360; every view's current depth, 1.3 MiB, stays regardless). With more views, the groups beyond this budget take turns in one resident slot and wait in scratch files under refine/ (their δz grids, Adam state and fixed per-view tensors, the same 7.5 MiB per view): the same result, paid with disk reads and writes at each turn (fewer with steps_per_visit > 1). At least one group of views_per_batch views is resident.", affects_output=False)
-    steps_per_visit: int = setting(1, "Consecutive steps a group of views is refined before the next group's turn (1: round robin, one step each). Larger values make fewer turns, so offloaded groups (max_resident_views) are read and written less often, but a group then takes several steps against the same neighbour depths.")
-    num_neighbors: int = setting(4, "Neighbour views per view for L_mv (most shared sparse points).")
-    pyramid_strides: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "Strides in pixels of the summed δz grids (1 = per-pixel; larger = smoother, low-frequency corrections).")
-    weight_mv: float = setting(2.0, "Weight of the multiview reprojection loss L_mv.")
-    weight_edge: float = setting(0.02, "Weight of the edge-aware smoothness L_edge.")
-    weight_surf: float = setting(0.01, "Weight of the surface smoothness L_surf.")
-    weight_mag: float = setting(0.005, "Weight of the magnitude penalty L_mag = mean(|δz| / (depth_init + 1e-2)).")
-    weight_anchor: float = setting(1.0, "Weight of the sparse-point anchoring loss L_anchor.")
-    huber_delta: float = setting(1e-2, "Huber threshold δ of the reprojection and anchor residuals (relative depth: 1e-2 = 1 % of the depth).")
-    occlusion_tol: float = setting(0.25, "Z-buffer test: a sample counts only if |Z_sel - sampled2| / (Z_sel + 1e-6) < occlusion_tol.")
-    occlusion_tol_behind: float = setting(0.01, "One-sided z-buffer test: a sample lying behind the neighbour's surface by more than this relative depth is occluded there and dropped (in front = a real conflict, kept up to occlusion_tol). Measured (COLMAP cameras, 24 views): 0.05 pulled surfaces seen by few views toward the occluders in front of them (blob fused F@1 % 0.929); 0.01 keeps them (0.933); 0.005 drops so many noisy samples that the remaining in-front conflicts push depth back (0.902).")
-    edge_alpha: float = setting(10.0, "Edge sensitivity α of the smoothness weights exp(-α |∇I|) (image in [0, 1]; 0 = uniform).")
-    smooth_depth_edge: float = setting(0.0, "L_edge and L_surf ignore pixel pairs whose initial depths differ by more than this relative amount (a depth edge in the input; 0 = off).")
-    keep_if_more_consistent: bool = setting(True, "After optimizing, a pixel keeps its refined depth only where it agrees with more neighbour maps (refined vs refined) than its initial depth did (initial vs initial); elsewhere the initial depth stays. Refinement then never replaces a depth by one the other views support less (measured: unsupported corrections in briefly seen regions cost F-score).")
-    keep_if_photo_consistent: bool = setting(True, "keep_if_more_consistent also requires that the refined depth matches the neighbour images at least as well as the initial depth (NCC over 5x5 windows, best neighbour, as in the depth stage); needs the images. Measured (24 views, 480x360, COLMAP cameras, fused F@1 %): blob 0.939 -> 0.942 vs the consistency test alone; it stops moves onto the wrong surface that a neighbour's equally wrong map seems to confirm.")
-    max_correction: float = setting(0.0, "keep_if_more_consistent: a refined depth that moved more than this relative amount keeps the initial depth instead (0 = no limit). 0.01 made the blob benchmark's fused F@1 % beat --skip refine (0.935 vs 0.934) but leaves outliers and warps above 1 % uncorrected.")
-    accept_neighbors: int = setting(6, "Neighbour maps checked by keep_if_more_consistent (most shared sparse points first).")
-    accept_reproj_px: float = setting(2.0, "keep_if_more_consistent: forward-backward reprojection error (pixels) below which a neighbour agrees.")
-    accept_rel_depth: float = setting(0.01, "keep_if_more_consistent: relative depth difference below which a neighbour agrees.")
-    use_confidence: bool = setting(True, "Weight L_mv samples by the depth maps' confidence (source × neighbour).")
-    lr_final_ratio: float = setting(0.1, "Cosine learning-rate decay: the last step uses lr × lr_final_ratio (1 = constant).")
-    max_anchor_points: int = setting(4096, "At most this many sparse points per view for L_anchor (random subset, seeded).")
-    seed: int = setting(0, "Random seed (pixel sampling, anchor subsets).")
-    cpu_threads: int = setting(1, "Torch CPU threads while refining (0 = torch's default). 1 is the default because two threads on a shared, loaded 2-core machine ran 16x slower than one; the results are the same.", affects_output=False)
-    log_every: int = setting(10, "Refresh the progress bar (one device sync) every N steps; every step is still logged.", affects_output=False)
-    device: str = setting("auto", "Torch device: auto (cuda when present), cpu or cuda.", affects_output=False)
 
 
 # ---- small pure helpers ------------------------------------------------------------------
@@ -333,22 +299,6 @@ def _pyramid_shapes(height: int, width: int, strides: Sequence[int]) -> list[tup
     if not strides or any(int(s) < 1 for s in strides) or list(strides) != sorted(set(strides)):
         raise ReconError(f"refine.pyramid_strides must be increasing positive integers, e.g. 1,2,4,8; got {tuple(strides)}")
     return [(max(1, math.ceil(height / s)), max(1, math.ceil(width / s))) for s in strides]
-
-
-def _check_config(cfg: RefineConfig) -> None:
-    for key in ("lr", "huber_delta", "occlusion_tol", "occlusion_tol_behind"):
-        if not getattr(cfg, key) > 0:
-            raise ReconError(f"refine.{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("samples_per_view", "views_per_batch", "log_every", "max_anchor_points", "max_resident_views", "steps_per_visit"):
-        if getattr(cfg, key) < 1:
-            raise ReconError(f"refine.{key} must be a positive integer, got {getattr(cfg, key)}")
-    if cfg.steps < 0 or cfg.num_neighbors < 0:
-        raise ReconError(f"refine.steps and refine.num_neighbors must be >= 0, got {cfg.steps} and {cfg.num_neighbors}")
-    for key in ("weight_mv", "weight_edge", "weight_surf", "weight_mag", "weight_anchor", "edge_alpha", "max_correction"):
-        if getattr(cfg, key) < 0:
-            raise ReconError(f"refine.{key} must be >= 0, got {getattr(cfg, key)}")
-    if not 0 < cfg.lr_final_ratio <= 1:
-        raise ReconError(f"refine.lr_final_ratio must be in (0, 1], got {cfg.lr_final_ratio}")
 
 
 def _input_arrays(dm: DepthMap, cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -703,7 +653,7 @@ def _refine(
     sink: Callable[[int, DepthMap], None] | None = None,
     scratch_dir: Path | None = None,
 ) -> tuple[list[DepthMap], dict[str, Any]]:
-    _check_config(cfg)
+    check_section(cfg, "refine")
     if len(views) != len(init) or not views:
         raise ValueError(f"need one depth map per view, got {len(views)} views and {len(init)} maps")
     device = torch.device(device)

@@ -276,8 +276,31 @@ def _sfm_section(scene: SfmScene | None, summary: dict[str, Any]) -> str:
             ["reprojection error, median (px)", st["reproj_error_median_px"]],
             ["track length, mean (observations per point)", st["track_length_mean"]],
             ["observations per image, mean", st["observations_per_image_mean"]]]
-    rows += [[k, v] for k, v in summary.items() if k in ("source", "unreadable", "matcher", "camera_model") and not isinstance(v, (dict, list))]
-    return _table(rows, ["SfM", "value"])
+    rows += [[k, v] for k, v in summary.items() if k in ("source", "unreadable", "duplicates", "mapper") and not isinstance(v, (dict, list))]
+    return "".join(f"<p class='warn'>{html.escape(line)}</p>" for line in left_out_lines(summary)) + _table(rows, ["SfM", "value"])
+
+
+def left_out_lines(sfm_summary: dict[str, Any], limit: int = 20, kinds: tuple[str, ...] = ("not_registered", "skipped", "duplicate_of")) -> list[str]:
+    """One line per kind of photo the reconstruction does not use, naming them; none when every photo is used.
+
+    Kinds (keys of the sfm stage's summary): ``not_registered`` (SfM could not place them), ``skipped``
+    (unreadable or too small), ``duplicate_of`` (the same picture as another photo, used once).
+    """
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    lines = []
+    for kind in kinds:
+        found = sfm_summary.get(kind) or {}
+        if not found:
+            continue
+        if kind == "not_registered":
+            lines.append(f"{len(found)} photo(s) did not register and are left out of the mesh: {names(list(found))}")
+        elif kind == "skipped":
+            lines.append(f"{len(found)} file(s) could not be used as photos (unreadable or too small, see the log): {names(list(found))}")
+        elif kind == "duplicate_of":
+            lines.append(f"{len(found)} photo(s) are duplicates of others and used once: {names([f'{a} (= {b})' for a, b in found.items()])}")
+    return lines
 
 
 def _views_section(ws: Workspace, scene: SfmScene | None, max_views: int) -> str:

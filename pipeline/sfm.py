@@ -26,16 +26,13 @@ COLMAP's own log (glog, Ceres) goes to ``OUT/sfm/colmap.log``.
 
 from __future__ import annotations
 
-import contextlib
-import enum
-import io
+import hashlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,10 +41,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline.cache import atomic_dir, atomic_path, raise_if_disk_full, write_json_atomic
+from pipeline.colmap_steps import RETRY_PEAK_THRESHOLD_FACTOR, run_step, threads
 from pipeline.errors import OutputError, ReconError
 from pipeline.geometry import normalizing_similarity, similarity_matrix
-from pipeline.io import load_rgb, split_image_files
-from pipeline.settings import setting
+from pipeline.io import load_rgb, split_image_files, warnings_named
+from pipeline.native_output import native_output_to
+from pipeline.settings import check_section
+from pipeline.sfm_config import CameraMode, Matcher, SfmConfig, colmap_camera_model, colmap_camera_models  # noqa: F401 - re-exported
 from pipeline.stage import StageContext
 from pipeline.workspace import Workspace
 
@@ -56,9 +56,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-WARN_REGISTRATION_RATE = 0.9
-"""Below this fraction of registered input images the stage warns (it does not change any output)."""
-
 _EXIF_IFD = 0x8769
 _EXIF_ORIENTATION = 0x0112
 _EXIF_KEEP_BASE = (0x010F, 0x0110)  # Make, Model
@@ -66,37 +63,6 @@ _EXIF_KEEP_IFD = (0x920A, 0xA405)  # FocalLength (mm), FocalLengthIn35mmFilm
 """EXIF tags copied into re-encoded JPEGs: what COLMAP needs for its focal-length prior.
 Resolution-dependent tags (FocalPlaneXResolution, pixel dimensions) are dropped
 because a downscaled image would make them wrong."""
-
-
-class Matcher(str, enum.Enum):
-    exhaustive = "exhaustive"
-    sequential = "sequential"
-
-
-class CameraMode(str, enum.Enum):
-    auto = "auto"
-    """One camera per group of images with the same size and EXIF camera/focal length."""
-    single = "single"
-    """One camera for all images (they must have the same size)."""
-    per_image = "per_image"
-    """A camera per image (mixed zoom, unknown sources)."""
-
-
-@dataclass(kw_only=True)
-class SfmConfig:
-    matcher: Matcher = setting(Matcher.exhaustive, "Feature matching: exhaustive (small sets) or sequential (video frames).")
-    max_image_size: int = setting(2000, "Longest image side in pixels for SIFT extraction and undistortion; larger images are downscaled.")
-    max_num_features: int = setting(8192, "Maximum SIFT features per image.")
-    estimate_affine_shape: bool = setting(True, "Affine-covariant SIFT: slower extraction, many more matches between views far apart (wide baselines).")
-    camera_model: str = setting("SIMPLE_RADIAL", "COLMAP camera model estimated for the photos (e.g. SIMPLE_RADIAL, RADIAL, OPENCV, PINHOLE); undistorted to PINHOLE afterwards.")
-    camera_mode: CameraMode = setting(CameraMode.auto, "Which images share intrinsics: auto (same size and EXIF camera/focal), single (all) or per_image.")
-    sequential_overlap: int = setting(10, "Sequential matching: number of following frames each frame is matched with.")
-    min_registered: int = setting(3, "Fail when fewer images than this register.")
-    use_existing_model: bool = setting(True, "Use SCENE_DIR/sparse/0 (or SCENE_DIR/sparse) instead of running SfM when present.")
-    seed: int = setting(0, "Random seed for COLMAP (RANSAC, mapping) so runs are repeatable (-1: not seeded).")
-    jpeg_quality: int = setting(95, "JPEG quality (1-100) of JPEG images the stage re-encodes (downscaled, rotated or undistorted).")
-    num_threads: int = setting(1, "CPU threads for COLMAP feature extraction, matching and undistortion. 1 makes SfM repeatable run to run (with more threads the order of features and matches, and so the model, can change slightly from one run to the next); -1: all, faster on large scenes.")
-    mapper_threads: int = setting(1, "CPU threads of COLMAP's incremental mapping (bundle adjustment). 1 keeps SfM repeatable (multi-threaded bundle adjustment is not bit-reproducible); -1: all, faster on large scenes.")
 
 
 # ---- paths ---------------------------------------------------------------------------------
@@ -128,9 +94,18 @@ class SfmPaths:
         return self.ws.sfm_database
 
     @property
+    def retry_database(self) -> Path:
+        """Features of the second attempt (:data:`pipeline.colmap_steps.RETRY_PEAK_THRESHOLD_FACTOR`) and their matches."""
+        return self.stage_dir / "database_more_features.db"
+
+    @staticmethod
+    def building(database: Path) -> Path:
+        """A database while it is being written (a dot name: the engine deletes it on resume)."""
+        return database.with_name(f".{database.stem}.building{database.suffix}")
+
+    @property
     def database_building(self) -> Path:
-        """The database while it is being written (a dot name: the engine deletes it on resume)."""
-        return self.stage_dir / f".{self.ws.sfm_database.stem}.building{self.ws.sfm_database.suffix}"
+        return self.building(self.database)
 
 
 def sfm_paths(ws: Workspace) -> SfmPaths:
@@ -151,6 +126,8 @@ class InputImage:
     height: int
     camera_key: tuple
     """Images with equal keys share intrinsics in ``camera_mode=auto``: (width, height, make, model, focal mm, focal 35 mm)."""
+    digest: str = ""
+    """:func:`pixel_digest` of the prepared image (equal pictures, equal digests)."""
 
 
 def _exif_subset(exif: Image.Exif) -> Image.Exif:
@@ -185,7 +162,7 @@ def prepare_image(src: Path, dst: Path, *, max_image_size: int, jpeg_quality: in
     """
     rgb = load_rgb(src, max_image_size)  # full decode: also the corruption check
     want_format = "JPEG" if _is_jpeg_name(dst.name) else "PNG"
-    with Image.open(src) as im:
+    with warnings_named(src), Image.open(src) as im:
         exif = im.getexif()
         unchanged = (
             want_format == "JPEG"
@@ -204,7 +181,7 @@ def prepare_image(src: Path, dst: Path, *, max_image_size: int, jpeg_quality: in
 
 
 def _camera_key(path: Path) -> tuple:
-    with Image.open(path) as im:
+    with warnings_named(path), Image.open(path) as im:
         exif = im.getexif()
         ifd = exif.get_ifd(_EXIF_IFD)
         return (im.width, im.height, str(exif.get(0x010F, "")), str(exif.get(0x0110, "")), str(ifd.get(0x920A, "")), str(ifd.get(0xA405, "")))
@@ -213,14 +190,13 @@ def _camera_key(path: Path) -> tuple:
 def scene_files(ws: Workspace) -> tuple[list[Path], list[Path]]:
     """(input image files, other files) of the scene (``pipeline.io.split_image_files``), never files of recon's own folders.
 
-    When the photos sit directly in ``SCENE_DIR``, the output folder (default
-    ``SCENE_DIR/recon``), ``masks/`` and ``depth_prior/`` are left out, and
-    other files there (``recon.yaml``, notes) are not reported.
+    Recon outputs are left out wherever they sit (the output folder, other runs' outputs, stage folders);
+    when the photos sit directly in ``SCENE_DIR``, ``masks/``, ``depth_prior/``, ``sparse/`` and ``gt/``
+    are left out too, and other files there (``recon.yaml``, notes) are not reported.
     """
     images_dir = ws.images_dir
-    exclude = [ws.out_dir, ws.masks_dir, ws.depth_prior_dir]
-    images, others = split_image_files(images_dir)
-    images = [p for p in images if not any(p == d or d in p.parents for d in exclude)]
+    exclude = [ws.out_dir, ws.masks_dir, ws.depth_prior_dir, ws.scene_dir / "sparse", ws.scene_dir / "gt"]
+    images, others = split_image_files(images_dir, exclude=exclude)
     others = others if images_dir != ws.scene_dir else []
     return images, others
 
@@ -230,18 +206,32 @@ def scene_images(ws: Workspace) -> list[Path]:
     return scene_files(ws)[0]
 
 
+MIN_IMAGE_SIDE = 32
+"""Shorter side (pixels, as prepared for SfM) below which a photo is skipped. SIFT's descriptor spans a
+16-pixel window at its finest scale: COLMAP's affine-shape SIFT crashes on images under 16 pixels on a side,
+and an image under two windows gives SfM next to no features."""
+
+
+def pixel_digest(path: Path) -> str:
+    """Hash of an image's decoded RGB pixels (and size): equal for the same picture saved under two names."""
+    with warnings_named(path), Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    return hashlib.sha256(np.array(rgb.shape, np.int64).tobytes() + rgb.tobytes()).hexdigest()[:16]
+
+
 def prepare_inputs(
     files: Sequence[Path], images_dir: Path, input_dir: Path, cfg: SfmConfig, on_image: Callable[[], None] = lambda: None
 ) -> list[InputImage]:
     """Phase 1: convert every readable image of ``files`` into ``input_dir`` (files already there are kept).
 
     Names are the paths relative to ``images_dir``. Returns the readable
-    images, sorted by name; unreadable ones are skipped with a warning naming
+    images, sorted by name; unreadable ones, and images under
+    :data:`MIN_IMAGE_SIDE` pixels on a side, are skipped with a warning naming
     them (given once all images are read, and only when the stage goes on:
     otherwise the error names them).
 
     Raises:
-        ReconError: no images, or fewer than 3 readable ones.
+        ReconError: no images, or fewer than 3 usable ones.
     """
     if not files:
         others = sorted(p.name for p in images_dir.iterdir() if p.is_file()) if images_dir.is_dir() else []
@@ -262,16 +252,37 @@ def prepare_inputs(
                 on_image()
                 continue
         key = _camera_key(dst)
-        out.append(InputImage(name=name, width=key[0], height=key[1], camera_key=key))
+        if min(key[0], key[1]) < MIN_IMAGE_SIDE:
+            unreadable[name] = (f"{src}: only {key[0]}x{key[1]} pixels (as prepared for SfM); photos need at least "
+                                f"{MIN_IMAGE_SIDE} pixels on each side")
+        else:
+            out.append(InputImage(name=name, width=key[0], height=key[1], camera_key=key, digest=pixel_digest(dst)))
         on_image()
     if len(out) < 3:
-        extra = f" ({len(unreadable)} unreadable: {_names(list(unreadable))})" if unreadable else ""
+        extra = f" ({len(unreadable)} unreadable or too small: {_names(list(unreadable))})" if unreadable else ""
         raise ReconError(
             f"{images_dir}: only {len(out)} readable image(s){extra}; SfM needs at least 3 overlapping photos; add more to this folder"
         )
     for reason in unreadable.values():
         logger.warning("skipping %s", reason)
     return sorted(out, key=lambda im: im.name)
+
+
+def drop_duplicates(images: Sequence[InputImage], images_dir: Path) -> tuple[list[InputImage], dict[str, str]]:
+    """The images with each picture once (the first name in order), and ``{duplicate name: name kept}``.
+
+    The same pixels under two names would be two cameras at one pose: SfM
+    cannot triangulate between them and later stages see a "view" without
+    baseline. Each duplicate is warned about by name.
+    """
+    kept: dict[str, InputImage] = {}
+    duplicates: dict[str, str] = {}
+    for im in images:
+        first = kept.setdefault(im.digest, im)
+        if first is not im:
+            duplicates[im.name] = first.name
+            logger.warning("skipping %s: the same picture as %s (identical pixels); it is used once", images_dir / im.name, first.name)
+    return [im for im in images if im.name not in duplicates], duplicates
 
 
 def camera_groups(images: Sequence[InputImage], mode: CameraMode) -> list[list[str]]:
@@ -297,160 +308,12 @@ def camera_groups(images: Sequence[InputImage], mode: CameraMode) -> list[list[s
 # ---- COLMAP output -----------------------------------------------------------------------------
 
 
-def _fd_of(stream) -> int | None:
-    try:
-        return stream.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
-        return None
-
-
-@contextlib.contextmanager
-def native_output_to(log_path: Path) -> Iterator[None]:
-    """Send what C/C++ libraries print (glog, Ceres, Open3D) to ``log_path`` (appended) while the block runs.
-
-    pycolmap logs through glog to the process's stderr, and glog's own log
-    files get a timestamp and pid appended to their name, so file descriptors
-    1 and 2 are pointed at the log file and restored afterwards. Python's
-    ``sys.stdout``/``sys.stderr``, when they write to those descriptors, are
-    swapped for streams on copies of the original ones meanwhile, so log
-    messages and progress bars (created inside the block) still reach the
-    console. Nested use is fine (the inner block's file wins).
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    try:
-        saved = {fd: os.dup(fd) for fd in (1, 2)}
-    except OSError:  # no stdout/stderr to redirect (detached process): nothing to hide
-        yield
-        return
-    originals = {"stdout": sys.stdout, "stderr": sys.stderr}
-    consoles = {}
-    for name, fd in (("stdout", 1), ("stderr", 2)):
-        stream = originals[name]
-        if _fd_of(stream) == fd:
-            consoles[name] = io.TextIOWrapper(
-                io.FileIO(os.dup(saved[fd]), "w"), encoding=getattr(stream, "encoding", None) or "utf-8",
-                errors="replace", line_buffering=True, write_through=True,
-            )
-    try:
-        with open(log_path, "ab") as log:
-            for fd in (1, 2):
-                os.dup2(log.fileno(), fd)
-            for name, console in consoles.items():
-                setattr(sys, name, console)
-            yield
-    finally:
-        for name, stream in originals.items():
-            setattr(sys, name, stream)
-        for console in consoles.values():
-            with contextlib.suppress(Exception):
-                console.close()
-        for fd, dup in saved.items():
-            os.dup2(dup, fd)
-            os.close(dup)
-
-
-def _seed_colmap(seed: int) -> None:
-    """Seed COLMAP's process-wide PRNG (used where no per-call seed exists); -1 leaves it alone."""
-    import pycolmap
-
-    if seed >= 0:
-        pycolmap.set_random_seed(seed)
-
-
-def _threads(num_threads: int) -> int:
-    return num_threads if num_threads > 0 else (os.cpu_count() or 1)
-
-
 def _names(names: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_config(cfg: SfmConfig) -> None:
-    """Reject settings COLMAP cannot work with (one-line ReconError)."""
-    if cfg.max_image_size < 64:
-        raise ReconError(f"sfm.max_image_size={cfg.max_image_size} is too small; use at least 64 pixels (default 2000)")
-    if cfg.max_num_features < 100:
-        raise ReconError(f"sfm.max_num_features={cfg.max_num_features} is too small; use at least 100 (default 8192)")
-    if cfg.sequential_overlap < 1:
-        raise ReconError(f"sfm.sequential_overlap={cfg.sequential_overlap} must be at least 1")
-    if not 1 <= cfg.jpeg_quality <= 100:
-        raise ReconError(f"sfm.jpeg_quality={cfg.jpeg_quality} must be between 1 and 100")
-    if cfg.seed < -1:
-        raise ReconError(f"sfm.seed={cfg.seed} must be >= 0 (or -1 for a random seed)")
-    _check_camera_model(cfg.camera_model)
-
-
-def _check_camera_model(name: str) -> None:
-    import pycolmap
-
-    valid = [m for m in dir(pycolmap.CameraModelId) if m.isupper() and m != "INVALID"]
-    if name not in valid:
-        raise ReconError(f"sfm.camera_model={name!r} is not a COLMAP camera model; use one of: {', '.join(sorted(valid))}")
-
-
 # ---- phase 2: features and matches ---------------------------------------------------------------
-
-
-def extract_features(
-    database: Path, input_dir: Path, groups: Sequence[Sequence[str]], cfg: SfmConfig, *, shared: bool, on_done: Callable[[int], None]
-) -> None:
-    """SIFT features (CPU) of every image in ``groups`` into ``database``.
-
-    Images are processed in chunks so ``on_done(n)`` can drive a progress
-    bar; with ``shared`` every group gets one camera (the first chunk creates
-    it, the others reuse it), else each image gets its own.
-    """
-    import pycolmap
-
-    threads = _threads(cfg.num_threads)
-    options = pycolmap.FeatureExtractionOptions()
-    options.num_threads = threads
-    options.max_image_size = cfg.max_image_size
-    options.sift.max_num_features = cfg.max_num_features
-    options.sift.estimate_affine_shape = cfg.estimate_affine_shape
-    chunk = max(8, 4 * threads)
-    for group in groups:
-        camera_id = None
-        for start in range(0, len(group), chunk):
-            names = list(group[start : start + chunk])
-            reader = pycolmap.ImageReaderOptions()
-            reader.camera_model = cfg.camera_model
-            if camera_id is not None:
-                reader.existing_camera_id = camera_id
-            mode = pycolmap.CameraMode.SINGLE if shared else pycolmap.CameraMode.PER_IMAGE
-            pycolmap.extract_features(
-                database, input_dir, image_names=names, camera_mode=mode, reader_options=reader,
-                extraction_options=options, device=pycolmap.Device.cpu,
-            )
-            if shared and camera_id is None:
-                db = pycolmap.Database.open(database)
-                try:
-                    camera_id = db.read_image_with_name(names[0]).camera_id
-                finally:
-                    db.close()
-            on_done(len(names))
-
-
-def match_features(database: Path, cfg: SfmConfig) -> None:
-    """Match and geometrically verify image pairs (exhaustive or sequential by name), seeded RANSAC."""
-    import pycolmap
-
-    threads = _threads(cfg.num_threads)
-    matching = pycolmap.FeatureMatchingOptions()
-    matching.num_threads = threads
-    verification = pycolmap.TwoViewGeometryOptions()
-    verification.ransac.random_seed = cfg.seed
-    if cfg.matcher == Matcher.sequential:
-        pairing = pycolmap.SequentialPairingOptions()
-        pairing.overlap = cfg.sequential_overlap
-        pairing.num_threads = threads
-        pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing, verification_options=verification, device=pycolmap.Device.cpu)
-    else:
-        pycolmap.match_exhaustive(database, matching_options=matching, verification_options=verification, device=pycolmap.Device.cpu)
 
 
 def num_verified_pairs(database: Path) -> int:
@@ -485,38 +348,6 @@ def _remove_database(path: Path) -> None:
 # ---- phase 3: mapping ----------------------------------------------------------------------------
 
 
-def map_images(
-    database: Path, input_dir: Path, work_dir: Path, cfg: SfmConfig, *, on_registered: Callable[[int], None]
-) -> pycolmap.Reconstruction | None:
-    """Incremental mapping (seeded); returns the largest model (most registered images, then points) or None.
-
-    ``on_registered(n)`` gets the number of images registered in the model
-    being built, after every registration.
-    """
-    import pycolmap
-
-    options = pycolmap.IncrementalPipelineOptions()
-    options.random_seed = cfg.seed
-    options.num_threads = _threads(cfg.mapper_threads)
-    count = [0]
-
-    def initial_pair() -> None:
-        count[0] = 2
-        on_registered(count[0])
-
-    def next_image() -> None:
-        count[0] += 1
-        on_registered(count[0])
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    models = pycolmap.incremental_mapping(
-        database, input_dir, work_dir, options=options, initial_image_pair_callback=initial_pair, next_image_callback=next_image
-    )
-    if not models:
-        return None
-    return max(models.values(), key=lambda r: (r.num_reg_images(), r.num_points3D()))
-
-
 def registered_names(rec: pycolmap.Reconstruction) -> list[str]:
     """Names of the registered images of a model, sorted."""
     return sorted(rec.images[i].name for i in rec.reg_image_ids())
@@ -524,8 +355,11 @@ def registered_names(rec: pycolmap.Reconstruction) -> list[str]:
 
 def check_registration(
     registered: Sequence[str], inputs: Sequence[str], cfg: SfmConfig, images_dir: Path, *, source: str, detail: str = ""
-) -> None:
-    """Fail when fewer than ``min_registered`` images registered; warn below :data:`WARN_REGISTRATION_RATE`.
+) -> list[str]:
+    """Fail when fewer than ``min_registered`` images registered; warn, naming them, when any is left out.
+
+    Returns:
+        The input images that did not register, sorted.
 
     Raises:
         ReconError: naming the images that did not register and what to try.
@@ -546,23 +380,24 @@ def check_registration(
             f"{images_dir}: only {len(reg)} of {len(inputs)} images registered (need {cfg.min_registered}){detail}; "
             f"not registered: {_names(missing)}; {hint}"
         )
-    rate = len(reg) / max(len(inputs), 1)
-    if rate < WARN_REGISTRATION_RATE:
+    if missing:
         logger.warning(
-            "registered %d of %d images (%.0f %%); left out of the reconstruction: %s",
-            len(reg), len(inputs), 100 * rate, _names(missing, limit=20),
+            "only %d of %d photos registered; left out of the reconstruction: %s", len(reg), len(inputs), _names(missing, limit=20),
         )
+    return missing
 
 
 # ---- existing model ---------------------------------------------------------------------------------
 
 
-def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: Path) -> pycolmap.Reconstruction:
-    """The user's COLMAP model, with cameras rescaled to the prepared images' sizes.
+def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: Path, input_dir: Path) -> pycolmap.Reconstruction:
+    """The user's COLMAP model, with cameras rescaled to the prepared images' sizes (in ``input_dir``).
 
     Raises:
         ReconError: unreadable model, registered images missing from the
-            images folder, or an image whose size does not fit its camera.
+            images folder, an image whose size does not fit its camera, poses
+            that do not explain the keypoints, or keypoints that do not fit the
+            photos (:func:`check_model_fits_photos`).
     """
     import pycolmap
 
@@ -602,7 +437,60 @@ def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: P
                 for p in im.points2D:
                     p.xy = p.xy * np.array([sx, sy])
     check_pose_convention(rec, model_dir)
+    check_model_fits_photos(rec, input_dir, model_dir, images_dir)
     return rec
+
+
+MODEL_CHECK_IMAGES = 60
+"""At most this many images (the most observed) take part in :func:`check_model_fits_photos`."""
+MODEL_CHECK_POINTS = 2000
+MODEL_CHECK_SIDE = 1000
+"""The photos are compared at this longest side (pixels) at most."""
+
+
+def check_model_fits_photos(rec: pycolmap.Reconstruction, input_dir: Path, model_dir: Path, images_dir: Path) -> None:
+    """Reject a model whose keypoints do not land on the same surface in the photos (a model of other photos,
+    shuffled image names), see :mod:`pipeline.model_check`.
+
+    Raises:
+        ReconError: naming the images that do not fit and what to do.
+    """
+    from pipeline.model_check import MIN_PAIRS, mismatched_images, track_agreement
+
+    reg = sorted((rec.images[i] for i in rec.reg_image_ids()), key=lambda im: -im.num_points3D)[:MODEL_CHECK_IMAGES]
+    by_id = {im.image_id: im for im in reg}
+    grays: dict[str, np.ndarray] = {}
+    scale: dict[str, float] = {}
+    for im in by_id.values():
+        with warnings_named(input_dir / im.name), Image.open(input_dir / im.name) as pil:
+            f = min(1.0, MODEL_CHECK_SIDE / max(pil.size))
+            gray = pil.convert("L")
+            if f < 1.0:
+                gray = gray.resize((max(1, round(pil.width * f)), max(1, round(pil.height * f))), Image.Resampling.BILINEAR)
+            grays[im.name] = np.asarray(gray, dtype=np.float32)
+            scale[im.name] = gray.width / pil.width
+    rng = np.random.default_rng(0)
+    ids = sorted(rec.point3D_ids())
+    picked = rng.choice(len(ids), size=min(MODEL_CHECK_POINTS, len(ids)), replace=False) if ids else []
+    tracks = []
+    for k in sorted(picked):
+        track = []
+        for el in rec.points3D[ids[k]].track.elements:
+            im = by_id.get(el.image_id)
+            if im is not None:
+                track.append((im.name, np.asarray(im.points2D[el.point2D_idx].xy, np.float64) * scale[im.name]))
+        if len(track) >= 2:
+            tracks.append(track)
+    agreement = track_agreement(tracks, grays.__getitem__)
+    bad = mismatched_images(agreement)
+    if bad:
+        judged = sum(1 for a in agreement.values() if a.pairs >= MIN_PAIRS)
+        detail = ", ".join(f"{n} ({agreement[n].matched:.2f} vs {agreement[n].control:.2f})" for n in bad[:5])
+        raise ReconError(
+            f"{model_dir}: the model does not fit the photos in {images_dir}: in {len(bad)} of {judged} images its keypoints "
+            f"do not show the same surface as in the other photos (patch correlation, keypoints vs elsewhere: {detail}); "
+            "the model was built from other photos or its image names are mixed up; supply the matching model or set sfm.use_existing_model=false"
+        )
 
 
 MAX_USER_MODEL_REPROJECTION_PX = 10.0
@@ -678,7 +566,7 @@ def undistort_and_normalize(paths: SfmPaths, cfg: SfmConfig) -> pycolmap.Reconst
         with native_output_to(ws.sfm_log):
             pycolmap.undistort_images(
                 work, paths.mapped_dir, paths.input_dir, output_type="COLMAP", undistort_options=options,
-                jpeg_quality=cfg.jpeg_quality, num_threads=_threads(cfg.num_threads),
+                jpeg_quality=cfg.jpeg_quality, num_threads=threads(cfg.num_threads),
             )
         raise_if_disk_full(ws.sfm_images_dir)  # a full disk leaves COLMAP's undistorted images and model truncated
         rec = pycolmap.Reconstruction(str(work / "sparse"))
@@ -702,57 +590,103 @@ def undistort_and_normalize(paths: SfmPaths, cfg: SfmConfig) -> pycolmap.Reconst
 # ---- the stage -------------------------------------------------------------------------------------------
 
 
+def _features_and_matches(ctx: StageContext, images: Sequence[InputImage], database: Path, seconds: dict[str, float], *,
+                          peak_threshold_factor: float = 1.0, what: str = "") -> None:
+    """SIFT features and verified matches into ``database`` (kept from an interrupted run when it holds these images)."""
+    cfg: SfmConfig = ctx.settings
+    paths = sfm_paths(ctx.ws)
+    names = [im.name for im in images]
+    building = paths.building(database)
+    _remove_database(building)  # never trust a half-written database
+    if database.exists() and database_image_names(database) != set(names):
+        _remove_database(database)
+    if database.exists():
+        return
+    log = ctx.ws.sfm_log
+    t0 = time.perf_counter()
+    with ctx.bar(desc=f"SIFT features{what}", total=len(names), unit="img") as bar:
+        run_step("extract_features", log_path=log, what="feature extraction",
+                 on_event=lambda event: bar.update(event["n"]) if event.get("event") == "done" else None,
+                 database=str(building), input_dir=str(paths.input_dir), groups=camera_groups(images, cfg.camera_mode),
+                 cfg=cfg, shared=cfg.camera_mode != CameraMode.per_image, peak_threshold_factor=peak_threshold_factor)
+    seconds["features" + what.replace(" ", "_")] = t1 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ctx.bar(desc=f"{cfg.matcher.value} matching{what}", total=1, unit="phase") as bar:
+        run_step("match_features", log_path=log, what=f"{cfg.matcher.value} matching", database=str(building), cfg=cfg)
+        bar.update(1)
+    raise_if_disk_full(database)  # COLMAP does not always report a failed write
+    os.replace(building, database)
+    seconds["matching" + what.replace(" ", "_")] = t2 = time.perf_counter() - t0
+    ctx.logger.info("features and matches%s of %d images in %.1f s", what, len(names), t1 + t2)
+
+
+def map_once(ctx: StageContext, database: Path, n_images: int, *, relaxed: bool) -> pycolmap.Reconstruction | None:
+    """Incremental mapping of ``database`` (with :data:`pipeline.colmap_steps.RELAXED_INCREMENTAL` when ``relaxed``);
+    its largest model or None."""
+    import pycolmap
+
+    cfg: SfmConfig = ctx.settings
+    paths = sfm_paths(ctx.ws)
+    work = Path(tempfile.mkdtemp(prefix=".mapping.", dir=paths.stage_dir))
+    try:
+        with ctx.bar(desc="mapping (registered images)", total=n_images, unit="img") as bar:
+
+            def on_event(event: dict) -> None:
+                if event.get("event") == "registered":
+                    bar.n = min(int(event["n"]), n_images)
+                    bar.refresh()
+
+            result = run_step("map_incremental", log_path=ctx.ws.sfm_log, on_event=on_event, what="incremental mapping",
+                              database=str(database), input_dir=str(paths.input_dir), work_dir=str(work / "models"),
+                              out_dir=str(work / "largest"), cfg=cfg, relaxed=relaxed)
+        raise_if_disk_full(paths.mapped_dir)
+        return pycolmap.Reconstruction(str(work / "largest")) if result is not None else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _map(ctx: StageContext, images: Sequence[InputImage], seconds: dict[str, float]) -> pycolmap.Reconstruction | None:
+    """Phases 2-3: features, matches and incremental mapping; when fewer than ``retry_registered_fraction`` of
+    the photos register, a second attempt with more SIFT features (a third of the peak threshold) and
+    relaxed registration thresholds. The model that registers most is kept (the first one on a tie)."""
+    cfg: SfmConfig = ctx.settings
+    paths = sfm_paths(ctx.ws)
+    n = len(images)
+    _features_and_matches(ctx, images, paths.database, seconds)
+    t0 = time.perf_counter()
+    best = map_once(ctx, paths.database, n, relaxed=False)
+    best_n = best.num_reg_images() if best is not None else 0
+    attempts = [{"strategy": "incremental", "registered": best_n, "seconds": round(time.perf_counter() - t0, 2)}]
+    ctx.summary["mapper"] = "incremental"
+    if best_n < cfg.retry_registered_fraction * n:
+        ctx.logger.info("%d of %d photos registered; trying again with more SIFT features and relaxed registration thresholds", best_n, n)
+        t0 = time.perf_counter()
+        _features_and_matches(ctx, images, paths.retry_database, seconds, peak_threshold_factor=RETRY_PEAK_THRESHOLD_FACTOR,
+                              what=" (more features)")
+        retry = map_once(ctx, paths.retry_database, n, relaxed=True)
+        retry_n = retry.num_reg_images() if retry is not None else 0
+        attempts.append({"strategy": "more features, relaxed", "registered": retry_n, "seconds": round(time.perf_counter() - t0, 2)})
+        if retry_n > best_n:
+            best, best_n = retry, retry_n
+            ctx.summary["mapper"] = "more features, relaxed"
+    seconds["mapping"] = sum(a["seconds"] for a in attempts)
+    ctx.summary["mapping_attempts"] = attempts
+    return best
+
+
 def _run_sfm(ctx: StageContext, paths: SfmPaths, images: Sequence[InputImage], seconds: dict[str, float]) -> pycolmap.Reconstruction:
     """Phases 2-3 (reusing a finished database or model of an interrupted run); returns the mapped model."""
     import pycolmap
 
     cfg: SfmConfig = ctx.settings
     names = [im.name for im in images]
-    _remove_database(paths.database_building)  # never trust a half-written database
     if paths.mapped_dir.is_dir():
         rec = pycolmap.Reconstruction(str(paths.mapped_dir))
         if set(registered_names(rec)) <= set(names):
             ctx.logger.info("reusing the mapped model of an interrupted run")
             check_registration(registered_names(rec), names, cfg, ctx.ws.images_dir, source="sfm")
             return rec
-    if paths.database.exists() and database_image_names(paths.database) != set(names):
-        _remove_database(paths.database)
-    if not paths.database.exists():
-        groups = camera_groups(images, cfg.camera_mode)
-        _seed_colmap(cfg.seed)
-        t0 = time.perf_counter()
-        with native_output_to(ctx.ws.sfm_log):
-            with ctx.bar(desc="SIFT features", total=len(names), unit="img") as bar:
-                extract_features(
-                    paths.database_building, paths.input_dir, groups, cfg,
-                    shared=cfg.camera_mode != CameraMode.per_image, on_done=bar.update,
-                )
-        seconds["features"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with native_output_to(ctx.ws.sfm_log):
-            with ctx.bar(desc=f"{cfg.matcher.value} matching", total=1, unit="phase") as bar:
-                match_features(paths.database_building, cfg)
-                bar.update(1)
-        raise_if_disk_full(paths.database)  # COLMAP does not always report a failed write
-        os.replace(paths.database_building, paths.database)
-        seconds["matching"] = time.perf_counter() - t0
-        ctx.logger.info("features and matches of %d images in %.1f s", len(names), seconds["features"] + seconds["matching"])
-    t0 = time.perf_counter()
-    _seed_colmap(cfg.seed)
-    work = Path(tempfile.mkdtemp(prefix=".mapping.", dir=paths.stage_dir))
-    try:
-        with native_output_to(ctx.ws.sfm_log):
-            with ctx.bar(desc="mapping (registered images)", total=len(names), unit="img") as bar:
-
-                def on_registered(n: int) -> None:
-                    bar.n = min(n, len(names))
-                    bar.refresh()
-
-                rec = map_images(paths.database, paths.input_dir, work, cfg, on_registered=on_registered)
-        raise_if_disk_full(paths.mapped_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    seconds["mapping"] = time.perf_counter() - t0
+    rec = _map(ctx, images, seconds)
     detail = ""
     if rec is None:
         pairs = num_verified_pairs(paths.database)
@@ -770,7 +704,7 @@ def run(ctx: StageContext) -> None:
     ws = ctx.ws
     paths = sfm_paths(ws)
     seconds: dict[str, float] = {}
-    check_config(cfg)
+    check_section(cfg, "sfm")
 
     t0 = time.perf_counter()
     files, others = scene_files(ws)
@@ -780,33 +714,41 @@ def run(ctx: StageContext) -> None:
     with ctx.bar(desc="prepare images", total=len(files), unit="img") as bar:
         images = prepare_inputs(files, ws.images_dir, paths.input_dir, cfg, on_image=lambda: bar.update(1))
     seconds["prepare"] = time.perf_counter() - t0
-    names = [im.name for im in images]
+    usable = len(images)
+    usable_names = [im.name for im in images]
 
     user_model = ws.user_sparse_dir() if cfg.use_existing_model else None
+    duplicates: dict[str, str] = {}
     if user_model is not None:
         t0 = time.perf_counter()
         ctx.logger.info("using the existing COLMAP model %s (no feature extraction or mapping)", user_model)
-        rec = read_user_model(user_model, images, ws.images_dir)
-        check_registration(registered_names(rec), names, cfg, ws.images_dir, source="model")
+        rec = read_user_model(user_model, images, ws.images_dir, paths.input_dir)
+        check_registration(registered_names(rec), [im.name for im in images], cfg, ws.images_dir, source="model")
         with atomic_dir(paths.mapped_dir) as tmp:
             rec.write_binary(str(tmp))
         seconds["import_model"] = time.perf_counter() - t0
     else:
+        images, duplicates = drop_duplicates(images, ws.images_dir)
         _run_sfm(ctx, paths, images, seconds)
 
     t0 = time.perf_counter()
     final = undistort_and_normalize(paths, cfg)
     seconds["undistort"] = time.perf_counter() - t0
 
+    registered = set(registered_names(final))
     ctx.summary.update({
-        "images": len(images),
-        "unreadable": len(files) - len(images),
+        "images": usable,
+        "unreadable": len(files) - usable,
+        "duplicates": len(duplicates),
         "registered": final.num_reg_images(),
         "points3D": final.num_points3D(),
         "reproj_error_px": round(float(final.compute_mean_reprojection_error()), 4),
         "track_length": round(float(final.compute_mean_track_length()), 3),
         "source": "existing model" if user_model is not None else "sfm",
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "not_registered": sorted(im.name for im in images if im.name not in registered),
+        "duplicate_of": duplicates,
+        "skipped": sorted(set(p.relative_to(ws.images_dir).as_posix() for p in files) - set(usable_names)),
     })
     ctx.logger.info(
         "registered %d of %d images, %d sparse points (mean reprojection error %.2f px, track length %.2f)",

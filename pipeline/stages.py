@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import depth, export, fuse, refine, sfm
+import importlib
+
 from pipeline.cache import fingerprint
 from pipeline.config import ReconConfig
 from pipeline.settings import fingerprint_fields
@@ -26,7 +27,9 @@ def _files_under(folder: Path) -> list[Path]:
 
 def sfm_inputs(ws: Workspace, cfg: ReconConfig) -> list[Path]:
     """The photos and, when used, the user's COLMAP model."""
-    files = sfm.scene_images(ws) if ws.images_dir.is_dir() else []
+    from pipeline.sfm import scene_images
+
+    files = scene_images(ws) if ws.images_dir.is_dir() else []
     user = ws.user_sparse_dir() if cfg.sfm.use_existing_model else None
     return files + (_files_under(user) if user is not None else [])
 
@@ -39,6 +42,13 @@ def depth_inputs(ws: Workspace, cfg: ReconConfig) -> list[Path]:
 def fuse_inputs(ws: Workspace, cfg: ReconConfig) -> list[Path]:
     """Optional masks."""
     return _files_under(ws.masks_dir)
+
+
+def check_fuse_inputs(ws: Workspace, cfg: ReconConfig) -> None:
+    """The masks, before SfM (:func:`pipeline.fuse.check_masks`)."""
+    from pipeline.fuse import check_masks
+
+    check_masks(ws, cfg.fuse)
 
 
 def inputs_digest(files: list[Path], root: Path) -> str:
@@ -66,15 +76,29 @@ class StageSpec:
     """Scene files the stage reads (photos, priors, masks): their digest is part of the fingerprint."""
     checked_outputs: tuple[str, ...] = ()
     """Paths in the stage folder whose checksums are recorded and verified (empty: everything)."""
+    precheck: Callable[[Workspace, ReconConfig], None] | None = None
+    """Checks of the stage's scene inputs run before any stage of a run that includes it (masks before SfM)."""
+
+
+def _run_of(module: str) -> Callable[[StageContext], None]:
+    """The ``run`` of ``pipeline.<module>``, imported when the stage first runs (torch, Open3D and pycolmap
+    load only then, so a command that fails on its settings fails at once)."""
+
+    def run(ctx: StageContext) -> None:
+        importlib.import_module(f"pipeline.{module}").run(ctx)
+
+    run.__qualname__ = f"pipeline.{module}.run"
+    return run
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("sfm", 1, (), sfm.run, publish=(("model", "sparse"),), inputs=sfm_inputs,
+    StageSpec("sfm", 1, (), _run_of("sfm"), publish=(("model", "sparse"),), inputs=sfm_inputs,
               checked_outputs=("model", "images", "normalization.json")),
-    StageSpec("depth", 2, ("sfm",), depth.run, inputs=depth_inputs),
-    StageSpec("refine", 2, ("depth", "sfm"), refine.run, skippable=True),
-    StageSpec("fuse", 1, ("refine", "sfm"), fuse.run, publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs),
-    StageSpec("export", 1, ("fuse", "sfm"), export.run, skippable=True, publish=(("mesh.glb", "mesh.glb"),)),
+    StageSpec("depth", 3, ("sfm",), _run_of("depth"), inputs=depth_inputs),
+    StageSpec("refine", 3, ("depth", "sfm"), _run_of("refine"), skippable=True),
+    StageSpec("fuse", 1, ("refine", "sfm"), _run_of("fuse"), publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs,
+              precheck=check_fuse_inputs),
+    StageSpec("export", 1, ("fuse", "sfm"), _run_of("export"), skippable=True, publish=(("mesh.glb", "mesh.glb"),)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}

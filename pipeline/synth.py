@@ -39,6 +39,8 @@ import numpy as np
 import open3d as o3d
 from PIL import Image
 
+from pipeline.native_output import quiet_native
+
 logger = logging.getLogger(__name__)
 
 SHAPES: tuple[str, ...] = ("blob", "thin", "knot")
@@ -248,7 +250,8 @@ def normalise_object(mesh: TriMesh) -> TriMesh:
 
 def load_object_mesh(path: Path) -> TriMesh:
     """Read a mesh file Open3D understands (OBJ, PLY, STL, OFF, glTF), assumed +y up (OBJ habit), as +z up."""
-    mesh = o3d.io.read_triangle_mesh(str(path))
+    with quiet_native():
+        mesh = o3d.io.read_triangle_mesh(str(path))
     if len(mesh.triangles) == 0:
         raise ValueError(f"no triangles in {path}")
     y_up_to_z_up = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])

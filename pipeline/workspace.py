@@ -7,25 +7,58 @@ Layout of the output folder (default ``SCENE_DIR/recon``)::
       mesh.ply  mesh.glb  sparse/     stable contract (final mesh, cameras in the mesh frame)
       manifest.json  config.yaml  log.txt  report.html
       sfm/        database.db  colmap.log  model/ (undistorted, normalized)  images/  normalization.json
-      depth/      views/<stem>.npz
-      refine/     views/<stem>.npz  log.json  (.scratch/ while running)
+      depth/      views/<key>.npz   (key: the image's relative path, encoded: see view_key)
+      refine/     views/<key>.npz  log.json  (.scratch/ while running)
       fuse/       mesh.ply
       export/     mesh.glb ...
+      .building/  <stage>/ while a stage is computed; it replaces OUT/<stage> only once complete
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+"""Photo file suffixes, lower case (matched case-insensitively)."""
 
 
 def view_stem(image_name: str) -> str:
-    """A file-system-safe, unique stem for an image name (``a/b c.jpg`` → ``a__b c``)."""
+    """The image name without its extension, folders joined by ``__`` (``a/b c.jpg`` → ``a__b c``).
+
+    Not unique (``a.jpg`` and ``a.png`` share it): only for looking up files a
+    user names this way (depth priors); caches use :func:`view_key`.
+    """
     stem = image_name.rsplit(".", 1)[0] if "." in image_name else image_name
     return re.sub(r"[\\/]", "__", stem)
+
+
+MAX_KEY_BYTES = 200
+"""Longest cache key (UTF-8 bytes): with ``.npz`` and a temporary's prefix and suffix it stays under the 255 bytes of a file name."""
+
+
+def view_key(image_name: str) -> str:
+    """The unique, stable file name of an image's per-view caches: its relative path, percent-encoded.
+
+    ``%`` → ``%25``, ``/`` → ``%2F``, ``\\`` → ``%5C`` and a leading ``.`` →
+    ``%2E`` (cache files are never hidden), so different names always give
+    different keys (``a.jpg`` / ``a.png``, ``x/b.jpg`` / ``x__b.jpg``). A key
+    longer than :data:`MAX_KEY_BYTES` keeps its first part and ends in a hash
+    of the whole name.
+    """
+    key = image_name.replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
+    if key.startswith("."):
+        key = "%2E" + key[1:]
+    if len(key.encode()) <= MAX_KEY_BYTES:
+        return key
+    digest = hashlib.sha256(image_name.encode()).hexdigest()[:16]
+    head = key
+    while len(head.encode()) > MAX_KEY_BYTES - len(digest) - 1:
+        head = head[:-1]
+    return f"{head}~{digest}"
 
 
 @dataclass(frozen=True)
@@ -34,6 +67,8 @@ class Workspace:
 
     scene_dir: Path
     out_dir: Path
+    building: frozenset[str] = frozenset()
+    """Stages this workspace computes: their :meth:`stage_dir` is their :meth:`building_dir`."""
 
     @classmethod
     def create(cls, scene_dir: Path | str, out_dir: Path | str | None = None) -> "Workspace":
@@ -89,7 +124,17 @@ class Workspace:
         return self.out_dir / "report.html"
 
     def stage_dir(self, stage: str) -> Path:
-        return self.out_dir / stage
+        """``OUT/<stage>``, the finished stage the others read (its building folder for a stage in :attr:`building`)."""
+        return self.building_dir(stage) if stage in self.building else self.out_dir / stage
+
+    def building_dir(self, stage: str) -> Path:
+        """``OUT/.building/<stage>``: where a stage is computed (and resumed after a crash) until it is complete
+        and replaces ``OUT/<stage>`` in one rename, so the previous result is never lost half-way."""
+        return self.out_dir / ".building" / stage
+
+    def building_stage(self, stage: str) -> Workspace:
+        """This workspace as the stage ``stage`` sees it while it is computed (its files go to its building folder)."""
+        return dataclasses.replace(self, building=self.building | {stage})
 
     # ---- stable contract ----------------------------------------------------
     @property
@@ -131,10 +176,10 @@ class Workspace:
 
     # ---- per-view caches ----------------------------------------------------
     def depth_view(self, image_name: str) -> Path:
-        return self.stage_dir("depth") / "views" / f"{view_stem(image_name)}.npz"
+        return self.stage_dir("depth") / "views" / f"{view_key(image_name)}.npz"
 
     def refine_view(self, image_name: str) -> Path:
-        return self.stage_dir("refine") / "views" / f"{view_stem(image_name)}.npz"
+        return self.stage_dir("refine") / "views" / f"{view_key(image_name)}.npz"
 
     @property
     def refine_log(self) -> Path:

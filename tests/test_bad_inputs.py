@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from PIL import Image
 
 from pipeline.groundtruth import load_gt_cameras, load_gt_depth, write_gt_model
 from pipeline.synth import render_scene
+from pipeline.workspace import view_key
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30"]
@@ -327,7 +330,7 @@ def test_bad_depth_priors_are_named_and_left_out(scene):
         assert line is not None and "left out" in line, (how, res.stderr)
     assert any("NaN/inf" in line for line in lines) and any("does not match the image" in line for line in lines)
     written = sorted(p.name for p in (scene / "recon" / "depth" / "views").glob("*.npz"))
-    assert written == [f"{Path(n).stem}.npz" for n in list(priors)[4:]]
+    assert written == [f"{view_key(n)}.npz" for n in list(priors)[4:]]
 
 
 @pytest.mark.slow
@@ -403,6 +406,226 @@ def test_full_output_folder(scene, tmp_path, size):
     assert line.count("error:") == 1
 
 
+# ---- never lose or mix up a user's files ---------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _user_folder(out: Path) -> dict[str, bytes]:
+    """A folder of the user's own files, with the names recon gives its outputs."""
+    for rel, text in (("export/model.obj", "v 0 0 0"), ("sfm/notes.txt", "my SfM notes"), ("depth/a.png", "png?"),
+                      ("refine/x.txt", "x"), ("fuse/y.txt", "y"), ("mesh.ply", "my mesh"), ("config.yaml", "mine: 1"),
+                      ("sparse/0/cameras.txt", "# my cameras")):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    return _tree(out)
+
+
+def test_an_output_folder_holding_the_users_files_is_refused_untouched(scene, tmp_path):
+    out = tmp_path / "my project"
+    before = _user_folder(out)
+    one_line_error(recon("run", str(scene), "--out", str(out), *FAST), str(out), "did not write", "--force-out")
+    assert _tree(out) == before
+
+
+def test_force_out_uses_such_a_folder_and_leaves_the_other_files(scene, tmp_path):
+    out = tmp_path / "my project"
+    (out / "keep").mkdir(parents=True)
+    (out / "keep" / "notes.txt").write_text("mine")
+    res = recon("run", str(scene), "--out", str(out), "--force-out", "--until", "sfm")
+    assert clean_success(res) == [] or all("using a folder that holds other files" in line for line in clean_success(res))
+    assert (out / "keep" / "notes.txt").read_text() == "mine" and (out / "sparse" / "images.bin").is_file()
+    assert clean_success(recon("run", str(scene), "--out", str(out), "--until", "sfm")) == []  # now a recon output: no flag needed
+
+
+@pytest.mark.parametrize("where", ["scene", "images", "inside-images", "parent", "a-file"])
+def test_output_folder_mixed_with_the_inputs_is_refused_before_writing(scene, where):
+    out = {"scene": scene, "images": scene / "images", "inside-images": scene / "images" / "out", "parent": scene.parent,
+           "a-file": scene / "images" / "view_000.png"}[where]
+    before = _tree(scene)
+    one_line_error(recon("run", str(scene), "--out", str(out)), str(out), "--out")
+    assert _tree(scene) == before
+
+
+@pytest.mark.parametrize("override, key", [
+    ("refine.steps=-1", "refine.steps"),
+    ("fuse.voxel_size=-1", "fuse.voxel_size"),
+    ("refine.weight_edge=.nan", "refine.weight_edge"),
+    ("fuse.min_confidence=nan", "fuse.min_confidence"),
+    ("depth.device=gpu", "depth.device"),
+    ("depth.ncc_window=4", "depth.ncc_window"),
+    ("sfm.camera_model=FISHEYE9", "sfm.camera_model"),
+])
+def test_a_bad_setting_value_fails_before_anything_is_written(scene, override, key):
+    one_line_error(recon("run", str(scene), "--set", override), key)
+    assert not (scene / "recon").exists()
+
+
+def test_cuda_on_a_machine_without_it_fails_before_anything_is_written(scene):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for key in ("depth.device", "refine.device"):
+        one_line_error(recon("run", str(scene), "--set", f"{key}=cuda"), key, "no CUDA device", "auto or cpu")
+    assert not (scene / "recon").exists()
+
+
+def test_a_model_of_shuffled_image_names_is_refused(scene):
+    import pycolmap
+
+    model = scene / "sparse" / "0"
+    rec = pycolmap.Reconstruction(str(model))
+    ids = sorted(rec.reg_image_ids())
+    names = [rec.images[i].name for i in ids]
+    for i, name in zip(ids, names[1:] + names[:1]):
+        rec.images[i].name = name
+    rec.write_binary(str(model))
+    one_line_error(recon("run", str(scene), "--until", "sfm"), str(model), "does not fit the photos", "use_existing_model=false")
+
+
+def _sfm_summary(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["stages"]["sfm"]["summary"]
+
+
+def test_photos_in_the_scene_folder_never_take_in_earlier_outputs(scene, tmp_path):
+    flat = tmp_path / "flat"
+    shutil.copytree(scene / "images", flat)
+    shutil.copytree(scene / "sparse", flat / "sparse")
+    for run in ("run1", "run2", "deeper/run3"):
+        assert clean_success(recon("run", str(flat), "--out", str(flat / run), "--until", "sfm")) == []
+        assert _sfm_summary(flat / run)["images"] == 8
+
+
+def test_two_photos_with_one_stem_keep_their_own_caches(scene):
+    """``view_000.png`` beside ``view_000.jpg`` (a different photo): a depth map each, none mixed up."""
+    import pycolmap
+
+    with Image.open(scene / "images" / "view_001.png") as im:
+        im.convert("RGB").save(scene / "images" / "view_000.jpg", quality=97)
+    (scene / "images" / "view_001.png").unlink()
+    model = scene / "sparse" / "0"
+    rec = pycolmap.Reconstruction(str(model))
+    for i in rec.reg_image_ids():
+        if rec.images[i].name == "view_001.png":
+            rec.images[i].name = "view_000.jpg"
+    rec.write_binary(str(model))
+    assert clean_success(recon("run", str(scene), "--until", "depth", *FAST)) == []
+    views = scene / "recon" / "depth" / "views"
+    assert sorted(p.name for p in views.glob("view_000*")) == ["view_000.jpg.npz", "view_000.png.npz"]
+    assert len(list(views.glob("*.npz"))) == 8
+
+
+def test_a_photo_left_out_of_the_model_is_named_and_strict_fails(scene):
+    _noise_images(scene / "images", 1)  # img_0.png: not in the model
+    lines = clean_success(recon("run", str(scene), "--until", "sfm"))
+    assert lines[-1].startswith("warning: 1 photo(s) did not register") and "img_0.png" in lines[-1]
+    strict = recon("run", str(scene), "--until", "sfm", "--strict")
+    strict.stderr = "\n".join(line for line in strict.stderr.splitlines() if not line.startswith("warning:"))  # named above
+    one_line_error(strict, "--strict", "img_0.png")
+
+
+def test_a_photo_with_a_very_long_name(scene):
+    import pycolmap
+
+    long_name = "v" * 240 + ".png"
+    (scene / "images" / "view_003.png").rename(scene / "images" / long_name)
+    model = scene / "sparse" / "0"
+    rec = pycolmap.Reconstruction(str(model))
+    for i in rec.reg_image_ids():
+        if rec.images[i].name == "view_003.png":
+            rec.images[i].name = long_name
+    rec.write_binary(str(model))
+    assert clean_success(recon("run", str(scene), "--until", "depth", *FAST)) == []
+    assert len(list((scene / "recon" / "depth" / "views").glob("*.npz"))) == 8
+
+
+def test_output_files_follow_the_umask(scene):
+    res = subprocess.run([sys.executable, "-m", "cli", "run", str(scene), "--until", "sfm"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, preexec_fn=lambda: os.umask(0o022))
+    assert res.returncode == 0, res.stderr
+    out = scene / "recon"
+    for f in (out / "manifest.json", out / "config.yaml", out / "sparse" / "images.bin", out / "sfm" / "normalization.json"):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+    for d in (out, out / "sparse", out / "sfm", out / "sfm" / "model"):
+        assert d.stat().st_mode & 0o777 == 0o755, d
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(scene):
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(scene), *FAST], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (scene / "recon" / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143 and lines == ["error: terminated (SIGTERM); finished work is kept, run the same command again to resume"], err
+    assert clean_success(recon("run", str(scene), *FAST)) == []
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["export", "{scene}/images/view_000.png"], ["OUT_DIR", "is a file", "--help"]),
+    (["export", "{scene}", "--format", "xyz"], ["'xyz'", "--help"]),
+    (["run", "{scene}", "--fromm", "depth"], ["--fromm", "--help"]),
+])
+def test_a_wrong_command_line_is_one_line(scene, args, needles):
+    one_line_error(recon(*[a.format(scene=scene) for a in args]), *needles)
+
+
+def test_an_unreadable_mesh_given_to_eval_is_one_line_without_native_noise(tmp_path):
+    bad = tmp_path / "bad.ply"
+    bad.write_text("not a mesh")
+    res = recon("eval", str(bad), "--gt", str(bad), "--no-align")
+    one_line_error(res, str(bad), "no triangles")
+    assert "RPly" not in res.stdout + res.stderr and "Open3D" not in res.stdout + res.stderr
+
+
+# ---- masks: checked before SfM, by name ------------------------------------------------------------------------
+
+
+def _masks(scene: Path, names: list[str], size: tuple[int, int] = (160, 120), suffix: str = ".png") -> Path:
+    masks = scene / "masks"
+    masks.mkdir(exist_ok=True)
+    for n in names:
+        Image.new("L", size, 255).save(masks / (Path(n).stem + suffix))
+    return masks
+
+
+@pytest.mark.parametrize("how", ["not-an-image", "other-size"])
+def test_a_bad_mask_fails_before_sfm(scene, how):
+    masks = _masks(scene, [f"view_{i:03d}.png" for i in range(8)])
+    bad = masks / "view_004.png"
+    if how == "not-an-image":
+        bad.write_text("this is not a PNG")
+        needles = [str(bad), "cannot read mask"]
+    else:
+        Image.new("L", (80, 60), 255).save(bad)
+        needles = [str(bad), "80x60", "160x120", "fuse.resize_masks=true"]
+    one_line_error(recon("run", str(scene), *FAST), *needles)
+    assert not (scene / "recon" / "sfm").exists() and not (scene / "recon" / ".building" / "sfm").exists()
+
+
+@pytest.mark.slow
+def test_masks_of_another_size_jpeg_masks_and_unmatched_masks(scene):
+    """Resized on request, JPEG masks used, a mask named after no photo reported by name; a mask keeping
+    only a 2x2 speck leaves that view out of the fusion instead of crashing it."""
+    masks = _masks(scene, [f"view_{i:03d}.png" for i in range(1, 8)], size=(320, 240))
+    speck = np.zeros((120, 160), np.uint8)
+    speck[61:63, 81:83] = 255
+    Image.fromarray(speck).save(masks / "view_000.jpg", quality=100)
+    Image.new("L", (160, 120), 255).save(masks / "no such photo.png")
+    res = recon("run", str(scene), *FAST, "--set", "fuse.resize_masks=true")
+    lines = clean_success(res)
+    assert len(lines) == 1 and "no such photo.png" in lines[0] and "match no photo" in lines[0], res.stderr
+    fuse_summary = json.loads((scene / "recon" / "manifest.json").read_text())["stages"]["fuse"]["summary"]
+    assert fuse_summary["views"] >= 7 and fuse_summary["faces"] > 1000  # the speck's view may add a block or be left out
+
+
 # ---- images that must work: the format zoo, through every stage -------------------------------------------------
 
 
@@ -415,6 +638,8 @@ ZOO = {
     "view_004.jpg": ("view_004.png", "EXIF orientation 6 (stored rotated)"),
     "view_005.jpg": ("view_005.png", "very large JPEG (4000x3000)"),
     "view_006.png": ("view_006.png", "another size and camera (240x180)"),
+    "view_008.Jpg": ("view_008.png", "an extension in odd case"),
+    "view_009.jPeg": ("view_009.png", "another extension in odd case"),
 }
 
 
@@ -439,6 +664,11 @@ def _make_zoo(scene: Path) -> None:
     take(4).transpose(Image.Transpose.ROTATE_90).save(images / "view_004.jpg", quality=95, exif=exif.tobytes())
     take(5).resize((4000, 3000), Image.Resampling.BICUBIC).save(images / "view_005.jpg", quality=90)
     take(6).resize((240, 180), Image.Resampling.LANCZOS).save(images / "view_006.png")
+    take(8).save(images / "view_008.Jpg", format="JPEG", quality=95)
+    take(9).save(images / "view_009.jPeg", format="JPEG", quality=95)
+    with Image.open(images / "view_010.png") as im:
+        im.save(images / "view_010_copy.png", compress_level=9)  # the same picture under another name (other bytes)
+    Image.new("RGB", (15, 15), "gray").save(images / "thumb.png")  # COLMAP's affine SIFT segfaulted on it
     (images / "notes.txt").write_text("not an image")
     _truncated_jpeg(images / "broken.jpg", images / "view_007.png")
 
@@ -461,8 +691,14 @@ def zoo_run(tmp_path_factory) -> ZooRun:
 @pytest.mark.slow
 def test_zoo_runs_through_and_names_what_it_skipped(zoo_run):
     lines = clean_success(zoo_run.result)
-    assert len(lines) == 2, zoo_run.result.stderr
-    assert "notes.txt" in lines[0] and str(zoo_run.scene / "images" / "broken.jpg") in lines[1]
+    assert len(lines) == 4, zoo_run.result.stderr
+    images = zoo_run.scene / "images"
+    assert "notes.txt" in lines[0] and "not JPEG/PNG" in lines[0]
+    assert any(str(images / "broken.jpg") in line for line in lines[1:3])
+    assert any(str(images / "thumb.png") in line and "15x15" in line for line in lines[1:3])
+    assert str(images / "view_010_copy.png") in lines[3] and "same picture as view_010.png" in lines[3]
+    summary = json.loads((zoo_run.scene / "recon" / "manifest.json").read_text())["stages"]["sfm"]["summary"]
+    assert summary["duplicate_of"] == {"view_010_copy.png": "view_010.png"} and summary["skipped"] == ["broken.jpg", "thumb.png"]
     out = zoo_run.scene / "recon"
     assert (out / "mesh.ply").stat().st_size > 10_000 and (out / "mesh.glb").exists() and (out / "report.html").exists()
 
@@ -504,12 +740,42 @@ def test_zoo_image_registers_where_it_was_taken(zoo_run, name):
     assert err[names.index(name)] < 0.02 * spread, f"{name}: {err[names.index(name)]:.4f} vs spread {spread:.3f}"
 
 
+def _colmap_step_processes() -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"pipeline.colmap_steps" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_matching_stops_at_once_and_the_run_resumes(tmp_path):
+    """COLMAP matches in a child process: Ctrl-C does not wait for the matching block to end, and no COLMAP work is left running."""
+    scene = tmp_path / "scene"
+    shutil.copytree(REPO / "sample_scenes" / "blob" / "images", scene / "images")
+    log = scene / "recon" / ".building" / "sfm" / "colmap.log"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(scene), "--until", "sfm"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (log.exists() and "Feature matching & geometric verification" in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert not (log.parent / "database.db").exists()  # matching did not run to its end (the database is renamed when it does)
+    assert _colmap_step_processes() == []
+    assert clean_success(recon("run", str(scene), "--until", "sfm")) == []
+
+
 @pytest.mark.slow
 def test_names_with_spaces_and_non_ascii_reach_every_stage(zoo_run):
     out = zoo_run.scene / "recon"
     assert (out / "sfm" / "images" / "view 000 é.jpg").exists()
-    assert (out / "depth" / "views" / "view 000 é.npz").exists()
-    assert (out / "refine" / "views" / "view 000 é.npz").exists()
+    assert (out / "depth" / "views" / "view 000 é.jpg.npz").exists()
+    assert (out / "refine" / "views" / "view 000 é.jpg.npz").exists()
 
 
 def test_huge_jpeg_is_decoded_at_reduced_scale(tmp_path):

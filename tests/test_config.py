@@ -100,5 +100,73 @@ def test_effective_config_round_trips(tmp_path: Path):
 
 def test_every_setting_has_help():
     rows = describe_settings()
-    assert {k for k, _, _ in rows} == set(valid_keys())
-    assert all(h.strip() for _, _, h in rows)
+    assert {k for k, _, _, _ in rows} == set(valid_keys())
+    assert all(h.strip() for _, _, h, _ in rows)
+
+
+def test_defaults_follow_their_own_rules():
+    from pipeline.config import config_problems
+
+    assert config_problems(ReconConfig()) == []
+
+
+def test_every_number_declares_its_rule():
+    import dataclasses
+    import typing
+
+    from pipeline.config import SECTIONS
+    from pipeline.settings import field_check
+
+    cfg = ReconConfig()
+    missing = []
+    for sec in SECTIONS:
+        section = getattr(cfg, sec)
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            numeric = hints[f.name] in (int, float) or typing.get_args(hints[f.name])[:1] in ((int,), (float,))
+            if numeric and field_check(f) is None:
+                missing.append(f"{sec}.{f.name}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("refine.steps=-1", "refine.steps must be >= 0 (got -1)"),
+    ("fuse.voxel_size=-1", "fuse.voxel_size must be >= 0 (got -1.0)"),
+    ("refine.weight_edge=.nan", "refine.weight_edge: expected a finite number"),
+    ("fuse.min_confidence=nan", "fuse.min_confidence: expected a finite number"),
+    ("fuse.min_confidence=1.5", "fuse.min_confidence must be >= 0 and <= 1 (got 1.5)"),
+    ("refine.lr=inf", "refine.lr: expected a finite number"),
+    ("depth.ncc_window=4", "depth.ncc_window must be odd and >= 3 (got 4)"),
+    ("depth.device=gpu", "depth.device must be auto, cpu, cuda or cuda:N (got gpu)"),
+    ("refine.pyramid_strides=1,4,2", "refine.pyramid_strides must be increasing positive integers"),
+    ("depth.propagation_shifts=3,0", "depth.propagation_shifts must be a list whose items are >= 1 (got 3,0)"),
+    ("sfm.camera_model=FISHEYE9", "sfm.camera_model must be a COLMAP camera model"),
+    ("sfm.num_threads=0", "sfm.num_threads must be -1 (all cores) or >= 1 (got 0)"),
+    ("depth.estimator=torchscript", "depth.estimator=torchscript needs depth.torchscript_path"),
+])
+def test_bad_values_are_refused_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_bad_value_is_named_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["refine.steps=-1", "fuse.min_views=0"])
+    assert "refine.steps" in str(info.value) and "fuse.min_views" in str(info.value)
+
+
+def test_cuda_must_exist_where_the_run_happens(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="refine.device=cuda: torch sees no CUDA device on this machine; use auto or cpu"):
+        load_config(overrides=["refine.device=cuda"])
+    assert load_config(overrides=["refine.device=cuda"], on_this_machine=False).refine.device == "cuda"  # a Ray driver
+
+
+def test_bad_value_in_a_yaml_file_names_the_setting(tmp_path: Path):
+    f = tmp_path / "recon.yaml"
+    f.write_text("fuse:\n  voxel_size: -0.01\n")
+    with pytest.raises(ConfigError, match=r"fuse.voxel_size must be >= 0"):
+        load_config([f])

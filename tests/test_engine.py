@@ -139,7 +139,7 @@ def test_stale_temp_files_are_removed_on_resume(fake, ws):
     fake.crash_after["depth"] = 2
     with pytest.raises(RuntimeError):
         run(ws)
-    leftover = ws.stage_dir("depth") / "views" / ".v2.half.json"
+    leftover = ws.building_dir("depth") / "views" / ".v2.half.json"  # an interrupted stage's work is in its building folder
     leftover.write_text("{")
     del fake.crash_after["depth"]
     run(ws)
@@ -237,3 +237,24 @@ def test_new_input_image_invalidates_sfm(fake, ws):
     (ws.images_dir / "b.png").write_bytes(b"y")
     st = {s.name: s for s in pipeline_status(ws, load_config())}
     assert st["sfm"].state == "stale" and "input files changed" in st["sfm"].why
+
+
+def test_a_crash_while_a_stage_reruns_keeps_its_previous_result(fake, ws):
+    """The new folder is built in OUT/.building/<stage> and replaces the old one only once complete."""
+    run(ws)
+    view = ws.stage_dir("depth") / "views" / "v0.json"
+    before = view.read_text()
+    new_cfg = load_config(overrides=["depth.num_neighbors=3"])
+    fake.crash_after["depth"] = len(fake.views_written["depth"]) + 2
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(ws, new_cfg)
+    assert view.read_text() == before  # the previous result is where it was, and still trusted
+    assert [s.state for s in pipeline_status(ws, load_config())] == ["done"] * 5
+    assert len(list((ws.building_dir("depth") / "views").glob("*.json"))) == 2
+    del fake.crash_after["depth"]
+    fake.calls.clear()
+    written = len(fake.views_written["depth"])
+    run(ws, new_cfg)
+    assert fake.calls == ["depth", "refine", "fuse", "export"]
+    assert len(fake.views_written["depth"]) - written == len(VIEWS) - 2  # resumed, not redone
+    assert "num_neighbors': 3" in view.read_text() and not (ws.out_dir / ".building").exists()

@@ -421,3 +421,22 @@ def test_stage_reads_the_initial_depth_when_refine_is_skipped(rendered, gt_scene
     assert ctx.summary["source"] == "depth" and ctx.summary["voxel_size"] == 0.02
     assert len(load_ply(ws.fuse_mesh).triangles) == ctx.summary["faces"] > 0
     assert not any(p.name.startswith(".") for p in ws.fuse_mesh.parent.iterdir())  # no temp files left
+
+
+def _speck(frame: fuse.FusionFrame) -> fuse.FusionFrame:
+    """The frame with a 2x2 patch of its depth left (what a mask keeping a speck leaves), off the every-4th-pixel
+    grid on which Open3D looks for touched blocks."""
+    dm = frame.depth_map
+    keep = np.zeros_like(dm.valid)
+    v, u = np.argwhere(dm.valid)[len(np.argwhere(dm.valid)) // 2] // 4 * 4 + 1
+    keep[v : v + 2, u : u + 2] = True
+    return replace(frame, depth_map=replace(dm, depth=np.where(keep, dm.depth, 0).astype(np.float32), valid=keep & dm.valid))
+
+
+def test_a_nearly_empty_view_is_left_out_not_a_crash(gt_scene, small_frames):
+    # Open3D raises "No block is touched" for a depth image whose few pixels its subsampled touch misses.
+    params = resolve_params(FuseConfig(), gt_scene)
+    reference = fuse_depth_maps(small_frames[:3], params, "auto")
+    with_speck = fuse_depth_maps([*small_frames[:3], _speck(small_frames[3])], params, "auto")
+    assert with_speck.stats["views_fused"] == 3
+    assert len(with_speck.mesh.triangles) == len(reference.mesh.triangles)

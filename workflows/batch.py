@@ -178,7 +178,8 @@ def write_reports(rows: Sequence[SceneRow], report_dir: Path, info: dict[str, An
 # ---- jobs ------------------------------------------------------------------------------------------
 
 def make_jobs(scene_dirs: Sequence[str | Path], *, out_root: str | Path | None = None, config_files: Sequence[str] = (),
-              overrides: Sequence[str] = (), presets: Sequence[str] = (), skip: Sequence[str] = ()) -> list[SceneJob]:
+              overrides: Sequence[str] = (), presets: Sequence[str] = (), skip: Sequence[str] = (),
+              force_out: bool = False) -> list[SceneJob]:
     """One job per scene folder (absolute paths); with ``out_root`` each output goes to ``OUT_ROOT/<scene name>``.
 
     Raises:
@@ -198,7 +199,7 @@ def make_jobs(scene_dirs: Sequence[str | Path], *, out_root: str | Path | None =
                 raise ReconError(f"{seen_out[out]} and {scene} would both write to {out}; rename one scene folder or leave out --out")
             seen_out[out] = scene
         jobs.append(SceneJob(scene_dir=str(scene), out_dir=str(out) if out else None, config_files=tuple(str(Path(p).resolve()) for p in config_files),
-                             overrides=tuple(overrides), presets=tuple(presets), skip=tuple(skip)))
+                             overrides=tuple(overrides), presets=tuple(presets), skip=tuple(skip), force_out=force_out))
     return jobs
 
 

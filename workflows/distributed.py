@@ -6,9 +6,9 @@ that submits, one after the other:
 1. ``sfm`` as one task;
 2. per-view depth: the registered views split into chunks of
    ``views_per_task``, each chunk one task running pass 1 of the depth stage
-   (:func:`pipeline.depth.estimate_views`) into the scene's ``OUT/depth``
-   folder, which :func:`workflows.local.prepare_stage` first marks with the
-   stage fingerprint;
+   (:func:`pipeline.depth.estimate_views`) into the depth stage's building
+   folder (``OUT/.building/depth``), which :func:`workflows.local.prepare_stage`
+   first marks with the stage fingerprint;
 3. the rest (depth's consistency filter and manifest entry, refine, fuse,
    export, then the report and the ground-truth score) as one task.
 
@@ -35,6 +35,7 @@ from typing import Any
 
 from pipeline.config import ReconConfig, load_config
 from pipeline.errors import ReconError
+from pipeline.output_folder import adopt_output_dir
 from pipeline.workspace import Workspace
 from workflows.local import StageResult
 
@@ -59,6 +60,8 @@ class SceneJob:
     presets: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     """Skippable stages left out (e.g. ``refine``)."""
+    force_out: bool = False
+    """Write into an output folder that holds files recon did not write (``--force-out``)."""
 
     def workspace(self) -> Workspace:
         """The scene's workspace; raises ReconError when the scene folder does not exist."""
@@ -176,9 +179,11 @@ def _guarded(job: SceneJob, body: Callable[[Workspace, ReconConfig, TaskOutcome]
     log_path = None
     try:
         ws = job.workspace()
+        cfg = job.config(ws)
+        adopt_output_dir(ws, force=job.force_out)
         log_path = ws.log_path
         with scene_log(log_path):
-            body(ws, job.config(ws), outcome)
+            body(ws, cfg, outcome)
     except Exception as exc:  # noqa: BLE001 - a task reports every failure as one line
         outcome.error = one_line_error(exc, log_path)
     return outcome
@@ -198,13 +203,13 @@ def run_stages_task(job: SceneJob, until: str | None) -> TaskOutcome:
 
 
 def estimate_chunk_task(job: SceneJob, indices: list[int]) -> TaskOutcome:
-    """Pass 1 of the depth stage for the views ``indices`` into the prepared ``OUT/depth`` folder."""
+    """Pass 1 of the depth stage for the views ``indices`` into its prepared building folder (``OUT/.building/depth``)."""
     from pipeline.depth import estimate_views
     from pipeline.io import load_sfm_scene
 
     def body(ws: Workspace, cfg: ReconConfig, outcome: TaskOutcome) -> None:
         log = logging.getLogger("pipeline.depth")
-        res = estimate_views(load_sfm_scene(ws), ws, cfg.depth, indices, log=log)
+        res = estimate_views(load_sfm_scene(ws), ws.building_stage("depth"), cfg.depth, indices, log=log)
         log.info("depth: pass 1 of views %d..%d in a Ray task: %d estimated, %d already there, %d left out",
                  indices[0], indices[-1], len(res.seconds), len(indices) - len(res.seconds) - len(res.failed), len(res.failed))
         outcome.extra = {"views": len(indices), "estimated": len(res.seconds), "failed": dict(res.failed), "seconds": list(res.seconds)}
@@ -213,7 +218,7 @@ def estimate_chunk_task(job: SceneJob, indices: list[int]) -> TaskOutcome:
 
 
 def prepare_depth_task(job: SceneJob, views_per_task: int) -> TaskOutcome:
-    """Mark ``OUT/depth`` with the stage's fingerprint and return its view chunks (none when the stage is cached)."""
+    """Mark the depth stage's building folder with its fingerprint and return its view chunks (none when the stage is cached)."""
     from pipeline.io import load_sfm_scene
     from workflows.local import prepare_stage
 

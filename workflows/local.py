@@ -2,29 +2,45 @@
 
 ``run_pipeline`` decides per stage: *cached* (fingerprint matches and every
 output file still has its recorded checksum), or *run* (then every stage
-after it sees a new upstream digest and runs too). Per-view stages resume
-from the views already written when the fingerprint is unchanged.
+after it sees a new upstream digest and runs too). A stage that runs is
+computed in its building folder (``OUT/.building/<stage>``) and replaces
+``OUT/<stage>`` only once it is complete, in one rename, so a crash never
+loses the previous result; per-view stages resume from the views already in
+the building folder when the fingerprint is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Manifest, checksum_tree, copy_atomic, fingerprint, remove_changed_outputs, remove_stale_temp_files, run_lock, write_bytes_atomic
+from pipeline.cache import (
+    FINGERPRINT_FILE,
+    Manifest,
+    checksum_tree,
+    copy_atomic,
+    fault_point,
+    fingerprint,
+    remove_changed_outputs,
+    remove_stale_temp_files,
+    run_lock,
+    write_bytes_atomic,
+    write_error,
+)
 from pipeline.config import ReconConfig, config_to_yaml
 from pipeline.errors import ReconError
+from pipeline.output_folder import adopt_output_dir
 from pipeline.stage import StageContext
 from pipeline.stages import BY_NAME, STAGE_NAMES, STAGES, effective_deps, inputs_digest, stage_fingerprint, stage_settings
 from pipeline.workspace import Workspace
 
 logger = logging.getLogger(__name__)
-
-FINGERPRINT_FILE = "_fingerprint.txt"
 
 
 @dataclass
@@ -123,7 +139,8 @@ def stage_state(ws: Workspace, cfg: ReconConfig, manifest: Manifest, name: str, 
         return StageStatus(name, "skipped", "skipped in this run")
     entry = manifest.get(name)
     if entry is None:
-        return StageStatus(name, "missing", "never ran" if not ws.stage_dir(name).exists() else "interrupted before it finished")
+        started = ws.building_dir(name).exists() or ws.stage_dir(name).exists()
+        return StageStatus(name, "missing", "interrupted before it finished" if started else "never ran")
     upstream = _upstream_digests(ws, cfg, name, manifest, skipped)
     if upstream is None:
         return StageStatus(name, "stale", "an upstream stage is not done")
@@ -157,26 +174,65 @@ def pipeline_status(ws: Workspace, cfg: ReconConfig, skip: tuple[str, ...] = ())
     return out
 
 
-def _prepare_stage_dir(ws: Workspace, name: str, fp: str, fresh: bool) -> bool:
-    """Empty the stage folder unless it holds partial work of this very fingerprint; True if resuming."""
-    stage_dir = ws.stage_dir(name)
-    marker = stage_dir / FINGERPRINT_FILE
-    if not fresh and marker.exists() and marker.read_text().strip() == fp:
-        remove_stale_temp_files(stage_dir)
-        return True
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(marker, fp.encode())
+def _holds(folder: Path, fp: str) -> bool:
+    marker = folder / FINGERPRINT_FILE
+    return marker.is_file() and marker.read_text().strip() == fp
+
+
+def _prepare_building_dir(ws: Workspace, name: str, fp: str, fresh: bool) -> bool:
+    """Ready ``OUT/.building/<name>`` for a run of fingerprint ``fp``; True if it resumes earlier work of ``fp``.
+
+    Work of ``fp`` is resumed from the building folder (a run that crashed), or from ``OUT/<name>`` itself
+    when that holds ``fp`` but the manifest does not record it (a crash right after the folder was swapped
+    in, a damaged output, or a folder written before building folders existed): it is moved back to be
+    completed. Anything else in the building folder is recon's own stale work and is removed;
+    ``OUT/<name>`` stays until the new folder replaces it (:func:`_swap_in`).
+    """
+    building, final = ws.building_dir(name), ws.stage_dir(name)
+    try:
+        if not fresh and _holds(building, fp):
+            remove_stale_temp_files(building)
+            return True
+        if building.exists():
+            shutil.rmtree(building)
+        building.parent.mkdir(parents=True, exist_ok=True)
+        if not fresh and _holds(final, fp):
+            os.replace(final, building)
+            remove_stale_temp_files(building)
+            return True
+        building.mkdir()
+    except OSError as exc:
+        raise write_error(building, exc) from exc
+    write_bytes_atomic(building / FINGERPRINT_FILE, fp.encode())
     return False
+
+
+def _swap_in(ws: Workspace, name: str) -> None:
+    """Replace ``OUT/<name>`` by the complete building folder (two renames; the old folder is removed last)."""
+    building, final = ws.building_dir(name), ws.stage_dir(name)
+    old = building.with_name(f"{name}.old")
+    try:
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        fault_point(final, "staged")  # crash tests: the old folder is aside, the new one not yet in place
+        os.replace(building, final)
+        fault_point(final, "replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            building.parent.rmdir()  # only when no other stage is being built
+    except OSError as exc:
+        raise write_error(final, exc) from exc
 
 
 def prepare_stage(ws: Workspace, cfg: ReconConfig, name: str, *, skip: tuple[str, ...] = ()) -> str | None:
     """Ready stage ``name``'s folder for parts of it computed outside :func:`run_pipeline` (e.g. per-view Ray tasks).
 
-    Returns the fingerprint the next ``run_pipeline`` gives the stage — the
-    folder then carries it, so files written there now are resumed from, not
-    wiped — or None when the stage is already done (cached) under ``cfg``.
+    Returns the fingerprint the next ``run_pipeline`` gives the stage — its
+    building folder (``ws.building_stage(name).stage_dir(name)``) then carries
+    it, so files written there now are resumed from, not wiped — or None when
+    the stage is already done (cached) under ``cfg``.
 
     Raises:
         ReconError: a stage that ``name`` reads is not done yet.
@@ -191,7 +247,7 @@ def prepare_stage(ws: Workspace, cfg: ReconConfig, name: str, *, skip: tuple[str
         if upstream is None:
             raise ReconError(f"{ws.out_dir}: stage {name} cannot start, a stage it reads ({', '.join(effective_deps(name, skipped))}) is not done")
         fp = stage_fingerprint(name, cfg, upstream)
-        _prepare_stage_dir(ws, name, fp, fresh=False)
+        _prepare_building_dir(ws, name, fp, fresh=False)
         return fp
 
 
@@ -227,9 +283,12 @@ def run_pipeline(
     if start_from:
         forced |= set(STAGE_NAMES[STAGE_NAMES.index(start_from):])
 
-    ws.out_dir.mkdir(parents=True, exist_ok=True)
+    adopt_output_dir(ws)
     results: list[StageResult] = []
     with run_lock(ws.lock_path):
+        for name in names:
+            if BY_NAME[name].precheck is not None:
+                BY_NAME[name].precheck(ws, cfg)
         write_bytes_atomic(ws.config_path, config_to_yaml(cfg).encode())
         manifest = Manifest(ws.manifest_path)
         for name in STAGE_NAMES:
@@ -249,18 +308,19 @@ def run_pipeline(
             fp = stage_fingerprint(name, cfg, upstream)
             why = "forced" if name in forced else state.why
             logger.info("%s: running (%s)", name, why)
-            resuming = _prepare_stage_dir(ws, name, fp, fresh=name in forced)
+            resuming = _prepare_building_dir(ws, name, fp, fresh=name in forced)
             if resuming:
                 logger.info("%s: resuming from partial results of an interrupted run", name)
                 previous = manifest.get(name)
-                if previous is not None:
-                    damaged = remove_changed_outputs(ws.stage_dir(name), previous.get("outputs", {}))
+                if previous is not None and previous.get("fingerprint") == fp:
+                    damaged = remove_changed_outputs(ws.building_dir(name), previous.get("outputs", {}))
                     if damaged:
                         logger.info("%s: recomputing damaged output(s): %s", name, ", ".join(damaged[:5]))
-            manifest.forget(name)
-            ctx = StageContext(ws=ws, config=cfg, name=name, fingerprint=fp, skipped=skipped, show_progress=show_progress)
+            ctx = StageContext(ws=ws.building_stage(name), config=cfg, name=name, fingerprint=fp, skipped=skipped, show_progress=show_progress)
             t0 = time.perf_counter()
             BY_NAME[name].run(ctx)
+            manifest.forget(name)  # the recorded outputs are about to be replaced
+            _swap_in(ws, name)
             for src, dst in BY_NAME[name].publish:
                 copy_atomic(ws.stage_dir(name) / src, ws.out_dir / dst)
             seconds = time.perf_counter() - t0
