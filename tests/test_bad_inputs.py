@@ -740,14 +740,18 @@ def test_zoo_image_registers_where_it_was_taken(zoo_run, name):
     assert err[names.index(name)] < 0.02 * spread, f"{name}: {err[names.index(name)]:.4f} vs spread {spread:.3f}"
 
 
-def _colmap_step_processes() -> list[int]:
+def _colmap_step_processes(parent: int | None = None) -> list[int]:
+    """PIDs of running COLMAP step processes (``python -m pipeline.colmap_steps``), of ``parent`` only when given."""
     pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"pipeline.colmap_steps" in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            pass
+            if b"pipeline.colmap_steps" not in (proc / "cmdline").read_bytes():
+                continue
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent is None or ppid == parent:
+            pids.append(int(proc.name))
     return pids
 
 
@@ -756,16 +760,20 @@ def test_ctrl_c_during_matching_stops_at_once_and_the_run_resumes(tmp_path):
     """COLMAP matches in a child process: Ctrl-C does not wait for the matching block to end, and no COLMAP work is left running."""
     scene = tmp_path / "scene"
     shutil.copytree(REPO / "sample_scenes" / "blob" / "images", scene / "images")
-    log = scene / "recon" / ".building" / "sfm" / "colmap.log"
+    building = scene / "recon" / ".building" / "sfm"
     proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(scene), "--until", "sfm"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    seen: list[int] = []  # the step processes in order: feature extraction, then matching
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (log.exists() and "Feature matching & geometric verification" in log.read_text()):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and len(seen) < 2 and proc.poll() is None:
+        seen += [pid for pid in _colmap_step_processes(proc.pid) if pid not in seen]
+        time.sleep(0.02)
+    assert len(seen) == 2, "matching never started"
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err
-    assert not (log.parent / "database.db").exists()  # matching did not run to its end (the database is renamed when it does)
+    assert not (building / "database.db").exists()  # matching did not run to its end (the database is renamed when it does)
     assert _colmap_step_processes() == []
     assert clean_success(recon("run", str(scene), "--until", "sfm")) == []
 
