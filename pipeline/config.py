@@ -48,7 +48,7 @@ class ReconConfig:
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ReconConfig))
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "mv-only": {"refine.weight_edge": 0.0, "refine.weight_surf": 0.0, "refine.weight_mag": 0.0, "refine.weight_anchor": 0.0},
+    "mv-only": {"refine.weight_edge": 0.0, "refine.weight_surf": 0.0, "refine.weight_mag": 0.0, "refine.weight_anchor": 0.0, "refine.weight_photo": 0.0},
 }
 """Named bundles of overrides (``--preset NAME``). ``mv-only``: refinement with L_mv alone (the ablation)."""
 

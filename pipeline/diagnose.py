@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 FRONT_FRACTION_OK = 0.95
 """Share of sparse observations that must lie in front of their camera."""
 OVERSMOOTH_REL_STD = 1e-4
+REFINED_FRACTION_WARN = 0.01
+"""Share of pixels that kept their refined depth (median over views) below which refinement changed (almost) nothing."""
+CONSISTENCY_DROP_WARN = 0.02
+"""Drop in the share of pixels a neighbour map agrees with (initial → refined, mean over views) that flags less consistent views."""
 """Δz std relative to the mean depth below which refinement did (almost) nothing."""
 FACING_FRACTION_OK = 0.9
 """Share of cameras whose optical axis must point towards the sparse points."""
@@ -180,6 +184,34 @@ def anchor_residuals(dm: DepthMap, points: np.ndarray) -> np.ndarray:
     return np.abs(d[valid] - z[ok][valid]) / z[ok][valid]
 
 
+def _finite(stats: list[dict[str, Any]], key: str) -> np.ndarray:
+    v = np.array([s[key] for s in stats if isinstance(s.get(key), (int, float))], dtype=float)
+    return v[np.isfinite(v)]
+
+
+def refine_gate_checks(stats: list[dict[str, Any]]) -> list[Check]:
+    """Checks on the refine gate's per-view statistics: did refinement change anything, did the views agree more or less."""
+    checks: list[Check] = []
+    refined, restored = _finite(stats, "refined_fraction"), _finite(stats, "restored_fraction")
+    if len(refined):
+        med, rest = float(np.median(refined)), float(np.mean(restored)) if len(restored) else 0.0
+        if med < REFINED_FRACTION_WARN and rest < REFINED_FRACTION_WARN:
+            checks.append(Check("refinement changed the depth", "warn",
+                                f"only {med:.1%} of pixels kept their refined depth (median over views) and {rest:.1%} were restored: refinement "
+                                "changed almost nothing (the regularizers or the gate win; try refine.weight_photo or a higher refine.lr)"))
+        else:
+            checks.append(Check("refinement changed the depth", "ok", f"{med:.1%} of pixels kept their refined depth (median), {rest:.1%} restored"))
+    before, after = _finite(stats, "consistent_init"), _finite(stats, "consistent_refined")
+    if len(before) and len(after):
+        b, a = float(np.mean(before)), float(np.mean(after))
+        detail = f"pixels a neighbour map agrees with: {b:.1%} initial → {a:.1%} refined (mean over views)"
+        if a < b - CONSISTENCY_DROP_WARN:
+            checks.append(Check("view consistency after refinement", "warn", detail + ": refinement made the views less consistent"))
+        else:
+            checks.append(Check("view consistency after refinement", "ok", detail))
+    return checks
+
+
 def diagnose(ws: Workspace) -> dict[str, Any]:
     """Run every check that the available caches allow; returns a JSON-able report."""
     checks: list[Check] = []
@@ -221,6 +253,7 @@ def diagnose(ws: Workspace) -> dict[str, Any]:
         checks.append(Check("cameras outside the surface", verdict, detail))
 
     deltas_rel = []
+    gate_stats: list[dict[str, Any]] = []
     residuals: dict[str, list[np.ndarray]] = {"INIT": [], "PRED": []}
     anchoring: dict[str, dict[str, Any]] = {}
     for v in scene.views:
@@ -238,6 +271,7 @@ def diagnose(ws: Workspace) -> dict[str, Any]:
         if ws.refine_view(v.name).exists():
             ref = load_depth_map(ws.refine_view(v.name))
             row["PRED"] = depth_stats(np.where(ref.valid, ref.depth, np.nan))
+            gate_stats.append(ref.stats)
             r = anchor_residuals(ref, points)
             residuals["PRED"].append(r)
             anchor_row["PRED"] = {"points": int(len(r)), "median_rel": float(np.median(r)) if len(r) else float("nan")}
@@ -256,6 +290,7 @@ def diagnose(ws: Workspace) -> dict[str, Any]:
             checks.append(Check("over-smoothing", "warn", f"Δz std is {med:.1e} of the depth: refinement barely moved the depth (regularizers dominate, or lr too small)"))
         else:
             checks.append(Check("over-smoothing", "ok", f"median Δz std = {med:.2e} of the depth"))
+    checks.extend(refine_gate_checks(gate_stats))
     med = {k: float(np.median(np.concatenate(r))) for k, r in residuals.items() if r and sum(len(x) for x in r)}
     if med:
         n = {k: int(sum(len(x) for x in residuals[k])) for k in med}

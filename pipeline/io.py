@@ -280,6 +280,8 @@ class DepthMap:
     """JSON-able per-view numbers (anchoring residuals, timings, Δz statistics)."""
     depth_init: np.ndarray | None = None
     """(H, W) float32 initial depth (refine stage only): ``depth = depth_init + δz``."""
+    restored: np.ndarray | None = None
+    """(H, W) bool (refine stage only): pixels the depth stage's consistency filter had dropped and refinement keeps."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -298,6 +300,8 @@ def _depth_map_arrays(dm: DepthMap) -> dict[str, np.ndarray]:
     )
     if dm.depth_init is not None:
         arrays["depth_init"] = dm.depth_init.astype(np.float32)
+    if dm.restored is not None:
+        arrays["restored"] = dm.restored.astype(bool)
     return arrays
 
 
@@ -328,6 +332,7 @@ def load_depth_map(path: Path) -> DepthMap:
         cam_from_world=d["cam_from_world"],
         stats=json.loads(str(d["stats"])),
         depth_init=d.get("depth_init"),
+        restored=d.get("restored"),
     )
 
 

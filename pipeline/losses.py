@@ -13,9 +13,17 @@ the source camera frame to the destination camera frame).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from pipeline.geometry import backproject, inside_image, project, sample_image, transform_points
+from pipeline.geometry import (
+    backproject,
+    inside_image,
+    project,
+    sample_image,
+    transform_points,
+)
 
 MIN_DEPTH = 1e-5
 """``sampled2`` below this is "no depth there" (an invalid pixel of the neighbour)."""
@@ -298,3 +306,133 @@ def magnitude_loss(delta_z_b1hw: torch.Tensor, depth_init_b1hw: torch.Tensor, va
     """
     m = valid_b1hw.to(delta_z_b1hw.dtype)
     return (delta_z_b1hw.abs() / (depth_init_b1hw + MAG_EPS) * m).sum() / m.sum().clamp(min=1.0)
+
+
+# ---- photometric (L_photo) ---------------------------------------------------------------
+
+def window_offsets(radius: int) -> torch.Tensor:
+    """Integer pixel offsets ``(dx, dy)`` of a ``(2r+1)^2`` window, row by row: (T, 2) float32, the centre at index T // 2."""
+    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    dy, dx = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack([dx.reshape(-1), dy.reshape(-1)], -1)
+
+
+def bilateral_weights(ref_taps_bnt: torch.Tensor, offsets_t2: torch.Tensor, *, sigma_color: float, sigma_space: float) -> torch.Tensor:
+    """Adaptive support weights of a window: ``exp(−|I(q) − I(p)| / σ_c) · exp(−|q − p|² / 2σ_s²)`` (B, N, T).
+
+    ``p`` is the window's centre tap (index T // 2). Taps whose grey level
+    differs from the centre's are probably another surface (across a depth
+    edge) and count little, so a window at an object's silhouette matches the
+    surface of its centre pixel, not the one behind.
+
+    Args:
+        ref_taps_bnt: reference grey levels in [0, 1] at the window taps.
+        offsets_t2: the window's pixel offsets (:func:`window_offsets`).
+    """
+    centre = ref_taps_bnt[..., offsets_t2.shape[0] // 2 : offsets_t2.shape[0] // 2 + 1]
+    space = torch.exp(-(offsets_t2 * offsets_t2).sum(-1) / (2.0 * sigma_space * sigma_space)).to(ref_taps_bnt)
+    return torch.exp(-(ref_taps_bnt - centre).abs() / sigma_color) * space
+
+
+def weighted_zncc(a_bnt: torch.Tensor, b_bnt: torch.Tensor, w_bnt: torch.Tensor, eps: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted zero-mean normalized cross-correlation of windows ``a`` and ``b`` over their last axis.
+
+    ``ZNCC = cov_w(a, b) / sqrt(var_w(a) var_w(b) + eps⁴)``: 1 for ``b = g a + o``
+    with a gain ``g > 0`` (exposure changes between photos), −1 for ``g < 0``.
+    ``eps`` (a grey-level standard deviation, images in [0, 1]) makes flat
+    windows score about 0 instead of an arbitrary value.
+
+    Returns:
+        (ZNCC (B, N), the reference window's weighted standard deviation (B, N): its texture).
+    """
+    wsum = w_bnt.sum(-1).clamp(min=1e-12)
+    mean_a = (w_bnt * a_bnt).sum(-1) / wsum
+    mean_b = (w_bnt * b_bnt).sum(-1) / wsum
+    da, db = a_bnt - mean_a[..., None], b_bnt - mean_b[..., None]
+    var_a = (w_bnt * da * da).sum(-1) / wsum
+    var_b = (w_bnt * db * db).sum(-1) / wsum
+    cov = (w_bnt * da * db).sum(-1) / wsum
+    return cov * torch.rsqrt(var_a * var_b + eps**4), var_a.clamp(min=0.0).sqrt()
+
+
+def best_k_mean(cost_bkn: torch.Tensor, usable_bkn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the mean of the ``k`` lowest costs over the neighbour axis (axis 1), among the usable ones.
+
+    The best neighbours are those that see the sample's surface; the others
+    are occluded there or see it badly, so this is the occlusion handling of
+    the photometric term. A sample with fewer usable neighbours averages
+    those it has.
+
+    Returns:
+        (cost (B, N), usable (B, N): at least one usable neighbour).
+    """
+    big = torch.full_like(cost_bkn, 1e4)
+    c = torch.where(usable_bkn, cost_bkn, big)
+    kk = min(k, c.shape[1])
+    lowest = torch.topk(c, kk, dim=1, largest=False).values
+    n = usable_bkn.sum(1).clamp(max=kk)
+    take = torch.arange(kk, device=c.device)[None, :, None] < n[:, None, :]
+    total = torch.where(take, lowest, torch.zeros_like(lowest)).sum(1)
+    return total / n.clamp(min=1).to(total.dtype), n > 0
+
+
+def photometric_loss(
+    ref_taps_bst: torch.Tensor,
+    depth_taps_bst: torch.Tensor,
+    uv_taps_bst2: torch.Tensor,
+    tap_ok_bst: torch.Tensor,
+    K_src_b33: torch.Tensor,
+    K_dst_b33: torch.Tensor,
+    dst_from_src_b44: torch.Tensor,
+    read_image: Callable[[torch.Tensor], torch.Tensor],
+    read_depth: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    offsets_t2: torch.Tensor,
+    *,
+    height: int,
+    width: int,
+    sigma_color: float,
+    best_k: int,
+    behind_tol: float,
+    min_texture: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_photo: ``1 − ZNCC`` of windows warped through their own depth into the neighbours, best-k mean.
+
+    Each window tap of each sample is back-projected at its own depth (so a
+    window follows the surface, slanted or curved), projected into each of the
+    ``k`` neighbours and read there; the reference and warped windows are
+    compared with :func:`weighted_zncc` under :func:`bilateral_weights`
+    (a window at a depth edge matches its centre's surface). A neighbour is
+    left out of a sample where the sample's centre lies behind that
+    neighbour's own surface by more than ``behind_tol`` (occluded there), where
+    less than half of the window's weight falls inside its image, or where the
+    window is flat (reference standard deviation below ``min_texture``);
+    the sample's cost is the mean over its ``best_k`` best remaining neighbours.
+
+    Args:
+        ref_taps_bst: (B, S, T) reference grey levels in [0, 1] at the taps of S sampled windows.
+        depth_taps_bst: (B, S, T) predicted depth at the taps (differentiable).
+        uv_taps_bst2: (B, S, T, 2) the taps' pixel coordinates (pixel centres at +0.5).
+        tap_ok_bst: (B, S, T) bool, taps on valid depth inside the image.
+        K_src_b33, K_dst_b33, dst_from_src_b44: (B*k, ...) per (view, neighbour) pair, views' pairs adjacent.
+        read_image: ``uv (B*k, N, 2) → grey (B*k, N)`` of each pair's neighbour image (differentiable in ``uv``).
+        read_depth: ``uv (B*k, S, 2) → (depth, valid) (B*k, S)`` of each pair's neighbour's current depth map.
+        offsets_t2: the window's pixel offsets (:func:`window_offsets`).
+    Returns:
+        (scalar loss: mean cost over the samples with a usable neighbour, 0 if none; share of such samples).
+    """
+    B, S, T = ref_taps_bst.shape
+    k = K_src_b33.shape[0] // B
+    w = bilateral_weights(ref_taps_bst, offsets_t2, sigma_color=sigma_color, sigma_space=float(offsets_t2.abs().max().clamp(min=1.0))) * tap_ok_bst
+    uv_dst, z_sel = reproject(uv_taps_bst2.reshape(B, S * T, 2).repeat_interleave(k, 0),
+                              depth_taps_bst.reshape(B, S * T).clamp(min=MIN_DEPTH).repeat_interleave(k, 0), K_src_b33, K_dst_b33, dst_from_src_b44)
+    src = read_image(uv_dst).reshape(B * k, S, T)
+    seen = (inside_image(uv_dst, height, width) & (z_sel > MIN_DEPTH)).reshape(B * k, S, T)
+    wk = w.repeat_interleave(k, 0) * seen
+    zncc, texture = weighted_zncc(ref_taps_bst.repeat_interleave(k, 0), src, wk)
+    centre = T // 2
+    depth_there, valid_there = read_depth(uv_dst.reshape(B * k, S, T, 2)[:, :, centre].detach())
+    z_centre = z_sel.reshape(B * k, S, T)[:, :, centre].detach()
+    behind = valid_there & (z_centre > depth_there * (1.0 + behind_tol))
+    usable = (wk.sum(-1) > 0.5 * w.sum(-1).repeat_interleave(k, 0)) & ~behind & (texture > min_texture)
+    cost, ok = best_k_mean((1.0 - zncc).reshape(B, k, S), usable.reshape(B, k, S), best_k)
+    return weighted_mean(cost, ok.to(cost.dtype)), ok.to(cost.dtype).mean()

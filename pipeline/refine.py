@@ -62,7 +62,13 @@ import torch.nn.functional as F
 from pipeline import losses
 from pipeline.errors import ReconError
 from pipeline.geometry import default_device, inside_image, sample_image
-from pipeline.io import DepthMap, LazySequence, View, load_depth_map, save_scratch_depth_map
+from pipeline.io import (
+    DepthMap,
+    LazySequence,
+    View,
+    load_depth_map,
+    save_scratch_depth_map,
+)
 from pipeline.oom import call_with_oom_fallback
 from pipeline.refine_config import RefineConfig  # noqa: F401 - re-exported
 from pipeline.settings import check_section, fingerprint_fields
@@ -70,8 +76,10 @@ from pipeline.stage import StageContext
 
 logger = logging.getLogger(__name__)
 
-LOG_COLUMNS: tuple[str, ...] = ("loss", "L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "dz_mean", "dz_std", "mv_kept", "lr", "finite")
-"""Per-step values in ``log.json`` (``dz_*`` in normalized-frame depth units, ``mv_kept`` = share of L_mv samples kept)."""
+LOG_COLUMNS: tuple[str, ...] = ("loss", "L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo", "dz_mean", "dz_std", "mv_kept",
+                                 "photo_kept", "lr", "finite")
+"""Per-step values in ``log.json`` (``dz_*`` in normalized-frame depth units, ``mv_kept`` / ``photo_kept`` = share of the
+L_mv / L_photo samples used)."""
 
 
 # ---- small pure helpers ------------------------------------------------------------------
@@ -329,6 +337,7 @@ class _SceneTables:
     anchor_z: np.ndarray  # (V, P)
     anchor_ok: np.ndarray  # (V, P)
     pyramid: list[tuple[int, int]]
+    shapes: list[tuple[int, int]]  # each view's map size (h, w)
 
 
 def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.ndarray, cfg: RefineConfig,
@@ -361,8 +370,23 @@ def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.nd
         block[:h, :w, 1] = np.where(ok, conf, -1.0)
         current[i] = torch.from_numpy(block)
     tables = _SceneTables(height=H, width=W, Ks=np.stack([c.K for c in cameras]), nbr=nbr, dst_from_src=dst_from_src,
-                          anchor_uv=a_uv, anchor_z=a_z, anchor_ok=a_ok, pyramid=pyramid)
+                          anchor_uv=a_uv, anchor_z=a_z, anchor_ok=a_ok, pyramid=pyramid, shapes=[c.shape for c in cameras])
     return tables, current
+
+
+def _scene_images(images: Sequence[np.ndarray | None], shapes: Sequence[tuple[int, int]], height: int, width: int, blur: float,
+                  device: torch.device) -> torch.Tensor | None:
+    """Every view's grey image at its map's resolution, padded to (height, width): (V, H, W, 2) float16, sharp and
+    Gaussian-blurred by ``blur`` pixels (L_photo reads the neighbours'; 1.4 MiB per view at 480x360). None if a view has no image."""
+    out = torch.zeros((len(shapes), height, width, 2), dtype=torch.float16, device=device)
+    for i, (h, w) in enumerate(shapes):
+        g = _gray(images[i], h, w)
+        if g is None:
+            return None
+        t = torch.as_tensor(g, dtype=torch.float32, device=device)[None, None]
+        out[i, :h, :w, 0] = t[0, 0].to(torch.float16)
+        out[i, :h, :w, 1] = gaussian_blur(t, blur)[0, 0].to(torch.float16)
+    return out
 
 
 def _build_group(start: int, stop: int, init: Sequence[DepthMap], images: Sequence[np.ndarray | None] | None, tables: _SceneTables,
@@ -519,12 +543,62 @@ class _GroupStore:
         self._slot = None
 
 
-LOSS_TERMS: tuple[str, ...] = ("L_mv", "L_anchor", "L_edge", "L_surf", "L_mag")
+LOSS_TERMS: tuple[str, ...] = ("L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo")
 
 
-def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: torch.Generator
-                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Loss terms of one group at its current grids; returns (terms, depth_pred (B,1,H,W), share of L_mv samples kept)."""
+def gaussian_blur(x_bchw: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (border replicated); ``sigma <= 0`` returns ``x``."""
+    if sigma <= 0:
+        return x_bchw
+    r = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=x_bchw.dtype, device=x_bchw.device)
+    k = torch.exp(-t * t / (2 * sigma * sigma))
+    k = k / k.sum()
+    c = x_bchw.shape[1]
+    x = F.conv2d(F.pad(x_bchw, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: torch.Tensor, channel: int, cfg: RefineConfig,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_photo of one group (:func:`pipeline.losses.photometric_loss`): (loss, share of the sampled windows it used).
+
+    ``photo_samples_per_view`` windows per view are centred on random valid
+    pixels; their taps read the predicted depth, the view's own grey image
+    (``channel`` 0: sharp, 1: blurred) and, through the neighbours, theirs.
+    """
+    B, _, H, W = pred.shape
+    S = cfg.photo_samples_per_view
+    offsets = losses.window_offsets(cfg.photo_radius).to(pred.device)
+    T = offsets.shape[0]
+    pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(), (gr.pix_count - 1).clamp(min=0).long())
+    flat = torch.gather(gr.pix_index, 1, pick).long()  # (B, S)
+    tx = (flat % W)[..., None] + offsets[:, 0].long()
+    ty = torch.div(flat, W, rounding_mode="floor")[..., None] + offsets[:, 1].long()  # (B, S, T)
+    in_image = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
+    tap = (ty.clamp(0, H - 1) * W + tx.clamp(0, W - 1)).reshape(B, S * T)
+    d_taps = torch.gather(pred.reshape(B, -1), 1, tap).reshape(B, S, T)
+    tap_ok = torch.gather(gr.valid.reshape(B, -1), 1, tap).reshape(B, S, T) & in_image
+    ref_taps = images[gr.start:gr.stop, ..., channel].reshape(B, -1).gather(1, tap).reshape(B, S, T).to(pred.dtype)
+    uv = torch.stack([tx.to(pred.dtype) + 0.5, ty.to(pred.dtype) + 0.5], -1)
+    gray = images[..., channel:channel + 1]
+
+    def read_image(uv_dst: torch.Tensor) -> torch.Tensor:
+        return sample_views(gray, gr.nbr[:, None].expand(*uv_dst.shape[:2]), uv_dst)[:, 0].to(pred.dtype)
+
+    def read_depth(uv_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        read = sample_views(current, gr.nbr[:, None].expand(*uv_c.shape[:2]), uv_c, _decode_current)
+        return read[:, 0], read[:, 1] > 0.999
+
+    return losses.photometric_loss(ref_taps, d_taps, uv, tap_ok, gr.K_src, gr.K_dst, gr.dst_from_src, read_image, read_depth, offsets,
+                                   height=H, width=W, sigma_color=cfg.photo_sigma_color, best_k=cfg.photo_best_k,
+                                   behind_tol=cfg.photo_occlusion_tol, min_texture=cfg.photo_min_texture)
+
+
+def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: torch.Generator, images: torch.Tensor | None = None,
+                  image_channel: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss terms of one group at its current grids; returns (terms, depth_pred (B,1,H,W), share of L_mv samples kept,
+    share of L_photo samples used). ``images``: every view's grey images (V, H, W, 2: sharp, blurred) for L_photo."""
     B, _, H, W = gr.depth_init.shape
     d0 = gr.depth_init
     pred = d0 * torch.exp(upsample_sum(gr.grids, H, W))  # 0 where invalid (d0 = 0 there)
@@ -557,7 +631,14 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
         terms["L_surf"] = losses.surface_smoothness(pred, *gr.surf_w)
     if cfg.weight_mag > 0:
         terms["L_mag"] = losses.magnitude_loss(pred - d0, d0, gr.valid)
-    return terms, pred, kept
+    photo_kept = zero
+    if cfg.weight_photo > 0 and images is not None and k > 0:
+        # L_photo's gradients are sparse (a few windows per view per step); Adam turns rare per-pixel gradients into
+        # full-size steps, so they reach only the levels of stride >= photo_min_stride (the same depth, other paths).
+        coarse = [g if s >= cfg.photo_min_stride else g.detach() for g, s in zip(gr.grids, cfg.pyramid_strides)]
+        pred_photo = pred if coarse[0] is gr.grids[0] else d0 * torch.exp(upsample_sum(coarse, H, W))
+        terms["L_photo"], photo_kept = _photo_term(gr, pred_photo, current, images, image_channel, cfg, gen)
+    return terms, pred, kept, photo_kept
 
 
 @torch.no_grad()
@@ -607,6 +688,7 @@ def refine_depth_maps(
     bar: Any = None,
     sink: Callable[[int, DepthMap], None] | None = None,
     scratch_dir: Path | None = None,
+    candidates: Sequence[DepthMap | None] | None = None,
 ) -> tuple[list[DepthMap], dict[str, Any]]:
     """Refine the depth maps of a scene jointly (the core of the stage; no file I/O but its own scratch files).
 
@@ -632,13 +714,37 @@ def refine_depth_maps(
         scratch_dir: folder in which this call makes its own scratch folder (offloaded
             groups, maps awaiting the consistency gate), removed before it returns, also
             after an error; None: the system's temporary folder.
+        candidates: optional per-view maps of the depth stage before its consistency filter:
+            their pixels that ``init`` lacks are refined too and kept where the evidence
+            supports them (:func:`with_candidates`, the gate).
     Returns:
         (refined maps in the order of ``views`` — ``depth = depth_init + δz``, 0 where
         invalid, ``depth_init`` set, ``stats`` with INIT/PRED/DELTA mean/std/min/max —
         or ``[]`` with ``sink``; and the log dict).
     """
+    if candidates is not None and cfg.restore_dropped:
+        merged = LazySequence(len(init), lambda i: with_candidates(init[i], candidates[i]))
+    else:
+        merged = LazySequence(len(init), lambda i: with_candidates(init[i], None))
     with torch_threads(cfg.cpu_threads if torch.device(device).type == "cpu" else 0):
-        return _refine(views, init, points, cfg, device, images=images, bar=bar, sink=sink, scratch_dir=scratch_dir)
+        return _refine(views, merged, points, cfg, device, images=images, bar=bar, sink=sink, scratch_dir=scratch_dir)
+
+
+def with_candidates(dm: DepthMap, candidate: DepthMap | None) -> DepthMap:
+    """``dm`` plus the pixels of ``candidate`` (the same view before the depth stage's filter) that ``dm`` lacks.
+
+    Those pixels get confidence 0 (L_mv neither pulls them nor lets them pull
+    a neighbour; L_photo, the anchors and the smoothness terms refine them) and
+    are marked in ``restored``; the gate keeps them only where the evidence
+    supports them.
+    """
+    none = np.zeros(dm.depth.shape, bool)
+    if candidate is None or candidate.depth.shape != dm.depth.shape:
+        return replace(dm, restored=none)
+    c = np.asarray(candidate.depth, np.float32)
+    extra = np.asarray(candidate.valid, bool) & ~np.asarray(dm.valid, bool) & np.isfinite(c) & (c > losses.MIN_DEPTH)
+    return replace(dm, depth=np.where(extra, c, dm.depth).astype(np.float32), valid=dm.valid | extra,
+                   confidence=np.where(extra, 0.0, dm.confidence).astype(np.float32), restored=extra)
 
 
 def _refine(
@@ -681,8 +787,13 @@ def _refine(
             logger.info("refine: %d views, %d in memory at once (refine.max_resident_views=%d): %d of %d groups wait in scratch files between turns",
                         len(views), sum(b - a for a, b in spans[: store.kept]) + max(b - a for a, b in spans[store.kept:]),
                         cfg.max_resident_views, len(spans) - store.kept, len(spans))
-        hist = _optimize(store, current, cfg, device, bar)
-        del current
+        photo_images = None
+        if cfg.weight_photo > 0 and images_s is not None:
+            photo_images = _scene_images(images_s, tables.shapes, tables.height, tables.width, cfg.photo_blur, device)
+            if photo_images is None:
+                logger.warning("refine: a view has no image; L_photo is off")
+        hist = _optimize(store, current, cfg, device, bar, photo_images)
+        del current, photo_images
         if store.offloading:
             logger.info("refine: %d group turns read from scratch files", store.swaps)
         if cfg.keep_if_more_consistent:
@@ -690,7 +801,7 @@ def _refine(
             _finalize(store, views_s, init_s, lambda pos, dm: save_scratch_depth_map(ungated(pos), dm))
             stats = _gate(views_s, lambda pos: load_depth_map(ungated(pos)), cfg, device, emit, images_s)
         else:
-            stats = _finalize(store, views_s, init_s, emit)
+            stats = _finalize(store, views_s, init_s, emit, keep_restored=False)
     log = {
         "settings": fingerprint_fields(cfg),
         "device": str(device),
@@ -706,12 +817,14 @@ def _refine(
     return out, log  # type: ignore[return-value]
 
 
-def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, device: torch.device, bar: Any) -> np.ndarray:
+def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, device: torch.device, bar: Any,
+              images: torch.Tensor | None = None) -> np.ndarray:
     """The optimization loop (updates the groups' grids and ``current`` in place); returns the per-step log (steps, LOG_COLUMNS)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     history = torch.zeros(max(cfg.steps, 1), len(LOG_COLUMNS), device=device)
-    weights = {"L_mv": cfg.weight_mv, "L_anchor": cfg.weight_anchor, "L_edge": cfg.weight_edge, "L_surf": cfg.weight_surf, "L_mag": cfg.weight_mag}
+    weights = {"L_mv": cfg.weight_mv, "L_anchor": cfg.weight_anchor, "L_edge": cfg.weight_edge, "L_surf": cfg.weight_surf, "L_mag": cfg.weight_mag,
+               "L_photo": cfg.weight_photo}
     lr_scale = torch.ones((), device=device)
     skipped_seen = 0
 
@@ -719,7 +832,8 @@ def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, devi
         gr = store.get((step // cfg.steps_per_visit) % len(store.spans))
         for g in gr.grids:
             g.requires_grad_(True)
-        terms, pred, kept = _group_losses(gr, current, cfg, gen)
+        blurred = cfg.photo_blur > 0 and step < cfg.steps // 2
+        terms, pred, kept, photo_kept = _group_losses(gr, current, cfg, gen, images, 1 if blurred else 0)
         loss = sum(weights[k] * terms[k] for k in LOSS_TERMS)
         grads = torch.autograd.grad(loss, gr.grids, allow_unused=True)
         with torch.no_grad():
@@ -740,8 +854,8 @@ def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, devi
             n = gr.valid_count.clamp(min=1.0)
             dz_mean = dz.sum() / n
             dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
-            history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, lr, finite.to(pred.dtype)])
-        del gr, g, terms, pred, kept, loss, grads, cur, m, dz  # this step's tensors go before the next group's arrive
+            history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, photo_kept, lr, finite.to(pred.dtype)])
+        del gr, g, terms, pred, kept, photo_kept, loss, grads, cur, m, dz  # this step's tensors go before the next group's arrive
         if bar is not None:
             bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -752,14 +866,17 @@ def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, devi
                                skipped_now, values["lr"])
                 skipped_seen = skipped_now
             if bar is not None:
-                bar.set_postfix({k: f"{values[k]:.2e}" for k in LOSS_TERMS} | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
+                shown = [k for k in LOSS_TERMS if weights[k] > 0]
+                bar.set_postfix({k: f"{values[k]:.2e}" for k in shown} | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
                                 refresh=False)
     return history[: cfg.steps].cpu().numpy()
 
 
-def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap], emit: Callable[[int, DepthMap], None]
-              ) -> dict[str, dict[str, Any]]:
+def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap], emit: Callable[[int, DepthMap], None],
+              keep_restored: bool = True) -> dict[str, dict[str, Any]]:
     """Full-resolution refined maps, one group at a time, handed to ``emit(storage index, map)``; never NaN.
+
+    Without ``keep_restored`` (no gate to check them) the restored candidates are left out.
 
     Returns each view's statistics; the groups' tensors are released.
     """
@@ -784,8 +901,12 @@ def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap
                 d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
                 s = change_stats(d_init, d_pred, valid)
                 stats[views[i].name] = s
+                restored = dm.restored if dm.restored is not None else np.zeros_like(valid)
+                if not keep_restored:
+                    valid = valid & ~restored
+                    d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
                 emit(i, replace(dm, depth=d_pred, valid=valid.copy(), confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
-                                depth_init=d_init.astype(np.float32), stats={**dm.stats, **s}))
+                                depth_init=np.where(valid, d_init, 0.0).astype(np.float32), restored=restored & valid, stats={**dm.stats, **s}))
             del gr, pred, d0, valid_all
     store.release()
     return stats
@@ -859,28 +980,91 @@ def keep_more_consistent(views: Sequence[View], maps: Sequence[DepthMap], cfg: R
     return out, stats  # type: ignore[return-value]
 
 
+def supported(count: np.ndarray, violations: np.ndarray, photo_cost: np.ndarray | None, max_photo_cost: float) -> np.ndarray:
+    """Pixels whose depth the evidence supports: a neighbour map agrees, or the photos match (``photo_cost``
+    at most ``max_photo_cost``; None: no photos) and no neighbour sees through the point ("keep unless contradicted")."""
+    photo_ok = np.zeros_like(count, dtype=bool) if photo_cost is None else photo_cost <= max_photo_cost
+    return (count >= 1) | ((violations == 0) & photo_ok)
+
+
+def gate_choice(trusted: np.ndarray, restored: np.ndarray, count_ref: np.ndarray, count_init: np.ndarray, supported_ref: np.ndarray,
+                photo_ref: np.ndarray | None, photo_init: np.ndarray | None, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, which depth the gate keeps: (take the refined depth, keep the pixel at all), both bool (H, W).
+
+    * A pixel of a *trusted* initial map (the depth stage checked it against its
+      neighbours): the refined depth where more neighbour maps agree with it than
+      with the initial one and its photos match no worse, or where as many agree
+      and its photos match better by more than ``margin``; the initial depth
+      elsewhere. The pixel is always kept.
+    * A pixel the depth stage dropped (``restored``), or one of an untrusted
+      initial map (a prior nothing checked): the refined depth, kept only where
+      ``supported_ref`` (:func:`supported`).
+    """
+    if photo_ref is None or photo_init is None:
+        better = count_ref > count_init
+    else:
+        better = ((count_ref > count_init) & (photo_ref <= photo_init)) | ((count_ref >= count_init) & (photo_ref < photo_init - margin))
+    checked = trusted & ~restored
+    take = np.where(checked, better, supported_ref)
+    keep = checked | supported_ref
+    return take & keep, keep
+
+
+def evidence_stats(init_valid: np.ndarray, keep: np.ndarray, take: np.ndarray, count_init: np.ndarray, count_ref: np.ndarray,
+                   photo_init: np.ndarray | None, photo_ref: np.ndarray | None) -> dict[str, float]:
+    """Before/after evidence of one view for the report and ``recon diagnose``.
+
+    ``consistent_init`` / ``consistent_refined``: share of the initial valid
+    pixels / of the kept pixels that at least one neighbour map agrees with;
+    ``photo_cost_init`` / ``photo_cost_refined``: their mean matching cost
+    1 − NCC (5x5, best neighbour; NaN without photos). The kept depth is the
+    refined one where ``take``, the initial one elsewhere.
+    """
+    count_out = np.where(take, count_ref, count_init)
+    out = {"consistent_init": float((count_init[init_valid] >= 1).mean()) if init_valid.any() else float("nan"),
+           "consistent_refined": float((count_out[keep] >= 1).mean()) if keep.any() else float("nan"),
+           "photo_cost_init": float("nan"), "photo_cost_refined": float("nan")}
+    if photo_init is not None and photo_ref is not None:
+        cost_out = np.where(take, photo_ref, photo_init)
+        a, b = photo_init[init_valid], cost_out[keep]
+        out["photo_cost_init"] = float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+        out["photo_cost_refined"] = float(np.nanmean(b)) if np.isfinite(b).any() else float("nan")
+    return out
+
+
 def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineConfig, device: torch.device,
           emit: Callable[[int, DepthMap], None], images: Sequence[np.ndarray | None] | None = None) -> dict[str, dict[str, Any]]:
     """:func:`keep_more_consistent` one view at a time: ``load(i)`` gives view i's refined map (with
-    ``depth_init``), ``emit(i, map)`` takes the gated one; only a few views' maps are held at once."""
+    ``depth_init`` and ``restored``), ``emit(i, map)`` takes the gated one; only a few views' maps are held at once.
+
+    Neighbour evidence is each view's refined (and initial) depth at the pixels
+    the depth stage checked, or at every pixel of a map it did not check
+    (a prior); restored candidates of other views are never evidence.
+    """
+    from pipeline import mvs
+    from pipeline.geometry import invert_pose
+
     neighbors = select_neighbors(views, cfg.accept_neighbors)
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]] = OrderedDict()
     capacity = 2 * (neighbors.shape[1] + 1)
 
+    def evidence(dm: DepthMap) -> np.ndarray:
+        restored = dm.restored if dm.restored is not None else np.zeros_like(dm.valid)
+        return dm.valid & ~restored
+
     def tensors(j: int, dm: DepthMap | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-        """View j's (initial, refined, K, pose), each map converted once while it stays in the small cache."""
+        """View j's evidence (initial, refined, K, pose), each map converted once while it stays in the small cache."""
         if j in cache:
             cache.move_to_end(j)
             return cache[j]
         dm = load(j) if dm is None else dm
-        cache[j] = (t(np.where(dm.valid, dm.depth_init, 0.0)), t(np.where(dm.valid, dm.depth, 0.0)), t(dm.K),
-                    np.asarray(dm.cam_from_world, np.float64))
+        ev = evidence(dm)
+        cache[j] = (t(np.where(ev, dm.depth_init, 0.0)), t(np.where(ev, dm.depth, 0.0)), t(dm.K), np.asarray(dm.cam_from_world, np.float64))
         while len(cache) > capacity:
             cache.popitem(last=False)
         return cache[j]
 
-    kw = {"reproj_px": cfg.accept_reproj_px, "rel_depth": cfg.accept_rel_depth}
     photo = cfg.keep_if_photo_consistent and images is not None
     grays: OrderedDict[int, torch.Tensor | None] = OrderedDict()
 
@@ -894,30 +1078,49 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
         grays.move_to_end(j)
         return grays[j]
 
+    def consistency(i: int, depth: np.ndarray, which: int, nb: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(agreeing neighbours, neighbours that see through) of ``depth`` in view i against the neighbours' initial (0) or refined (1) evidence."""
+        pose_i = entries[i][3]
+        others = [(entries[j][which], entries[j][2], t(entries[j][3] @ invert_pose(pose_i))) for j in nb]
+        with torch.no_grad():
+            c = mvs.geometric_consistency(t(depth), entries[i][2], others, cfg.accept_reproj_px, cfg.accept_rel_depth, cfg.accept_free_space_margin)
+        return c.count.cpu().numpy(), c.violations.cpu().numpy()
+
     stats: dict[str, dict[str, Any]] = {}
     for i in range(len(views)):
         dm = load(i)
         nb = neighbors[i].tolist()
         entries = {j: tensors(j, dm if j == i else None) for j in [i, *nb]}
-        Ks = {j: e[2] for j, e in entries.items()}
-        poses = {j: e[3] for j, e in entries.items()}
-        before = agreement_counts({j: e[0] for j, e in entries.items()}, Ks, poses, i, nb, **kw)
-        after = agreement_counts({j: e[1] for j, e in entries.items()}, Ks, poses, i, nb, **kw)
-        keep = dm.valid & (after > before)
-        if photo and keep.any():
-            shape = dm.depth.shape
-            ref_gray = gray(i, shape)
-            src = [(gray(j, tuple(entries[j][0].shape)), Ks[j], poses[j]) for j in nb]
+        restored = dm.restored if dm.restored is not None else np.zeros_like(dm.valid)
+        trusted = "geometric_filter" in dm.stats  # the depth stage checked these maps against their neighbours
+        init_depth = np.where(dm.valid & ~restored, dm.depth_init, 0.0)
+        ref_depth = np.where(dm.valid, dm.depth, 0.0)
+        count_init, _ = consistency(i, init_depth, 0, nb)
+        count_ref, violations_ref = consistency(i, ref_depth, 1, nb)
+        photo_ref = photo_init = None
+        if photo:
+            ref_gray = gray(i, dm.depth.shape)
+            src = [(gray(j, tuple(entries[j][0].shape)), entries[j][2], entries[j][3]) for j in nb]
             src = [s_ for s_ in src if s_[0] is not None]
             if ref_gray is not None and src:
-                costs = photometric_costs(ref_gray, Ks[i], poses[i], src, torch.stack([entries[i][0], entries[i][1]]))
-                keep &= (costs[1] <= costs[0]).cpu().numpy()
+                costs = photometric_costs(ref_gray, entries[i][2], entries[i][3], src, torch.stack([t(init_depth), t(ref_depth)])).cpu().numpy()
+                photo_init, photo_ref = costs[0], costs[1]
+        # An unchecked prior's pixel needs a neighbour map that agrees; photos alone only restore pixels the depth stage dropped.
+        sup = (supported(count_ref, violations_ref, photo_ref, cfg.restore_max_photo_cost) if trusted else count_ref >= 1) & dm.valid
+        take, keep = gate_choice(np.full(dm.valid.shape, trusted), restored, count_ref, count_init, sup, photo_ref, photo_init,
+                                 cfg.accept_photo_margin)
+        keep &= dm.valid
         if cfg.max_correction > 0:
-            keep &= np.abs(dm.depth - dm.depth_init) <= cfg.max_correction * dm.depth_init
-        depth = np.where(keep, dm.depth, np.where(dm.valid, dm.depth_init, 0.0)).astype(np.float32)
-        s = {**change_stats(dm.depth_init, depth, dm.valid), "refined_fraction": float(keep.sum() / max(1, dm.valid.sum()))}
+            take &= np.abs(dm.depth - dm.depth_init) <= cfg.max_correction * dm.depth_init
+            keep &= take | (trusted & ~restored)
+        depth = np.where(keep, np.where(take, dm.depth, dm.depth_init), 0.0).astype(np.float32)
+        kept_restored = keep & restored
+        s = {**change_stats(dm.depth_init, depth, keep), "refined_fraction": float((take & keep & ~restored).sum() / max(1, (dm.valid & ~restored).sum())),
+             "restored_fraction": float(kept_restored.sum() / max(1, keep.sum())), "dropped_fraction": float((dm.valid & ~keep).sum() / max(1, dm.valid.sum())),
+             **evidence_stats(dm.valid & ~restored, keep, take, count_init, count_ref, photo_init, photo_ref)}
         stats[views[i].name] = s
-        emit(i, replace(dm, depth=depth, stats={**dm.stats, **s}))
+        emit(i, replace(dm, depth=depth, valid=keep, confidence=np.where(keep, dm.confidence, 0.0).astype(np.float32),
+                        depth_init=np.where(keep, dm.depth_init, 0.0).astype(np.float32), restored=kept_restored, stats={**dm.stats, **s}))
     return stats
 
 
@@ -960,7 +1163,14 @@ def run(ctx: StageContext) -> None:
         shape = shapes[i] if i in shapes else load_init(i).depth.shape
         return load_rgb(views[i].image_path, max_size=max(shape))
 
+    def load_candidate(i: int) -> DepthMap | None:  # the depth stage's map before its consistency filter (mvs only)
+        from pipeline.depth import filter_input_path
+
+        path = filter_input_path(ws, ctx.config.depth, views[i].name)
+        return load_depth_map(path) if path.exists() and path != ws.depth_view(views[i].name) else None
+
     init, images = LazySequence(len(views), load_init), LazySequence(len(views), load_image)
+    candidates = LazySequence(len(views), load_candidate)
     device = default_device(cfg.device)
     h, w = init[0].depth.shape
     ctx.logger.info("refine: %d views at %dx%d on %s, %d steps", len(views), w, h, device, cfg.steps)
@@ -977,7 +1187,8 @@ def run(ctx: StageContext) -> None:
     try:
         # views_per_batch changes the result, so an out-of-memory GPU goes straight to the CPU (same settings).
         _, log = call_with_oom_fallback(
-            lambda _batch, dev: refine_depth_maps(views, init, scene.points, cfg, dev, images=images, bar=bar, sink=write, scratch_dir=scratch),
+            lambda _batch, dev: refine_depth_maps(views, init, scene.points, cfg, dev, images=images, bar=bar, sink=write, scratch_dir=scratch,
+                                                  candidates=candidates),
             batch=cfg.views_per_batch, min_batch=cfg.views_per_batch, device=device, what="refinement",
             setting="refine.views_per_batch", log=ctx.logger).value
         ws.refine_view(views[0].name).parent.mkdir(parents=True, exist_ok=True)
@@ -1000,6 +1211,8 @@ def run(ctx: StageContext) -> None:
         "mv_kept": round(float(last.get("mv_kept", 0.0)), 3),
         "skipped_steps": log["skipped_steps"],
         "refined_fraction": round(float(np.mean([s.get("refined_fraction", 1.0) for s in log["views"].values()])), 4),
+        "restored_fraction": round(float(np.mean([s.get("restored_fraction", 0.0) for s in log["views"].values()])), 4),
+        "dropped_fraction": round(float(np.mean([s.get("dropped_fraction", 0.0) for s in log["views"].values()])), 4),
     })
 
 

@@ -303,6 +303,24 @@ def left_out_lines(sfm_summary: dict[str, Any], limit: int = 20, kinds: tuple[st
     return lines
 
 
+def refine_caption(stats: dict) -> str:
+    """One line of a view's refine-gate evidence (matching cost 1 − NCC and neighbour agreement, before → after), or ''."""
+    def pair(a: str, b: str, fmt: str) -> str | None:
+        x, y = stats.get(a), stats.get(b)
+        if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or not (np.isfinite(x) and np.isfinite(y)):
+            return None
+        return f"{x:{fmt}} → {y:{fmt}}"
+    bits = []
+    if (p := pair("photo_cost_init", "photo_cost_refined", ".3f")) is not None:
+        bits.append(f"photometric residual {p}")
+    if (c := pair("consistent_init", "consistent_refined", ".1%")) is not None:
+        bits.append(f"pixels a neighbour agrees with {c}")
+    for key, label in (("refined_fraction", "refined"), ("restored_fraction", "restored"), ("dropped_fraction", "dropped")):
+        if isinstance(stats.get(key), (int, float)):
+            bits.append(f"{label} {stats[key]:.1%}")
+    return f" <small>{html.escape(' · '.join(bits))}</small>" if bits else ""
+
+
 def _views_section(ws: Workspace, scene: SfmScene | None, max_views: int) -> str:
     if scene is None:
         return "<p class='note'>no views yet</p>"
@@ -330,9 +348,13 @@ def _views_section(ws: Workspace, scene: SfmScene | None, max_views: int) -> str
                 m = depth_range(np.abs(dz), None, (98, 98))
                 figs.append(_figure(_png_data_uri(_thumb(colorize(dz, ref.valid, symmetric=True, vrange=m))),
                                     f"Δz (±{m[1]:.2g})" if m else "Δz"))
+            if ref.restored is not None and ref.restored.any():
+                figs.append(_figure(_png_data_uri(_thumb(colorize(ref.restored.astype(np.float32), ref.valid, vrange=(0.0, 1.0)))),
+                                    f"restored pixels (bright, {ref.restored.sum() / max(1, ref.valid.sum()):.1%})"))
         if init is not None:
             figs.append(_figure(_png_data_uri(_thumb(colorize(init.confidence, init.valid, vrange=(0.0, 1.0)))), "confidence"))
-        parts.append(f"<div class='view'><b>{html.escape(v.name)}</b><br>{''.join(figs)}</div>")
+        caption = refine_caption(ref.stats) if ref is not None else ""
+        parts.append(f"<div class='view'><b>{html.escape(v.name)}</b>{caption}<br>{''.join(figs)}</div>")
     return "".join(parts)
 
 

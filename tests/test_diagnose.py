@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.diagnose import cameras_facing_scene_fraction, depth_stats, points_in_front_fraction, reprojection_errors
+from pipeline.diagnose import cameras_facing_scene_fraction, depth_stats, points_in_front_fraction, refine_gate_checks, reprojection_errors
 from pipeline.geometry import invert_pose
 from pipeline.groundtruth import scene_from_ground_truth
 from pipeline.synth import render_scene
@@ -154,3 +154,14 @@ def test_anchor_residuals_of_exact_and_scaled_depth(gt_scene):
     assert len(r) > 0.9 * len(v.point_ids) and np.median(r) < 5e-3
     r = anchor_residuals(dataclasses.replace(dm, depth=dm.depth * 1.03), gt_scene.points[v.point_ids])
     assert np.median(r) == pytest.approx(0.03, abs=5e-3)
+
+
+def test_refine_gate_checks_flag_a_refinement_that_changed_nothing_or_broke_agreement():
+    idle = [{"refined_fraction": 0.002, "restored_fraction": 0.0, "consistent_init": 0.9, "consistent_refined": 0.9}] * 3
+    worse = [{"refined_fraction": 0.4, "restored_fraction": 0.01, "consistent_init": 0.9, "consistent_refined": 0.8}] * 3
+    good = [{"refined_fraction": 0.4, "restored_fraction": 0.01, "consistent_init": 0.8, "consistent_refined": 0.9}] * 3
+    verdicts = lambda stats: {c.name: c.verdict for c in refine_gate_checks(stats)}  # noqa: E731
+    assert verdicts(idle) == {"refinement changed the depth": "warn", "view consistency after refinement": "ok"}
+    assert verdicts(worse) == {"refinement changed the depth": "ok", "view consistency after refinement": "warn"}
+    assert verdicts(good) == {"refinement changed the depth": "ok", "view consistency after refinement": "ok"}
+    assert refine_gate_checks([{}]) == []  # maps written before these statistics existed: nothing to say

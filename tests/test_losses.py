@@ -279,3 +279,96 @@ def test_depth_edge_weights_cut_pairs_across_depth_jumps():
     m_x, m_y = losses.depth_edge_weights(depth, w_x, w_y, 0.02)
     assert m_x[0, 0].tolist() == [[1.0, 0.0], [1.0, 1.0]]  # 0.5 % kept, 49 % jump cut
     assert m_y[0, 0].tolist() == [[1.0, 1.0, 0.0]]
+
+
+# ---- L_photo -------------------------------------------------------------------------------
+
+F_PX, BASE, Z0 = 100.0, 0.1, 1.25  # a rectified pair: disparity f·b/z = 8 px at the plane
+H_IMG, W_IMG = 48, 64
+
+
+def _texture(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 1, H_IMG // 2, W_IMG // 2 + 8, generator=g)
+    return torch.nn.functional.interpolate(small, size=(H_IMG, W_IMG + 16), mode="bicubic", align_corners=False)[0, 0].clamp(0, 1)
+
+
+def _plane_pair(gain: float = 1.0, offset: float = 0.0):
+    """Reference and neighbour images of a textured fronto-parallel plane at depth Z0; the neighbour camera is BASE
+    to the right, so a reference pixel u lands at u − 8 px. Returns (ref (H, W), src (H, W), K, dst_from_src)."""
+    tex = _texture()
+    ref = tex[:, 8 : 8 + W_IMG]
+    src = tex[:, 16 : 16 + W_IMG] * gain + offset  # src(u) = tex(u + 16) = ref(u + 8)
+    K = torch.tensor([[F_PX, 0, W_IMG / 2], [0, F_PX, H_IMG / 2], [0, 0, 1.0]])
+    T = torch.eye(4)
+    T[0, 3] = -BASE  # cam_from_world of the neighbour at x = +BASE
+    return ref, src, K, T
+
+
+def _photo(depth_scale: float, *, gain: float = 1.0, offset: float = 0.0, occluder: bool = False, requires_grad: bool = False):
+    """L_photo of windows at 40 reference pixels with the plane's depth times ``depth_scale``."""
+    ref, src, K, T = _plane_pair(gain, offset)
+    offsets = losses.window_offsets(2)
+    g = torch.Generator().manual_seed(1)
+    centres = torch.stack([torch.randint(12, W_IMG - 4, (40,), generator=g), torch.randint(4, H_IMG - 4, (40,), generator=g)], -1)
+    taps = centres[:, None, :] + offsets.long()[None]  # (S, T, 2) integer pixels
+    uv = taps.float()[None] + 0.5
+    ref_taps = ref[taps[..., 1], taps[..., 0]][None]
+    log_scale = torch.tensor(math.log(depth_scale), requires_grad=requires_grad)
+    depth = Z0 * torch.exp(log_scale) * torch.ones(1, *taps.shape[:2])
+    src_maps = src[None, :, :, None]
+
+    def read_image(uv_dst):
+        from pipeline.refine import sample_views
+
+        return sample_views(src_maps, torch.zeros(uv_dst.shape[:2], dtype=torch.long), uv_dst)[:, 0]
+
+    def read_depth(uv_c):
+        z = torch.full(uv_c.shape[:2], 0.5 * Z0 if occluder else Z0)
+        return z, torch.ones_like(z, dtype=torch.bool)
+
+    loss, used = losses.photometric_loss(ref_taps, depth, uv, torch.ones_like(ref_taps, dtype=torch.bool), K[None], K[None], T[None],
+                                         read_image, read_depth, offsets, height=H_IMG, width=W_IMG, sigma_color=0.1, best_k=1,
+                                         behind_tol=0.05, min_texture=0.01)
+    return loss, used, log_scale
+
+
+def test_photo_loss_is_zero_for_the_exact_warp_and_grows_with_a_depth_error():
+    at_truth, used, _ = _photo(1.0)
+    assert float(used) == 1.0 and float(at_truth) < 2e-3
+    off = [float(_photo(s)[0]) for s in (1.02, 1.05)]
+    assert off[0] > 0.01 and off[1] > off[0]
+
+
+@pytest.mark.parametrize("scale", [0.98, 1.02])
+def test_photo_loss_gradient_points_to_the_true_depth(scale):
+    loss, _, log_scale = _photo(scale, requires_grad=True)
+    (g,) = torch.autograd.grad(loss, log_scale)
+    assert float(g) * math.log(scale) > 0  # descending moves the depth towards the plane
+
+
+def test_photo_loss_ignores_a_gain_and_offset_of_the_neighbour_image():
+    plain = float(_photo(1.02)[0])
+    assert float(_photo(1.02, gain=0.6, offset=0.25)[0]) == pytest.approx(plain, rel=0.01)  # up to the flat-window damping eps
+    assert float(_photo(1.0, gain=0.6, offset=0.25)[0]) < 2e-3
+
+
+def test_photo_loss_leaves_out_a_neighbour_where_the_sample_is_behind_its_surface():
+    loss, used, _ = _photo(1.02, occluder=True)
+    assert float(used) == 0.0 and float(loss) == 0.0
+
+
+def test_bilateral_weights_favour_the_centre_surface():
+    offsets = losses.window_offsets(1)
+    taps = torch.tensor([[[0.2, 0.2, 0.8, 0.2, 0.2, 0.8, 0.2, 0.2, 0.8]]])  # the right column is another surface
+    w = losses.bilateral_weights(taps, offsets, sigma_color=0.1, sigma_space=1.0)[0, 0]
+    assert w[4] == pytest.approx(1.0) and (w[[2, 5, 8]] < 0.01 * w[[0, 3, 6]]).all()
+
+
+def test_best_k_mean_over_usable_neighbours():
+    cost = torch.tensor([[[0.5, 0.9], [0.1, 0.2], [0.3, 2.0]]])  # (B=1, k=3, N=2)
+    usable = torch.tensor([[[True, False], [True, False], [False, True]]])
+    c, ok = losses.best_k_mean(cost, usable, 2)
+    assert torch.allclose(c, torch.tensor([[0.3, 2.0]])) and ok.tolist() == [[True, True]]
+    c, ok = losses.best_k_mean(cost, torch.zeros_like(usable), 2)
+    assert ok.tolist() == [[False, False]]

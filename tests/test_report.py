@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline.report import SECTIONS, build_report, colorize, render_mesh_views, svg_curves
+from pipeline.report import SECTIONS, build_report, colorize, refine_caption, render_mesh_views, svg_curves
 from pipeline.workspace import Workspace
 
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30", "--no-progress"]
@@ -134,7 +134,7 @@ def run_chromium(binary: str, args: list[str], cwd: Path) -> subprocess.Complete
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-def test_report_renders_in_headless_chromium(evaluated_report, tmp_path):
+def test_report_renders_in_headless_chromium(finished_run, evaluated_report, tmp_path):
     binary = chromium_binary()
     if binary is None:
         pytest.skip("chromium is not installed (Debian package `chromium`; .ci/install.sh installs it)")
@@ -152,7 +152,10 @@ def test_report_renders_in_headless_chromium(evaluated_report, tmp_path):
     assert list(secs) == list(SECTIONS)
     for sid, s in secs.items():
         assert s["heading"] and s["height"] > 40 and s["width"] > 300 and s["text"] > 60, (sid, s)
-    assert secs["views"]["images"] == 50 and secs["renders"]["images"] == 9
+    from pipeline.io import load_depth_map
+
+    restored = sum(bool(load_depth_map(f).restored.any()) for f in sorted(finished_run.stage_dir("refine").joinpath("views").glob("*.npz")))
+    assert secs["views"]["images"] == 50 + restored and secs["renders"]["images"] == 9  # 5 per view, + restored pixels where any
     assert secs["curves"]["lines"] >= 6  # loss, L_mv, L_anchor, L_edge, L_surf (+ L_mag), dz_mean, dz_std
     # the page draws: a screenshot is not blank
     shot = tmp_path / "shot.png"
@@ -209,3 +212,11 @@ def test_colorize_and_curves():
     svg = svg_curves({"loss": [1.0, 0.1, 0.01], "L_mag": [0.0, 0.5, 0.2]}, log=True)
     assert svg.count("<polyline") == 2 and "log scale" in svg  # the 0 of L_mag is left out, not drawn at -inf
     assert "nan" not in svg.lower().replace("class='legend'", "")
+
+
+def test_refine_caption_shows_the_gate_evidence_before_and_after():
+    text = refine_caption({"photo_cost_init": 0.25, "photo_cost_refined": 0.2, "consistent_init": 0.8, "consistent_refined": 0.9,
+                           "refined_fraction": 0.3, "restored_fraction": 0.02, "dropped_fraction": 0.01})
+    assert "photometric residual 0.250 → 0.200" in html.unescape(text)
+    assert "80.0% → 90.0%" in html.unescape(text) and "restored 2.0%" in text
+    assert refine_caption({"photo_cost_init": float("nan"), "photo_cost_refined": 0.2}) == ""
