@@ -1,7 +1,7 @@
 """Benchmark: render scenes, run recon on them, score the meshes against ground truth.
 
     python bench/run_bench.py                       # blob, thin, knot + spot, bob (textured models): 24 views 480x360
-    python bench/run_bench.py --real                # also the photo sets in /work/shared/data/real (no GT)
+    python bench/run_bench.py --real                # also the photo sets in ../shared/data/real beside the checkout (no GT)
     python bench/run_bench.py --quick --real-sets templeSparseRing   # smoke run: one small scene, reduced settings
     python bench/run_bench.py --shapes blob --models --views 12 --width 320 --height 240
 
