@@ -18,13 +18,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache import write_error
+from pipeline.core.cache import write_error
 from pipeline.config import PRESETS, ReconConfig, describe_settings, load_config
-from pipeline.errors import ReconError
-from pipeline.native_output import native_output_to
-from pipeline.output_folder import FORCE_FLAG, adopt_output_dir
-from pipeline.stages import STAGE_NAMES
-from pipeline.workspace import Workspace
+from pipeline.core.errors import ReconError
+from pipeline.core.native_output import native_output_to
+from pipeline.core.output_folder import FORCE_FLAG, adopt_output_dir
+from pipeline.graph import STAGE_NAMES
+from pipeline.core.workspace import Workspace
 
 logger = logging.getLogger("recon")
 
@@ -160,7 +160,7 @@ def _run_in_output(scene_dir: str, out: str | None, force_out: bool, config_file
     """What every command that writes a run does around ``body(ws, cfg)``.
 
     The settings are checked before anything is written; then the output
-    folder is adopted (:func:`pipeline.output_folder.adopt_output_dir`), the
+    folder is adopted (:func:`pipeline.core.output_folder.adopt_output_dir`), the
     log file opened and native output sent to it; any failure ends as one line.
     """
     log_file = None
@@ -206,7 +206,7 @@ def force_out_option(fn):
 
 def _write_report(ws: Workspace) -> None:
     """Write OUT/report.html; a report failure never fails the run (it is logged)."""
-    from pipeline.report import build_report
+    from pipeline.analysis.report import build_report
 
     try:
         build_report(ws)
@@ -221,7 +221,7 @@ def _print_summary(result, *, strict: bool = False) -> None:
     Raises:
         ReconError: with ``strict``, when a photo is left out.
     """
-    from pipeline.report import left_out_lines
+    from pipeline.analysis.report import left_out_lines
     from workflows.local import published_outputs
 
     click.echo("\nsummary")
@@ -358,7 +358,7 @@ def synth(shape, out_dir, object_mesh, n_views, width, height, seed, scale, ring
     """Render scene SHAPE (blob, thin, knot) with ground truth (images/ + gt/) into OUT_DIR."""
     try:
         _setup_logging(False)
-        from pipeline.synth import SHAPES, render_scene
+        from pipeline.synthetic.render import SHAPES, render_scene
 
         if object_mesh is None and shape not in SHAPES:
             raise ReconError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
@@ -380,7 +380,7 @@ def export_cmd(out_dir, formats, decimate, frame, dest) -> None:
     """Export OUT/mesh.ply as PLY/OBJ/GLB/STL (optionally decimated, optionally in the SfM frame), with the cameras."""
     try:
         _setup_logging(False)
-        from pipeline.export import export_outputs
+        from pipeline.export.stage import export_outputs
 
         result = export_outputs(Path(out_dir), formats, decimate_faces=decimate, frame=frame, dest=Path(dest) if dest else None)
         for p in [*result.files.values(), *([result.cameras] if result.cameras else [])]:
@@ -402,7 +402,7 @@ def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp, cameras, margin)
     """Score OUT (a recon output folder or a mesh) against ground truth; writes OUT/eval.json."""
     try:
         _setup_logging(False)
-        from pipeline.evaluate import DEFAULT_THRESHOLDS_REL, evaluate_reconstruction, format_summary
+        from pipeline.analysis.evaluate import DEFAULT_THRESHOLDS_REL, evaluate_reconstruction, format_summary
 
         result = evaluate_reconstruction(Path(out), Path(gt), thresholds_rel=thresholds or DEFAULT_THRESHOLDS_REL,
                                          threshold_abs=threshold_abs, align=not no_align, icp=icp,
@@ -410,7 +410,7 @@ def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp, cameras, margin)
         click.echo(format_summary(result))
         out_path = Path(out)
         if out_path.is_dir() and (out_path / "report.html").exists():
-            from pipeline.report import build_report
+            from pipeline.analysis.report import build_report
 
             build_report(Workspace.create(out_path.resolve().parent, out_path))
     except Exception as exc:  # noqa: BLE001
@@ -424,8 +424,8 @@ def diagnose(out, scene) -> None:
     """Check a run: depth statistics, camera convention, over-smoothing, anchoring."""
     try:
         _setup_logging(False)
-        from pipeline.diagnose import diagnose as run_diagnose
-        from pipeline.diagnose import worst_verdict
+        from pipeline.analysis.diagnose import diagnose as run_diagnose
+        from pipeline.analysis.diagnose import worst_verdict
 
         out_path = Path(out).resolve()
         ws = Workspace.create(scene or out_path.parent, out_path)

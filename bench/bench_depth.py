@@ -7,8 +7,8 @@
 For each rendered scene (``WORK/scenes/<shape>_<views>v_<w>x<h>_s<seed>``, the
 naming of ``bench/run_bench.py`` and ``bench/bench_fuse.py``, so renders are
 shared; rendered when missing) a subprocess runs
-:func:`pipeline.depth.compute_depth_maps` on the scene's *true* cameras
-(:func:`pipeline.groundtruth.scene_from_ground_truth`: true poses, sparse
+:func:`pipeline.depth.stage.compute_depth_maps` on the scene's *true* cameras
+(:func:`pipeline.synthetic.groundtruth.scene_from_ground_truth`: true poses, sparse
 points sampled from GT depth, normalized frame) — the sfm stage is another
 engineer's, so this measures the depth stage alone — writing the maps to
 ``WORK/depth/<scene>/``. Reported per scene:
@@ -18,12 +18,12 @@ engineer's, so this measures the depth stage alone — writing the maps to
   subprocess (``VmHWM``, imports included). Other work on the machine
   inflates wall time; CPU time is the steadier number.
 * depth error of the final (filtered) and raw maps against GT depth over their
-  valid pixels (:func:`pipeline.evaluate.depth_metrics`: AbsRel, δ<1.01,
+  valid pixels (:func:`pipeline.analysis.evaluate.depth_metrics`: AbsRel, δ<1.01,
   δ<1.05) and the valid fraction; the same inside the GT object's box grown
   by 5 % of its diagonal ("obj").
 * unless ``--no-fuse``: the final maps fused with the fuse stage's defaults
-  (:func:`pipeline.fuse.fuse_depth_maps`, i.e. ``recon run --skip refine``)
-  and scored like ``recon eval`` (:func:`pipeline.evaluate.evaluate_meshes`,
+  (:func:`pipeline.fuse.stage.fuse_depth_maps`, i.e. ``recon run --skip refine``)
+  and scored like ``recon eval`` (:func:`pipeline.analysis.evaluate.evaluate_meshes`,
   GT ``mesh.ply`` in the object box + 5 %): F@0.5 % and F@1 % of the object
   diagonal.
 
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.synth import render_or_reuse
+from pipeline.synthetic.render import render_or_reuse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,9 +75,9 @@ def peak_rss_mib() -> float:
 
 def worker(scene_dir: Path, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Depth maps of one scene in this process; JSON-able timings and memory."""
-    from pipeline.depth import compute_depth_maps
-    from pipeline.groundtruth import scene_from_ground_truth
-    from pipeline.workspace import Workspace
+    from pipeline.depth.stage import compute_depth_maps
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
+    from pipeline.core.workspace import Workspace
 
     cfg = parse_overrides(overrides)
     scene = scene_from_ground_truth(scene_dir)
@@ -103,11 +103,11 @@ def depth_errors(scene_dir: Path, out_dir: Path, which: str) -> dict[str, Any]:
     """Depth metrics of the cached maps (``which``: ``views`` = final, ``raw``) against GT depth (normalized frame)."""
     import torch
 
-    from pipeline.depth import raw_depth_path
-    from pipeline.evaluate import depth_metrics
-    from pipeline.groundtruth import gt_depth_path, scene_from_ground_truth
-    from pipeline.io import load_depth_map
-    from pipeline.workspace import Workspace
+    from pipeline.depth.stage import raw_depth_path
+    from pipeline.analysis.evaluate import depth_metrics
+    from pipeline.synthetic.groundtruth import gt_depth_path, scene_from_ground_truth
+    from pipeline.core.io import load_depth_map
+    from pipeline.core.workspace import Workspace
 
     scene = scene_from_ground_truth(scene_dir)
     ws = Workspace.create(scene_dir, out_dir)
@@ -146,9 +146,9 @@ def depth_errors(scene_dir: Path, out_dir: Path, which: str) -> dict[str, Any]:
 
 def fuse_and_score(scene_dir: Path, out_dir: Path, max_points: int) -> dict[str, Any]:
     """Fuse the final maps with the fuse stage's defaults and score them like ``recon eval``."""
-    from pipeline.groundtruth import scene_from_ground_truth
-    from pipeline.io import load_depth_map
-    from pipeline.workspace import Workspace
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
+    from pipeline.core.io import load_depth_map
+    from pipeline.core.workspace import Workspace
 
     scene = scene_from_ground_truth(scene_dir)
     ws = Workspace.create(scene_dir, out_dir)
@@ -161,9 +161,9 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
 
     Ground truth: the scene's ``gt/mesh.ply`` cropped to the object box + 5 %, F at 0.5 % and 1 % of the object diagonal.
     """
-    from pipeline.evaluate import GtViews, evaluate_meshes
-    from pipeline.fuse import FuseConfig, FusionFrame, fuse_depth_maps, map_focal_scale, resolve_params
-    from pipeline.io import load_rgb
+    from pipeline.analysis.evaluate import GtViews, evaluate_meshes
+    from pipeline.fuse.stage import FuseConfig, FusionFrame, fuse_depth_maps, map_focal_scale, resolve_params
+    from pipeline.core.io import load_rgb
 
     first = map_of(0)
     params = resolve_params(FuseConfig(), scene, map_focal_scale(first, views[0]))
@@ -183,7 +183,7 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, depth/, bench_depth.json) [bench/results]")
-    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synth.SHAPES) [%(default)s]")
+    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synthetic.render.SHAPES) [%(default)s]")
     p.add_argument("--views", type=int, default=24)
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
@@ -199,8 +199,8 @@ def main() -> None:
         print(json.dumps(worker(Path(args.worker[0]), Path(args.worker[1]), args.set), default=str))
         return
 
-    from pipeline.cache import write_json_atomic
-    from pipeline.synth import SHAPES
+    from pipeline.core.cache import write_json_atomic
+    from pipeline.synthetic.render import SHAPES
 
     bad = [s for s in args.shapes if s not in SHAPES]
     if bad:
@@ -242,7 +242,7 @@ def main() -> None:
               f"{raw['all']['delta_1.01']:.3f} | {raw['all']['valid_fraction']:.3f} | {f05} | {f1} |")
     out = args.json or (args.work / "bench_depth.json")
     write_json_atomic(out, {"views": args.views, "width": args.width, "height": args.height, "seed": args.seed, "overrides": args.set,
-                            "cameras": "ground truth (pipeline.groundtruth.scene_from_ground_truth), not the sfm stage", "rows": rows})
+                            "cameras": "ground truth (pipeline.synthetic.groundtruth.scene_from_ground_truth), not the sfm stage", "rows": rows})
     print(f"\nwrote {out}")
 
 

@@ -6,8 +6,8 @@ a machine that has them: the SfM scene of an existing run (views, cameras,
 sparse points; pickled), its undistorted images, and the scene planes the
 depth stage fits with Open3D (a few milliseconds of CPU work, done here so
 that the device run needs no Open3D). On the device the depth stage
-(:func:`pipeline.depth.compute_depth_maps`, all passes) and the refine stage
-(:func:`pipeline.refine.refine_depth_maps`) run with their default settings,
+(:func:`pipeline.depth.stage.compute_depth_maps`, all passes) and the refine stage
+(:func:`pipeline.refine.stage.refine_depth_maps`) run with their default settings,
 and their maps come back in a compact form to compare with a CPU run of the
 same pack (``compare``), including the depth error against the scene's
 ground-truth depth.
@@ -46,9 +46,9 @@ MAPS_PER_FILE = 8
 
 def pack(out_dir: Path, pack_dir: Path) -> None:
     """Write ``pack_dir``: scene.pkl (views and sparse points), images/, planes.npy, alignment.json (if OUT was evaluated)."""
-    from pipeline.depth import DepthConfig, fit_scene_planes
-    from pipeline.io import load_sfm_scene
-    from pipeline.workspace import Workspace
+    from pipeline.depth.stage import DepthConfig, fit_scene_planes
+    from pipeline.core.io import load_sfm_scene
+    from pipeline.core.workspace import Workspace
 
     ws = Workspace(scene_dir=out_dir, out_dir=out_dir)
     scene = load_sfm_scene(ws)
@@ -94,11 +94,11 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
     """Depth then refine on ``device_name``; writes timings.json and the maps to ``result_dir``."""
     import torch
 
-    from pipeline import depth as depth_stage
-    from pipeline.depth import DepthConfig, compute_depth_maps
-    from pipeline.io import load_depth_map, load_rgb
-    from pipeline.refine import RefineConfig, refine_depth_maps
-    from pipeline.workspace import Workspace
+    from pipeline.depth import stage as depth_stage
+    from pipeline.depth.stage import DepthConfig, compute_depth_maps
+    from pipeline.core.io import load_depth_map, load_rgb
+    from pipeline.refine.stage import RefineConfig, refine_depth_maps
+    from pipeline.core.workspace import Workspace
 
     scene, planes = load_pack(pack_dir)
     depth_stage.fit_scene_planes = lambda *args, **kwargs: planes  # fitted at pack time (Open3D may be missing here)
@@ -146,7 +146,7 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
 
 def compare(pack_dir: Path, results: list[Path], gt_dir: Path | None) -> None:
     """Per stage: share of pixels valid in both runs and their relative depth difference; each run's error against GT."""
-    from pipeline.evaluate import GtViews, depth_metrics, depth_pairs
+    from pipeline.analysis.evaluate import GtViews, depth_metrics, depth_pairs
 
     scene, _ = load_pack(pack_dir)
     by_name = {v.name: v for v in scene.views}
@@ -185,7 +185,7 @@ def compare(pack_dir: Path, results: list[Path], gt_dir: Path | None) -> None:
 
 def _map_intrinsics(view, shape_hw) -> np.ndarray:
     """Intrinsics of a depth map of ``shape_hw`` made from ``view`` (the depth stage's working size)."""
-    from pipeline.depth import working_intrinsics
+    from pipeline.depth.stage import working_intrinsics
 
     return working_intrinsics(view, (shape_hw[1], shape_hw[0]))
 

@@ -7,14 +7,14 @@
 For each rendered scene (``WORK/scenes/<shape>_<views>v_<w>x<h>_s<seed>``, the
 naming of ``bench/run_bench.py``, so renders are shared; rendered when missing)
 a subprocess fuses the GT depth maps and colours with
-:func:`pipeline.fuse.fuse_ground_truth` — sizes derived automatically from the
+:func:`pipeline.fuse.stage.fuse_ground_truth` — sizes derived automatically from the
 true cameras and sparse points sampled from GT depth, exactly as the stage
 derives them — and writes the mesh in the GT frame to
 ``WORK/fuse/<scene>/mesh.ply``. Its fusion time (load + count + integrate +
 extract + clean; wall and CPU seconds — other work on the machine inflates the
 wall time) and peak RSS (``ru_maxrss`` of that subprocess, imports
 included) are reported. The mesh is then scored with
-:func:`pipeline.evaluate.evaluate_meshes`, the protocol of ``recon eval``
+:func:`pipeline.analysis.evaluate.evaluate_meshes`, the protocol of ``recon eval``
 (GT ``mesh.ply``, GT object box + 5 % of its diagonal, GT samples that a GT
 camera sees), and once more against ``gt/object.ply`` alone (the floor strip
 inside the box then counts as error). Prints a markdown table and writes
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.synth import render_or_reuse
+from pipeline.synthetic.render import render_or_reuse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def worker(scene: Path, mesh_path: Path, device: str, overrides: list[str]) -> d
     """Fuse one scene's GT depth (this process), write the mesh in the GT frame; JSON-able numbers."""
     import open3d as o3d
 
-    from pipeline.fuse import fuse_ground_truth
+    from pipeline.fuse.stage import fuse_ground_truth
 
     started, cpu_started = time.perf_counter(), time.process_time()
     result, sfm_scene, params = fuse_ground_truth(scene, parse_overrides(overrides), device)
@@ -73,7 +73,7 @@ def worker(scene: Path, mesh_path: Path, device: str, overrides: list[str]) -> d
 
 
 def score(mesh_path: Path, scene: Path, gt_mesh: str, max_points: int) -> dict[str, Any]:
-    from pipeline.evaluate import GtViews, evaluate_meshes
+    from pipeline.analysis.evaluate import GtViews, evaluate_meshes
 
     info = json.loads((scene / "gt" / "scene.json").read_text())
     box = (np.asarray(info["object_bbox_min"]), np.asarray(info["object_bbox_max"]))
@@ -84,7 +84,7 @@ def score(mesh_path: Path, scene: Path, gt_mesh: str, max_points: int) -> dict[s
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, fuse/, bench_fuse.json) [bench/results]")
-    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synth.SHAPES) [%(default)s]")
+    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synthetic.render.SHAPES) [%(default)s]")
     p.add_argument("--views", type=int, default=24)
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
@@ -100,8 +100,8 @@ def main() -> None:
         print(json.dumps(worker(Path(args.worker[0]), Path(args.worker[1]), args.device, args.set), default=str))
         return
 
-    from pipeline.cache import write_json_atomic
-    from pipeline.synth import SHAPES
+    from pipeline.core.cache import write_json_atomic
+    from pipeline.synthetic.render import SHAPES
 
     bad = [s for s in args.shapes if s not in SHAPES]
     if bad:

@@ -19,7 +19,7 @@ of views, the view ratio (4.0 for 12 → 48) means linear. Prints a markdown
 table and writes ``WORK/bench_memory.json``.
 
 ``--sfm gt`` copies each scene and gives it its true cameras as
-``sparse/0`` (:func:`pipeline.groundtruth.write_gt_model`), so the sfm
+``sparse/0`` (:func:`pipeline.synthetic.groundtruth.write_gt_model`), so the sfm
 stage reads a model instead of matching: use it to measure the later stages
 quickly; the default runs COLMAP (whose database grows with the number of
 image pairs under exhaustive matching).
@@ -72,12 +72,12 @@ def folder_mib(path: Path) -> float:
 
 def prepare_scene(work: Path, shape: str, views: int, width: int, height: int, seed: int, sfm: str) -> Path:
     """The rendered scene (shared render), or for ``sfm=gt`` a copy holding the true cameras as ``sparse/0``."""
-    from pipeline.synth import render_or_reuse
+    from pipeline.synthetic.render import render_or_reuse
 
     scene, _ = render_or_reuse(work / "scenes", shape, n_views=views, width=width, height=height, seed=seed)
     if sfm == "colmap":
         return scene
-    from pipeline.groundtruth import write_gt_model
+    from pipeline.synthetic.groundtruth import write_gt_model
 
     dst = work / "memory" / "scenes" / f"{scene.name}_gtmodel"
     if not (dst / "sparse" / "0" / "images.bin").exists():

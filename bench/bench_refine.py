@@ -1,11 +1,11 @@
 """Benchmark of the refine stage: time, peak memory and depth error before/after on rendered scenes.
 
-Each case renders (once, cached) a synthetic scene with ``pipeline.synth``,
+Each case renders (once, cached) a synthetic scene with ``pipeline.synthetic.render``,
 builds its initial depth maps from the ground truth with a known corruption
 (``warp``: smooth per-view 1 + 2 % sin field and 0.5 % noise; ``mvs``: 0.5 %
 noise, 3 % outliers of ±5-30 %, 3 % holes) or runs the depth stage's
 plane-sweep MVS on the true cameras (``real``), refines them with
-:func:`pipeline.refine.refine_depth_maps` and measures against the GT depth.
+:func:`pipeline.refine.stage.refine_depth_maps` and measures against the GT depth.
 Every case runs in a fresh process so its peak RSS (``getrusage``) is its own.
 
 Example (the numbers in the refine README table)::
@@ -36,7 +36,7 @@ def scene_dir_for(cache: Path, shape: str, views: int, width: int, height: int, 
 
 def ensure_scene(cache: Path, shape: str, views: int, width: int, height: int, seed: int) -> Path:
     """Render the scene unless a complete rendering is cached."""
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     out = scene_dir_for(cache, shape, views, width, height, seed)
     if not (out / "gt" / "scene.json").exists():
@@ -48,19 +48,19 @@ def run_case(args: dict) -> dict:
     """One refinement in this (fresh) process; returns the measurements."""
     import torch
 
-    from pipeline.geometry import default_device
-    from pipeline.groundtruth import scene_from_ground_truth
-    from pipeline.io import DepthMap, load_rgb
-    from pipeline.refine import RefineConfig, corrupt_depth, depth_error, ground_truth_depths, refine_depth_maps
+    from pipeline.core.geometry import default_device
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
+    from pipeline.core.io import DepthMap, load_rgb
+    from pipeline.refine.stage import RefineConfig, corrupt_depth, depth_error, ground_truth_depths, refine_depth_maps
 
     scene_dir = Path(args["scene_dir"])
     scene = scene_from_ground_truth(scene_dir)
     gts = ground_truth_depths(scene_dir, scene.views, scene.normalized_from_sfm)
     if args["corruption"] == "real":
         # The depth stage's plane-sweep MVS on the true cameras (cached beside the scene).
-        from pipeline.depth import DepthConfig, compute_depth_maps
-        from pipeline.io import load_depth_map
-        from pipeline.workspace import Workspace
+        from pipeline.depth.stage import DepthConfig, compute_depth_maps
+        from pipeline.core.io import load_depth_map
+        from pipeline.core.workspace import Workspace
 
         ws = Workspace.create(scene_dir, scene_dir / "recon_bench")
         compute_depth_maps(scene, ws, DepthConfig())
@@ -79,7 +79,7 @@ def run_case(args: dict) -> dict:
     images = [load_rgb(v.image_path) for v in scene.views]
     import yaml
 
-    from pipeline.settings import coerce, resolved_hints
+    from pipeline.core.settings import coerce, resolved_hints
 
     cfg = RefineConfig()
     hints = resolved_hints(RefineConfig)

@@ -28,7 +28,7 @@ def depth_error(scene_dir: Path, views, maps, scale: float) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.groundtruth import load_gt_depth
+    from pipeline.synthetic.groundtruth import load_gt_depth
 
     errs = []
     for v, dm in zip(views, maps):
@@ -59,10 +59,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    from pipeline.groundtruth import scene_from_ground_truth
-    from pipeline.io import load_depth_map, load_rgb
-    from pipeline.refine import RefineConfig, refine_depth_maps
-    from pipeline.workspace import Workspace
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
+    from pipeline.core.io import load_depth_map, load_rgb
+    from pipeline.refine.stage import RefineConfig, refine_depth_maps
+    from pipeline.core.workspace import Workspace
 
     rows = []
     for shape in args.shapes:

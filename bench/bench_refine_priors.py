@@ -5,17 +5,17 @@
 
 For each rendered scene (``WORK/scenes/<shape>_<views>v_<w>x<h>_s<seed>``,
 shared with ``bench/bench_depth.py``) and each input, on the scene's *true*
-cameras (:func:`pipeline.groundtruth.scene_from_ground_truth`):
+cameras (:func:`pipeline.synthetic.groundtruth.scene_from_ground_truth`):
 
 * ``mvs``: the depth stage's default plane sweep;
 * ``mild`` / ``medium`` / ``strong``: ``depth.estimator=prior`` reading
   relative inverse depth made from the GT depth by
-  :func:`pipeline.synthetic_priors.monocular_prior` (unknown scale and shift,
+  :func:`pipeline.synthetic.priors.monocular_prior` (unknown scale and shift,
   smoothed edges, a different low-frequency warp and gamma per view), anchored
   by the depth stage to the sparse points.
 
 The depth maps are fused as they are (``recon run --skip refine``) and after
-:func:`pipeline.refine.refine_depth_maps` with the refine defaults (plus
+:func:`pipeline.refine.stage.refine_depth_maps` with the refine defaults (plus
 ``--set`` overrides), each with the fuse defaults, and scored like
 ``recon eval``. Also reported: the refine wall time, Δz std relative to the
 depth, the median anchor residual before → after, and the share of pixels a
@@ -42,15 +42,15 @@ INPUTS = ("mvs", "mild", "medium", "strong")
 
 def _depth_maps(scene_dir: Path, scene, work: Path, which: str, seed: int):
     """Run the depth stage for ``which`` input into ``work``; returns (Workspace, DepthConfig)."""
-    from pipeline.depth import (
+    from pipeline.depth.stage import (
         DepthConfig,
         DepthEstimator,
         PriorKind,
         compute_depth_maps,
     )
-    from pipeline.groundtruth import load_gt_depth
-    from pipeline.synthetic_priors import STRENGTHS, monocular_prior
-    from pipeline.workspace import Workspace, view_stem
+    from pipeline.synthetic.groundtruth import load_gt_depth
+    from pipeline.synthetic.priors import STRENGTHS, monocular_prior
+    from pipeline.core.workspace import Workspace, view_stem
 
     shutil.rmtree(work, ignore_errors=True)
     if which == "mvs":
@@ -69,7 +69,7 @@ def _depth_maps(scene_dir: Path, scene, work: Path, which: str, seed: int):
 
 
 def _anchor_residual(maps, scene) -> float:
-    from pipeline.diagnose import anchor_residuals
+    from pipeline.analysis.diagnose import anchor_residuals
 
     r = np.concatenate([anchor_residuals(dm, scene.points[v.point_ids]) for dm, v in zip(maps, scene.views)])
     return float(np.median(r)) if len(r) else float("nan")
@@ -79,10 +79,10 @@ def run_case(scene_dir: Path, work: Path, which: str, seed: int, overrides: list
     from bench_depth import score_maps
 
     from pipeline.config import load_config
-    from pipeline.depth import filter_input_path
-    from pipeline.groundtruth import scene_from_ground_truth
-    from pipeline.io import load_depth_map, load_rgb
-    from pipeline.refine import refine_depth_maps
+    from pipeline.depth.stage import filter_input_path
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
+    from pipeline.core.io import load_depth_map, load_rgb
+    from pipeline.refine.stage import refine_depth_maps
 
     scene = scene_from_ground_truth(scene_dir)
     ws, depth_cfg = _depth_maps(scene_dir, scene, work, which, seed)
@@ -124,8 +124,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="result file [WORK/bench_refine_priors.json]")
     args = p.parse_args()
 
-    from pipeline.cache import write_json_atomic
-    from pipeline.synth import render_or_reuse
+    from pipeline.core.cache import write_json_atomic
+    from pipeline.synthetic.render import render_or_reuse
 
     rows = []
     for shape in args.shapes:

@@ -9,12 +9,12 @@ with cameras, depth and mesh), ``OUT`` a finished ``recon run`` of it. Each
 or ``OUT/depth/views`` for a run with ``--skip refine``) using the GT depth,
 fuses them again with the run's fuse settings (``OUT/config.yaml``, then any
 ``--set`` overrides) and scores
-the mesh with :func:`pipeline.evaluate.evaluate_meshes`, the protocol of
+the mesh with :func:`pipeline.analysis.evaluate.evaluate_meshes`, the protocol of
 ``recon eval``. The gain of a variant over ``as-run`` bounds what any
 correction of those pixels — refinement included — can add to the mesh.
 
 Variants (``e`` = signed relative depth error against GT,
-:func:`pipeline.evaluate.depth_error_image`):
+:func:`pipeline.analysis.evaluate.depth_error_image`):
 
 * ``as-run`` — unchanged (reproduces the run up to Open3D's nondeterminism);
 * ``fix err >= 5%`` / ``fix 1-5%`` — those pixels get their GT depth;
@@ -52,12 +52,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.depth import adopted_depth_path  # noqa: E402
-from pipeline.errors import ReconError  # noqa: E402
-from pipeline.evaluate import GtViews, align_to_gt_cameras, depth_error_image, evaluate_meshes, read_colmap_poses, resolve_ground_truth  # noqa: E402
-from pipeline.fuse import FusionFrame, fuse_depth_maps, map_focal_scale, resolve_params  # noqa: E402
-from pipeline.io import DepthMap, load_depth_map, load_rgb, load_sfm_scene  # noqa: E402
-from pipeline.workspace import Workspace  # noqa: E402
+from pipeline.depth.stage import adopted_depth_path  # noqa: E402
+from pipeline.core.errors import ReconError  # noqa: E402
+from pipeline.analysis.evaluate import GtViews, align_to_gt_cameras, depth_error_image, evaluate_meshes, read_colmap_poses, resolve_ground_truth  # noqa: E402
+from pipeline.fuse.stage import FusionFrame, fuse_depth_maps, map_focal_scale, resolve_params  # noqa: E402
+from pipeline.core.io import DepthMap, load_depth_map, load_rgb, load_sfm_scene  # noqa: E402
+from pipeline.core.workspace import Workspace  # noqa: E402
 
 EDGE_JUMP = 0.05
 """A pixel is at a depth edge when its 7x7 neighbourhood spans a relative depth jump above this."""

@@ -5,9 +5,9 @@
     python bench/run_bench.py --quick --real-sets templeSparseRing   # smoke run: one small scene, reduced settings
     python bench/run_bench.py --shapes blob --models --views 12 --width 320 --height 240
 
-Rendered scenes: the procedural shapes of :data:`pipeline.synth.SHAPES` and the
+Rendered scenes: the procedural shapes of :data:`pipeline.synthetic.render.SHAPES` and the
 textured models in ``--models-dir`` (``spot``, ``bob``: their OBJ rendered by
-:func:`pipeline.synth.render_scene` with ``object_mesh``), each with GT.
+:func:`pipeline.synthetic.render.render_scene` with ``object_mesh``), each with GT.
 
 For each rendered scene (``WORK/scenes/<shape>_<views>v_<w>x<h>``, reused when
 already rendered with the same parameters) the driver runs, each stage as its
@@ -22,7 +22,7 @@ from the cache), so every stage gets its own wall time and peak RSS:
   (``pycolmap.poisson_meshing``; normals from 30 nearest neighbours, oriented
   towards the cameras that see each point): what SfM alone gives;
 * ``gt-depth`` — the ground-truth depth maps fused in-process by the fuse stage's
-  own code (``pipeline.fuse.fuse_ground_truth``, same settings as the runs;
+  own code (``pipeline.fuse.stage.fuse_ground_truth``, same settings as the runs;
   skipped with a note when it does not exist): the upper bound of SPEC.md.
 
 Real photo sets (``--real``; no GT): stage times, peak RSS, registered images
@@ -31,7 +31,7 @@ ground-truth intrinsics (``gt_colmap_text/cameras.txt``, e.g. fountain-P11) is
 copied with the EXIF tag ``FocalLengthIn35mmFilm`` written from them, so COLMAP
 starts from the right focal length (it still refines it).
 
-Every mesh is scored with :func:`pipeline.evaluate.evaluate_reconstruction`
+Every mesh is scored with :func:`pipeline.analysis.evaluate.evaluate_reconstruction`
 (alignment from the cameras; the gt-depth mesh is built in the GT frame).
 Stage times come from ``OUT/manifest.json`` (``seconds``, the stage's own time);
 peak RSS is the subprocess's ``VmHWM`` (``/proc/PID/status``, polled every
@@ -55,10 +55,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import write_json_atomic
-from pipeline.errors import ReconError
-from pipeline.evaluate import evaluate_reconstruction
-from pipeline.stages import STAGE_NAMES
+from pipeline.core.cache import write_json_atomic
+from pipeline.core.errors import ReconError
+from pipeline.analysis.evaluate import evaluate_reconstruction
+from pipeline.graph import STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,8 +201,8 @@ def sparse_poisson_floor(out: Path, mesh_path: Path, *, depth: int = 8, trim: fl
     import open3d as o3d
     import pycolmap
 
-    from pipeline.io import load_sfm_scene
-    from pipeline.workspace import Workspace
+    from pipeline.core.io import load_sfm_scene
+    from pipeline.core.workspace import Workspace
 
     started = time.perf_counter()
     scene = load_sfm_scene(Workspace(scene_dir=out, out_dir=out))
@@ -237,16 +237,16 @@ def sparse_poisson_floor(out: Path, mesh_path: Path, *, depth: int = 8, trim: fl
 def gt_depth_upper_bound(scene_dir: Path, mesh_path: Path, fuse_cfg: Any) -> dict[str, Any]:
     """Fuse the GT depth maps (true cameras) with the fuse stage's code; the mesh is written in the GT frame.
 
-    Uses ``pipeline.fuse.fuse_ground_truth`` (TSDF sizes derived as in the stage, from
+    Uses ``pipeline.fuse.stage.fuse_ground_truth`` (TSDF sizes derived as in the stage, from
     sparse points sampled on the GT depth, in that scene's normalized frame).
     """
     import open3d as o3d
 
-    from pipeline import fuse
+    from pipeline.fuse import stage as fuse
 
     fn = getattr(fuse, "fuse_ground_truth", None)
     if fn is None:
-        raise NotImplementedError("pipeline.fuse.fuse_ground_truth does not exist yet")
+        raise NotImplementedError("pipeline.fuse.stage.fuse_ground_truth does not exist yet")
     started = time.perf_counter()
     result, scene, params = fn(scene_dir, fuse_cfg)
     mesh = result.mesh
@@ -260,8 +260,8 @@ def gt_depth_upper_bound(scene_dir: Path, mesh_path: Path, fuse_cfg: Any) -> dic
 # ---- one scene ------------------------------------------------------------------------------
 
 def render_timed(scenes_dir: Path, shape: str, views: int, width: int, height: int, seed: int) -> tuple[Path, float | None]:
-    """The rendered scene folder (see :func:`pipeline.synth.render_or_reuse`) and its render time (None: reused)."""
-    from pipeline.synth import render_or_reuse
+    """The rendered scene folder (see :func:`pipeline.synthetic.render.render_or_reuse`) and its render time (None: reused)."""
+    from pipeline.synthetic.render import render_or_reuse
 
     started = time.perf_counter()
     scene, rendered = render_or_reuse(scenes_dir, shape, n_views=views, width=width, height=height, seed=seed)
@@ -335,7 +335,7 @@ MODEL_FILES: dict[str, str] = {"spot": "spot/spot_triangulated.obj", "bob": "bob
 
 def render_model_timed(scenes_dir: Path, name: str, models_dir: Path, views: int, width: int, height: int, seed: int) -> tuple[Path, float | None]:
     """``scenes_dir/model-<name>_<views>v_<W>x<H>_s<seed>`` rendered from the model's OBJ (reused when the parameters match)."""
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     obj = models_dir / MODEL_FILES[name]
     if not obj.is_file():
@@ -428,7 +428,7 @@ def bench_real(root: Path, runs: Path, args: argparse.Namespace) -> dict[str, An
     recs = run_stages(scene, out, list(STAGE_NAMES), extra, args.timeout)
     res.update({"images_dir": str(scene), "runs": recs, "seconds": manifest_seconds(out), "sfm": manifest_summary(out, "sfm")})
     if (out / "mesh.ply").exists():
-        from pipeline.evaluate import load_mesh
+        from pipeline.analysis.evaluate import load_mesh
 
         try:
             m = load_mesh(out / "mesh.ply")
@@ -507,7 +507,7 @@ def memory_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.synth import SHAPES
+    from pipeline.synthetic.render import SHAPES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, runs/, bench.json) [bench/results]")

@@ -9,7 +9,7 @@ YAML layout mirrors :class:`ReconConfig`::
 
 ``--set refine.weight_edge=0`` overrides one value (parsed as YAML, then
 checked against the declared type). Unknown keys and wrong types raise a
-one-line :class:`~pipeline.errors.ConfigError` that lists the valid keys;
+one-line :class:`~pipeline.core.errors.ConfigError` that lists the valid keys;
 once everything is applied, every setting's rule (range, choices, finite
 numbers, a CUDA device that exists) is checked, so a bad value fails before
 any stage runs.
@@ -25,13 +25,13 @@ from typing import Any
 
 import yaml
 
-from pipeline.depth_config import DepthConfig
-from pipeline.errors import ConfigError
-from pipeline.export_config import ExportConfig
-from pipeline.fuse_config import FuseConfig
-from pipeline.refine_config import RefineConfig
-from pipeline.settings import coerce, field_check, field_help, resolved_hints, section_problems, to_plain
-from pipeline.sfm_config import SfmConfig
+from pipeline.depth.config import DepthConfig
+from pipeline.core.errors import ConfigError
+from pipeline.export.config import ExportConfig
+from pipeline.fuse.config import FuseConfig
+from pipeline.refine.config import RefineConfig
+from pipeline.core.settings import coerce, field_check, field_help, resolved_hints, section_problems, to_plain
+from pipeline.sfm.config import SfmConfig
 
 
 @dataclass(kw_only=True)
@@ -75,7 +75,7 @@ def describe_settings() -> list[tuple[str, Any, str, str]]:
 
 
 def config_problems(cfg: ReconConfig, *, on_this_machine: bool = True) -> list[str]:
-    """Every setting that breaks its rule, one line each (see :func:`pipeline.settings.section_problems`).
+    """Every setting that breaks its rule, one line each (see :func:`pipeline.core.settings.section_problems`).
 
     Args:
         on_this_machine: also check what depends on this machine (a CUDA device asked for must exist).

@@ -8,7 +8,7 @@ depth prior) — succeeds with one warning line per skipped file.
 
 Scenes that must get through SfM use a rendered 8-view 160x120 scene whose
 true cameras are supplied as a COLMAP model (``SCENE_DIR/sparse/0``, see
-:func:`pipeline.groundtruth.write_gt_model`), so no feature matching runs;
+:func:`pipeline.synthetic.groundtruth.write_gt_model`), so no feature matching runs;
 the image-format zoo (grayscale, RGBA, 16-bit, EXIF rotation, a huge JPEG,
 mixed sizes, names with spaces and non-ASCII) runs the real SfM on 12 views.
 """
@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.groundtruth import load_gt_cameras, load_gt_depth, write_gt_model
-from pipeline.synth import render_scene
-from pipeline.workspace import view_key
+from pipeline.synthetic.groundtruth import load_gt_cameras, load_gt_depth, write_gt_model
+from pipeline.synthetic.render import render_scene
+from pipeline.core.workspace import view_key
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30"]
@@ -719,7 +719,7 @@ def _registered(zoo_run: ZooRun) -> dict[str, tuple]:
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_image_registers_where_it_was_taken(zoo_run, name):
     """Each special photo registers, upright, at its true position (similarity-aligned to the ground truth)."""
-    from pipeline.geometry import camera_center, umeyama
+    from pipeline.core.geometry import camera_center, umeyama
 
     assert zoo_run.result.returncode == 0, zoo_run.result.stderr
     reg = _registered(zoo_run)
@@ -741,11 +741,11 @@ def test_zoo_image_registers_where_it_was_taken(zoo_run, name):
 
 
 def _colmap_step_processes(parent: int | None = None) -> list[int]:
-    """PIDs of running COLMAP step processes (``python -m pipeline.colmap_steps``), of ``parent`` only when given."""
+    """PIDs of running COLMAP step processes (``python -m pipeline.sfm.colmap_steps``), of ``parent`` only when given."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"pipeline.colmap_steps" not in (proc / "cmdline").read_bytes():
+            if b"pipeline.sfm.colmap_steps" not in (proc / "cmdline").read_bytes():
                 continue
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
@@ -795,7 +795,7 @@ def test_huge_jpeg_is_decoded_at_reduced_scale(tmp_path):
         import resource, sys
         import numpy as np
         from PIL import Image
-        from pipeline.io import load_rgb
+        from pipeline.core.io import load_rgb
         with Image.open({str(big)!r}) as im:
             pass
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -818,7 +818,7 @@ def test_unexpected_error_keeps_the_traceback_in_the_log(scene):
     driver = textwrap.dedent("""
         import dataclasses, sys
         import cli
-        from pipeline import stages
+        from pipeline import graph as stages
 
         def boom(ctx):
             raise ZeroDivisionError("deep inside a library")

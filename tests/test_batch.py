@@ -30,7 +30,7 @@ import trimesh
 from click.testing import CliRunner
 
 import cli
-from pipeline.errors import ReconError
+from pipeline.core.errors import ReconError
 from workflows.batch import LOOPBACK_ENV, format_table, make_jobs, scene_row, write_reports
 from workflows.distributed import Resources, SceneJob, SceneOutcome, merge_stage_results, task_options, view_chunks
 from workflows.local import StageResult
@@ -225,7 +225,7 @@ def _canonical_mesh(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> dict[str, Path]:
     """Two small rendered scenes and a broken one (two photos: too few for SfM)."""
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     root = tmp_path_factory.mktemp("batch")
     out = {"blob": render_scene(root / "blob", shape="blob", n_views=N_VIEWS, width=240, height=180, seed=0),
@@ -296,7 +296,7 @@ def test_batch_meshes_equal_recon_run(first_batch, scenes):
 
 @pytest.mark.slow
 def test_per_view_depth_tasks_write_the_local_stage_files(first_batch, scenes):
-    from pipeline.io import load_depth_map
+    from pipeline.core.io import load_depth_map
 
     _, _, refs = first_batch
     for name in ("blob", "thin"):

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline import stages
+from pipeline import graph as stages
 
 
 @pytest.fixture

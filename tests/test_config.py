@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import PRESETS, ReconConfig, config_to_yaml, describe_settings, load_config, valid_keys
-from pipeline.errors import ConfigError
-from pipeline.sfm import Matcher
+from pipeline.core.errors import ConfigError
+from pipeline.sfm.stage import Matcher
 
 
 def test_defaults_are_the_tuned_values():
@@ -115,7 +115,7 @@ def test_every_number_declares_its_rule():
     import typing
 
     from pipeline.config import SECTIONS
-    from pipeline.settings import field_check
+    from pipeline.core.settings import field_check
 
     cfg = ReconConfig()
     missing = []

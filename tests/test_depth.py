@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import anchoring, mvs
-from pipeline.depth import (
+from pipeline.depth import anchoring
+from pipeline.depth import plane_sweep as mvs
+from pipeline.depth.stage import (
     DepthConfig,
     DepthEstimator,
     PriorKind,
@@ -23,11 +24,11 @@ from pipeline.depth import (
     select_neighbors,
     working_size,
 )
-from pipeline.errors import ReconError
-from pipeline.geometry import pixel_grid
-from pipeline.groundtruth import gt_depth_path, scene_from_ground_truth
-from pipeline.io import load_depth_map
-from pipeline.workspace import Workspace, view_stem
+from pipeline.core.errors import ReconError
+from pipeline.core.geometry import pixel_grid
+from pipeline.synthetic.groundtruth import gt_depth_path, scene_from_ground_truth
+from pipeline.core.io import load_depth_map
+from pipeline.core.workspace import Workspace, view_stem
 
 # ---- plane-sweep maths ---------------------------------------------------------------------------
 
@@ -300,7 +301,7 @@ def test_anchor_failures():
 @pytest.fixture(scope="module")
 def scene_dir(tmp_path_factory):
     """10 views, 320x240, two rings of cameras around the blob object (rendered once)."""
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     return render_scene(tmp_path_factory.mktemp("depth") / "blob", shape="blob", n_views=10, width=320, height=240, seed=0)
 
@@ -480,7 +481,7 @@ def test_bad_priors_are_left_out_with_warnings(scene_dir, scene, tmp_path, caplo
     few[:3, :3] = 1.0  # almost no valid pixel: too few sparse points land on it
     np.save(ws.depth_prior_dir / f"{names[3]}.npy", few)
     (ws.depth_prior_dir / f"{names[4]}.npy").unlink()  # missing
-    with caplog.at_level(logging.WARNING, logger="pipeline.depth"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.depth.stage"):
         res = compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"))
     assert sorted(res.failed) == sorted(v.name for v in scene.views[:5])
     assert len(res.written) == len(scene.views) - 5
@@ -543,7 +544,7 @@ def test_torchscript_errors(scene_dir, scene, tmp_path, caplog):
         compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(tmp_path / "nope.pt")))
     bad = tmp_path / "bad.pt"
     torch.jit.script(_WrongShape()).save(str(bad))
-    with caplog.at_level(logging.WARNING, logger="pipeline.depth"), pytest.raises(ReconError, match="no view got a depth map"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.depth.stage"), pytest.raises(ReconError, match="no view got a depth map"):
         compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(bad), max_image_side=80))
     assert "output of shape (1, 2, 60, 80)" in caplog.text
 
@@ -552,9 +553,9 @@ def test_torchscript_errors(scene_dir, scene, tmp_path, caplog):
 
 
 def test_stage_run_writes_summary(scene_dir, scene, tmp_path, monkeypatch):
-    from pipeline import depth
+    from pipeline.depth import stage as depth
     from pipeline.config import ReconConfig
-    from pipeline.stage import StageContext
+    from pipeline.core.context import StageContext
 
     ws = Workspace(scene_dir=scene_dir, out_dir=tmp_path / "out")
     cfg = ReconConfig()
@@ -570,7 +571,7 @@ def test_stage_run_writes_summary(scene_dir, scene, tmp_path, monkeypatch):
 
 def test_out_of_memory_retries_with_smaller_chunks(scene, tmp_path, monkeypatch, caplog):
     """A CUDA out-of-memory error in the sweep is retried with half the chunk (same result), with a warning."""
-    from pipeline.depth import MvsEstimator
+    from pipeline.depth.stage import MvsEstimator
 
     real = mvs.estimate_depth
     chunks = []

@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.diagnose import cameras_facing_scene_fraction, depth_stats, points_in_front_fraction, refine_gate_checks, reprojection_errors
-from pipeline.geometry import invert_pose
-from pipeline.groundtruth import scene_from_ground_truth
-from pipeline.synth import render_scene
+from pipeline.analysis.diagnose import cameras_facing_scene_fraction, depth_stats, points_in_front_fraction, refine_gate_checks, reprojection_errors
+from pipeline.core.geometry import invert_pose
+from pipeline.synthetic.groundtruth import scene_from_ground_truth
+from pipeline.synthetic.render import render_scene
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_cli_flags_inverted_published_cameras_only(finished_out, tmp_path):
 def test_cli_warns_when_refinement_did_nothing(finished_out, tmp_path):
     import shutil
 
-    from pipeline.io import load_depth_map, save_depth_map
+    from pipeline.core.io import load_depth_map, save_depth_map
 
     out = tmp_path / "recon"
     shutil.copytree(finished_out, out)
@@ -142,8 +142,8 @@ def test_anchor_residuals_of_exact_and_scaled_depth(gt_scene):
     """GT depth read at its own sparse points: residual ~0; the same map 3 % deeper: residual 3 %."""
     from pathlib import Path
 
-    from pipeline.diagnose import anchor_residuals
-    from pipeline.io import DepthMap
+    from pipeline.analysis.diagnose import anchor_residuals
+    from pipeline.core.io import DepthMap
 
     v = gt_scene.views[0]
     scene_dir = Path(v.image_path).parents[1]

@@ -68,7 +68,7 @@ def test_second_run_does_no_work(finished_run):
 
 
 def test_geometry_against_ground_truth(finished_run):
-    from pipeline.evaluate import evaluate_reconstruction
+    from pipeline.analysis.evaluate import evaluate_reconstruction
 
     ev = evaluate_reconstruction(finished_run / "recon", finished_run / "gt")
     assert ev["alignment"]["cameras_inliers"] == 12

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stages
-from pipeline.cache import run_lock, write_json_atomic
+from pipeline import graph as stages
+from pipeline.core.cache import run_lock, write_json_atomic
 from pipeline.config import load_config
-from pipeline.errors import LockedError, ReconError
-from pipeline.stage import StageContext
-from pipeline.workspace import Workspace
+from pipeline.core.errors import LockedError, ReconError
+from pipeline.core.context import StageContext
+from pipeline.core.workspace import Workspace
 from workflows.local import pipeline_status, run_pipeline
 
 VIEWS = [f"v{i}" for i in range(6)]

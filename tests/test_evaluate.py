@@ -10,11 +10,11 @@ import numpy as np
 import open3d as o3d
 import pytest
 
-from pipeline.errors import ReconError
-from pipeline.evaluate import (
+from pipeline.core.errors import ReconError
+from pipeline.analysis.evaluate import (
     Mesh, align_from_cameras, depth_error_image, depth_metrics, depth_pairs, evaluate_meshes, evaluate_reconstruction, format_summary, sample_depth,
 )
-from pipeline.geometry import scale_intrinsics, transform_pose_by_similarity, umeyama
+from pipeline.core.geometry import scale_intrinsics, transform_pose_by_similarity, umeyama
 
 FAST = dict(max_points=60_000)
 
@@ -246,7 +246,7 @@ def write_colmap_model(folder: Path, cams: list[tuple[str, np.ndarray, np.ndarra
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> Path:
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     return render_scene(tmp_path_factory.mktemp("scene") / "blob", shape="blob", n_views=8, width=160, height=120, seed=1, scale=2.0)
 
@@ -255,9 +255,9 @@ def rendered(tmp_path_factory) -> Path:
 def perfect_out(rendered, tmp_path_factory) -> Path:
     """A recon output in the normalized frame whose mesh, cameras and depth maps are the ground truth,
     except: 2 of the 8 cameras moved far away, and the refined maps 2 % too deep."""
-    from pipeline.groundtruth import scene_from_ground_truth
-    from pipeline.io import DepthMap, save_depth_map
-    from pipeline.workspace import Workspace
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
+    from pipeline.core.io import DepthMap, save_depth_map
+    from pipeline.core.workspace import Workspace
 
     scene = scene_from_ground_truth(rendered, n_points=500)
     s_n = scene.normalized_from_sfm[0, 0]
@@ -285,7 +285,7 @@ def test_evaluate_reconstruction_of_ground_truth(rendered, perfect_out):
     r = evaluate_reconstruction(perfect_out, rendered, **FAST)
     al = r["alignment"]
     info = json.loads((rendered / "gt" / "scene.json").read_text())
-    from pipeline.groundtruth import scene_from_ground_truth
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
     s_n = scene_from_ground_truth(rendered, n_points=500).normalized_from_sfm[0, 0]
     assert al["scale"] == pytest.approx(1.0 / s_n, rel=1e-6)
@@ -373,7 +373,7 @@ def perturbed_reconstruction(gt_mesh: o3d.geometry.TriangleMesh, lo: np.ndarray,
 
 def independent_fscore(est: o3d.geometry.TriangleMesh, gt: o3d.geometry.TriangleMesh, gt_dir: Path, lo: np.ndarray, hi: np.ndarray,
                        diagonal: float, taus_rel=(0.005, 0.01), margin: float = 0.05) -> dict[float, tuple[float, float, float]]:
-    """A minimal Tanks-and-Temples-style score written from the protocol text alone, sharing no code with pipeline.evaluate:
+    """A minimal Tanks-and-Temples-style score written from the protocol text alone, sharing no code with pipeline.analysis.evaluate:
     Open3D uniform sampling, nearest-pixel GT visibility, scipy k-d tree point-to-point distances to a 2x denser sampling."""
     from scipy.spatial import cKDTree
 
@@ -420,7 +420,7 @@ def independent_fscore(est: o3d.geometry.TriangleMesh, gt: o3d.geometry.Triangle
 
 @pytest.fixture(scope="module")
 def rendered_fine(tmp_path_factory) -> Path:
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     return render_scene(tmp_path_factory.mktemp("scene_fine") / "thin", shape="thin", n_views=10, width=320, height=240, seed=2)
 

@@ -18,14 +18,14 @@ import pytest
 import trimesh
 from scipy.spatial import cKDTree
 
-from pipeline import export
-from pipeline.cache import write_json_atomic
+from pipeline.export import stage as export
+from pipeline.core.cache import write_json_atomic
 from pipeline.config import ReconConfig, load_config
-from pipeline.errors import ReconError
-from pipeline.export import ExportFrame, MeshFormat, export_mesh_files, export_outputs, invert_similarity
-from pipeline.geometry import similarity_matrix
-from pipeline.stage import StageContext
-from pipeline.workspace import Workspace
+from pipeline.core.errors import ReconError
+from pipeline.export.stage import ExportFrame, MeshFormat, export_mesh_files, export_outputs, invert_similarity
+from pipeline.core.geometry import similarity_matrix
+from pipeline.core.context import StageContext
+from pipeline.core.workspace import Workspace
 
 
 def rotation(seed: int) -> np.ndarray:

@@ -4,7 +4,7 @@ The crash tests run the real CLI in a child process on a rendered 8-view
 160x120 scene whose true cameras are given as a COLMAP model (so the sfm
 stage is deterministic), with small depth/refine settings. A first,
 uninterrupted run records every atomic write (``RECON_FAULT_TRACE``, see
-:func:`pipeline.cache.fault_point`); each crash case then kills a fresh run
+:func:`pipeline.core.cache.fault_point`); each crash case then kills a fresh run
 with SIGKILL at one of those writes (``RECON_FAULT_KILL_AT``) — either just
 before a finished temporary file is moved into place (a stale temporary is
 left behind) or just after — or at a random moment, runs ``recon run`` again
@@ -29,12 +29,12 @@ import pytest
 import torch
 import trimesh
 
-from pipeline.cache import FAULT_KILL_ENV, FAULT_TRACE_ENV, file_checksum
-from pipeline.errors import ReconError
-from pipeline.groundtruth import write_gt_model
-from pipeline.oom import call_with_oom_fallback, is_out_of_memory
-from pipeline.stages import STAGE_NAMES
-from pipeline.synth import render_scene
+from pipeline.core.cache import FAULT_KILL_ENV, FAULT_TRACE_ENV, file_checksum
+from pipeline.core.errors import ReconError
+from pipeline.synthetic.groundtruth import write_gt_model
+from pipeline.core.oom import call_with_oom_fallback, is_out_of_memory
+from pipeline.graph import STAGE_NAMES
+from pipeline.synthetic.render import render_scene
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30"]
@@ -237,7 +237,7 @@ def test_nan_in_refinement_is_skipped_with_a_warning(reference, scene_src, tmp_p
     driver = textwrap.dedent("""
         import sys
         import cli
-        from pipeline import losses
+        from pipeline.refine import losses
 
         real = losses.multiview_loss
         calls = {"n": 0}
@@ -293,7 +293,7 @@ def _fake_work(fits_on: dict[str, int], calls: list[tuple[int, str]]):
 ])
 def test_oom_halves_the_batch_then_falls_back_to_cpu(fits, expected, caplog):
     calls: list[tuple[int, str]] = []
-    with caplog.at_level("WARNING", logger="pipeline.oom"):
+    with caplog.at_level("WARNING", logger="pipeline.core.oom"):
         res = call_with_oom_fallback(_fake_work(fits, calls), batch=64, device="cuda", min_batch=16, what="depth of v.png", setting="depth.chunk_pixels")
     assert calls == expected
     assert res.value.item() == pytest.approx(66.0) and (res.batch, res.device.type) == expected[-1] and res.retries == len(expected) - 1

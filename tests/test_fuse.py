@@ -1,7 +1,7 @@
 """fuse stage: TSDF fusion of depth maps (Open3D VoxelBlockGrid).
 
 The reference is the ground truth of a rendered scene: fusing its GT depth
-must reproduce the GT object (scored with :mod:`pipeline.evaluate`, the
+must reproduce the GT object (scored with :mod:`pipeline.analysis.evaluate`, the
 protocol of ``recon eval``).
 """
 
@@ -16,11 +16,11 @@ import open3d as o3d
 import pytest
 from PIL import Image
 
-from pipeline import fuse
+from pipeline.fuse import stage as fuse
 from pipeline.config import ReconConfig
-from pipeline.errors import ReconError
-from pipeline.evaluate import GtViews, Mesh, evaluate_meshes
-from pipeline.fuse import (
+from pipeline.core.errors import ReconError
+from pipeline.analysis.evaluate import GtViews, Mesh, evaluate_meshes
+from pipeline.fuse.stage import (
     FuseConfig,
     FusionParams,
     check_poses,
@@ -35,10 +35,10 @@ from pipeline.fuse import (
     visibility_outliers,
     visibility_votes,
 )
-from pipeline.groundtruth import gt_depth_path, scene_from_ground_truth
-from pipeline.io import DepthMap, save_depth_map
-from pipeline.stage import StageContext
-from pipeline.workspace import Workspace
+from pipeline.synthetic.groundtruth import gt_depth_path, scene_from_ground_truth
+from pipeline.core.io import DepthMap, save_depth_map
+from pipeline.core.context import StageContext
+from pipeline.core.workspace import Workspace
 
 EVAL_POINTS = 100_000
 
@@ -49,7 +49,7 @@ EVAL_POINTS = 100_000
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> Path:
     """A blob on a floor in a room: 10 views 256x192."""
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     return render_scene(tmp_path_factory.mktemp("fuse") / "blob", shape="blob", n_views=10, width=256, height=192, seed=0)
 
@@ -133,7 +133,7 @@ def test_open3d_reads_depth_with_the_colmap_pixel_convention():
 
 
 def test_auto_sizes_do_not_depend_on_the_scene_scale(tmp_path):
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     sizes = []
     meshes = []
@@ -402,7 +402,7 @@ def test_stage_fuses_refined_depth_and_masks_remove_the_object(rendered, gt_scen
 
 
 def load_gt_pose(scene_dir: Path, name: str) -> np.ndarray:
-    from pipeline.groundtruth import load_gt_cameras
+    from pipeline.synthetic.groundtruth import load_gt_cameras
 
     cams, _, _ = load_gt_cameras(scene_dir / "gt")
     return cams[name][1]

@@ -1,12 +1,12 @@
-"""Refinement losses (pipeline/losses.py): hand-computed values, the occlusion test, gradients."""
+"""Refinement losses (pipeline/refine/losses.py): hand-computed values, the occlusion test, gradients."""
 
 import math
 
 import pytest
 import torch
 
-from pipeline import losses
-from pipeline.geometry import backproject, pixel_grid, sample_image
+from pipeline.refine import losses
+from pipeline.core.geometry import backproject, pixel_grid, sample_image
 
 
 # ---- Huber --------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def _photo(depth_scale: float, *, gain: float = 1.0, offset: float = 0.0, occlud
     src_maps = src[None, :, :, None]
 
     def read_image(uv_dst):
-        from pipeline.refine import sample_views
+        from pipeline.refine.stage import sample_views
 
         return sample_views(src_maps, torch.zeros(uv_dst.shape[:2], dtype=torch.long), uv_dst)[:, 0]
 

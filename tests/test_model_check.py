@@ -1,11 +1,11 @@
-"""pipeline.model_check: does a COLMAP model belong to the photos? (patches around a point's keypoints must agree)."""
+"""pipeline.sfm.model_check: does a COLMAP model belong to the photos? (patches around a point's keypoints must agree)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.model_check import ImageAgreement, bilinear, local_affine, mismatched_images, track_agreement, zncc
+from pipeline.sfm.model_check import ImageAgreement, bilinear, local_affine, mismatched_images, track_agreement, zncc
 
 
 def _texture(h: int = 120, w: int = 160, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Which output folder a run may write into (pipeline.output_folder) and the per-view cache keys (pipeline.workspace)."""
+"""Which output folder a run may write into (pipeline.core.output_folder) and the per-view cache keys (pipeline.core.workspace)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import FINGERPRINT_FILE, Manifest, is_recon_output
-from pipeline.errors import ReconError
-from pipeline.output_folder import adopt_output_dir, check_output_location, foreign_entries
-from pipeline.workspace import Workspace, view_key
+from pipeline.core.cache import FINGERPRINT_FILE, Manifest, is_recon_output
+from pipeline.core.errors import ReconError
+from pipeline.core.output_folder import adopt_output_dir, check_output_location, foreign_entries
+from pipeline.core.workspace import Workspace, view_key
 
 
 @pytest.fixture

@@ -12,19 +12,19 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from pipeline import losses
-from pipeline import refine as refine_mod
+from pipeline.refine import losses
+from pipeline.refine import stage as refine_mod
 from pipeline.config import ReconConfig, load_config
-from pipeline.errors import ReconError
-from pipeline.geometry import sample_image
-from pipeline.groundtruth import scene_from_ground_truth
-from pipeline.io import DepthMap, load_depth_map, load_rgb, save_depth_map
-from pipeline.refine import (
+from pipeline.core.errors import ReconError
+from pipeline.core.geometry import sample_image
+from pipeline.synthetic.groundtruth import scene_from_ground_truth
+from pipeline.core.io import DepthMap, load_depth_map, load_rgb, save_depth_map
+from pipeline.refine.stage import (
     LOG_COLUMNS, RefineConfig, corrupt_depth, depth_error, evidence_stats, ground_truth_depths, keep_more_consistent, refine_depth_maps, sample_views,
     select_neighbors, upsample2x, upsample_sum, view_groups,
 )
-from pipeline.stage import StageContext
-from pipeline.workspace import Workspace
+from pipeline.core.context import StageContext
+from pipeline.core.workspace import Workspace
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_view_groups_partition_and_interleave():
 
 
 def test_select_neighbors_by_covisibility():
-    from pipeline.io import View
+    from pipeline.core.io import View
 
     def view(name, ids, x):
         T = np.eye(4)
@@ -92,7 +92,7 @@ def test_select_neighbors_by_covisibility():
 
 def _render_blob(folder, *, n_views: int, width: int, height: int):
     """The blob scene rendered into ``folder``: (scene_dir, SfmScene with true cameras, GT depth per view, images)."""
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     scene_dir = render_scene(folder / "blob", shape="blob", n_views=n_views, width=width, height=height, seed=0)
     scene = scene_from_ground_truth(scene_dir)
@@ -234,7 +234,7 @@ def test_non_finite_step_is_skipped_and_halves_lr(blob_scene, monkeypatch, caplo
 
     monkeypatch.setattr(losses, "anchor_loss", flaky)
     cfg = RefineConfig(steps=8, views_per_batch=2, log_every=4)
-    with caplog.at_level(logging.WARNING, logger="pipeline.refine"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.refine.stage"):
         maps, log = refine_depth_maps(scene.views[:4], init, scene.points, cfg, "cpu", images=images[:4])
     steps = log["steps"]
     assert log["skipped_steps"] == 1 and steps[2]["finite"] == 0.0
@@ -256,12 +256,12 @@ def test_bad_settings_are_reported(blob_scene):
 # ---- the stage -----------------------------------------------------------------------------
 
 def test_run_stage_writes_views_and_log(blob_scene, tmp_path, monkeypatch):
-    import pipeline.io
+    import pipeline.core.io
 
     scene_dir, scene, gts, _ = blob_scene
     ws = Workspace.create(scene_dir, tmp_path / "out")
     ctx = StageContext(ws=ws, config=ReconConfig(), name="refine", fingerprint="test", show_progress=False)
-    monkeypatch.setattr(pipeline.io, "load_sfm_scene", lambda _ws: scene)
+    monkeypatch.setattr(pipeline.core.io, "load_sfm_scene", lambda _ws: scene)
     with pytest.raises(ReconError, match="no depth maps"):
         refine_mod.run(ctx)
 
@@ -315,7 +315,7 @@ def test_keep_more_consistent_keeps_whichever_depth_the_neighbours_support(blob_
 
 def test_photometric_costs_prefer_the_true_depth(blob_scene):
     """The depth-stage matching cost (1 - NCC, best neighbour) of view 0: ground truth beats GT x 1.05 on most pixels."""
-    from pipeline.mvs import OUTSIDE_COST as mvs_outside
+    from pipeline.depth.plane_sweep import OUTSIDE_COST as mvs_outside
 
     _, scene, gts, images = blob_scene
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
@@ -334,8 +334,8 @@ def test_photometric_costs_prefer_the_true_depth(blob_scene):
 def test_photo_check_rejects_a_wrong_depth_the_neighbours_maps_repeat(blob_scene):
     """View 0's "refined" map is 5 % too far in a band and every neighbour's refined map was made to agree with it
     (the band splatted into them): the consistency test alone keeps the band, the photometric check does not."""
-    from pipeline import mvs
-    from pipeline.geometry import invert_pose
+    from pipeline.depth import plane_sweep as mvs
+    from pipeline.core.geometry import invert_pose
 
     _, scene, gts, images = blob_scene
     maps = _gt_maps(scene, gts)
@@ -366,12 +366,12 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(blob_scene, tmp_path, monkeypa
     """The stage on a (simulated) GPU that runs out of memory: a warning, then the same refinement on the CPU."""
     import logging
 
-    import pipeline.io
+    import pipeline.core.io
 
     scene_dir, scene, gts, _ = blob_scene
     ws = Workspace.create(scene_dir, tmp_path / "out")
     ctx = StageContext(ws=ws, config=ReconConfig(), name="refine", fingerprint="test", show_progress=False)
-    monkeypatch.setattr(pipeline.io, "load_sfm_scene", lambda _ws: scene)
+    monkeypatch.setattr(pipeline.core.io, "load_sfm_scene", lambda _ws: scene)
     for dm in _initial_maps(scene, gts, "mvs"):
         save_depth_map(ws.depth_view(dm.name), dm)
     ctx.config.refine.steps = 5
@@ -437,7 +437,7 @@ def test_offloaded_groups_give_the_same_maps(small_scene, tmp_path, caplog, max_
     _, scene, _, images, init = small_scene
     cfg = RefineConfig(steps=20, views_per_batch=4)
     resident, log_resident = refine_depth_maps(scene.views, init, scene.points, cfg, "cpu", images=images)
-    with caplog.at_level(logging.INFO, logger="pipeline.refine"):
+    with caplog.at_level(logging.INFO, logger="pipeline.refine.stage"):
         offloaded, log_offloaded = refine_depth_maps(scene.views, init, scene.points, replace(cfg, max_resident_views=max_resident_views), "cpu",
                                                      images=images, scratch_dir=tmp_path)
     assert "wait in scratch files" in caplog.text and "group turns read from scratch files" in caplog.text
@@ -468,7 +468,7 @@ def test_offloaded_groups_with_several_steps_per_visit(small_scene):
 
 def test_lazy_inputs_and_sink(small_scene):
     """Lazily loaded inputs and a sink give the maps of the plain call; each view's map is emitted once."""
-    from pipeline.io import LazySequence
+    from pipeline.core.io import LazySequence
 
     _, scene, _, images, init = small_scene
     cfg = RefineConfig(steps=10, views_per_batch=4)
@@ -493,11 +493,11 @@ def test_lazy_inputs_and_sink(small_scene):
 
 
 def _stage(scene_dir, scene, init, tmp_path, monkeypatch, **settings):
-    import pipeline.io
+    import pipeline.core.io
 
     ws = Workspace.create(scene_dir, tmp_path / "out")
     ctx = StageContext(ws=ws, config=ReconConfig(), name="refine", fingerprint="test", show_progress=False)
-    monkeypatch.setattr(pipeline.io, "load_sfm_scene", lambda _ws: scene)
+    monkeypatch.setattr(pipeline.core.io, "load_sfm_scene", lambda _ws: scene)
     for dm in init:
         save_depth_map(ws.depth_view(dm.name), dm)
     for key, value in settings.items():
@@ -510,7 +510,7 @@ def test_stage_writes_the_maps_of_the_in_memory_call(small_scene, tmp_path, monk
     for the same inputs read from the files, and leaves no scratch or temporary file behind."""
     import json
 
-    from pipeline.io import load_rgb
+    from pipeline.core.io import load_rgb
 
     scene_dir, scene, _, _, init = small_scene
     ws, ctx = _stage(scene_dir, scene, init, tmp_path, monkeypatch, steps=15, views_per_batch=4)

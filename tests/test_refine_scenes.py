@@ -13,26 +13,26 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.depth import (
+from pipeline.depth.stage import (
     DepthConfig,
     DepthEstimator,
     PriorKind,
     compute_depth_maps,
     filter_input_path,
 )
-from pipeline.evaluate import GtViews, evaluate_meshes
-from pipeline.fuse import (
+from pipeline.analysis.evaluate import GtViews, evaluate_meshes
+from pipeline.fuse.stage import (
     FuseConfig,
     FusionFrame,
     fuse_depth_maps,
     map_focal_scale,
     resolve_params,
 )
-from pipeline.groundtruth import load_gt_depth, scene_from_ground_truth
-from pipeline.io import load_depth_map, load_rgb
-from pipeline.refine import RefineConfig, refine_depth_maps
-from pipeline.synthetic_priors import STRENGTHS, monocular_prior
-from pipeline.workspace import Workspace, view_stem
+from pipeline.synthetic.groundtruth import load_gt_depth, scene_from_ground_truth
+from pipeline.core.io import load_depth_map, load_rgb
+from pipeline.refine.stage import RefineConfig, refine_depth_maps
+from pipeline.synthetic.priors import STRENGTHS, monocular_prior
+from pipeline.core.workspace import Workspace, view_stem
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def scene_dir(tmp_path_factory):
     """10 views, 320x240, of the blob object (rendered once)."""
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     return render_scene(tmp_path_factory.mktemp("refine_scenes") / "blob", shape="blob", n_views=10, width=320, height=240, seed=0)
 

@@ -21,8 +21,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline.report import SECTIONS, build_report, colorize, refine_caption, render_mesh_views, svg_curves
-from pipeline.workspace import Workspace
+from pipeline.analysis.report import SECTIONS, build_report, colorize, refine_caption, render_mesh_views, svg_curves
+from pipeline.core.workspace import Workspace
 
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30", "--no-progress"]
 
@@ -38,7 +38,7 @@ def chromium_binary() -> str | None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Workspace:
     """A finished ``recon run`` on a rendered 10-view 240x180 scene (about 10 s), then ``recon eval`` on it."""
-    from pipeline.synth import render_scene
+    from pipeline.synthetic.render import render_scene
 
     scene = render_scene(tmp_path_factory.mktemp("report") / "blob", shape="blob", n_views=10, width=240, height=180, seed=0)
     result = CliRunner().invoke(cli.main, ["run", str(scene), *FAST])
@@ -152,7 +152,7 @@ def test_report_renders_in_headless_chromium(finished_run, evaluated_report, tmp
     assert list(secs) == list(SECTIONS)
     for sid, s in secs.items():
         assert s["heading"] and s["height"] > 40 and s["width"] > 300 and s["text"] > 60, (sid, s)
-    from pipeline.io import load_depth_map
+    from pipeline.core.io import load_depth_map
 
     restored = sum(bool(load_depth_map(f).restored.any()) for f in sorted(finished_run.stage_dir("refine").joinpath("views").glob("*.npz")))
     assert secs["views"]["images"] == 50 + restored and secs["renders"]["images"] == 9  # 5 per view, + restored pixels where any
@@ -169,7 +169,7 @@ def test_report_renders_in_headless_chromium(finished_run, evaluated_report, tmp
 
 def test_mesh_renders_are_seen_from_the_photos_cameras(finished_run):
     """Each render matches its own photo better than the photos of the other two cameras (right pose convention)."""
-    from pipeline.io import load_sfm_scene
+    from pipeline.core.io import load_sfm_scene
 
     renders = render_mesh_views(finished_run.mesh_path, load_sfm_scene(finished_run))
     assert len(renders) == 3

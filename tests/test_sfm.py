@@ -19,16 +19,16 @@ import pycolmap
 import pytest
 from PIL import Image
 
-from pipeline import sfm
+from pipeline.sfm import stage as sfm
 from pipeline.config import load_config
-from pipeline.errors import ReconError
-from pipeline.geometry import camera_center, invert_pose, umeyama
-from pipeline.groundtruth import load_gt_cameras, scene_from_ground_truth
-from pipeline.io import load_sfm_scene
-from pipeline.sfm import CameraMode, InputImage, camera_groups, prepare_image, scene_images, sfm_paths
-from pipeline.stage import StageContext
-from pipeline.synth import render_scene
-from pipeline.workspace import Workspace
+from pipeline.core.errors import ReconError
+from pipeline.core.geometry import camera_center, invert_pose, umeyama
+from pipeline.synthetic.groundtruth import load_gt_cameras, scene_from_ground_truth
+from pipeline.core.io import load_sfm_scene
+from pipeline.sfm.stage import CameraMode, InputImage, camera_groups, prepare_image, scene_images, sfm_paths
+from pipeline.core.context import StageContext
+from pipeline.synthetic.render import render_scene
+from pipeline.core.workspace import Workspace
 from workflows.local import RunResult, run_pipeline
 
 N_VIEWS = 12
@@ -63,7 +63,7 @@ def sfm_run(tmp_path_factory) -> SfmRun:
     (scene / "images" / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     ws = Workspace.create(scene)
     collect = _Collect()
-    log = logging.getLogger("pipeline.sfm")
+    log = logging.getLogger("pipeline.sfm.stage")
     log.addHandler(collect)
     try:
         result = _run(ws)
@@ -176,7 +176,7 @@ def test_interrupted_run_resumes_from_finished_phases(sfm_run, tmp_path, caplog)
     # Killed during undistortion: the mapped model is reused, nothing before it re-runs.
     shutil.rmtree(ws.sfm_model_dir)
     log = ws.sfm_log.read_text()
-    with caplog.at_level(logging.INFO, logger="pipeline.sfm"):
+    with caplog.at_level(logging.INFO, logger="pipeline.sfm.stage"):
         sfm.run(ctx)
     new_log = ws.sfm_log.read_text()[len(log):]
     assert "initial image pair" not in new_log and "Undistort" in new_log
@@ -412,7 +412,7 @@ def test_photo_discovery_leaves_out_every_recon_folder_and_matches_any_case(tmp_
 def test_duplicate_photos_are_used_once_and_named(tmp_path, caplog):
     ims = [InputImage(name=n, width=40, height=30, camera_key=(40, 30), digest=d) for n, d in
            (("a.jpg", "x"), ("b.jpg", "y"), ("copy of a.png", "x"), ("c.jpg", "z"), ("again a.jpg", "x"))]
-    with caplog.at_level(logging.WARNING, logger="pipeline.sfm"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.stage"):
         kept, duplicates = sfm.drop_duplicates(ims, tmp_path)
     assert [im.name for im in kept] == ["a.jpg", "b.jpg", "c.jpg"]
     assert duplicates == {"copy of a.png": "a.jpg", "again a.jpg": "a.jpg"}
@@ -435,7 +435,7 @@ def test_too_small_photos_are_skipped_by_name(tmp_path, caplog):
     Image.new("RGB", (15, 15), "gray").save(images / "tiny.png")
     Image.new("RGB", (2000, 8), "gray").save(images / "strip.png")
     files = sorted(images.iterdir())
-    with caplog.at_level(logging.WARNING, logger="pipeline.sfm"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.stage"):
         kept = sfm.prepare_inputs(files, images, tmp_path / "input", load_config().sfm)
     assert [im.name for im in kept] == ["good_0.png", "good_1.png", "good_2.png"]
     warned = [r.getMessage() for r in caplog.records]
@@ -446,7 +446,7 @@ def test_too_small_photos_are_skipped_by_name(tmp_path, caplog):
 def test_a_native_crash_in_feature_extraction_names_the_photo(tmp_path):
     """COLMAP's affine-shape SIFT segfaults on a photo under 16 pixels a side (what `prepare_inputs` now skips);
     run in its child process, the crash is one line naming the photo, and this process lives on."""
-    from pipeline.colmap_steps import ColmapCrashed, run_step
+    from pipeline.sfm.colmap_steps import ColmapCrashed, run_step
 
     folder = tmp_path / "input"
     folder.mkdir()
@@ -464,7 +464,7 @@ def test_a_native_crash_in_feature_extraction_names_the_photo(tmp_path):
 
 def test_colmap_steps_give_the_same_features_as_in_process(tmp_path):
     """The child process changes nothing: same keypoints as pycolmap called here."""
-    from pipeline.colmap_steps import run_step
+    from pipeline.sfm.colmap_steps import run_step
 
     folder = tmp_path / "input"
     folder.mkdir()

@@ -10,7 +10,7 @@ import open3d as o3d
 import pytest
 from PIL import Image
 
-from pipeline.synth import (
+from pipeline.synthetic.render import (
     SHAPES,
     GroundTruth,
     intrinsics,

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import Manifest
+from pipeline.core.cache import Manifest
 from pipeline.config import ReconConfig, load_config
-from pipeline.errors import ReconError
-from pipeline.io import load_depth_map, load_sfm_scene
-from pipeline.workspace import Workspace
+from pipeline.core.errors import ReconError
+from pipeline.core.io import load_depth_map, load_sfm_scene
+from pipeline.core.workspace import Workspace
 from workflows.local import run_pipeline
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def run_ablation(
             if steps:
                 metrics.update({f"final_{k}": v for k, v in steps[-1].items() if k.startswith("L_") or k == "loss"})
         if gt is not None:
-            from pipeline.evaluate import evaluate_reconstruction
+            from pipeline.analysis.evaluate import evaluate_reconstruction
 
             ev = evaluate_reconstruction(vws.out_dir, gt)
             for label, t in ev["thresholds"].items():

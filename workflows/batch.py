@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import write_bytes_atomic, write_json_atomic
-from pipeline.errors import ReconError
-from pipeline.stages import STAGE_NAMES
+from pipeline.core.cache import write_bytes_atomic, write_json_atomic
+from pipeline.core.errors import ReconError
+from pipeline.graph import STAGE_NAMES
 from workflows.distributed import Resources, SceneJob, SceneOutcome, run_scene
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ that submits, one after the other:
 1. ``sfm`` as one task;
 2. per-view depth: the registered views split into chunks of
    ``views_per_task``, each chunk one task running pass 1 of the depth stage
-   (:func:`pipeline.depth.estimate_views`) into the depth stage's building
+   (:func:`pipeline.depth.stage.estimate_views`) into the depth stage's building
    folder (``OUT/.building/depth``), which :func:`workflows.local.prepare_stage`
    first marks with the stage fingerprint;
 3. the rest (depth's consistency filter and manifest entry, refine, fuse,
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ReconConfig, load_config
-from pipeline.errors import ReconError
-from pipeline.output_folder import adopt_output_dir
-from pipeline.workspace import Workspace
+from pipeline.core.errors import ReconError
+from pipeline.core.output_folder import adopt_output_dir
+from pipeline.core.workspace import Workspace
 from workflows.local import StageResult
 
 logger = logging.getLogger(__name__)
@@ -204,11 +204,11 @@ def run_stages_task(job: SceneJob, until: str | None) -> TaskOutcome:
 
 def estimate_chunk_task(job: SceneJob, indices: list[int]) -> TaskOutcome:
     """Pass 1 of the depth stage for the views ``indices`` into its prepared building folder (``OUT/.building/depth``)."""
-    from pipeline.depth import estimate_views
-    from pipeline.io import load_sfm_scene
+    from pipeline.depth.stage import estimate_views
+    from pipeline.core.io import load_sfm_scene
 
     def body(ws: Workspace, cfg: ReconConfig, outcome: TaskOutcome) -> None:
-        log = logging.getLogger("pipeline.depth")
+        log = logging.getLogger("pipeline.depth.stage")
         res = estimate_views(load_sfm_scene(ws), ws.building_stage("depth"), cfg.depth, indices, log=log)
         log.info("depth: pass 1 of views %d..%d in a Ray task: %d estimated, %d already there, %d left out",
                  indices[0], indices[-1], len(res.seconds), len(indices) - len(res.seconds) - len(res.failed), len(res.failed))
@@ -219,7 +219,7 @@ def estimate_chunk_task(job: SceneJob, indices: list[int]) -> TaskOutcome:
 
 def prepare_depth_task(job: SceneJob, views_per_task: int) -> TaskOutcome:
     """Mark the depth stage's building folder with its fingerprint and return its view chunks (none when the stage is cached)."""
-    from pipeline.io import load_sfm_scene
+    from pipeline.core.io import load_sfm_scene
     from workflows.local import prepare_stage
 
     def body(ws: Workspace, cfg: ReconConfig, outcome: TaskOutcome) -> None:
@@ -236,7 +236,7 @@ def write_report(ws: Workspace, *, ran: bool) -> str | None:
 
     A report failure never fails the scene: it is logged and returned.
     """
-    from pipeline.report import build_report
+    from pipeline.analysis.report import build_report
 
     if not ran and ws.report_path.exists():
         return None
@@ -257,7 +257,7 @@ def evaluate_scene(ws: Workspace) -> dict[str, Any] | None:
     """
     import json
 
-    from pipeline.evaluate import DEFAULT_THRESHOLDS_REL, evaluate_reconstruction, threshold_table
+    from pipeline.analysis.evaluate import DEFAULT_THRESHOLDS_REL, evaluate_reconstruction, threshold_table
 
     gt = ws.scene_dir / "gt"
     if not gt.is_dir() or not ws.mesh_path.is_file():

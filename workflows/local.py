@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import (
+from pipeline.core.cache import (
     FINGERPRINT_FILE,
     Manifest,
     checksum_tree,
@@ -34,11 +34,11 @@ from pipeline.cache import (
     write_error,
 )
 from pipeline.config import ReconConfig, config_to_yaml
-from pipeline.errors import ReconError
-from pipeline.output_folder import adopt_output_dir
-from pipeline.stage import StageContext
-from pipeline.stages import BY_NAME, STAGE_NAMES, STAGES, effective_deps, inputs_digest, stage_fingerprint, stage_settings
-from pipeline.workspace import Workspace
+from pipeline.core.errors import ReconError
+from pipeline.core.output_folder import adopt_output_dir
+from pipeline.core.context import StageContext
+from pipeline.graph import BY_NAME, STAGE_NAMES, STAGES, effective_deps, inputs_digest, stage_fingerprint, stage_settings
+from pipeline.core.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,716 @@
+"""Plane-sweep multi-view stereo in torch (the ``mvs`` depth estimator's mathematics).
+
+One reference view against a few source (neighbour) views:
+
+1. **Warp.** A source image is read at the pixels where the reference pixels
+   land for a depth hypothesis. For a constant depth ``d`` (a fronto-parallel
+   plane in the reference camera) this is the plane-induced homography
+   ``H = K_src (R + t n^T / d) K_ref^-1`` with ``n = (0, 0, 1)``
+   (:func:`plane_homographies`); for per-pixel hypotheses it is the same map
+   written as ``x_src ~ d * A(p) + b`` with ``A(p) = K_src R K_ref^-1 p~`` and
+   ``b = K_src t`` (:func:`ray_field`, :func:`warp_by_depth`), so one code path
+   serves both.
+2. **Cost.** Windowed normalized cross-correlation on grayscale (box filters,
+   robust to gain and offset changes between views), cost ``1 - NCC`` in
+   [0, 2]; a hypothesis that lands outside a source image costs
+   :data:`OUTSIDE_COST`. Costs of the ``best_k`` best neighbours per pixel
+   and hypothesis are averaged (occlusion-robust aggregation; ``best_k = 1``
+   keeps surfaces that only one neighbour sees, the geometric filter then
+   removes the chance matches).
+3. **Coarse to fine.** A full sweep, uniform in inverse depth, on the coarsest
+   pyramid level; each finer level sweeps a few offsets of the (median-
+   filtered, upsampled) estimate plus its local min and max, then spatial
+   propagation and polish sweeps at full resolution
+   (:func:`estimate_depth`). Winner-take-all plus a parabola fit on the cost
+   curve gives sub-hypothesis inverse depth.
+4. **Confidence** = clamp(NCC, 0, 1) x uniqueness, where uniqueness
+   ``1 - c_best / c_second`` compares the coarse sweep's best cost with the
+   best cost away from it (a peak-ratio measure).
+
+:func:`geometric_consistency` checks finished depth maps against their
+neighbours by forward-backward reprojection.
+
+Conventions are those of :mod:`pipeline.core.geometry`: ``cam_from_world`` poses,
+COLMAP pixel centres (+0.5), ``grid_sample(align_corners=False)``, depth =
+camera z. Everything is float32 torch on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.core.geometry import backproject, inside_image, pixel_grid, project, sample_image, to_grid_coords, transform_points
+
+OUTSIDE_COST = 2.0
+"""Cost of a hypothesis that projects outside a source image (the worst NCC cost)."""
+
+_EPS = 1e-6
+
+
+# ---- images --------------------------------------------------------------------------------
+
+def rgb_to_gray(image_b3hw: torch.Tensor) -> torch.Tensor:
+    """ITU-R BT.601 luma of RGB images in [0, 1]: (B, 3, H, W) → (B, 1, H, W)."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=image_b3hw.dtype, device=image_b3hw.device)
+    return (image_b3hw * w[None, :, None, None]).sum(1, keepdim=True)
+
+
+def resize_image(image_bchw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bilinear resize (``align_corners=False``, so K scales exactly)."""
+    if image_bchw.shape[-2:] == (height, width):
+        return image_bchw
+    return F.interpolate(image_bchw, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+
+
+def level_shape(height: int, width: int, level: int) -> tuple[int, int]:
+    """Image size at pyramid level ``level`` (0 = full, each level halves)."""
+    f = 2**level
+    return max(1, round(height / f)), max(1, round(width / f))
+
+
+def scale_K(K_33: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
+    """Intrinsics of an image resized by (sx, sy) (COLMAP convention: exact)."""
+    out = K_33.clone()
+    out[0] = out[0] * sx
+    out[1] = out[1] * sy
+    return out
+
+
+# ---- warping ---------------------------------------------------------------------------------
+
+def plane_homographies(K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor, depth_d: torch.Tensor) -> torch.Tensor:
+    """Homographies of fronto-parallel planes ``z_ref = d``: reference pixel → source pixel.
+
+    ``H_d = K_src (R + t n^T / d) K_ref^-1`` with ``n = (0, 0, 1)``, where
+    ``(R, t)`` is ``src_from_ref``; applies to homogeneous pixel coordinates
+    (COLMAP convention, pixel centres at +0.5).
+
+    Args:
+        depth_d: (D,) plane depths in the reference camera (> 0).
+    Returns:
+        (D, 3, 3).
+    """
+    R, t = src_from_ref_44[:3, :3], src_from_ref_44[:3, 3]
+    n = torch.tensor([0.0, 0.0, 1.0], dtype=R.dtype, device=R.device)
+    M = R[None] + (t[:, None] * n[None, :])[None] / depth_d[:, None, None]
+    return K_src_33[None] @ M @ torch.linalg.inv(K_ref_33)[None]
+
+
+def warp_by_homography(src_11hw: torch.Tensor, H_d33: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read ``src`` through each homography at every pixel of a (height, width) reference image.
+
+    Returns:
+        warped (D, 1, height, width) bilinear samples (0 outside), inside (D, 1, height, width) bool.
+    """
+    p = pixel_grid(height, width, device=src_11hw.device, dtype=src_11hw.dtype).reshape(-1, 2)
+    ph = torch.cat([p, torch.ones_like(p[:, :1])], 1)  # (N, 3)
+    q = ph @ H_d33.transpose(1, 2)  # (D, N, 3)
+    z = q[..., 2]
+    uv = q[..., :2] / z.clamp(min=_EPS)[..., None]
+    return _sample_warped(src_11hw, uv.reshape(-1, height, width, 2), z.reshape(-1, height, width) > _EPS)
+
+
+def ray_field(K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A (3, H, W)`` and ``b (3,)`` such that a reference pixel at depth ``d`` lands at ``x_src ~ d * A + b``.
+
+    ``A(p) = K_src R K_ref^-1 p~`` (pixel centres), ``b = K_src t``.
+    """
+    p = pixel_grid(height, width, device=K_ref_33.device, dtype=K_ref_33.dtype)
+    ph = torch.cat([p, torch.ones_like(p[..., :1])], -1)  # (H, W, 3)
+    M = K_src_33 @ src_from_ref_44[:3, :3] @ torch.linalg.inv(K_ref_33)
+    A = torch.einsum("ij,hwj->ihw", M, ph)
+    b = K_src_33 @ src_from_ref_44[:3, 3]
+    return A, b
+
+
+def warp_by_depth(src_11hw: torch.Tensor, A_3hw: torch.Tensor, b_3: torch.Tensor, depth_dhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read ``src`` where each reference pixel lands at per-pixel depth hypotheses.
+
+    Args:
+        src_11hw: (1, 1, h_src, w_src) source image.
+        A_3hw, b_3: from :func:`ray_field` (reference size H, W).
+        depth_dhw: (D, H, W) depth hypotheses (> 0).
+    Returns:
+        warped (D, 1, H, W) (0 outside), inside (D, 1, H, W) bool.
+    """
+    x = depth_dhw * A_3hw[0] + b_3[0]
+    y = depth_dhw * A_3hw[1] + b_3[1]
+    z = depth_dhw * A_3hw[2] + b_3[2]
+    zc = z.clamp(min=_EPS)
+    uv = torch.stack([x / zc, y / zc], dim=-1)
+    return _sample_warped(src_11hw, uv, z > _EPS)
+
+
+def _sample_warped(src_11hw: torch.Tensor, uv_dhw2: torch.Tensor, front_dhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d, h, w, _ = uv_dhw2.shape
+    hs, ws = src_11hw.shape[-2:]
+    grid = to_grid_coords(uv_dhw2, hs, ws).reshape(1, d * h, w, 2)
+    warped = F.grid_sample(src_11hw, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = inside_image(uv_dhw2, hs, ws) & front_dhw
+    return warped.reshape(d, 1, h, w), inside[:, None]
+
+
+# ---- matching cost ---------------------------------------------------------------------------------
+
+def box_filter(x_bchw: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a ``window`` x ``window`` box of every channel (odd window, zero padding).
+
+    Many channels: a depthwise convolution; few channels: separable shifted
+    sums (on CPU a depthwise convolution with few channels is several times
+    slower than either). Both give the same values up to rounding.
+    """
+    c, h, w = x_bchw.shape[1:]
+    r = window // 2
+    if c >= 16 or x_bchw.device.type != "cpu":
+        kernel = torch.full((c, 1, window, window), 1.0 / (window * window), dtype=x_bchw.dtype, device=x_bchw.device)
+        return F.conv2d(x_bchw, kernel, padding=r, groups=c)
+    p = F.pad(x_bchw, (r, r))
+    rows = p[..., 0:w].clone()
+    for i in range(1, window):
+        rows += p[..., i : i + w]
+    p = F.pad(rows, (0, 0, r, r))
+    out = p[..., 0:h, :].clone()
+    for i in range(1, window):
+        out += p[..., i : i + h, :]
+    return out.mul_(1.0 / (window * window))
+
+
+@dataclass(frozen=True)
+class RefStats:
+    """Box-filter statistics of the reference image, shared by every hypothesis."""
+
+    image: torch.Tensor  # (1, 1, H, W)
+    mean: torch.Tensor  # (1, 1, H, W)
+    var: torch.Tensor  # (1, 1, H, W)
+    window: int
+
+
+def reference_stats(ref_11hw: torch.Tensor, window: int) -> RefStats:
+    stats = box_filter(torch.cat([ref_11hw, ref_11hw * ref_11hw], 1), window)
+    mean = stats[:, :1]
+    var = (stats[:, 1:] - mean * mean).clamp(min=0.0)
+    return RefStats(ref_11hw, mean, var, window)
+
+
+def ncc_cost(ref: RefStats, warped_d1hw: torch.Tensor, inside_d1hw: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """``1 - NCC`` of reference and warped windows (D, H, W), in [0, 2]; outside → :data:`OUTSIDE_COST`.
+
+    ``eps`` (an intensity standard deviation, images in [0, 1]) keeps
+    textureless windows from producing arbitrary correlations: they score
+    near 0 NCC (cost ≈ 1).
+    """
+    d = warped_d1hw.shape[0]
+    w = warped_d1hw[:, 0]
+    stats = box_filter(torch.cat([w, w * w, w * ref.image[0, 0]], 0)[None], ref.window)[0]
+    mw, mww, mrw = stats[:d], stats[d : 2 * d], stats[2 * d :]
+    var_w = mww.sub_(mw * mw).clamp_(min=0.0)
+    cov = mrw.sub_(mw.mul_(ref.mean[0]))
+    cost = cov.mul_(var_w.mul_(ref.var[0]).add_(eps**4).rsqrt_())  # NCC
+    cost = cost.neg_().add_(1.0).clamp_(0.0, 2.0)
+    return cost.masked_fill_(~inside_d1hw[:, 0], OUTSIDE_COST)
+
+
+class BestK:
+    """Running mean of the ``k`` lowest of several cost volumes (occlusion-robust aggregation).
+
+    An insertion network of elementwise min/max (much faster than ``topk``
+    over a small axis on CPU); memory holds ``k`` volumes, not one per neighbour.
+    """
+
+    def __init__(self, k: int):
+        self.k = max(1, k)
+        self.slots: list[torch.Tensor] = []
+
+    def add(self, cost: torch.Tensor) -> None:
+        carry = cost
+        for i, slot in enumerate(self.slots):
+            lo = torch.minimum(slot, carry)
+            carry = torch.maximum(slot, carry)
+            self.slots[i] = lo
+        if len(self.slots) < self.k:
+            self.slots.append(carry)
+
+    def mean(self) -> torch.Tensor:
+        total = self.slots[0].clone()
+        for slot in self.slots[1:]:
+            total += slot
+        return total / len(self.slots)
+
+
+def aggregate_best_k(cost_ndhw: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the ``k`` lowest costs over the neighbour axis: (N, D, H, W) → (D, H, W)."""
+    agg = BestK(min(k, cost_ndhw.shape[0]))
+    for c in cost_ndhw:
+        agg.add(c)
+    return agg.mean()
+
+
+@dataclass(frozen=True)
+class Source:
+    """One neighbour view at one pyramid level, ready for :func:`warp_source`.
+
+    ``gx = (d · Ax + bx) / (d · Az + bz)`` (and ``gy``) are the ``grid_sample``
+    coordinates of a reference pixel at depth ``d``: the ray field of
+    :func:`ray_field` with the pixel → [-1, 1] mapping folded in.
+    """
+
+    image: torch.Tensor  # (1, 1, h, w) grayscale in [0, 1]
+    Ax: torch.Tensor  # (H_ref, W_ref)
+    Ay: torch.Tensor
+    Az: torch.Tensor
+    bx: float
+    by: float
+    bz: float
+
+
+def make_source(image_11hw: torch.Tensor, K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor, height: int, width: int) -> Source:
+    A, b = ray_field(K_ref_33, K_src_33, src_from_ref_44, height, width)
+    hs, ws = image_11hw.shape[-2:]
+    # grid = 2 * uv / size - 1  →  numerator (2/size · x - z).
+    Ax, Ay = A[0] * (2.0 / ws) - A[2], A[1] * (2.0 / hs) - A[2]
+    bx, by = b[0] * (2.0 / ws) - b[2], b[1] * (2.0 / hs) - b[2]
+    return Source(image_11hw, Ax.contiguous(), Ay.contiguous(), A[2].contiguous(), float(bx), float(by), float(b[2]))
+
+
+def warp_source(src: Source, depth_dhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast :func:`warp_by_depth` for a prepared :class:`Source`: (warped (D, 1, H, W), inside (D, 1, H, W))."""
+    d, h, w = depth_dhw.shape
+    z = depth_dhw * src.Az + src.bz
+    inv_z = z.clamp(min=_EPS).reciprocal_()
+    grid = torch.stack([(depth_dhw * src.Ax).add_(src.bx).mul_(inv_z), (depth_dhw * src.Ay).add_(src.by).mul_(inv_z)], dim=-1)
+    warped = F.grid_sample(src.image, grid.view(1, d * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = (grid.abs().amax(-1) <= 1.0) & (z > _EPS)
+    return warped.view(d, 1, h, w), inside[:, None]
+
+
+def sweep_cost(ref: RefStats, sources: Sequence[Source], inv_depth_dhw: torch.Tensor, best_k: int, chunk_pixels: int,
+               truncation: float = OUTSIDE_COST) -> torch.Tensor:
+    """Aggregated matching cost (D, H, W) of per-pixel inverse-depth hypotheses.
+
+    All sources of a chunk of hypotheses are scored together (one box filter
+    over neighbours x hypotheses); chunks hold about ``chunk_pixels`` pixels x
+    hypotheses x neighbours, which bounds memory (and on CPU keeps the working
+    set small). Per-neighbour costs are clamped at ``truncation``: a neighbour
+    that is occluded or outside costs about the same for every hypothesis,
+    so it shifts the curve instead of bending it.
+    """
+    n = len(sources)
+    D, H, W = inv_depth_dhw.shape
+    chunk = max(1, chunk_pixels // (H * W * n))
+    out = []
+    for s in range(0, D, chunk):
+        depth = inv_depth_dhw[s : s + chunk].clamp(min=_EPS).reciprocal()
+        d = depth.shape[0]
+        warped, inside = zip(*(warp_source(src, depth) for src in sources))
+        cost = ncc_cost(ref, torch.cat(warped, 0), torch.cat(inside, 0)).view(n, d, H, W)
+        if truncation < OUTSIDE_COST:
+            cost = cost.clamp_(max=truncation)
+        out.append(aggregate_best_k(cost, best_k))
+    return torch.cat(out, 0)
+
+
+# ---- winner-take-all --------------------------------------------------------------------------
+
+def winner_take_all(cost_dhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best hypothesis with a parabola fit: (fractional index (H, W), interpolated best cost (H, W)).
+
+    The offset ``(c₋ - c₊) / (2 (c₋ - 2c₀ + c₊))`` is clamped to ±0.5 and is 0
+    at either end of the curve or where it is not convex.
+    """
+    D = cost_dhw.shape[0]
+    idx = cost_dhw.argmin(0, keepdim=True)
+    c0 = cost_dhw.gather(0, idx)[0]
+    if D < 3:
+        return idx[0].to(cost_dhw.dtype), c0
+    cm = cost_dhw.gather(0, (idx - 1).clamp(min=0))[0]
+    cp = cost_dhw.gather(0, (idx + 1).clamp(max=D - 1))[0]
+    denom = cm - 2.0 * c0 + cp
+    interior = (idx[0] > 0) & (idx[0] < D - 1) & (denom > 1e-6)
+    offset = torch.where(interior, 0.5 * (cm - cp) / denom.clamp(min=1e-6), torch.zeros_like(c0)).clamp(-0.5, 0.5)
+    best = torch.where(interior, c0 - 0.25 * (cm - cp) * offset, c0)
+    return idx[0].to(cost_dhw.dtype) + offset, best
+
+
+def second_best_cost(cost_dhw: torch.Tensor, index_hw: torch.Tensor, exclude: int) -> torch.Tensor:
+    """Lowest cost at least ``exclude + 1`` hypotheses away from ``index`` (H, W) (peak-ratio denominator)."""
+    D = cost_dhw.shape[0]
+    k = torch.arange(D, device=cost_dhw.device)[:, None, None]
+    far = (k - index_hw.round()[None]).abs() > exclude
+    return torch.where(far, cost_dhw, torch.full_like(cost_dhw, OUTSIDE_COST)).amin(0)
+
+
+# ---- coarse to fine ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class SweepSettings:
+    """How one reference view is swept (the mvs settings of :class:`pipeline.depth.stage.DepthConfig`)."""
+
+    num_hypotheses: int = 128
+    """Full sweep on the coarsest level (uniform in inverse depth)."""
+    levels: int = 3
+    refine_hypotheses: int = 8
+    """Per finer level: offsets of the upsampled estimate spanning ± ``refine_radius`` coarser steps."""
+    refine_radius: float = 2.0
+    edge_radius: int = 1
+    """Finer levels also try the coarser estimate's local min and max (window 2r+1, coarser pixels): lets depth edges move."""
+    propagation_shifts: tuple[int, ...] = (3, 8)
+    """Full resolution: try the (smoothed) estimate shifted by each of these pixel distances in 4 directions."""
+    polish_hypotheses: int = 5
+    """Final sweep at full resolution around the (smoothed) result with half the last step (0 = none)."""
+    polish_iterations: int = 1
+    """Polish sweeps (each halves the step again)."""
+    smooth_radius: int = 2
+    """Centre surfaces of the finer sweeps are the previous estimate median-filtered over (2r+1)² pixels."""
+    offset_penalty: float = 0.05
+    """Cost added at the ends of a finer sweep (quadratic in the offset): keeps weak texture near the centre."""
+    plane_max_gap: float = 0.25
+    """A scene-plane candidate is tried only where it is within this relative inverse-depth distance of the estimate."""
+    window: int = 5
+    best_k: int = 1
+    truncation: float = OUTSIDE_COST
+    """Per-neighbour costs are clamped here before aggregation (OUTSIDE_COST = no clamping)."""
+    min_ncc: float = 0.3
+    chunk_pixels: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Depth of one reference view at full (working) resolution."""
+
+    depth: torch.Tensor  # (H, W), 0 where invalid
+    confidence: torch.Tensor  # (H, W) in [0, 1]
+    valid: torch.Tensor  # (H, W) bool
+    ncc: torch.Tensor  # (H, W) aggregated NCC of the winner
+
+
+def _level_inputs(ref_11hw: torch.Tensor, K_ref_33: torch.Tensor, src_images: Sequence[torch.Tensor], K_srcs: Sequence[torch.Tensor],
+                  src_from_ref: Sequence[torch.Tensor], level: int, window: int) -> tuple[RefStats, list[Source]]:
+    """Reference statistics and prepared sources at pyramid level ``level``."""
+    H, W = ref_11hw.shape[-2:]
+    h, w = level_shape(H, W, level)
+    ref = reference_stats(resize_image(ref_11hw, h, w), window)
+    K_l = scale_K(K_ref_33, w / W, h / H)
+    sources = []
+    for img, K_s, T in zip(src_images, K_srcs, src_from_ref):
+        hs, ws = level_shape(img.shape[-2], img.shape[-1], level)
+        K_sl = scale_K(K_s, ws / img.shape[-1], hs / img.shape[-2])
+        sources.append(make_source(resize_image(img, hs, ws), K_l, K_sl, T, h, w))
+    return ref, sources
+
+
+def _offset_sweep(ref: RefStats, sources: Sequence[Source], centre_hw: torch.Tensor, step: float, n: int, cfg: "SweepSettings",
+                  penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sweep ``n`` copies of the surface ``centre`` offset by multiples of ``step`` (inverse depth), centred.
+
+    Every hypothesis is a coherent surface (the centre surface shifted), so
+    NCC windows follow slanted and curved surfaces — provided ``centre`` is
+    smooth (a per-pixel noisy centre makes every window a jagged surface).
+    ``penalty`` · (offset / max offset)² is added to the cost: in weak texture
+    the estimate stays near the centre. Returns (inverse depth (H, W) with
+    parabola refinement, best cost (H, W) without the penalty, the cost volume (n, H, W)).
+    """
+    k = torch.arange(n, device=centre_hw.device, dtype=centre_hw.dtype)[:, None, None] - 0.5 * (n - 1)
+    cost = sweep_cost(ref, sources, centre_hw[None] + k * step, cfg.best_k, cfg.chunk_pixels, cfg.truncation)
+    if penalty > 0:
+        cost = cost + penalty * (k / (0.5 * (n - 1))) ** 2
+    index, best = winner_take_all(cost)
+    if penalty > 0:
+        best = best - penalty * ((index - 0.5 * (n - 1)) / (0.5 * (n - 1))) ** 2
+    return centre_hw + (index - 0.5 * (n - 1)) * step, best, cost
+
+
+def median_filter(x_hw: torch.Tensor, radius: int) -> torch.Tensor:
+    """Median over a (2r+1)² window (replicated borders): an edge-preserving smoother of depth maps."""
+    if radius <= 0:
+        return x_hw
+    k = 2 * radius + 1
+    p = F.pad(x_hw[None, None], (radius, radius, radius, radius), mode="replicate")[0, 0]
+    return p.unfold(0, k, 1).unfold(1, k, 1).reshape(*x_hw.shape, k * k).median(-1).values
+
+
+def _shifted(x_hw: torch.Tensor, shift: int) -> list[torch.Tensor]:
+    """``x`` translated by ``shift`` pixels left, right, up and down (replicated borders)."""
+    p = F.pad(x_hw[None, None], (shift, shift, shift, shift), mode="replicate")[0, 0]
+    h, w = x_hw.shape
+    s2 = 2 * shift
+    return [p[shift : shift + h, s2 : s2 + w], p[shift : shift + h, 0:w], p[s2 : s2 + h, shift : shift + w], p[0:h, shift : shift + w]]
+
+
+def _try_candidates(ref: RefStats, sources: Sequence[Source], inv_hw: torch.Tensor, best_hw: torch.Tensor,
+                    candidates: Sequence[torch.Tensor], cfg: "SweepSettings") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel, replace the estimate by a candidate surface (H, W) that matches better."""
+    cand = torch.stack(list(candidates))
+    cost = sweep_cost(ref, sources, cand, cfg.best_k, cfg.chunk_pixels, cfg.truncation)
+    c_best, c_idx = cost.min(0)
+    switch = c_best < best_hw
+    return torch.where(switch, cand.gather(0, c_idx[None])[0], inv_hw), torch.where(switch, c_best, best_hw)
+
+
+def plane_inverse_depth(K_33: torch.Tensor, plane_cam_4: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse depth (H, W) at which each pixel's ray meets the plane ``n·X + d = 0`` (camera frame).
+
+    ``plane_cam_4 = (n_x, n_y, n_z, d)``. With the ray ``X = z K^-1 p~`` (pixel
+    centres), ``1 / z = -(n · K^-1 p~) / d``. Pixels whose ray meets the plane
+    behind the camera (or never) get 0.
+    """
+    uv = pixel_grid(height, width, device=K_33.device, dtype=K_33.dtype).reshape(1, -1, 2)
+    rays = backproject(uv, torch.ones_like(uv[..., 0]), K_33[None])[0]  # (H·W, 3) at unit depth
+    n, d = plane_cam_4[:3], plane_cam_4[3]
+    # d = 0: the plane passes through the camera centre (seen edge-on) and is never tried.
+    edge_on = d.abs() <= _EPS
+    inv = torch.where(edge_on, torch.zeros_like(rays[:, 0]), -(rays @ n) / torch.where(edge_on, torch.ones_like(d), d))
+    return inv.clamp(min=0.0).reshape(height, width)
+
+
+def _min_max_pool(x_hw: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x_hw[None, None]
+    size = 2 * radius + 1
+    hi = F.max_pool2d(x, size, stride=1, padding=radius)[0, 0]
+    lo = -F.max_pool2d(-x, size, stride=1, padding=radius)[0, 0]
+    return lo, hi
+
+
+def estimate_depth(
+    ref_11hw: torch.Tensor,
+    K_ref_33: torch.Tensor,
+    src_images: Sequence[torch.Tensor],
+    K_srcs: Sequence[torch.Tensor],
+    src_from_ref: Sequence[torch.Tensor],
+    near: float,
+    far: float,
+    cfg: SweepSettings,
+    planes_cam: Sequence[torch.Tensor] = (),
+) -> SweepResult:
+    """Coarse-to-fine plane-sweep depth of one reference view.
+
+    1. Coarsest level: ``num_hypotheses`` fronto-parallel planes uniform in
+       inverse depth over [near, far]; winner-take-all + parabola.
+    2. Each finer level: the upsampled estimate shifted by
+       ``refine_hypotheses`` offsets spanning ± ``refine_radius`` coarser steps,
+       plus two edge candidates (the coarser estimate's local min and max),
+       so a pixel on the wrong side of a depth edge can switch surfaces. The
+       sweeps are centred on the median-filtered estimate (coherent surfaces
+       for the NCC windows), with a small penalty on large offsets.
+    3. Spatial propagation at full resolution: the smoothed estimate shifted
+       by ``propagation_shifts`` pixels in four directions, kept per pixel where
+       it matches better (moves depth edges, fills weakly textured pixels).
+    4. Polish sweeps at full resolution, each with half the previous step.
+    5. Scene planes (``planes_cam``, e.g. the floor fitted to the sparse
+       points): each pixel also tries the depth where its ray meets each plane
+       and keeps it where it matches better. This recovers slivers of a
+       slanted plane between occluders, which the fronto-parallel sweeps and
+       the propagation miss. The plane is tried only where it lies within
+       ``plane_max_gap`` (relative inverse depth) of the estimate: an object
+       pixel that took the floor behind it by a chance match would be depth
+       that is too far, which carves the true surface out of a TSDF.
+
+    Args:
+        ref_11hw: (1, 1, H, W) grayscale reference image in [0, 1] (working resolution).
+        K_ref_33: intrinsics of ``ref`` at (H, W).
+        src_images: (1, 1, h_i, w_i) grayscale neighbour images.
+        K_srcs: their intrinsics at (h_i, w_i).
+        src_from_ref: (4, 4) poses of each neighbour camera relative to the reference camera.
+        near, far: depth range of the sweep (reference camera z, > 0).
+        planes_cam: (4,) planes ``(n, d)`` with ``n·X + d = 0`` in the reference camera frame.
+    """
+    H, W = ref_11hw.shape[-2:]
+    dev, dt = ref_11hw.device, ref_11hw.dtype
+    levels = max(1, cfg.levels)
+    inv_near, inv_far = 1.0 / near, 1.0 / far
+
+    # 1. full sweep on the coarsest level
+    ref, sources = _level_inputs(ref_11hw, K_ref_33, src_images, K_srcs, src_from_ref, levels - 1, cfg.window)
+    h, w = ref.image.shape[-2:]
+    n = max(3, cfg.num_hypotheses)
+    step = (inv_near - inv_far) / (n - 1)
+    centre = torch.full((h, w), 0.5 * (inv_near + inv_far), device=dev, dtype=dt)
+    inv, best, cost = _offset_sweep(ref, sources, centre, step, n, cfg)
+    index = (inv - inv_far) / step
+    second = second_best_cost(cost, index, exclude=2)
+    uniqueness = (1.0 - best.clamp(min=0) / second.clamp(min=_EPS)).clamp(0.0, 1.0)
+    del cost
+
+    # 2. finer levels
+    for level in reversed(range(levels - 1)):
+        ref, sources = _level_inputs(ref_11hw, K_ref_33, src_images, K_srcs, src_from_ref, level, cfg.window)
+        h, w = ref.image.shape[-2:]
+        n = max(2, cfg.refine_hypotheses)
+        new_step = 2.0 * cfg.refine_radius * step / (n - 1)
+        candidates = _min_max_pool(inv, cfg.edge_radius) if cfg.edge_radius > 0 else ()
+        centre = _upsample(median_filter(inv, cfg.smooth_radius), h, w, "bilinear")
+        inv, best, _ = _offset_sweep(ref, sources, centre, new_step, n, cfg, cfg.offset_penalty)
+        if candidates:
+            inv, best = _try_candidates(ref, sources, inv, best, [_upsample(c, h, w, "bilinear") for c in candidates], cfg)
+        uniqueness = _upsample(uniqueness, h, w, "bilinear")
+        step = new_step
+
+    # 2b. spatial propagation at full resolution: the estimate shifted by a few pixels
+    for shift in cfg.propagation_shifts:
+        smooth = median_filter(inv, cfg.smooth_radius)
+        inv, best = _try_candidates(ref, sources, inv, best, _shifted(smooth, shift), cfg)
+
+    # 4. polish at full resolution
+    for _ in range(cfg.polish_iterations if cfg.polish_hypotheses >= 3 else 0):
+        step = step / 2.0
+        centre = median_filter(inv, cfg.smooth_radius)
+        inv, best, _ = _offset_sweep(ref, sources, centre, step, cfg.polish_hypotheses, cfg, cfg.offset_penalty)
+
+    # 5. scene planes
+    if planes_cam:
+        cands = []
+        for plane in planes_cam:
+            plane_inv = plane_inverse_depth(K_ref_33, plane.to(dev, dt), H, W)
+            usable = (plane_inv >= inv_far) & (plane_inv <= inv_near) & ((plane_inv - inv).abs() <= cfg.plane_max_gap * inv)
+            cands.append(torch.where(usable, plane_inv, inv))
+        inv, best = _try_candidates(ref, sources, inv, best, cands, cfg)
+
+    ncc = 1.0 - best
+    valid = (ncc >= cfg.min_ncc) & (inv >= inv_far * (1 - 1e-4)) & (inv <= inv_near * (1 + 1e-4)) & (inv > 0)
+    depth = torch.where(valid, 1.0 / inv.clamp(min=_EPS), torch.zeros_like(inv))
+    confidence = torch.where(valid, ncc.clamp(0.0, 1.0) * uniqueness, torch.zeros_like(inv))
+    return SweepResult(depth=depth, confidence=confidence, valid=valid, ncc=ncc)
+
+
+def _upsample(x_hw: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
+    if x_hw.shape == (h, w):
+        return x_hw
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(x_hw[None, None], size=(h, w), mode=mode, **kwargs)[0, 0]
+
+
+# ---- cross-view candidates ---------------------------------------------------------------------
+
+def splat_depth(depth_src_hw: torch.Tensor, K_src_33: torch.Tensor, K_ref_33: torch.Tensor, ref_from_src_44: torch.Tensor,
+                height: int, width: int, fill_radius: int = 1) -> torch.Tensor:
+    """A neighbour's depth map seen from the reference camera: inverse depth (H, W), 0 where none.
+
+    Every valid source pixel is back-projected, moved into the reference
+    camera and written to the pixel it lands in; where several land in one
+    pixel the nearest wins (z-buffer: largest inverse depth). Holes left by
+    the forward mapping are filled with the nearest surface of the
+    surrounding (2r+1)² pixels (a max-filter on inverse depth, holes only).
+    """
+    hs, ws = depth_src_hw.shape
+    uv = pixel_grid(hs, ws, device=depth_src_hw.device, dtype=depth_src_hw.dtype).reshape(1, -1, 2)
+    d = depth_src_hw.reshape(1, -1)
+    keep = d[0] > 0
+    X = transform_points(ref_from_src_44[None], backproject(uv[:, keep], d[:, keep], K_src_33[None]))
+    uv_ref, z = project(X, K_ref_33[None])
+    u, v = uv_ref[0, :, 0].floor().long(), uv_ref[0, :, 1].floor().long()
+    ok = (z[0] > _EPS) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    inv = torch.zeros(height * width, device=depth_src_hw.device, dtype=depth_src_hw.dtype)
+    inv.scatter_reduce_(0, (v[ok] * width + u[ok]), z[0, ok].reciprocal(), reduce="amax", include_self=True)
+    inv = inv.view(height, width)
+    if fill_radius > 0:
+        filled = F.max_pool2d(inv[None, None], 2 * fill_radius + 1, stride=1, padding=fill_radius)[0, 0]
+        inv = torch.where(inv > 0, inv, filled)
+    return inv
+
+
+def adopt_candidates(
+    ref_11hw: torch.Tensor,
+    K_ref_33: torch.Tensor,
+    src_images: Sequence[torch.Tensor],
+    K_srcs: Sequence[torch.Tensor],
+    src_from_ref: Sequence[torch.Tensor],
+    depth_hw: torch.Tensor,
+    candidates_inv: Sequence[torch.Tensor],
+    cfg: SweepSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second look at a finished depth map with the surfaces other views found.
+
+    Per pixel, the current depth competes with each candidate inverse-depth
+    map (the neighbours' maps :func:`splat_depth`-ed into this view; 0 = no
+    proposal) on the same full-resolution matching cost, and the lowest cost
+    wins. A view whose coarse sweep fell into the wrong cost basin (a thin or
+    briefly seen surface) takes the surface a neighbour found when it matches
+    better. No propagation or polishing follows: spreading adopted surfaces
+    to pixels no view proposed them for costs precision (measured).
+
+    Returns (depth (H, W), 0 where invalid; NCC of the kept depth (H, W);
+    adopted (H, W) bool: the depth came from a candidate).
+    """
+    ref, sources = _level_inputs(ref_11hw, K_ref_33, src_images, K_srcs, src_from_ref, 0, cfg.window)
+    own = depth_hw > 0
+    inv = torch.where(own, depth_hw.clamp(min=_EPS).reciprocal(), torch.zeros_like(depth_hw))
+    best = sweep_cost(ref, sources, inv.clamp(min=_EPS)[None], cfg.best_k, cfg.chunk_pixels, cfg.truncation)[0]
+    best = torch.where(own, best, torch.full_like(best, OUTSIDE_COST))
+    origin = inv
+    cands = [torch.where(c > 0, c, inv) for c in candidates_inv]
+    if cands:
+        inv, best = _try_candidates(ref, sources, inv, best, cands, cfg)
+    ncc = 1.0 - best
+    valid = (inv > 0) & (ncc >= cfg.min_ncc)
+    adopted = valid & (inv != origin)
+    depth = torch.where(valid, 1.0 / inv.clamp(min=_EPS), torch.zeros_like(inv))
+    return depth, ncc, adopted
+
+
+# ---- geometric consistency ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Consistency:
+    """Per-pixel outcome of :func:`geometric_consistency` (all (H, W))."""
+
+    count: torch.Tensor
+    """int32: neighbour maps that agree with the pixel."""
+    violations: torch.Tensor
+    """int32: neighbour maps that see a surface clearly *behind* the pixel's point (it would float in their free space)."""
+    mean_depth: torch.Tensor
+    """Mean of the pixel's depth and the agreeing round-trip depths (0 where invalid)."""
+
+
+def geometric_consistency(
+    depth_hw: torch.Tensor,
+    K_33: torch.Tensor,
+    neighbours: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    max_reproj_px: float,
+    max_rel_depth: float,
+    free_space_margin: float = 0.05,
+) -> Consistency:
+    """Forward-backward reprojection check of a depth map against its neighbours' maps.
+
+    A pixel ``p`` with depth ``d`` is back-projected, projected into neighbour
+    ``j`` (depth ``z_j`` there), the neighbour's depth ``d_j`` is read there
+    (bilinear, all four taps valid) and that point is projected back into the
+    reference view: ``p`` *agrees* with ``j`` when the round trip lands within
+    ``max_reproj_px`` of ``p`` and its depth is within ``max_rel_depth``
+    (relative) of ``d``. It *violates* ``j``'s free space when
+    ``z_j < (1 - free_space_margin) · d_j``: ``j`` sees through the point to a
+    surface behind it. (A neighbour seeing something in front is an occlusion,
+    not evidence against the point.)
+
+    Args:
+        depth_hw: (H, W) reference depth, 0 where invalid.
+        neighbours: (depth_j (h, w), K_j (3, 3), j_from_ref (4, 4)) per neighbour.
+    """
+    H, W = depth_hw.shape
+    uv = pixel_grid(H, W, device=depth_hw.device, dtype=depth_hw.dtype).reshape(1, -1, 2)
+    d = depth_hw.reshape(1, -1)
+    valid = d > 0
+    X_ref = backproject(uv, d, K_33[None])
+    count = torch.zeros_like(d, dtype=torch.int32)
+    violations = torch.zeros_like(d, dtype=torch.int32)
+    depth_sum = d.clone()
+    for depth_j, K_j, j_from_ref in neighbours:
+        hj, wj = depth_j.shape
+        X_j = transform_points(j_from_ref[None], X_ref)
+        uv_j, z_j = project(X_j, K_j[None])
+        ok = valid & (z_j > _EPS) & inside_image(uv_j, hj, wj)
+        # Bilinear read; a read touching an invalid (0) neighbour pixel is rejected.
+        taps = sample_image(torch.stack([depth_j, (depth_j > 0).to(depth_j.dtype)])[None], uv_j)  # (1, 2, N)
+        d_j = torch.where(taps[:, 1] > 0.999, taps[:, 0], torch.zeros_like(taps[:, 0]))
+        ok &= d_j > 0
+        violations += (ok & (z_j < (1.0 - free_space_margin) * d_j)).to(torch.int32)
+        X_back = transform_points(torch.linalg.inv(j_from_ref)[None], backproject(uv_j, d_j, K_j[None]))
+        uv_back, z_back = project(X_back, K_33[None])
+        ok &= (uv_back - uv).norm(dim=-1) <= max_reproj_px
+        ok &= (z_back - d).abs() <= max_rel_depth * d
+        count += ok.to(torch.int32)
+        depth_sum += torch.where(ok, z_back, torch.zeros_like(z_back))
+    mean_depth = torch.where(valid, depth_sum / (1 + count).to(d.dtype), torch.zeros_like(d))
+    return Consistency(count.reshape(H, W), violations.reshape(H, W), mean_depth.reshape(H, W))
