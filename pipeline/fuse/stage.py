@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 # ---- automatic sizes from the sparse points ------------------------------------------------------------
 
 
-def observation_depths(scene: SfmScene) -> tuple[np.ndarray, np.ndarray]:
+def observed_depths_and_focals(scene: SfmScene) -> tuple[np.ndarray, np.ndarray]:
     """Camera-frame depth ``z`` and focal length ``f`` (pixels, full image) of every (point, view) observation.
 
     Returns:
@@ -106,7 +106,7 @@ def auto_voxel_size(z_obs: np.ndarray, f_obs: np.ndarray, focal_scale: float, fa
     """``factor`` x the median pixel footprint ``z / (f * focal_scale)`` of the observations (normalized units).
 
     Args:
-        z_obs, f_obs: see :func:`observation_depths`.
+        z_obs, f_obs: see :func:`observed_depths_and_focals`.
         focal_scale: depth-map resolution / image resolution (e.g. 0.5 for half-resolution depth).
     """
     ok = z_obs > 0
@@ -174,7 +174,7 @@ def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -
     Raises:
         ReconError: no usable sparse points, inverted poses, or a non-positive setting.
     """
-    z_obs, f_obs = observation_depths(scene)
+    z_obs, f_obs = observed_depths_and_focals(scene)
     check_poses(z_obs)
     voxel = cfg.voxel_size if cfg.voxel_size > 0 else auto_voxel_size(z_obs, f_obs, focal_scale, cfg.voxel_factor)
     trunc = cfg.sdf_trunc if cfg.sdf_trunc > 0 else cfg.trunc_voxels * voxel
