@@ -50,7 +50,8 @@ def visibility_votes(vertices_n3: np.ndarray, depth_hw: np.ndarray, K: np.ndarra
     u, v, z = uv[0, :, 0].numpy(), uv[0, :, 1].numpy(), z[0].numpy()
     h, w = depth_hw.shape
     inside = (z > 1e-9) & (u >= 0) & (u < w) & (v >= 0) & (v < h)  # int(u) < w: Open3D's pixel
-    d = np.asarray(depth_hw, dtype=np.float64)[np.clip(v, 0, h - 1).astype(np.int64), np.clip(u, 0, w - 1).astype(np.int64)]
+    d = np.asarray(depth_hw, dtype=np.float64)[np.clip(v, 0, h - 1).astype(np.int64),
+                                               np.clip(u, 0, w - 1).astype(np.int64)]
     seen = inside & (d > 0)
     rel = (d - z) / np.maximum(z, 1e-9)
     return seen & (rel > margin), seen & (np.abs(rel) < agree)
@@ -97,7 +98,8 @@ def triangle_components(triangles: np.ndarray, n_vertices: int) -> np.ndarray:
     return vertex_label[triangles[:, 0]].astype(np.int64)
 
 
-def mesh_from_arrays(vertices: np.ndarray, triangles: np.ndarray, colors: np.ndarray | None = None, normals: np.ndarray | None = None):
+def mesh_from_arrays(vertices: np.ndarray, triangles: np.ndarray, colors: np.ndarray | None = None,
+                     normals: np.ndarray | None = None):
     """Legacy Open3D mesh from (V, 3) vertices, (T, 3) triangles and optional (V, 3) colours in [0, 1] / normals."""
     import open3d as o3d
 
@@ -136,5 +138,6 @@ def write_mesh_ply(mesh, path: Path) -> None:
     import open3d as o3d
 
     with atomic_path(path, suffix=".ply") as tmp:
-        if not o3d.io.write_triangle_mesh(str(tmp), mesh, write_ascii=False, write_vertex_normals=mesh.has_vertex_normals(), write_vertex_colors=True):
+        if not o3d.io.write_triangle_mesh(str(tmp), mesh, write_ascii=False,
+                                          write_vertex_normals=mesh.has_vertex_normals(), write_vertex_colors=True):
             raise ReconError(f"{path}: Open3D could not write the mesh; check the output folder")

@@ -111,7 +111,8 @@ def open3d_device(preference: str = "auto"):
         raise ReconError(f"fuse.device={preference!r}: expected auto, cpu or cuda")
     has_cuda = o3c.cuda.is_available()
     if pref.startswith("cuda") and not has_cuda:
-        raise ReconError(f"fuse.device={preference}: this Open3D build sees no CUDA device; use fuse.device=auto or cpu")
+        raise ReconError(f"fuse.device={preference}: this Open3D build sees no CUDA device; "
+                         "use fuse.device=auto or cpu")
     if pref == "cpu" or (pref == "auto" and not has_cuda):
         return o3c.Device("CPU:0")
     return o3c.Device(pref.upper() if ":" in pref else "CUDA:0")
@@ -120,7 +121,8 @@ def open3d_device(preference: str = "auto"):
 # ---- per-frame inputs ------------------------------------------------------------------------------------
 
 
-def fusion_depth(dm: DepthMap, *, min_confidence: float, depth_max: float, mask: np.ndarray | None = None) -> np.ndarray:
+def fusion_depth(dm: DepthMap, *, min_confidence: float, depth_max: float,
+                 mask: np.ndarray | None = None) -> np.ndarray:
     """(H, W) float32 depth to integrate: 0 where invalid, low-confidence, masked out, non-finite or beyond ``depth_max``."""
     depth = np.asarray(dm.depth, dtype=np.float32)
     keep = np.asarray(dm.valid, dtype=bool) & np.isfinite(depth) & (depth > 0) & (depth <= depth_max)
@@ -234,7 +236,8 @@ class _Integrator:
         K = o3c.Tensor(np.asarray(dm.K, dtype=np.float64))
         extrinsic = o3c.Tensor(np.asarray(dm.cam_from_world, dtype=np.float64))
         try:
-            coords_t = self.toucher.compute_unique_block_coordinates(depth_img, K, extrinsic, 1.0, p.depth_max, self.trunc_mult)
+            coords_t = self.toucher.compute_unique_block_coordinates(depth_img, K, extrinsic, 1.0, p.depth_max,
+                                                                     self.trunc_mult)
         except RuntimeError as exc:
             if "No block is touched" not in str(exc):
                 raise
@@ -267,7 +270,8 @@ def _identity(it: Iterable[Any], desc: str, total: int | None) -> Iterable[Any]:
     return it
 
 
-def count_blocks(frames: Callable[[], Iterable[FrameLike]], integ: _Integrator, progress: Progress, total: int | None) -> tuple[int, int]:
+def count_blocks(frames: Callable[[], Iterable[FrameLike]], integ: _Integrator, progress: Progress,
+                 total: int | None) -> tuple[int, int]:
     """(distinct voxel blocks touched by all frames inside the ROI, most blocks touched by one frame)."""
     keys = np.zeros(0, dtype=np.int64)
     most = 0
@@ -280,7 +284,8 @@ def count_blocks(frames: Callable[[], Iterable[FrameLike]], integ: _Integrator, 
     return len(keys), most
 
 
-def fuse_depth_maps(frames: FrameSource, params: FusionParams, device: str = "auto", *, progress: Progress | None = None, total: int | None = None) -> FusionResult:
+def fuse_depth_maps(frames: FrameSource, params: FusionParams, device: str = "auto", *,
+                    progress: Progress | None = None, total: int | None = None) -> FusionResult:
     """TSDF-fuse depth maps and colours into a mesh (normalized frame), cropped and cleaned per ``params``.
 
     Args:
@@ -319,7 +324,8 @@ def fuse_depth_maps(frames: FrameSource, params: FusionParams, device: str = "au
     needed_bytes = capacity * params.block_bytes
     if needed_bytes > budget:
         raise ReconError(
-            f"TSDF fusion needs {capacity} voxel blocks ({needed_bytes / 2**30:.1f} GiB) at voxel size {params.voxel_size:.4g}, "
+            f"TSDF fusion needs {capacity} voxel blocks ({needed_bytes / 2**30:.1f} GiB) "
+            f"at voxel size {params.voxel_size:.4g}, "
             f"more than fuse.max_memory_gb={params.max_memory_gb:g}; raise fuse.voxel_size (or voxel_factor), "
             "keep fuse.crop=true, or raise fuse.max_memory_gb"
         )
@@ -337,10 +343,12 @@ def fuse_depth_maps(frames: FrameSource, params: FusionParams, device: str = "au
                 fused += 1
                 if grid.hashmap().capacity() * params.block_bytes > budget:
                     raise ReconError(
-                        f"TSDF fusion grew beyond fuse.max_memory_gb={params.max_memory_gb:g}; raise fuse.voxel_size or fuse.max_memory_gb"
+                        f"TSDF fusion grew beyond fuse.max_memory_gb={params.max_memory_gb:g}; "
+                        "raise fuse.voxel_size or fuse.max_memory_gb"
                     )
         except _BlocksDropped as exc:
-            logger.warning("voxel-block hash map overflowed (%s, capacity %d); retrying with %d", exc, capacity, 2 * capacity)
+            logger.warning("voxel-block hash map overflowed (%s, capacity %d); retrying with %d",
+                           exc, capacity, 2 * capacity)
             del grid
             capacity *= 2
             if capacity * params.block_bytes > budget:
@@ -356,7 +364,8 @@ def fuse_depth_maps(frames: FrameSource, params: FusionParams, device: str = "au
             f"(capacity {capacity}); set fuse.block_count higher or fuse.voxel_size larger"
         )
     if fused == 0:
-        raise ReconError("no depth to fuse: every depth map is empty after the confidence, mask, depth and region filters")
+        raise ReconError("no depth to fuse: every depth map is empty after the confidence, mask, depth and "
+                         "region filters")
     t_integrate = time.perf_counter() - t0
 
     tmesh = grid.extract_triangle_mesh(weight_threshold=params.min_views - 0.5)
@@ -379,7 +388,8 @@ def fuse_depth_maps(frames: FrameSource, params: FusionParams, device: str = "au
         agrees = np.zeros(len(vertices), dtype=np.int32)
         for item in progress(frames(), "visibility check", total):
             frame = _as_frame(item)
-            depth = fusion_depth(frame.depth_map, min_confidence=params.min_confidence, depth_max=params.depth_max, mask=frame.mask)
+            depth = fusion_depth(frame.depth_map, min_confidence=params.min_confidence, depth_max=params.depth_max,
+                                 mask=frame.mask)
             through, agree = visibility_votes(vertices, depth, frame.depth_map.K, frame.depth_map.cam_from_world,
                                               margin=params.visibility_margin, agree=params.visibility_agree)
             sees_through += through
@@ -388,6 +398,7 @@ def fuse_depth_maps(frames: FrameSource, params: FusionParams, device: str = "au
         stats["visibility_removed_vertices"] = int(outliers.sum())
         mesh = remove_vertices(mesh, outliers)
     if len(mesh.triangles) == 0:
-        raise ReconError("TSDF fusion produced an empty mesh; check the depth maps, fuse.min_views and the region of interest (fuse.crop=false)")
+        raise ReconError("TSDF fusion produced an empty mesh; check the depth maps, fuse.min_views and the region "
+                         "of interest (fuse.crop=false)")
     stats.update(integrate_seconds=round(t_integrate, 3), seconds=round(time.perf_counter() - t0, 3), device=str(dev))
     return FusionResult(mesh=mesh, stats=stats)

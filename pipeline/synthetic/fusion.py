@@ -25,11 +25,13 @@ def ground_truth_frames(scene_dir: Path, scene: SfmScene) -> Iterator[FusionFram
     for v in scene.views:
         depth = np.load(gt_depth_path(Path(scene_dir) / "gt", v.name)).astype(np.float32) * np.float32(scale)
         valid = depth > 0
-        dm = DepthMap(name=v.name, depth=depth, confidence=valid.astype(np.float32), valid=valid, K=v.K, cam_from_world=v.cam_from_world)
+        dm = DepthMap(name=v.name, depth=depth, confidence=valid.astype(np.float32), valid=valid, K=v.K,
+                      cam_from_world=v.cam_from_world)
         yield FusionFrame(dm, lambda path=v.image_path: load_rgb(path))
 
 
-def fuse_ground_truth(scene_dir: Path, cfg: FuseConfig | None = None, device: str = "auto", *, progress: Progress | None = None) -> tuple[FusionResult, SfmScene, FusionParams]:
+def fuse_ground_truth(scene_dir: Path, cfg: FuseConfig | None = None, device: str = "auto", *,
+                      progress: Progress | None = None) -> tuple[FusionResult, SfmScene, FusionParams]:
     """Fuse the ground-truth depth of a rendered scene (the upper bound of SPEC.md) without a workspace.
 
     Sizes are derived exactly as in the stage, from :func:`pipeline.synthetic.groundtruth.scene_from_ground_truth`
@@ -40,5 +42,6 @@ def fuse_ground_truth(scene_dir: Path, cfg: FuseConfig | None = None, device: st
 
     scene = scene_from_ground_truth(Path(scene_dir))
     params = resolve_params(cfg or FuseConfig(), scene)
-    result = fuse_depth_maps(lambda: ground_truth_frames(Path(scene_dir), scene), params, device, progress=progress, total=len(scene.views))
+    result = fuse_depth_maps(lambda: ground_truth_frames(Path(scene_dir), scene), params, device, progress=progress,
+                             total=len(scene.views))
     return result, scene, params
