@@ -22,7 +22,7 @@ engineer's, so this measures the depth stage alone — writing the maps to
   δ<1.05) and the valid fraction; the same inside the GT object's box grown
   by 5 % of its diagonal ("obj").
 * unless ``--no-fuse``: the final maps fused with the fuse stage's defaults
-  (:func:`pipeline.fuse.stage.fuse_depth_maps`, i.e. ``recon run --skip refine``)
+  (:func:`pipeline.fuse.tsdf.fuse_depth_maps`, i.e. ``recon run --skip refine``)
   and scored like ``recon eval`` (:func:`pipeline.analysis.evaluate.evaluate_meshes`,
   GT ``mesh.ply`` in the object box + 5 %): F@0.5 % and F@1 % of the object
   diagonal.
@@ -162,7 +162,9 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
     Ground truth: the scene's ``gt/mesh.ply`` cropped to the object box + 5 %, F at 0.5 % and 1 % of the object diagonal.
     """
     from pipeline.analysis.evaluate import GtViews, evaluate_meshes
-    from pipeline.fuse.stage import FuseConfig, FusionFrame, fuse_depth_maps, map_focal_scale, resolve_params
+    from pipeline.fuse.config import FuseConfig
+    from pipeline.fuse.stage import map_focal_scale, resolve_params
+    from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps
     from pipeline.core.io import load_rgb
 
     first = map_of(0)

@@ -7,7 +7,7 @@
 For each rendered scene (``WORK/scenes/<shape>_<views>v_<w>x<h>_s<seed>``, the
 naming of ``bench/run_bench.py``, so renders are shared; rendered when missing)
 a subprocess fuses the GT depth maps and colours with
-:func:`pipeline.fuse.stage.fuse_ground_truth` — sizes derived automatically from the
+:func:`pipeline.synthetic.fusion.fuse_ground_truth` — sizes derived automatically from the
 true cameras and sparse points sampled from GT depth, exactly as the stage
 derives them — and writes the mesh in the GT frame to
 ``WORK/fuse/<scene>/mesh.ply``. Its fusion time (load + count + integrate +
@@ -50,7 +50,7 @@ def worker(scene: Path, mesh_path: Path, device: str, overrides: list[str]) -> d
     """Fuse one scene's GT depth (this process), write the mesh in the GT frame; JSON-able numbers."""
     import open3d as o3d
 
-    from pipeline.fuse.stage import fuse_ground_truth
+    from pipeline.synthetic.fusion import fuse_ground_truth
 
     started, cpu_started = time.perf_counter(), time.process_time()
     result, sfm_scene, params = fuse_ground_truth(scene, parse_overrides(overrides), device)

@@ -22,8 +22,8 @@ from the cache), so every stage gets its own wall time and peak RSS:
   (``pycolmap.poisson_meshing``; normals from 30 nearest neighbours, oriented
   towards the cameras that see each point): what SfM alone gives;
 * ``gt-depth`` — the ground-truth depth maps fused in-process by the fuse stage's
-  own code (``pipeline.fuse.stage.fuse_ground_truth``, same settings as the runs;
-  skipped with a note when it does not exist): the upper bound of SPEC.md.
+  own code (``pipeline.synthetic.fusion.fuse_ground_truth``, same settings as the
+  runs): the upper bound of SPEC.md.
 
 Real photo sets (``--real``; no GT): stage times, peak RSS, registered images
 and mesh size. A set whose photos carry no focal length in EXIF but that ships
@@ -237,18 +237,15 @@ def sparse_poisson_floor(out: Path, mesh_path: Path, *, depth: int = 8, trim: fl
 def gt_depth_upper_bound(scene_dir: Path, mesh_path: Path, fuse_cfg: Any) -> dict[str, Any]:
     """Fuse the GT depth maps (true cameras) with the fuse stage's code; the mesh is written in the GT frame.
 
-    Uses ``pipeline.fuse.stage.fuse_ground_truth`` (TSDF sizes derived as in the stage, from
+    Uses ``pipeline.synthetic.fusion.fuse_ground_truth`` (TSDF sizes derived as in the stage, from
     sparse points sampled on the GT depth, in that scene's normalized frame).
     """
     import open3d as o3d
 
-    from pipeline.fuse import stage as fuse
+    from pipeline.synthetic.fusion import fuse_ground_truth
 
-    fn = getattr(fuse, "fuse_ground_truth", None)
-    if fn is None:
-        raise NotImplementedError("pipeline.fuse.stage.fuse_ground_truth does not exist yet")
     started = time.perf_counter()
-    result, scene, params = fn(scene_dir, fuse_cfg)
+    result, scene, params = fuse_ground_truth(scene_dir, fuse_cfg)
     mesh = result.mesh
     mesh.transform(np.linalg.inv(scene.normalized_from_sfm))
     mesh_path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,8 +317,6 @@ def bench_synthetic(scene: Path, runs: Path, args: argparse.Namespace) -> dict[s
         upper["fuse"] = gt_depth_upper_bound(scene, runs / "gtdepth" / "mesh.ply", fuse_cfg)
         upper["seconds"] = {"fuse": upper["fuse"]["seconds"]}
         upper["eval"] = score(runs / "gtdepth" / "mesh.ply", scene, align=False, max_points=args.max_points)
-    except NotImplementedError as exc:
-        upper["error"] = f"skipped: {exc}"
     except Exception as exc:  # noqa: BLE001
         upper["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()

@@ -17,24 +17,15 @@ import pytest
 from PIL import Image
 
 from pipeline.fuse import stage as fuse
+from pipeline.fuse import tsdf
 from pipeline.config import ReconConfig
 from pipeline.core.errors import ReconError
 from pipeline.analysis.evaluate import GtViews, Mesh, evaluate_meshes
-from pipeline.fuse.stage import (
-    FuseConfig,
-    FusionParams,
-    check_poses,
-    clean_mesh,
-    fuse_depth_maps,
-    fuse_ground_truth,
-    fusion_depth,
-    ground_truth_frames,
-    remove_vertices,
-    resize_rgb,
-    resolve_params,
-    visibility_outliers,
-    visibility_votes,
-)
+from pipeline.fuse.clean import clean_mesh, remove_vertices, visibility_outliers, visibility_votes
+from pipeline.fuse.config import FuseConfig
+from pipeline.fuse.stage import check_poses, resolve_params
+from pipeline.fuse.tsdf import FusionParams, fuse_depth_maps, fusion_depth, resize_rgb
+from pipeline.synthetic.fusion import fuse_ground_truth, ground_truth_frames
 from pipeline.synthetic.groundtruth import gt_depth_path, scene_from_ground_truth
 from pipeline.core.io import DepthMap, save_depth_map
 from pipeline.core.context import StageContext
@@ -314,25 +305,25 @@ def test_tiny_block_count_grows_to_the_same_mesh(gt_scene, small_frames):
 def test_dropped_blocks_are_detected_and_retried(gt_scene, small_frames, monkeypatch):
     params = resolve_params(FuseConfig(), gt_scene)
     reference = fuse_depth_maps(small_frames, params, "auto")
-    integrate = fuse._Integrator.integrate
+    integrate = tsdf._Integrator.integrate
     calls = {"n": 0}
 
     def drop_once(self, grid, frame, prepared):
         calls["n"] += 1
         if calls["n"] == 2:  # the second view of the first attempt "overflows"
-            raise fuse._BlocksDropped("simulated")
+            raise tsdf._BlocksDropped("simulated")
         return integrate(self, grid, frame, prepared)
 
-    monkeypatch.setattr(fuse._Integrator, "integrate", drop_once)
+    monkeypatch.setattr(tsdf._Integrator, "integrate", drop_once)
     retried = fuse_depth_maps(small_frames, params, "auto")
     assert retried.stats["attempts"] == 2
     assert retried.stats["capacity"] >= 2 * (reference.stats["blocks_counted"])
     assert len(retried.mesh.triangles) == len(reference.mesh.triangles)
 
     def always_drop(self, grid, frame, prepared):
-        raise fuse._BlocksDropped("simulated")
+        raise tsdf._BlocksDropped("simulated")
 
-    monkeypatch.setattr(fuse._Integrator, "integrate", always_drop)
+    monkeypatch.setattr(tsdf._Integrator, "integrate", always_drop)
     with pytest.raises(ReconError, match="dropping blocks|max_memory_gb"):
         fuse_depth_maps(small_frames, params, "auto")
 
@@ -347,7 +338,7 @@ def test_cuda_request_without_cuda_fails_clearly():
     if o3d.core.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(ReconError, match="CUDA"):
-        fuse.open3d_device("cuda")
+        tsdf.open3d_device("cuda")
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
@@ -423,7 +414,7 @@ def test_stage_reads_the_initial_depth_when_refine_is_skipped(rendered, gt_scene
     assert not any(p.name.startswith(".") for p in ws.fuse_mesh.parent.iterdir())  # no temp files left
 
 
-def _speck(frame: fuse.FusionFrame) -> fuse.FusionFrame:
+def _speck(frame: tsdf.FusionFrame) -> tsdf.FusionFrame:
     """The frame with a 2x2 patch of its depth left (what a mask keeping a speck leaves), off the every-4th-pixel
     grid on which Open3D looks for touched blocks."""
     dm = frame.depth_map

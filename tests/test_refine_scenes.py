@@ -21,13 +21,9 @@ from pipeline.depth.stage import (
     filter_input_path,
 )
 from pipeline.analysis.evaluate import GtViews, evaluate_meshes
-from pipeline.fuse.stage import (
-    FuseConfig,
-    FusionFrame,
-    fuse_depth_maps,
-    map_focal_scale,
-    resolve_params,
-)
+from pipeline.fuse.config import FuseConfig
+from pipeline.fuse.stage import map_focal_scale, resolve_params
+from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps
 from pipeline.synthetic.groundtruth import load_gt_depth, scene_from_ground_truth
 from pipeline.core.io import load_depth_map, load_rgb
 from pipeline.refine.stage import RefineConfig, refine_depth_maps

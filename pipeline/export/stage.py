@@ -98,7 +98,7 @@ def read_normalized_from_sfm(path: Path) -> np.ndarray:
 # ---- meshes -------------------------------------------------------------------------------
 
 
-def load_mesh(path: Path):
+def load_trimesh(path: Path):
     """A coloured PLY (or any trimesh-readable mesh) as ``trimesh.Trimesh``, vertices kept as stored."""
     import trimesh
 
@@ -214,7 +214,7 @@ def export_mesh_files(
         fmts = list(dict.fromkeys(MeshFormat(f) for f in formats))
     except ValueError as exc:
         raise ReconError(f"unknown mesh format ({exc}); formats: {', '.join(m.value for m in MeshFormat)}") from None
-    mesh = load_mesh(mesh_path)
+    mesh = load_trimesh(mesh_path)
     if target_faces > 0:
         before = len(mesh.faces)
         mesh = decimate(mesh, target_faces)

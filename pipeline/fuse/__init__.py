@@ -11,7 +11,7 @@ from pipeline.fuse.config import FuseConfig
 
 __all__ = ['FuseConfig', 'run', 'fuse_depth_maps']
 
-_LAZY = {'run': 'pipeline.fuse.stage', 'fuse_depth_maps': 'pipeline.fuse.stage'}
+_LAZY = {'run': 'pipeline.fuse.stage', 'fuse_depth_maps': 'pipeline.fuse.tsdf'}
 
 
 def __getattr__(name: str):

@@ -1,2 +1,3 @@
-"""Rendered scenes with ground truth, for tests and benchmarks: shapes and rendering (``render``), ground-truth COLMAP models (``groundtruth``), monocular-like priors (``priors``).
+"""Rendered scenes with ground truth, for tests and benchmarks: shapes and rendering (``render``), ground-truth COLMAP models (``groundtruth``), monocular-like priors (``priors``),
+ground-truth depth fused by the fuse stage's code (``fusion``).
 """
