@@ -25,7 +25,9 @@ from pipeline.core.errors import ReconError
 from pipeline.core.geometry import camera_center, invert_pose, umeyama
 from pipeline.synthetic.groundtruth import load_gt_cameras, scene_from_ground_truth
 from pipeline.core.io import load_sfm_scene
-from pipeline.sfm.stage import CameraMode, InputImage, camera_groups, prepare_image, scene_images, sfm_paths
+from pipeline.sfm.config import CameraMode
+from pipeline.sfm.inputs import InputImage, camera_groups, drop_duplicates, pixel_digest, prepare_image, prepare_inputs, scene_images
+from pipeline.sfm.stage import sfm_paths
 from pipeline.core.context import StageContext
 from pipeline.synthetic.render import render_scene
 from pipeline.core.workspace import Workspace
@@ -63,7 +65,7 @@ def sfm_run(tmp_path_factory) -> SfmRun:
     (scene / "images" / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     ws = Workspace.create(scene)
     collect = _Collect()
-    log = logging.getLogger("pipeline.sfm.stage")
+    log = logging.getLogger("pipeline.sfm")  # the stage, its modules (pipeline.sfm.inputs: skipped photos) and ctx.logger
     log.addHandler(collect)
     try:
         result = _run(ws)
@@ -412,8 +414,8 @@ def test_photo_discovery_leaves_out_every_recon_folder_and_matches_any_case(tmp_
 def test_duplicate_photos_are_used_once_and_named(tmp_path, caplog):
     ims = [InputImage(name=n, width=40, height=30, camera_key=(40, 30), digest=d) for n, d in
            (("a.jpg", "x"), ("b.jpg", "y"), ("copy of a.png", "x"), ("c.jpg", "z"), ("again a.jpg", "x"))]
-    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.stage"):
-        kept, duplicates = sfm.drop_duplicates(ims, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.inputs"):
+        kept, duplicates = drop_duplicates(ims, tmp_path)
     assert [im.name for im in kept] == ["a.jpg", "b.jpg", "c.jpg"]
     assert duplicates == {"copy of a.png": "a.jpg", "again a.jpg": "a.jpg"}
     assert sum("copy of a.png" in r.getMessage() and "a.jpg" in r.getMessage() for r in caplog.records) == 1
@@ -424,7 +426,7 @@ def test_pixel_digest_sees_through_the_file_format(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "a.png")
     Image.fromarray(rgb).save(tmp_path / "b.png", compress_level=9)
     Image.fromarray(rgb[::-1].copy()).save(tmp_path / "c.png")
-    assert sfm.pixel_digest(tmp_path / "a.png") == sfm.pixel_digest(tmp_path / "b.png") != sfm.pixel_digest(tmp_path / "c.png")
+    assert pixel_digest(tmp_path / "a.png") == pixel_digest(tmp_path / "b.png") != pixel_digest(tmp_path / "c.png")
 
 
 def test_too_small_photos_are_skipped_by_name(tmp_path, caplog):
@@ -435,8 +437,8 @@ def test_too_small_photos_are_skipped_by_name(tmp_path, caplog):
     Image.new("RGB", (15, 15), "gray").save(images / "tiny.png")
     Image.new("RGB", (2000, 8), "gray").save(images / "strip.png")
     files = sorted(images.iterdir())
-    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.stage"):
-        kept = sfm.prepare_inputs(files, images, tmp_path / "input", load_config().sfm)
+    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.inputs"):
+        kept = prepare_inputs(files, images, tmp_path / "input", load_config().sfm)
     assert [im.name for im in kept] == ["good_0.png", "good_1.png", "good_2.png"]
     warned = [r.getMessage() for r in caplog.records]
     assert any(str(images / "tiny.png") in m and "15x15" in m for m in warned)
