@@ -161,7 +161,8 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
 
     Ground truth: the scene's ``gt/mesh.ply`` cropped to the object box + 5 %, F at 0.5 % and 1 % of the object diagonal.
     """
-    from pipeline.analysis.evaluate import GtViews, evaluate_meshes
+    from pipeline.analysis.evaluate import evaluate_meshes
+    from pipeline.analysis.metrics import GtViews
     from pipeline.fuse.stage import FuseConfig, FusionFrame, fuse_depth_maps, map_focal_scale, resolve_params
     from pipeline.core.io import load_rgb
 

@@ -73,7 +73,8 @@ def worker(scene: Path, mesh_path: Path, device: str, overrides: list[str]) -> d
 
 
 def score(mesh_path: Path, scene: Path, gt_mesh: str, max_points: int) -> dict[str, Any]:
-    from pipeline.analysis.evaluate import GtViews, evaluate_meshes
+    from pipeline.analysis.evaluate import evaluate_meshes
+    from pipeline.analysis.metrics import GtViews
 
     info = json.loads((scene / "gt" / "scene.json").read_text())
     box = (np.asarray(info["object_bbox_min"]), np.asarray(info["object_bbox_max"]))

@@ -428,7 +428,7 @@ def bench_real(root: Path, runs: Path, args: argparse.Namespace) -> dict[str, An
     recs = run_stages(scene, out, list(STAGE_NAMES), extra, args.timeout)
     res.update({"images_dir": str(scene), "runs": recs, "seconds": manifest_seconds(out), "sfm": manifest_summary(out, "sfm")})
     if (out / "mesh.ply").exists():
-        from pipeline.analysis.evaluate import load_mesh
+        from pipeline.analysis.metrics import load_mesh
 
         try:
             m = load_mesh(out / "mesh.ply")

@@ -19,7 +19,8 @@ from PIL import Image
 from pipeline.fuse import stage as fuse
 from pipeline.config import ReconConfig
 from pipeline.core.errors import ReconError
-from pipeline.analysis.evaluate import GtViews, Mesh, evaluate_meshes
+from pipeline.analysis.evaluate import evaluate_meshes
+from pipeline.analysis.metrics import GtViews, Mesh
 from pipeline.fuse.stage import (
     FuseConfig,
     FusionParams,
