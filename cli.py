@@ -358,7 +358,8 @@ def synth(shape, out_dir, object_mesh, n_views, width, height, seed, scale, ring
     """Render scene SHAPE (blob, thin, knot) with ground truth (images/ + gt/) into OUT_DIR."""
     try:
         _setup_logging(False)
-        from pipeline.synthetic.render import SHAPES, render_scene
+        from pipeline.synthetic.render import render_scene
+        from pipeline.synthetic.shapes import SHAPES
 
         if object_mesh is None and shape not in SHAPES:
             raise ReconError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from pipeline.synthetic.render import (
-    SHAPES,
     GroundTruth,
     intrinsics,
     load_ground_truth,
@@ -19,6 +18,7 @@ from pipeline.synthetic.render import (
     pixel_grid,
     render_scene,
 )
+from pipeline.synthetic.shapes import SHAPES
 
 W, H, N_VIEWS = 160, 120, 6
 

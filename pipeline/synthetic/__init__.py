@@ -1,2 +1,2 @@
-"""Rendered scenes with ground truth, for tests and benchmarks: shapes and rendering (``render``), ground-truth COLMAP models (``groundtruth``), monocular-like priors (``priors``).
+"""Rendered scenes with ground truth, for tests and benchmarks: shapes, materials and textures (``shapes``), cameras and rendering (``render``), ground-truth COLMAP models (``groundtruth``), monocular-like priors (``priors``).
 """
