@@ -119,9 +119,10 @@ def pixel_rays(K: np.ndarray, cam_from_world: np.ndarray, uv: np.ndarray) -> tup
     return -rot.T @ t, d_cam @ rot  # (R^T d)^T = d^T R
 
 
-def pixel_grid(width: int, height: int, samples: int = 1) -> np.ndarray:
+def subpixel_grid(width: int, height: int, samples: int = 1) -> np.ndarray:
     """Image coordinates (height*samples, width*samples, 2) of a samples x samples grid inside each pixel
-    (samples = 1: pixel centres u + 0.5, v + 0.5)."""
+    (samples = 1: pixel centres u + 0.5, v + 0.5). NumPy, (width, height) order: not
+    :func:`pipeline.core.geometry.pixel_grid` (torch, (height, width))."""
     sub = (np.arange(samples) + 0.5) / samples
     u = (np.arange(width)[:, None] + sub[None, :]).ravel()
     v = (np.arange(height)[:, None] + sub[None, :]).ravel()
@@ -181,11 +182,11 @@ def _shade_hits(scene: _Scene, origin: np.ndarray, dirs: np.ndarray) -> np.ndarr
 def _render_view(scene: _Scene, K: np.ndarray, cam_from_world: np.ndarray, width: int, height: int,
                  samples: int) -> tuple[np.ndarray, np.ndarray]:
     """(image (H, W, 3) uint8, z-depth (H, W) float32, unit-scale scene) of one view."""
-    origin, dirs = pixel_rays(K, cam_from_world, pixel_grid(width, height, samples))
+    origin, dirs = pixel_rays(K, cam_from_world, subpixel_grid(width, height, samples))
     rgb = _shade_hits(scene, origin, dirs.reshape(-1, 3))
     rgb = rgb.reshape(3, height, samples, width, samples).mean(axis=(2, 4)).transpose(1, 2, 0)
     image = np.round(255.0 * np.clip(rgb, 0.0, 1.0) ** (1.0 / 2.2)).astype(np.uint8)
-    origin, dirs = pixel_rays(K, cam_from_world, pixel_grid(width, height, 1))
+    origin, dirs = pixel_rays(K, cam_from_world, subpixel_grid(width, height, 1))
     t = _cast(scene, origin, dirs.reshape(-1, 3))["t_hit"].reshape(height, width)
     depth = np.where(np.isfinite(t), t, 0.0).astype(np.float32)
     return image, depth
