@@ -185,7 +185,7 @@ def check_registration(
 # ---- phase 4: undistortion and the normalized frame ------------------------------------------------------
 
 
-def observation_depths(rec: pycolmap.Reconstruction) -> tuple[np.ndarray, np.ndarray]:
+def observed_points_and_depths(rec: pycolmap.Reconstruction) -> tuple[np.ndarray, np.ndarray]:
     """Sparse points (M, 3) and the camera-frame depth (K,) of every (point, registered image) observation pair.
 
     A point seen twice in one image (two keypoints in its track) counts once,
@@ -215,7 +215,7 @@ def normalize_model(rec: pycolmap.Reconstruction) -> tuple[float, np.ndarray, np
     """
     import pycolmap
 
-    points, depths = observation_depths(rec)
+    points, depths = observed_points_and_depths(rec)
     try:
         s, c = normalizing_similarity(points, depths)
     except ValueError as exc:
