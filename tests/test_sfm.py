@@ -22,8 +22,8 @@ from PIL import Image
 from pipeline.sfm import stage as sfm
 from pipeline.config import load_config
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import camera_center, invert_pose, umeyama
-from pipeline.synthetic.groundtruth import load_gt_cameras, scene_from_ground_truth
+from pipeline.core.geometry import camera_center, umeyama
+from pipeline.synthetic.groundtruth import load_gt_cameras, write_gt_model
 from pipeline.core.io import load_sfm_scene
 from pipeline.sfm.config import CameraMode
 from pipeline.sfm.inputs import InputImage, camera_groups, drop_duplicates, pixel_digest, prepare_image, prepare_inputs, scene_images
@@ -197,44 +197,12 @@ def _scene_copy(src: Path, dst: Path, names: list[str]) -> Path:
     return dst
 
 
-def _write_gt_model(scene_dir: Path, model_dir: Path, *, extra_name: str | None = None, invert_poses: bool = False) -> None:
-    """A COLMAP model of the true cameras (one PINHOLE camera) and ~300 true surface points.
-
-    ``invert_poses`` writes camera→world where COLMAP expects world→camera (keypoints stay the true ones).
-    """
-    gt = scene_from_ground_truth(scene_dir, n_points=300, normalize=False)
-    K = gt.views[0].K
-    rec = pycolmap.Reconstruction()
-    rec.add_camera_with_trivial_rig(
-        pycolmap.Camera(model="PINHOLE", width=gt.views[0].width, height=gt.views[0].height, params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], camera_id=1)
-    )
-    views = [(v.name, v.cam_from_world, v.point_ids) for v in gt.views]
-    if extra_name:
-        views.append((extra_name, gt.views[0].cam_from_world, gt.views[0].point_ids))
-    tracks: dict[int, list[tuple[int, int]]] = {}
-    for image_id, (name, T, pids) in enumerate(views, start=1):
-        pc = gt.points[pids] @ T[:3, :3].T + T[:3, 3]
-        uv = pc[:, :2] / pc[:, 2:] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
-        pose = invert_pose(T) if invert_poses else T
-        rec.add_image_with_trivial_frame(pycolmap.Image(name=name, keypoints=uv, camera_id=1, image_id=image_id), pycolmap.Rigid3d(pose[:3, :4]))
-        for idx, pid in enumerate(pids):
-            tracks.setdefault(int(pid), []).append((image_id, idx))
-    for pid, elements in tracks.items():
-        if len(elements) >= 2:
-            track = pycolmap.Track()
-            for image_id, idx in elements:
-                track.add_element(image_id, idx)
-            rec.add_point3D(gt.points[pid], track)
-    model_dir.mkdir(parents=True)
-    rec.write(str(model_dir))
-
-
 @pytest.fixture
 def gt_model_scene(sfm_run, tmp_path) -> Path:
     names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
     scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
     shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
-    _write_gt_model(scene, scene / "sparse" / "0")
+    write_gt_model(scene, scene / "sparse" / "0")
     return scene
 
 
@@ -267,7 +235,7 @@ def test_existing_model_with_unknown_image_names_fails(sfm_run, tmp_path):
     names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
     scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
     shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
-    _write_gt_model(scene, scene / "sparse", extra_name="not_here.png")
+    write_gt_model(scene, scene / "sparse", extra_name="not_here.png")
     ws = Workspace.create(scene)
     with pytest.raises(ReconError, match="not_here.png") as info:
         _run(ws)
@@ -280,7 +248,7 @@ def test_existing_model_with_inverted_poses_fails_clearly(sfm_run, tmp_path):
     names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
     scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
     shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
-    _write_gt_model(scene, scene / "sparse" / "0", invert_poses=True)
+    write_gt_model(scene, scene / "sparse" / "0", invert_poses=True)
     with pytest.raises(ReconError, match="world→camera") as info:
         _run(Workspace.create(scene))
     assert "\n" not in str(info.value)
