@@ -178,7 +178,7 @@ def test_interrupted_run_resumes_from_finished_phases(sfm_run, tmp_path, caplog)
     # Killed during undistortion: the mapped model is reused, nothing before it re-runs.
     shutil.rmtree(ws.sfm_model_dir)
     log = ws.sfm_log.read_text()
-    with caplog.at_level(logging.INFO, logger="pipeline.sfm.stage"):
+    with caplog.at_level(logging.INFO, logger="pipeline.sfm"):  # ctx.logger of the sfm stage
         sfm.run(ctx)
     new_log = ws.sfm_log.read_text()[len(log):]
     assert "initial image pair" not in new_log and "Undistort" in new_log
