@@ -358,7 +358,8 @@ def synth(shape, out_dir, object_mesh, n_views, width, height, seed, scale, ring
     """Render scene SHAPE (blob, thin, knot) with ground truth (images/ + gt/) into OUT_DIR."""
     try:
         _setup_logging(False)
-        from pipeline.synthetic.render import SHAPES, render_scene
+        from pipeline.synthetic.render import render_scene
+        from pipeline.synthetic.shapes import SHAPES
 
         if object_mesh is None and shape not in SHAPES:
             raise ReconError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
@@ -402,7 +403,8 @@ def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp, cameras, margin)
     """Score OUT (a recon output folder or a mesh) against ground truth; writes OUT/eval.json."""
     try:
         _setup_logging(False)
-        from pipeline.analysis.evaluate import DEFAULT_THRESHOLDS_REL, evaluate_reconstruction, format_summary
+        from pipeline.analysis.evaluate import evaluate_reconstruction, format_summary
+        from pipeline.analysis.metrics import DEFAULT_THRESHOLDS_REL
 
         result = evaluate_reconstruction(Path(out), Path(gt), thresholds_rel=thresholds or DEFAULT_THRESHOLDS_REL,
                                          threshold_abs=threshold_abs, align=not no_align, icp=icp,

@@ -161,7 +161,8 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
 
     Ground truth: the scene's ``gt/mesh.ply`` cropped to the object box + 5 %, F at 0.5 % and 1 % of the object diagonal.
     """
-    from pipeline.analysis.evaluate import GtViews, evaluate_meshes
+    from pipeline.analysis.evaluate import evaluate_meshes
+    from pipeline.analysis.metrics import GtViews
     from pipeline.fuse.config import FuseConfig
     from pipeline.fuse.stage import map_focal_scale, resolve_params
     from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps
@@ -185,7 +186,7 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, depth/, bench_depth.json) [bench/results]")
-    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synthetic.render.SHAPES) [%(default)s]")
+    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synthetic.shapes.SHAPES) [%(default)s]")
     p.add_argument("--views", type=int, default=24)
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
@@ -202,7 +203,7 @@ def main() -> None:
         return
 
     from pipeline.core.cache import write_json_atomic
-    from pipeline.synthetic.render import SHAPES
+    from pipeline.synthetic.shapes import SHAPES
 
     bad = [s for s in args.shapes if s not in SHAPES]
     if bad:

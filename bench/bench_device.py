@@ -146,7 +146,8 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
 
 def compare(pack_dir: Path, results: list[Path], gt_dir: Path | None) -> None:
     """Per stage: share of pixels valid in both runs and their relative depth difference; each run's error against GT."""
-    from pipeline.analysis.evaluate import GtViews, depth_metrics, depth_pairs
+    from pipeline.analysis.evaluate import depth_metrics, depth_pairs
+    from pipeline.analysis.metrics import GtViews
 
     scene, _ = load_pack(pack_dir)
     by_name = {v.name: v for v in scene.views}

@@ -73,7 +73,8 @@ def worker(scene: Path, mesh_path: Path, device: str, overrides: list[str]) -> d
 
 
 def score(mesh_path: Path, scene: Path, gt_mesh: str, max_points: int) -> dict[str, Any]:
-    from pipeline.analysis.evaluate import GtViews, evaluate_meshes
+    from pipeline.analysis.evaluate import evaluate_meshes
+    from pipeline.analysis.metrics import GtViews
 
     info = json.loads((scene / "gt" / "scene.json").read_text())
     box = (np.asarray(info["object_bbox_min"]), np.asarray(info["object_bbox_max"]))
@@ -84,7 +85,7 @@ def score(mesh_path: Path, scene: Path, gt_mesh: str, max_points: int) -> dict[s
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, fuse/, bench_fuse.json) [bench/results]")
-    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synthetic.render.SHAPES) [%(default)s]")
+    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synthetic.shapes.SHAPES) [%(default)s]")
     p.add_argument("--views", type=int, default=24)
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
@@ -101,7 +102,7 @@ def main() -> None:
         return
 
     from pipeline.core.cache import write_json_atomic
-    from pipeline.synthetic.render import SHAPES
+    from pipeline.synthetic.shapes import SHAPES
 
     bad = [s for s in args.shapes if s not in SHAPES]
     if bad:

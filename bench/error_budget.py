@@ -54,7 +54,9 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.depth.stage import adopted_depth_path  # noqa: E402
 from pipeline.core.errors import ReconError  # noqa: E402
-from pipeline.analysis.evaluate import GtViews, align_to_gt_cameras, depth_error_image, evaluate_meshes, read_colmap_poses, resolve_ground_truth  # noqa: E402
+from pipeline.analysis.alignment import align_to_gt_cameras, read_colmap_poses  # noqa: E402
+from pipeline.analysis.evaluate import depth_error_image, evaluate_meshes, resolve_ground_truth  # noqa: E402
+from pipeline.analysis.metrics import GtViews  # noqa: E402
 from pipeline.fuse.stage import map_focal_scale, resolve_params  # noqa: E402
 from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps  # noqa: E402
 from pipeline.core.io import DepthMap, load_depth_map, load_rgb, load_sfm_scene  # noqa: E402

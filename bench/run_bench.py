@@ -5,7 +5,7 @@
     python bench/run_bench.py --quick --real-sets templeSparseRing   # smoke run: one small scene, reduced settings
     python bench/run_bench.py --shapes blob --models --views 12 --width 320 --height 240
 
-Rendered scenes: the procedural shapes of :data:`pipeline.synthetic.render.SHAPES` and the
+Rendered scenes: the procedural shapes of :data:`pipeline.synthetic.shapes.SHAPES` and the
 textured models in ``--models-dir`` (``spot``, ``bob``: their OBJ rendered by
 :func:`pipeline.synthetic.render.render_scene` with ``object_mesh``), each with GT.
 
@@ -423,7 +423,7 @@ def bench_real(root: Path, runs: Path, args: argparse.Namespace) -> dict[str, An
     recs = run_stages(scene, out, list(STAGE_NAMES), extra, args.timeout)
     res.update({"images_dir": str(scene), "runs": recs, "seconds": manifest_seconds(out), "sfm": manifest_summary(out, "sfm")})
     if (out / "mesh.ply").exists():
-        from pipeline.analysis.evaluate import load_mesh
+        from pipeline.analysis.metrics import load_mesh
 
         try:
             m = load_mesh(out / "mesh.ply")
@@ -502,7 +502,7 @@ def memory_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.synthetic.render import SHAPES
+    from pipeline.synthetic.shapes import SHAPES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, runs/, bench.json) [bench/results]")

@@ -27,7 +27,7 @@ def _files_under(folder: Path) -> list[Path]:
 
 def sfm_inputs(ws: Workspace, cfg: ReconConfig) -> list[Path]:
     """The photos and, when used, the user's COLMAP model."""
-    from pipeline.sfm.stage import scene_images
+    from pipeline.sfm.inputs import scene_images
 
     files = scene_images(ws) if ws.images_dir.is_dir() else []
     user = ws.user_sparse_dir() if cfg.sfm.use_existing_model else None

@@ -11,9 +11,9 @@ import open3d as o3d
 import pytest
 
 from pipeline.core.errors import ReconError
-from pipeline.analysis.evaluate import (
-    Mesh, align_from_cameras, depth_error_image, depth_metrics, depth_pairs, evaluate_meshes, evaluate_reconstruction, format_summary, sample_depth,
-)
+from pipeline.analysis.alignment import align_from_cameras
+from pipeline.analysis.evaluate import depth_error_image, depth_metrics, depth_pairs, evaluate_meshes, evaluate_reconstruction, format_summary
+from pipeline.analysis.metrics import Mesh, sample_depth
 from pipeline.core.geometry import scale_intrinsics, transform_pose_by_similarity, umeyama
 
 FAST = dict(max_points=60_000)
@@ -373,7 +373,7 @@ def perturbed_reconstruction(gt_mesh: o3d.geometry.TriangleMesh, lo: np.ndarray,
 
 def independent_fscore(est: o3d.geometry.TriangleMesh, gt: o3d.geometry.TriangleMesh, gt_dir: Path, lo: np.ndarray, hi: np.ndarray,
                        diagonal: float, taus_rel=(0.005, 0.01), margin: float = 0.05) -> dict[float, tuple[float, float, float]]:
-    """A minimal Tanks-and-Temples-style score written from the protocol text alone, sharing no code with pipeline.analysis.evaluate:
+    """A minimal Tanks-and-Temples-style score written from the protocol text alone, sharing no code with pipeline.analysis (evaluate, metrics, alignment):
     Open3D uniform sampling, nearest-pixel GT visibility, scipy k-d tree point-to-point distances to a 2x denser sampling."""
     from scipy.spatial import cKDTree
 

@@ -20,7 +20,8 @@ from pipeline.fuse import stage as fuse
 from pipeline.fuse import tsdf
 from pipeline.config import ReconConfig
 from pipeline.core.errors import ReconError
-from pipeline.analysis.evaluate import GtViews, Mesh, evaluate_meshes
+from pipeline.analysis.evaluate import evaluate_meshes
+from pipeline.analysis.metrics import GtViews, Mesh
 from pipeline.fuse.clean import clean_mesh, remove_vertices, visibility_outliers, visibility_votes
 from pipeline.fuse.config import FuseConfig
 from pipeline.fuse.stage import check_poses, resolve_params

@@ -20,7 +20,8 @@ from pipeline.depth.stage import (
     compute_depth_maps,
     filter_input_path,
 )
-from pipeline.analysis.evaluate import GtViews, evaluate_meshes
+from pipeline.analysis.evaluate import evaluate_meshes
+from pipeline.analysis.metrics import GtViews
 from pipeline.fuse.config import FuseConfig
 from pipeline.fuse.stage import map_focal_scale, resolve_params
 from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps

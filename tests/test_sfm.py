@@ -22,10 +22,12 @@ from PIL import Image
 from pipeline.sfm import stage as sfm
 from pipeline.config import load_config
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import camera_center, invert_pose, umeyama
-from pipeline.synthetic.groundtruth import load_gt_cameras, scene_from_ground_truth
+from pipeline.core.geometry import camera_center, umeyama
+from pipeline.synthetic.groundtruth import load_gt_cameras, write_gt_model
 from pipeline.core.io import load_sfm_scene
-from pipeline.sfm.stage import CameraMode, InputImage, camera_groups, prepare_image, scene_images, sfm_paths
+from pipeline.sfm.config import CameraMode
+from pipeline.sfm.inputs import InputImage, camera_groups, drop_duplicates, pixel_digest, prepare_image, prepare_inputs, scene_images
+from pipeline.sfm.stage import sfm_paths
 from pipeline.core.context import StageContext
 from pipeline.synthetic.render import render_scene
 from pipeline.core.workspace import Workspace
@@ -63,7 +65,7 @@ def sfm_run(tmp_path_factory) -> SfmRun:
     (scene / "images" / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     ws = Workspace.create(scene)
     collect = _Collect()
-    log = logging.getLogger("pipeline.sfm.stage")
+    log = logging.getLogger("pipeline.sfm")  # the stage, its modules (pipeline.sfm.inputs: skipped photos) and ctx.logger
     log.addHandler(collect)
     try:
         result = _run(ws)
@@ -176,7 +178,7 @@ def test_interrupted_run_resumes_from_finished_phases(sfm_run, tmp_path, caplog)
     # Killed during undistortion: the mapped model is reused, nothing before it re-runs.
     shutil.rmtree(ws.sfm_model_dir)
     log = ws.sfm_log.read_text()
-    with caplog.at_level(logging.INFO, logger="pipeline.sfm.stage"):
+    with caplog.at_level(logging.INFO, logger="pipeline.sfm"):  # ctx.logger of the sfm stage
         sfm.run(ctx)
     new_log = ws.sfm_log.read_text()[len(log):]
     assert "initial image pair" not in new_log and "Undistort" in new_log
@@ -195,44 +197,12 @@ def _scene_copy(src: Path, dst: Path, names: list[str]) -> Path:
     return dst
 
 
-def _write_gt_model(scene_dir: Path, model_dir: Path, *, extra_name: str | None = None, invert_poses: bool = False) -> None:
-    """A COLMAP model of the true cameras (one PINHOLE camera) and ~300 true surface points.
-
-    ``invert_poses`` writes camera→world where COLMAP expects world→camera (keypoints stay the true ones).
-    """
-    gt = scene_from_ground_truth(scene_dir, n_points=300, normalize=False)
-    K = gt.views[0].K
-    rec = pycolmap.Reconstruction()
-    rec.add_camera_with_trivial_rig(
-        pycolmap.Camera(model="PINHOLE", width=gt.views[0].width, height=gt.views[0].height, params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], camera_id=1)
-    )
-    views = [(v.name, v.cam_from_world, v.point_ids) for v in gt.views]
-    if extra_name:
-        views.append((extra_name, gt.views[0].cam_from_world, gt.views[0].point_ids))
-    tracks: dict[int, list[tuple[int, int]]] = {}
-    for image_id, (name, T, pids) in enumerate(views, start=1):
-        pc = gt.points[pids] @ T[:3, :3].T + T[:3, 3]
-        uv = pc[:, :2] / pc[:, 2:] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
-        pose = invert_pose(T) if invert_poses else T
-        rec.add_image_with_trivial_frame(pycolmap.Image(name=name, keypoints=uv, camera_id=1, image_id=image_id), pycolmap.Rigid3d(pose[:3, :4]))
-        for idx, pid in enumerate(pids):
-            tracks.setdefault(int(pid), []).append((image_id, idx))
-    for pid, elements in tracks.items():
-        if len(elements) >= 2:
-            track = pycolmap.Track()
-            for image_id, idx in elements:
-                track.add_element(image_id, idx)
-            rec.add_point3D(gt.points[pid], track)
-    model_dir.mkdir(parents=True)
-    rec.write(str(model_dir))
-
-
 @pytest.fixture
 def gt_model_scene(sfm_run, tmp_path) -> Path:
     names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
     scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
     shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
-    _write_gt_model(scene, scene / "sparse" / "0")
+    write_gt_model(scene, scene / "sparse" / "0")
     return scene
 
 
@@ -265,7 +235,7 @@ def test_existing_model_with_unknown_image_names_fails(sfm_run, tmp_path):
     names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
     scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
     shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
-    _write_gt_model(scene, scene / "sparse", extra_name="not_here.png")
+    write_gt_model(scene, scene / "sparse", extra_name="not_here.png")
     ws = Workspace.create(scene)
     with pytest.raises(ReconError, match="not_here.png") as info:
         _run(ws)
@@ -278,7 +248,7 @@ def test_existing_model_with_inverted_poses_fails_clearly(sfm_run, tmp_path):
     names = sorted(load_gt_cameras(sfm_run.scene_dir / "gt")[0])
     scene = _scene_copy(sfm_run.scene_dir, tmp_path / "scene", names)
     shutil.copytree(sfm_run.scene_dir / "gt", scene / "gt")
-    _write_gt_model(scene, scene / "sparse" / "0", invert_poses=True)
+    write_gt_model(scene, scene / "sparse" / "0", invert_poses=True)
     with pytest.raises(ReconError, match="world→camera") as info:
         _run(Workspace.create(scene))
     assert "\n" not in str(info.value)
@@ -412,8 +382,8 @@ def test_photo_discovery_leaves_out_every_recon_folder_and_matches_any_case(tmp_
 def test_duplicate_photos_are_used_once_and_named(tmp_path, caplog):
     ims = [InputImage(name=n, width=40, height=30, camera_key=(40, 30), digest=d) for n, d in
            (("a.jpg", "x"), ("b.jpg", "y"), ("copy of a.png", "x"), ("c.jpg", "z"), ("again a.jpg", "x"))]
-    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.stage"):
-        kept, duplicates = sfm.drop_duplicates(ims, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.inputs"):
+        kept, duplicates = drop_duplicates(ims, tmp_path)
     assert [im.name for im in kept] == ["a.jpg", "b.jpg", "c.jpg"]
     assert duplicates == {"copy of a.png": "a.jpg", "again a.jpg": "a.jpg"}
     assert sum("copy of a.png" in r.getMessage() and "a.jpg" in r.getMessage() for r in caplog.records) == 1
@@ -424,7 +394,7 @@ def test_pixel_digest_sees_through_the_file_format(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "a.png")
     Image.fromarray(rgb).save(tmp_path / "b.png", compress_level=9)
     Image.fromarray(rgb[::-1].copy()).save(tmp_path / "c.png")
-    assert sfm.pixel_digest(tmp_path / "a.png") == sfm.pixel_digest(tmp_path / "b.png") != sfm.pixel_digest(tmp_path / "c.png")
+    assert pixel_digest(tmp_path / "a.png") == pixel_digest(tmp_path / "b.png") != pixel_digest(tmp_path / "c.png")
 
 
 def test_too_small_photos_are_skipped_by_name(tmp_path, caplog):
@@ -435,8 +405,8 @@ def test_too_small_photos_are_skipped_by_name(tmp_path, caplog):
     Image.new("RGB", (15, 15), "gray").save(images / "tiny.png")
     Image.new("RGB", (2000, 8), "gray").save(images / "strip.png")
     files = sorted(images.iterdir())
-    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.stage"):
-        kept = sfm.prepare_inputs(files, images, tmp_path / "input", load_config().sfm)
+    with caplog.at_level(logging.WARNING, logger="pipeline.sfm.inputs"):
+        kept = prepare_inputs(files, images, tmp_path / "input", load_config().sfm)
     assert [im.name for im in kept] == ["good_0.png", "good_1.png", "good_2.png"]
     warned = [r.getMessage() for r in caplog.records]
     assert any(str(images / "tiny.png") in m and "15x15" in m for m in warned)

@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from pipeline.synthetic.render import (
-    SHAPES,
     GroundTruth,
     intrinsics,
     load_ground_truth,
     look_at,
-    pixel_grid,
     render_scene,
+    subpixel_grid,
 )
+from pipeline.synthetic.shapes import SHAPES
 
 W, H, N_VIEWS = 160, 120, 6
 
@@ -217,7 +217,7 @@ def test_unknown_shape_raises(tmp_path: Path) -> None:
         render_scene(tmp_path / "x", shape="teapot", n_views=1, width=16, height=16)
 
 
-def test_look_at_and_pixel_grid() -> None:
+def test_look_at_and_subpixel_grid() -> None:
     center, target = np.array([2.0, 1.0, 1.5]), np.array([0.0, 0.0, 0.3])
     pose = look_at(center, target)
     K = intrinsics(W, H)
@@ -227,10 +227,10 @@ def test_look_at_and_pixel_grid() -> None:
     uv_up, _ = project(K, pose, (target + [0.0, 0.0, 0.1])[None])
     assert uv_up[0, 1] < H / 2  # world up is image up (y down)
     np.testing.assert_allclose(-pose[:3, :3].T @ pose[:3, 3], center)
-    grid = pixel_grid(3, 2)
+    grid = subpixel_grid(3, 2)
     np.testing.assert_allclose(grid[0, 0], [0.5, 0.5])
     np.testing.assert_allclose(grid[1, 2], [2.5, 1.5])
-    np.testing.assert_allclose(pixel_grid(3, 2, 2)[0, :2], [[0.25, 0.25], [0.75, 0.25]])
+    np.testing.assert_allclose(subpixel_grid(3, 2, 2)[0, :2], [[0.25, 0.25], [0.75, 0.25]])
 
 
 @pytest.mark.slow

@@ -257,7 +257,8 @@ def evaluate_scene(ws: Workspace) -> dict[str, Any] | None:
     """
     import json
 
-    from pipeline.analysis.evaluate import DEFAULT_THRESHOLDS_REL, evaluate_reconstruction, threshold_table
+    from pipeline.analysis.evaluate import evaluate_reconstruction
+    from pipeline.analysis.metrics import DEFAULT_THRESHOLDS_REL, threshold_table
 
     gt = ws.scene_dir / "gt"
     if not gt.is_dir() or not ws.mesh_path.is_file():

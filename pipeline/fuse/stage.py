@@ -208,7 +208,7 @@ def check_masks(ws: Workspace, cfg: FuseConfig) -> None:
     Raises:
         ReconError: a mask that cannot be read, or one of another size than its photo, naming it.
     """
-    from pipeline.sfm.stage import scene_images
+    from pipeline.sfm.inputs import scene_images
 
     if not ws.masks_dir.is_dir():
         return

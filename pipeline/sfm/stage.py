@@ -22,32 +22,34 @@ resumes from the last finished phase and never trusts half-written work):
    (median observation depth of the sparse points = 1).
 
 COLMAP's own log (glog, Ceres) goes to ``OUT/sfm/colmap.log``.
+
+Phase 1 lives in :mod:`pipeline.sfm.inputs`, the user's model in
+:mod:`pipeline.sfm.user_model`, the COLMAP calls in :mod:`pipeline.sfm.colmap_steps`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
-from pipeline.core.cache import atomic_dir, atomic_path, raise_if_disk_full, write_json_atomic
+from pipeline.core.cache import atomic_dir, raise_if_disk_full, write_json_atomic
 from pipeline.sfm.colmap_steps import RETRY_PEAK_THRESHOLD_FACTOR, run_step, threads
-from pipeline.core.errors import OutputError, ReconError
+from pipeline.core.errors import ReconError
 from pipeline.core.geometry import normalizing_similarity, similarity_matrix
-from pipeline.core.io import load_rgb, split_image_files, warnings_named
 from pipeline.core.native_output import native_output_to
 from pipeline.core.settings import check_section
 from pipeline.sfm.config import CameraMode, Matcher, SfmConfig, colmap_camera_model, colmap_camera_models  # noqa: F401 - re-exported
+from pipeline.sfm.inputs import InputImage, _names, camera_groups, drop_duplicates, prepare_inputs, scene_files
+from pipeline.sfm.user_model import read_user_model
 from pipeline.core.context import StageContext
 from pipeline.core.workspace import Workspace
 
@@ -55,14 +57,6 @@ if TYPE_CHECKING:
     import pycolmap
 
 logger = logging.getLogger(__name__)
-
-_EXIF_IFD = 0x8769
-_EXIF_ORIENTATION = 0x0112
-_EXIF_KEEP_BASE = (0x010F, 0x0110)  # Make, Model
-_EXIF_KEEP_IFD = (0x920A, 0xA405)  # FocalLength (mm), FocalLengthIn35mmFilm
-"""EXIF tags copied into re-encoded JPEGs: what COLMAP needs for its focal-length prior.
-Resolution-dependent tags (FocalPlaneXResolution, pixel dimensions) are dropped
-because a downscaled image would make them wrong."""
 
 
 # ---- paths ---------------------------------------------------------------------------------
@@ -111,206 +105,6 @@ class SfmPaths:
 def sfm_paths(ws: Workspace) -> SfmPaths:
     """The sfm stage's files for a workspace."""
     return SfmPaths(ws)
-
-
-# ---- phase 1: input images -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputImage:
-    """One readable input image after preparation."""
-
-    name: str
-    """Path relative to the images folder (POSIX), also the name in the COLMAP model."""
-    width: int
-    height: int
-    camera_key: tuple
-    """Images with equal keys share intrinsics in ``camera_mode=auto``: (width, height, make, model, focal mm, focal 35 mm)."""
-    digest: str = ""
-    """:func:`pixel_digest` of the prepared image (equal pictures, equal digests)."""
-
-
-def _exif_subset(exif: Image.Exif) -> Image.Exif:
-    """The EXIF tags COLMAP uses for its focal prior (:data:`_EXIF_KEEP_BASE`, :data:`_EXIF_KEEP_IFD`)."""
-    out = Image.Exif()
-    for tag in _EXIF_KEEP_BASE:
-        if tag in exif:
-            out[tag] = exif[tag]
-    src_ifd = exif.get_ifd(_EXIF_IFD)
-    kept = {tag: src_ifd[tag] for tag in _EXIF_KEEP_IFD if tag in src_ifd}
-    if kept:
-        dst_ifd = out.get_ifd(_EXIF_IFD)
-        dst_ifd.update(kept)
-    return out
-
-
-def _is_jpeg_name(name: str) -> bool:
-    return Path(name).suffix.lower() in (".jpg", ".jpeg")
-
-
-def prepare_image(src: Path, dst: Path, *, max_image_size: int, jpeg_quality: int) -> None:
-    """Write ``src`` as a clean input image at ``dst`` (atomic).
-
-    8-bit RGB, EXIF orientation applied, longest side ≤ ``max_image_size``; the
-    format follows ``dst``'s extension (PNG, else JPEG at ``jpeg_quality`` with
-    the focal-length EXIF tags kept). A JPEG that needs none of this is copied
-    byte for byte (PNGs are always re-encoded, losslessly: a 16-bit PNG also
-    opens as mode ``RGB``).
-
-    Raises:
-        ReconError: the image cannot be decoded.
-    """
-    rgb = load_rgb(src, max_image_size)  # full decode: also the corruption check
-    want_format = "JPEG" if _is_jpeg_name(dst.name) else "PNG"
-    with warnings_named(src), Image.open(src) as im:
-        exif = im.getexif()
-        unchanged = (
-            want_format == "JPEG"
-            and im.format == "JPEG"
-            and im.mode == "RGB"
-            and exif.get(_EXIF_ORIENTATION, 1) == 1
-            and (im.width, im.height) == (rgb.shape[1], rgb.shape[0])
-        )
-    with atomic_path(dst) as tmp:
-        if unchanged:
-            shutil.copyfile(src, tmp)
-        elif want_format == "JPEG":
-            Image.fromarray(rgb).save(tmp, format="JPEG", quality=jpeg_quality, exif=_exif_subset(exif).tobytes())
-        else:
-            Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
-
-
-def _camera_key(path: Path) -> tuple:
-    with warnings_named(path), Image.open(path) as im:
-        exif = im.getexif()
-        ifd = exif.get_ifd(_EXIF_IFD)
-        return (im.width, im.height, str(exif.get(0x010F, "")), str(exif.get(0x0110, "")), str(ifd.get(0x920A, "")), str(ifd.get(0xA405, "")))
-
-
-def scene_files(ws: Workspace) -> tuple[list[Path], list[Path]]:
-    """(input image files, other files) of the scene (``pipeline.core.io.split_image_files``), never files of recon's own folders.
-
-    Recon outputs are left out wherever they sit (the output folder, other runs' outputs, stage folders);
-    when the photos sit directly in ``SCENE_DIR``, ``masks/``, ``depth_prior/``, ``sparse/`` and ``gt/``
-    are left out too, and other files there (``recon.yaml``, notes) are not reported.
-    """
-    images_dir = ws.images_dir
-    exclude = [ws.out_dir, ws.masks_dir, ws.depth_prior_dir, ws.scene_dir / "sparse", ws.scene_dir / "gt"]
-    images, others = split_image_files(images_dir, exclude=exclude)
-    others = others if images_dir != ws.scene_dir else []
-    return images, others
-
-
-def scene_images(ws: Workspace) -> list[Path]:
-    """The scene's input image files (see :func:`scene_files`)."""
-    return scene_files(ws)[0]
-
-
-MIN_IMAGE_SIDE = 32
-"""Shorter side (pixels, as prepared for SfM) below which a photo is skipped. SIFT's descriptor spans a
-16-pixel window at its finest scale: COLMAP's affine-shape SIFT crashes on images under 16 pixels on a side,
-and an image under two windows gives SfM next to no features."""
-
-
-def pixel_digest(path: Path) -> str:
-    """Hash of an image's decoded RGB pixels (and size): equal for the same picture saved under two names."""
-    with warnings_named(path), Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    return hashlib.sha256(np.array(rgb.shape, np.int64).tobytes() + rgb.tobytes()).hexdigest()[:16]
-
-
-def prepare_inputs(
-    files: Sequence[Path], images_dir: Path, input_dir: Path, cfg: SfmConfig, on_image: Callable[[], None] = lambda: None
-) -> list[InputImage]:
-    """Phase 1: convert every readable image of ``files`` into ``input_dir`` (files already there are kept).
-
-    Names are the paths relative to ``images_dir``. Returns the readable
-    images, sorted by name; unreadable ones, and images under
-    :data:`MIN_IMAGE_SIDE` pixels on a side, are skipped with a warning naming
-    them (given once all images are read, and only when the stage goes on:
-    otherwise the error names them).
-
-    Raises:
-        ReconError: no images, or fewer than 3 usable ones.
-    """
-    if not files:
-        others = sorted(p.name for p in images_dir.iterdir() if p.is_file()) if images_dir.is_dir() else []
-        found = f" (found only {_names(others, limit=3)})" if others else ""
-        raise ReconError(f"{images_dir}: no JPEG/PNG images found{found}; put the photos in SCENE_DIR/images/")
-    out: list[InputImage] = []
-    unreadable: dict[str, str] = {}
-    for src in files:
-        name = src.relative_to(images_dir).as_posix()
-        dst = input_dir / name
-        if not dst.exists():
-            try:
-                prepare_image(src, dst, max_image_size=cfg.max_image_size, jpeg_quality=cfg.jpeg_quality)
-            except OutputError:
-                raise  # the output folder is full or read-only: not the image's fault
-            except (ReconError, Image.DecompressionBombError, ValueError) as exc:
-                unreadable[name] = str(exc) if str(src) in str(exc) else f"{src}: cannot read image ({exc})"
-                on_image()
-                continue
-        key = _camera_key(dst)
-        if min(key[0], key[1]) < MIN_IMAGE_SIDE:
-            unreadable[name] = (f"{src}: only {key[0]}x{key[1]} pixels (as prepared for SfM); photos need at least "
-                                f"{MIN_IMAGE_SIDE} pixels on each side")
-        else:
-            out.append(InputImage(name=name, width=key[0], height=key[1], camera_key=key, digest=pixel_digest(dst)))
-        on_image()
-    if len(out) < 3:
-        extra = f" ({len(unreadable)} unreadable or too small: {_names(list(unreadable))})" if unreadable else ""
-        raise ReconError(
-            f"{images_dir}: only {len(out)} readable image(s){extra}; SfM needs at least 3 overlapping photos; add more to this folder"
-        )
-    for reason in unreadable.values():
-        logger.warning("skipping %s", reason)
-    return sorted(out, key=lambda im: im.name)
-
-
-def drop_duplicates(images: Sequence[InputImage], images_dir: Path) -> tuple[list[InputImage], dict[str, str]]:
-    """The images with each picture once (the first name in order), and ``{duplicate name: name kept}``.
-
-    The same pixels under two names would be two cameras at one pose: SfM
-    cannot triangulate between them and later stages see a "view" without
-    baseline. Each duplicate is warned about by name.
-    """
-    kept: dict[str, InputImage] = {}
-    duplicates: dict[str, str] = {}
-    for im in images:
-        first = kept.setdefault(im.digest, im)
-        if first is not im:
-            duplicates[im.name] = first.name
-            logger.warning("skipping %s: the same picture as %s (identical pixels); it is used once", images_dir / im.name, first.name)
-    return [im for im in images if im.name not in duplicates], duplicates
-
-
-def camera_groups(images: Sequence[InputImage], mode: CameraMode) -> list[list[str]]:
-    """Names of the images that share one camera, per camera (``per_image``: one group, no sharing).
-
-    Raises:
-        ReconError: ``single`` with images of different sizes.
-    """
-    if mode == CameraMode.per_image:
-        return [[im.name for im in images]]
-    if mode == CameraMode.single:
-        sizes = {(im.width, im.height) for im in images}
-        if len(sizes) > 1:
-            desc = ", ".join(f"{w}x{h}" for w, h in sorted(sizes))
-            raise ReconError(f"sfm.camera_mode=single needs images of one size, found {desc}; use sfm.camera_mode=auto")
-        return [[im.name for im in images]]
-    groups: dict[tuple, list[str]] = {}
-    for im in images:
-        groups.setdefault(im.camera_key, []).append(im.name)
-    return list(groups.values())
-
-
-# ---- COLMAP output -----------------------------------------------------------------------------
-
-
-def _names(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ---- phase 2: features and matches ---------------------------------------------------------------
@@ -387,132 +181,10 @@ def check_registration(
     return missing
 
 
-# ---- existing model ---------------------------------------------------------------------------------
-
-
-def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: Path, input_dir: Path) -> pycolmap.Reconstruction:
-    """The user's COLMAP model, with cameras rescaled to the prepared images' sizes (in ``input_dir``).
-
-    Raises:
-        ReconError: unreadable model, registered images missing from the
-            images folder, an image whose size does not fit its camera, poses
-            that do not explain the keypoints, or keypoints that do not fit the
-            photos (:func:`check_model_fits_photos`).
-    """
-    import pycolmap
-
-    try:
-        rec = pycolmap.Reconstruction(str(model_dir))
-    except Exception as exc:  # pycolmap raises ValueError/RuntimeError for malformed files
-        raise ReconError(f"{model_dir}: cannot read the COLMAP model ({exc}); fix it or set sfm.use_existing_model=false") from exc
-    by_name = {im.name: im for im in images}
-    reg = [rec.images[i] for i in rec.reg_image_ids()]
-    if not reg:
-        raise ReconError(f"{model_dir}: the COLMAP model has no registered images; fix it or set sfm.use_existing_model=false")
-    missing = sorted(im.name for im in reg if im.name not in by_name)
-    if missing:
-        raise ReconError(
-            f"{model_dir}: {len(missing)} image(s) of the model are not readable images in {images_dir}: {_names(missing)}; "
-            "add them (same names) or set sfm.use_existing_model=false"
-        )
-    sizes: dict[int, set[tuple[int, int]]] = {}
-    for im in reg:
-        sizes.setdefault(im.camera_id, set()).add((by_name[im.name].width, by_name[im.name].height))
-    for camera_id, wh in sizes.items():
-        cam = rec.cameras[camera_id]
-        if len(wh) > 1:
-            raise ReconError(f"{model_dir}: images of camera {camera_id} have different sizes ({sorted(wh)}); the model does not fit these images")
-        (w, h), = wh
-        if (w, h) == (cam.width, cam.height):
-            continue
-        sx, sy = w / cam.width, h / cam.height
-        if abs(sx - sy) * max(cam.width, cam.height) > 1.5:  # more than rounding of a uniform downscale
-            raise ReconError(
-                f"{model_dir}: camera {camera_id} is {cam.width}x{cam.height} but its images are {w}x{h}; "
-                "supply the images the model was built from (same orientation)"
-            )
-        cam.rescale(w, h)
-        for im in reg:
-            if im.camera_id == camera_id:
-                for p in im.points2D:
-                    p.xy = p.xy * np.array([sx, sy])
-    check_pose_convention(rec, model_dir)
-    check_model_fits_photos(rec, input_dir, model_dir, images_dir)
-    return rec
-
-
-MODEL_CHECK_IMAGES = 60
-"""At most this many images (the most observed) take part in :func:`check_model_fits_photos`."""
-MODEL_CHECK_POINTS = 2000
-MODEL_CHECK_SIDE = 1000
-"""The photos are compared at this longest side (pixels) at most."""
-
-
-def check_model_fits_photos(rec: pycolmap.Reconstruction, input_dir: Path, model_dir: Path, images_dir: Path) -> None:
-    """Reject a model whose keypoints do not land on the same surface in the photos (a model of other photos,
-    shuffled image names), see :mod:`pipeline.sfm.model_check`.
-
-    Raises:
-        ReconError: naming the images that do not fit and what to do.
-    """
-    from pipeline.sfm.model_check import MIN_PAIRS, mismatched_images, track_agreement
-
-    reg = sorted((rec.images[i] for i in rec.reg_image_ids()), key=lambda im: -im.num_points3D)[:MODEL_CHECK_IMAGES]
-    by_id = {im.image_id: im for im in reg}
-    grays: dict[str, np.ndarray] = {}
-    scale: dict[str, float] = {}
-    for im in by_id.values():
-        with warnings_named(input_dir / im.name), Image.open(input_dir / im.name) as pil:
-            f = min(1.0, MODEL_CHECK_SIDE / max(pil.size))
-            gray = pil.convert("L")
-            if f < 1.0:
-                gray = gray.resize((max(1, round(pil.width * f)), max(1, round(pil.height * f))), Image.Resampling.BILINEAR)
-            grays[im.name] = np.asarray(gray, dtype=np.float32)
-            scale[im.name] = gray.width / pil.width
-    rng = np.random.default_rng(0)
-    ids = sorted(rec.point3D_ids())
-    picked = rng.choice(len(ids), size=min(MODEL_CHECK_POINTS, len(ids)), replace=False) if ids else []
-    tracks = []
-    for k in sorted(picked):
-        track = []
-        for el in rec.points3D[ids[k]].track.elements:
-            im = by_id.get(el.image_id)
-            if im is not None:
-                track.append((im.name, np.asarray(im.points2D[el.point2D_idx].xy, np.float64) * scale[im.name]))
-        if len(track) >= 2:
-            tracks.append(track)
-    agreement = track_agreement(tracks, grays.__getitem__)
-    bad = mismatched_images(agreement)
-    if bad:
-        judged = sum(1 for a in agreement.values() if a.pairs >= MIN_PAIRS)
-        detail = ", ".join(f"{n} ({agreement[n].matched:.2f} vs {agreement[n].control:.2f})" for n in bad[:5])
-        raise ReconError(
-            f"{model_dir}: the model does not fit the photos in {images_dir}: in {len(bad)} of {judged} images its keypoints "
-            f"do not show the same surface as in the other photos (patch correlation, keypoints vs elsewhere: {detail}); "
-            "the model was built from other photos or its image names are mixed up; supply the matching model or set sfm.use_existing_model=false"
-        )
-
-
-MAX_USER_MODEL_REPROJECTION_PX = 10.0
-"""A user model whose median reprojection error exceeds this is rejected (wrong pose convention)."""
-
-
-def check_pose_convention(rec: pycolmap.Reconstruction, model_dir: Path) -> None:
-    """Reject a model whose poses cannot explain its own keypoints (e.g. camera→world written as world→camera)."""
-    from pipeline.analysis.diagnose import reconstruction_reprojection_error
-
-    err = reconstruction_reprojection_error(rec)
-    if not np.isnan(err) and err > MAX_USER_MODEL_REPROJECTION_PX:
-        raise ReconError(
-            f"{model_dir}: the poses do not reproject the model's points onto its keypoints (median error {err:.0f} px); "
-            "COLMAP models store world→camera poses — if yours holds camera→world, invert them"
-        )
-
-
 # ---- phase 4: undistortion and the normalized frame ------------------------------------------------------
 
 
-def observation_depths(rec: pycolmap.Reconstruction) -> tuple[np.ndarray, np.ndarray]:
+def observed_points_and_depths(rec: pycolmap.Reconstruction) -> tuple[np.ndarray, np.ndarray]:
     """Sparse points (M, 3) and the camera-frame depth (K,) of every (point, registered image) observation pair.
 
     A point seen twice in one image (two keypoints in its track) counts once,
@@ -542,7 +214,7 @@ def normalize_model(rec: pycolmap.Reconstruction) -> tuple[float, np.ndarray, np
     """
     import pycolmap
 
-    points, depths = observation_depths(rec)
+    points, depths = observed_points_and_depths(rec)
     try:
         s, c = normalizing_similarity(points, depths)
     except ValueError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.geometry import normalizing_similarity, transform_pose_by_similarity
+from pipeline.core.geometry import invert_pose, normalizing_similarity, transform_pose_by_similarity
 from pipeline.core.io import SfmScene, View
 
 
@@ -107,7 +107,8 @@ def scene_from_ground_truth(scene_dir: Path, *, n_points: int = 3000, seed: int 
     )
 
 
-def write_gt_model(scene_dir: Path, model_dir: Path, *, n_points: int = 300, seed: int = 0) -> Path:
+def write_gt_model(scene_dir: Path, model_dir: Path, *, n_points: int = 300, seed: int = 0,
+                   extra_name: str | None = None, invert_poses: bool = False) -> Path:
     """Write the true cameras of a rendered scene as a COLMAP model (``model_dir``, binary).
 
     One PINHOLE camera at the image size, every view registered with its true
@@ -116,6 +117,10 @@ def write_gt_model(scene_dir: Path, model_dir: Path, *, n_points: int = 300, see
     keypoints at the exact projections. Placed in ``SCENE_DIR/sparse/0`` it
     stands in for SfM (``sfm.use_existing_model``): fast and deterministic,
     for tests and benchmarks of the later stages. Returns ``model_dir``.
+
+    Broken models, for tests of the model checks: ``extra_name`` adds an image
+    of that name (the first view's pose and keypoints); ``invert_poses`` writes
+    camera→world where COLMAP expects world→camera (keypoints stay the true ones).
     """
     import pycolmap
 
@@ -127,14 +132,17 @@ def write_gt_model(scene_dir: Path, model_dir: Path, *, n_points: int = 300, see
         params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], camera_id=1,
     ))
     tracks: dict[int, list[tuple[int, int]]] = {}
-    for image_id, view in enumerate(gt.views, start=1):
-        T = view.cam_from_world
-        pc = gt.points[view.point_ids] @ T[:3, :3].T + T[:3, 3]
+    views = [(v.name, v.cam_from_world, v.point_ids) for v in gt.views]
+    if extra_name:
+        views.append((extra_name, gt.views[0].cam_from_world, gt.views[0].point_ids))
+    for image_id, (name, T, point_ids) in enumerate(views, start=1):
+        pc = gt.points[point_ids] @ T[:3, :3].T + T[:3, 3]
         uv = pc[:, :2] / pc[:, 2:] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
+        pose = invert_pose(T) if invert_poses else T
         rec.add_image_with_trivial_frame(
-            pycolmap.Image(name=view.name, keypoints=uv.reshape(-1, 2), camera_id=1, image_id=image_id), pycolmap.Rigid3d(T[:3, :4])
+            pycolmap.Image(name=name, keypoints=uv.reshape(-1, 2), camera_id=1, image_id=image_id), pycolmap.Rigid3d(pose[:3, :4])
         )
-        for idx, pid in enumerate(view.point_ids):
+        for idx, pid in enumerate(point_ids):
             tracks.setdefault(int(pid), []).append((image_id, idx))
     for pid, elements in tracks.items():
         if len(elements) >= 2:
