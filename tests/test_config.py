@@ -131,7 +131,11 @@ def test_every_number_declares_its_rule():
 
 @pytest.mark.parametrize("override, message", [
     ("refine.steps=-1", "refine.steps must be >= 0 (got -1)"),
-    ("fuse.voxel_size=-1", "fuse.voxel_size must be >= 0 (got -1.0)"),
+    ("fuse.voxel_size=-1", "fuse.voxel_size must be > 0, or null for automatic (got -1.0)"),
+    ("fuse.voxel_size=0",
+     "fuse.voxel_size must be > 0, or null for automatic (got 0.0; 0 meant automatic before 2026-12)"),
+    ("fuse.block_count=0",
+     "fuse.block_count must be >= 1, or null for automatic (got 0; 0 meant automatic before 2026-12)"),
     ("refine.weight_edge=.nan", "refine.weight_edge: expected a finite number"),
     ("fuse.min_confidence=nan", "fuse.min_confidence: expected a finite number"),
     ("fuse.min_confidence=1.5", "fuse.min_confidence must be >= 0 and <= 1 (got 1.5)"),
@@ -168,5 +172,28 @@ def test_cuda_must_exist_where_the_run_happens(monkeypatch):
 def test_bad_value_in_a_yaml_file_names_the_setting(tmp_path: Path):
     f = tmp_path / "recon.yaml"
     f.write_text("fuse:\n  voxel_size: -0.01\n")
-    with pytest.raises(ConfigError, match=r"fuse.voxel_size must be >= 0"):
+    with pytest.raises(ConfigError, match=r"fuse.voxel_size must be > 0, or null for automatic"):
         load_config([f])
+
+
+def test_null_means_automatic(tmp_path: Path):
+    assert (ReconConfig().fuse.voxel_size, ReconConfig().fuse.block_count) == (None, None)
+    f = tmp_path / "recon.yaml"
+    f.write_text("fuse:\n  voxel_size: 0.01\n  sdf_trunc: 0.05\n  depth_max: ~\n")
+    cfg = load_config([f], overrides=["fuse.voxel_size=null", "fuse.block_count=1000"])
+    fuse = cfg.fuse
+    assert (fuse.voxel_size, fuse.sdf_trunc, fuse.depth_max, fuse.block_count) == (None, 0.05, None, 1000)
+    assert "voxel_size: null" in config_to_yaml(cfg)
+    g = tmp_path / "effective.yaml"
+    g.write_text(config_to_yaml(cfg))
+    assert load_config([g]) == cfg
+
+
+def test_an_old_zero_for_automatic_fails_in_one_line(tmp_path: Path):
+    f = tmp_path / "recon.yaml"
+    f.write_text("fuse:\n  sdf_trunc: 0\n  depth_max: 0.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config([f])
+    message = str(info.value)
+    assert "fuse.sdf_trunc must be > 0, or null for automatic (got 0.0; 0 meant automatic before 2026-12)" in message
+    assert "fuse.depth_max must be > 0" in message and "\n" not in message

@@ -4,36 +4,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.settings import at_least, between, device_choice, greater_than, setting
+from pipeline.core.settings import at_least, between, device_choice, greater_than, or_automatic, setting
 
 
 @dataclass(kw_only=True)
 class FuseConfig:
-    voxel_size: float = setting(
-        0.0, "TSDF voxel size in normalized-frame units (0: voxel_factor x the median pixel footprint depth/focal of "
-        "the sparse points at the depth maps' resolution).", check=at_least(0))
+    voxel_size: float | None = setting(
+        None, "TSDF voxel size in normalized-frame units (null: voxel_factor x the median pixel footprint depth/focal "
+        "of the sparse points at the depth maps' resolution).", check=or_automatic(greater_than(0)))
     voxel_factor: float = setting(
-        1.0, "Automatic voxel size in pixel footprints at the sparse points' median depth (used when voxel_size is 0).",
-        check=greater_than(0))
-    sdf_trunc: float = setting(
-        0.0, "TSDF truncation distance in normalized-frame units (0: trunc_voxels x voxel size).", check=at_least(0))
+        1.0, "Automatic voxel size in pixel footprints at the sparse points' median depth (used when voxel_size is "
+        "null).", check=greater_than(0))
+    sdf_trunc: float | None = setting(
+        None, "TSDF truncation distance in normalized-frame units (null: trunc_voxels x voxel size).",
+        check=or_automatic(greater_than(0)))
     trunc_voxels: float = setting(
-        6.0, "Automatic truncation distance in voxels (used when sdf_trunc is 0); larger fills surfaces seen by few "
+        6.0, "Automatic truncation distance in voxels (used when sdf_trunc is null); larger fills surfaces seen by few "
         "views or at grazing angles, smaller keeps thin parts and concave corners sharp.", check=greater_than(0))
-    depth_max: float = setting(
-        0.0, "Depth cut-off in normalized-frame units: farther depth is not fused (0: depth_max_factor x the 99th "
-        "percentile of sparse-point depths).", check=at_least(0))
+    depth_max: float | None = setting(
+        None, "Depth cut-off in normalized-frame units: farther depth is not fused (null: depth_max_factor x the 99th "
+        "percentile of sparse-point depths).", check=or_automatic(greater_than(0)))
     depth_max_factor: float = setting(
         1.5, "Automatic depth cut-off as a multiple of the 99th percentile of sparse-point depths (used when depth_max "
-        "is 0).", check=greater_than(0))
+        "is null).", check=greater_than(0))
     min_confidence: float = setting(
         0.1, "Depth pixels with confidence below this (0..1) are not fused.", check=between(0, 1))
     min_views: int = setting(
         1, "A voxel becomes surface only if at least this many depth maps observed it.", check=at_least(1))
     block_resolution: int = setting(8, "Voxels per side of a voxel block (Open3D VoxelBlockGrid).", check=at_least(2))
-    block_count: int = setting(
-        0, "Initial voxel-block capacity in blocks (0: counted from the depth maps first); the grid grows when it is "
-        "too small.", affects_output=False, check=at_least(0))
+    block_count: int | None = setting(
+        None, "Initial voxel-block capacity in blocks (null: counted from the depth maps first); the grid grows when "
+        "it is too small.", affects_output=False, check=or_automatic(at_least(1)))
     max_memory_gb: float = setting(
         8.0, "Fail clearly instead of allocating a voxel grid larger than this (GiB).",
         affects_output=False, check=greater_than(0))
