@@ -337,10 +337,22 @@ def status(scene_dir, out, config_file, presets, overrides, verbose, no_progress
 
 
 @main.command("config")
-def config_cmd() -> None:
-    """List every setting with its default and meaning."""
-    for key, default, help_text, rule in describe_settings():
-        click.echo(f"{key} = {default!r}" + (f"  ({rule})" if rule else "") + f"\n    {help_text}")
+@click.argument("section", required=False)
+def config_cmd(section: str | None) -> None:
+    """List every setting (or those of SECTION) with its type, default, rule and meaning."""
+    from pipeline.core.settings import shown_value
+
+    try:
+        rows = describe_settings(section)
+    except ReconError as exc:
+        _fail(exc, None)
+    current = None
+    for row in rows:
+        if row.section != current:
+            click.echo(("\n" if current is not None else "") + f"[{row.section}]")
+            current = row.section
+        rule = f"  (must be {row.rule})" if row.rule else ""
+        click.echo(f"  {row.name}: {row.type} = {shown_value(row.default)}{rule}\n      {row.help}")
 
 
 @main.command()

@@ -100,8 +100,11 @@ def test_effective_config_round_trips(tmp_path: Path):
 
 def test_every_setting_has_help():
     rows = describe_settings()
-    assert {k for k, _, _, _ in rows} == set(valid_keys())
-    assert all(h.strip() for _, _, h, _ in rows)
+    assert [r.key for r in rows] == valid_keys()
+    assert all(r.help.strip() and r.type for r in rows)
+    assert [r.key for r in describe_settings("fuse")] == valid_keys("fuse")
+    with pytest.raises(ConfigError, match="unknown section 'mesh'; sections: sfm, "):
+        describe_settings("mesh")
 
 
 def test_defaults_follow_their_own_rules():

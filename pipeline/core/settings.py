@@ -266,6 +266,32 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def type_name(annotation: Any) -> str:
+    """A setting's type as ``recon config`` shows it: ``int``, ``float or null``, ``list of int``, ``auto|single``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names + (["null"] if type(None) in args else []))
+    if origin in (tuple, list):
+        return f"list of {type_name(args[0] if args else str)}"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "|".join(str(m.value) for m in annotation)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def shown_value(value: Any) -> str:
+    """A value as it is written in YAML or ``--set``: ``null``, ``true``, ``1,2,4``, ``exhaustive``, ``0.002``."""
+    value = to_plain(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(shown_value(v) for v in value)
+    return str(value)
+
+
 def resolved_hints(cls: type) -> dict[str, Any]:
     """Field name → type, with string annotations resolved."""
     return typing.get_type_hints(cls)
