@@ -84,11 +84,16 @@ def test_yaml_is_safe_loaded(tmp_path: Path):
 
 
 def test_preset_mv_only_zeroes_regularizers():
-    cfg = load_config(presets=["mv-only"])
-    r = cfg.refine
-    assert r.weight_edge == r.weight_surf == r.weight_mag == r.weight_anchor == 0.0
-    assert r.weight_mv == 2.0
-    assert "mv-only" in PRESETS
+    import dataclasses
+
+    default = ReconConfig().refine
+    r = load_config(presets=["mv-only"]).refine
+    zeroed = ["weight_edge", "weight_surf", "weight_mag", "weight_anchor", "weight_photo"]
+    assert [key.split(".", 1)[1] for key in PRESETS["mv-only"]] == zeroed
+    assert all(getattr(default, name) > 0 for name in zeroed)  # the defaults use every loss ...
+    assert all(getattr(r, name) == 0.0 for name in zeroed)  # ... the preset only L_mv
+    assert r.weight_mv == default.weight_mv == 2.0
+    assert dataclasses.replace(r, **{name: getattr(default, name) for name in zeroed}) == default  # nothing else
 
 
 def test_effective_config_round_trips(tmp_path: Path):
