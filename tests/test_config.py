@@ -205,3 +205,23 @@ def test_an_old_zero_for_automatic_fails_in_one_line(tmp_path: Path):
     message = str(info.value)
     assert "fuse.sdf_trunc must be > 0, or null for automatic (got 0.0; 0 meant automatic before 2026-12)" in message
     assert "fuse.depth_max must be > 0" in message and "\n" not in message
+
+
+def test_loading_the_config_imports_no_heavy_library():
+    """A bad --set must fail in well under a second: the config never imports torch, open3d or pycolmap."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from pipeline.config import load_config; load_config(overrides=['fuse.voxel_size=0.01']); "
+            "print(sorted({'torch', 'open3d', 'pycolmap'} & set(sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_classic_camera_models_are_colmap_models():
+    from pipeline.sfm.config import CLASSIC_CAMERA_MODELS, colmap_camera_models
+
+    assert CLASSIC_CAMERA_MODELS <= set(colmap_camera_models())
