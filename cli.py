@@ -8,12 +8,15 @@ import os
 # depth stage 5-8x slower (bench/bench_depth.py). Set before torch is imported; a user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import dataclasses
 import errno
+import functools
 import logging
 import signal
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -155,26 +158,50 @@ def _workspace(scene_dir: str, out: str | None) -> Workspace:
     return ws
 
 
-def _run_in_output(scene_dir: str, out: str | None, force_out: bool, config_file: tuple[str, ...], overrides: tuple[str, ...],
-                   presets: tuple[str, ...], verbose: bool, body: Callable[[Workspace, ReconConfig], None]) -> None:
-    """What every command that writes a run does around ``body(ws, cfg)``.
+@dataclass(frozen=True)
+class SceneArgs:
+    """The options :func:`config_options` gathers: the scene, its output folder, the settings, the console."""
 
-    The settings are checked before anything is written; then the output
-    folder is adopted (:func:`pipeline.core.output_folder.adopt_output_dir`), the
-    log file opened and native output sent to it; any failure ends as one line.
+    scene_dir: str
+    out: str | None
+    config_file: tuple[str, ...]
+    presets: tuple[str, ...]
+    overrides: tuple[str, ...]
+    verbose: bool
+    no_progress: bool
+
+    @property
+    def show_progress(self) -> bool:
+        """Progress bars only on a terminal: redirected stderr stays free of bar redraws."""
+        return _show_progress(self.no_progress)
+
+
+def _with_scene(args: SceneArgs, body: Callable[[Workspace, ReconConfig], None], *, writes: bool = True,
+                force_out: bool = False) -> None:
+    """What every command on a scene does around ``body(ws, cfg)``: workspace, settings, logging, one-line failures.
+
+    The settings are checked before anything is written. A command that ``writes`` a run then
+    adopts the output folder (:func:`pipeline.core.output_folder.adopt_output_dir`, ``force_out``),
+    opens the log file and sends native output to it; Ctrl-C and SIGTERM end it as one line too.
+    One that only reads (``status``) writes nothing and leaves Ctrl-C to click.
     """
     log_file = None
     try:
-        ws = _workspace(scene_dir, out)
-        _setup_logging(verbose)
-        cfg = _config(ws, config_file, overrides, presets)
+        ws = _workspace(args.scene_dir, args.out)
+        _setup_logging(args.verbose)
+        cfg = _config(ws, args.config_file, args.overrides, args.presets)
+        if not writes:
+            body(ws, cfg)
+            return
         _stop_on_sigterm()
         adopt_output_dir(ws, force=force_out)
         log_file = ws.log_path
         with native_output_to(log_file):
-            _setup_logging(verbose, log_file)
+            _setup_logging(args.verbose, log_file)
             body(ws, cfg)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
+        if isinstance(exc, KeyboardInterrupt) and not writes:
+            raise
         _fail(exc, log_file)
 
 
@@ -189,7 +216,23 @@ def _config(ws: Workspace, config_file: tuple[str, ...], overrides: tuple[str, .
     return load_config(files, overrides, presets)
 
 
+_SCENE_ARGS = tuple(f.name for f in dataclasses.fields(SceneArgs))
+
+
 def config_options(fn):
+    """The options of a command on SCENE_DIR (--out, --config, --preset, --set, -v, --no-progress) as one ``SceneArgs``.
+
+    ``fn``'s first parameter is that ``args``; the command's ``scene_dir`` argument goes into it too.
+    """
+
+    command = fn
+
+    @functools.wraps(command)
+    def gathered(**kwargs):
+        args = SceneArgs(**{name: kwargs.pop(name) for name in _SCENE_ARGS})
+        return command(args, **kwargs)
+
+    fn = gathered
     fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable); `recon config` lists them.")(fn)
     fn = click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)), help="Named bundle of settings, e.g. mv-only (refine with L_mv alone).")(fn)
     fn = click.option("--config", "config_file", multiple=True, type=click.Path(dir_okay=False), help="YAML config file (SCENE_DIR/recon.yaml is read first when present).")(fn)
@@ -285,18 +328,19 @@ def main() -> None:
 @click.option("--until", type=STAGE_CHOICE, help="Stop after this stage.")
 @click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable stage (refine: fuse the initial depth maps).")
 @click.option("--strict", is_flag=True, help="Exit non-zero when a photo is left out (not registered, unreadable, a duplicate).")
-def run(scene_dir, out, config_file, presets, overrides, verbose, no_progress, force_out, force, start_from, until, skip, strict) -> None:
+def run(args: SceneArgs, force_out, force, start_from, until, skip, strict) -> None:
     """Run every stage on SCENE_DIR that is not already cached and up to date."""
 
     def body(ws: Workspace, cfg: ReconConfig) -> None:
         from workflows.local import run_pipeline
 
-        result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip), show_progress=_show_progress(no_progress))
+        result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip),
+                              show_progress=args.show_progress)
         if any(st.status == "ran" for st in result.stages) or not ws.report_path.exists():
             _write_report(ws)
         _print_summary(result, strict=strict)
 
-    _run_in_output(scene_dir, out, force_out, config_file, overrides, presets, verbose, body)
+    _with_scene(args, body, force_out=force_out)
 
 
 @main.command()
@@ -306,41 +350,51 @@ def run(scene_dir, out, config_file, presets, overrides, verbose, no_progress, f
 @force_out_option
 @click.option("--no-upstream", is_flag=True, help="Fail instead of computing missing upstream stages.")
 @click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable upstream stage.")
-def stage(name, scene_dir, out, config_file, presets, overrides, verbose, no_progress, force_out, no_upstream, skip) -> None:
+def stage(args: SceneArgs, name, force_out, no_upstream, skip) -> None:
     """Run stage NAME on SCENE_DIR (computing missing upstream stages first)."""
 
     def body(ws: Workspace, cfg: ReconConfig) -> None:
         from workflows.local import run_pipeline
 
-        result = run_pipeline(ws, cfg, until=name, force=(name,), skip=tuple(skip), require_upstream=no_upstream, show_progress=_show_progress(no_progress))
+        result = run_pipeline(ws, cfg, until=name, force=(name,), skip=tuple(skip), require_upstream=no_upstream,
+                              show_progress=args.show_progress)
         _print_summary(result)
 
-    _run_in_output(scene_dir, out, force_out, config_file, overrides, presets, verbose, body)
+    _with_scene(args, body, force_out=force_out)
 
 
 @main.command()
 @click.argument("scene_dir", type=click.Path())
 @config_options
 @click.option("--skip", multiple=True, type=STAGE_CHOICE, help="As given to `recon run`.")
-def status(scene_dir, out, config_file, presets, overrides, verbose, no_progress, skip) -> None:
+def status(args: SceneArgs, skip) -> None:
     """Show each stage as done / stale / missing, and why."""
     from workflows.local import pipeline_status
 
-    try:
-        _setup_logging(verbose)
-        ws = _workspace(scene_dir, out)
-        cfg = _config(ws, config_file, overrides, presets)
+    def body(ws: Workspace, cfg: ReconConfig) -> None:
         for st in pipeline_status(ws, cfg, tuple(skip)):
             click.echo(f"{st.name:<7} {st.state:<8} {st.why}")
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc, None)
+
+    _with_scene(args, body, writes=False)
 
 
 @main.command("config")
-def config_cmd() -> None:
-    """List every setting with its default and meaning."""
-    for key, default, help_text, rule in describe_settings():
-        click.echo(f"{key} = {default!r}" + (f"  ({rule})" if rule else "") + f"\n    {help_text}")
+@click.argument("section", required=False)
+def config_cmd(section: str | None) -> None:
+    """List every setting (or those of SECTION) with its type, default, rule and meaning."""
+    from pipeline.core.settings import shown_value
+
+    try:
+        rows = describe_settings(section)
+    except ReconError as exc:
+        _fail(exc, None)
+    current = None
+    for row in rows:
+        if row.section != current:
+            click.echo(("\n" if current is not None else "") + f"[{row.section}]")
+            current = row.section
+        rule = f"  (must be {row.rule})" if row.rule else ""
+        click.echo(f"  {row.name}: {row.type} = {shown_value(row.default)}{rule}\n      {row.help}")
 
 
 @main.command()
@@ -449,7 +503,7 @@ def diagnose(out, scene) -> None:
 @force_out_option
 @click.option("--variant", "variants", multiple=True, help="NAME (built in: default, mv-only, no-refine) or NAME='--set section.key=value ...' (repeatable).")
 @click.option("--gt", type=click.Path(exists=True), default=None, help="Ground truth to score each variant against (default: SCENE_DIR/gt when present).")
-def ablate(scene_dir, out, config_file, presets, overrides, verbose, no_progress, force_out, variants, gt) -> None:
+def ablate(args: SceneArgs, force_out, variants, gt) -> None:
     """Run refine/fuse variants over shared sfm and depth caches and print one table."""
 
     def body(ws: Workspace, cfg: ReconConfig) -> None:
@@ -457,10 +511,10 @@ def ablate(scene_dir, out, config_file, presets, overrides, verbose, no_progress
 
         chosen = [parse_variant(v) for v in (variants or ("default", "mv-only", "no-refine"))]
         gt_path = Path(gt) if gt else (ws.scene_dir / "gt" if (ws.scene_dir / "gt").is_dir() else None)
-        results = run_ablation(ws, cfg, chosen, gt=gt_path, show_progress=_show_progress(no_progress))
+        results = run_ablation(ws, cfg, chosen, gt=gt_path, show_progress=args.show_progress)
         click.echo(format_table(results))
 
-    _run_in_output(scene_dir, out, force_out, config_file, overrides, presets, verbose, body)
+    _with_scene(args, body, force_out=force_out)
 
 
 @main.command()

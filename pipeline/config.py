@@ -31,6 +31,7 @@ from pipeline.export.config import ExportConfig
 from pipeline.fuse.config import FuseConfig
 from pipeline.refine.config import RefineConfig
 from pipeline.core.settings import coerce, field_check, field_help, resolved_hints, section_problems, to_plain
+from pipeline.core.settings import type_name
 from pipeline.sfm.config import SfmConfig
 
 
@@ -62,15 +63,43 @@ def valid_keys(section: str | None = None) -> list[str]:
     return out
 
 
-def describe_settings() -> list[tuple[str, Any, str, str]]:
-    """(key, default, help, rule) for every setting, for ``recon config`` (rule: "" when any value of the type goes)."""
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting as ``recon config`` shows it."""
+
+    section: str
+    name: str
+    type: str
+    """As :func:`pipeline.core.settings.type_name` writes it, e.g. ``float or null``."""
+    default: Any
+    """JSON-able (enums as their value, tuples as lists, None for automatic)."""
+    rule: str
+    """The value "must be <rule>"; "" when any value of the type goes."""
+    help: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def describe_settings(section: str | None = None) -> list[SettingInfo]:
+    """Every setting (or those of one section), in declaration order, for ``recon config``.
+
+    Raises:
+        ConfigError: ``section`` is not a section (one line listing them).
+    """
+    if section is not None and section not in SECTIONS:
+        raise ConfigError(f"unknown section {section!r}; sections: {', '.join(SECTIONS)}")
     cfg = ReconConfig()
     rows = []
-    for sec in SECTIONS:
-        section = getattr(cfg, sec)
-        for f in dataclasses.fields(section):
+    for sec in SECTIONS if section is None else (section,):
+        values = getattr(cfg, sec)
+        hints = resolved_hints(type(values))
+        for f in dataclasses.fields(values):
             check = field_check(f)
-            rows.append((f"{sec}.{f.name}", to_plain(getattr(section, f.name)), field_help(f), check.rule if check else ""))
+            rows.append(SettingInfo(section=sec, name=f.name, type=type_name(hints[f.name]),
+                                    default=to_plain(getattr(values, f.name)), rule=check.rule if check else "",
+                                    help=field_help(f)))
     return rows
 
 

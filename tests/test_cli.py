@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 import cli
 from pipeline import graph as stages
+from pipeline.config import SECTIONS
 
 
 @pytest.fixture
@@ -45,7 +45,31 @@ def test_bad_stage_name(runner, tmp_path):
 
 def test_config_lists_settings(runner):
     result = runner.invoke(cli.main, ["config"])
-    assert result.exit_code == 0 and "refine.weight_mv = 2.0" in result.output
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line for line in lines if line.startswith("[")] == [f"[{sec}]" for sec in SECTIONS]
+    assert "  weight_mv: float = 2.0  (must be >= 0)" in lines
+    assert "  voxel_size: float or null = null  (must be > 0, or null for automatic)" in lines
+    assert "  matcher: exhaustive|sequential = exhaustive" in lines
+    assert "  pyramid_strides: list of int = 1,2,4,8,16,32  (must be increasing positive integers, e.g. 1,2,4,8)" \
+        in lines
+    help_line = lines[lines.index("  weight_mv: float = 2.0  (must be >= 0)") + 1]
+    assert help_line == "      Weight of the multiview reprojection loss L_mv."
+
+
+def test_config_of_one_section(runner):
+    result = runner.invoke(cli.main, ["config", "fuse"])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("[")] == ["[fuse]"]
+    assert result.output.startswith("[fuse]\n")
+    assert "  block_count: int or null = null  (must be >= 1, or null for automatic)" in result.output
+    assert "weight_mv" not in result.output
+
+
+def test_config_of_an_unknown_section_is_one_line(runner):
+    result = runner.invoke(cli.main, ["config", "mesh"])
+    assert result.exit_code == 1
+    assert result.output == f"error: unknown section 'mesh'; sections: {', '.join(SECTIONS)}\n"
 
 
 def test_settings_reach_the_stage(runner, tmp_path, monkeypatch):

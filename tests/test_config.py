@@ -84,11 +84,16 @@ def test_yaml_is_safe_loaded(tmp_path: Path):
 
 
 def test_preset_mv_only_zeroes_regularizers():
-    cfg = load_config(presets=["mv-only"])
-    r = cfg.refine
-    assert r.weight_edge == r.weight_surf == r.weight_mag == r.weight_anchor == 0.0
-    assert r.weight_mv == 2.0
-    assert "mv-only" in PRESETS
+    import dataclasses
+
+    default = ReconConfig().refine
+    r = load_config(presets=["mv-only"]).refine
+    zeroed = ["weight_edge", "weight_surf", "weight_mag", "weight_anchor", "weight_photo"]
+    assert [key.split(".", 1)[1] for key in PRESETS["mv-only"]] == zeroed
+    assert all(getattr(default, name) > 0 for name in zeroed)  # the defaults use every loss ...
+    assert all(getattr(r, name) == 0.0 for name in zeroed)  # ... the preset only L_mv
+    assert r.weight_mv == default.weight_mv == 2.0
+    assert dataclasses.replace(r, **{name: getattr(default, name) for name in zeroed}) == default  # nothing else
 
 
 def test_effective_config_round_trips(tmp_path: Path):
@@ -100,8 +105,11 @@ def test_effective_config_round_trips(tmp_path: Path):
 
 def test_every_setting_has_help():
     rows = describe_settings()
-    assert {k for k, _, _, _ in rows} == set(valid_keys())
-    assert all(h.strip() for _, _, h, _ in rows)
+    assert [r.key for r in rows] == valid_keys()
+    assert all(r.help.strip() and r.type for r in rows)
+    assert [r.key for r in describe_settings("fuse")] == valid_keys("fuse")
+    with pytest.raises(ConfigError, match="unknown section 'mesh'; sections: sfm, "):
+        describe_settings("mesh")
 
 
 def test_defaults_follow_their_own_rules():
@@ -131,7 +139,11 @@ def test_every_number_declares_its_rule():
 
 @pytest.mark.parametrize("override, message", [
     ("refine.steps=-1", "refine.steps must be >= 0 (got -1)"),
-    ("fuse.voxel_size=-1", "fuse.voxel_size must be >= 0 (got -1.0)"),
+    ("fuse.voxel_size=-1", "fuse.voxel_size must be > 0, or null for automatic (got -1.0)"),
+    ("fuse.voxel_size=0",
+     "fuse.voxel_size must be > 0, or null for automatic (got 0.0; 0 meant automatic before 2026-12)"),
+    ("fuse.block_count=0",
+     "fuse.block_count must be >= 1, or null for automatic (got 0; 0 meant automatic before 2026-12)"),
     ("refine.weight_edge=.nan", "refine.weight_edge: expected a finite number"),
     ("fuse.min_confidence=nan", "fuse.min_confidence: expected a finite number"),
     ("fuse.min_confidence=1.5", "fuse.min_confidence must be >= 0 and <= 1 (got 1.5)"),
@@ -168,5 +180,48 @@ def test_cuda_must_exist_where_the_run_happens(monkeypatch):
 def test_bad_value_in_a_yaml_file_names_the_setting(tmp_path: Path):
     f = tmp_path / "recon.yaml"
     f.write_text("fuse:\n  voxel_size: -0.01\n")
-    with pytest.raises(ConfigError, match=r"fuse.voxel_size must be >= 0"):
+    with pytest.raises(ConfigError, match=r"fuse.voxel_size must be > 0, or null for automatic"):
         load_config([f])
+
+
+def test_null_means_automatic(tmp_path: Path):
+    assert (ReconConfig().fuse.voxel_size, ReconConfig().fuse.block_count) == (None, None)
+    f = tmp_path / "recon.yaml"
+    f.write_text("fuse:\n  voxel_size: 0.01\n  sdf_trunc: 0.05\n  depth_max: ~\n")
+    cfg = load_config([f], overrides=["fuse.voxel_size=null", "fuse.block_count=1000"])
+    fuse = cfg.fuse
+    assert (fuse.voxel_size, fuse.sdf_trunc, fuse.depth_max, fuse.block_count) == (None, 0.05, None, 1000)
+    assert "voxel_size: null" in config_to_yaml(cfg)
+    g = tmp_path / "effective.yaml"
+    g.write_text(config_to_yaml(cfg))
+    assert load_config([g]) == cfg
+
+
+def test_an_old_zero_for_automatic_fails_in_one_line(tmp_path: Path):
+    f = tmp_path / "recon.yaml"
+    f.write_text("fuse:\n  sdf_trunc: 0\n  depth_max: 0.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config([f])
+    message = str(info.value)
+    assert "fuse.sdf_trunc must be > 0, or null for automatic (got 0.0; 0 meant automatic before 2026-12)" in message
+    assert "fuse.depth_max must be > 0" in message and "\n" not in message
+
+
+def test_loading_the_config_imports_no_heavy_library():
+    """A bad --set must fail in well under a second: the config never imports torch, open3d or pycolmap."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from pipeline.config import load_config; load_config(overrides=['fuse.voxel_size=0.01']); "
+            "print(sorted({'torch', 'open3d', 'pycolmap'} & set(sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_classic_camera_models_are_colmap_models():
+    from pipeline.sfm.config import CLASSIC_CAMERA_MODELS, colmap_camera_models
+
+    assert CLASSIC_CAMERA_MODELS <= set(colmap_camera_models())

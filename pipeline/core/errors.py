@@ -9,10 +9,6 @@ class ConfigError(ReconError):
     """An unknown setting, a wrong type or a malformed config file."""
 
 
-class StageNotImplemented(ReconError):
-    """A stage (or estimator) that is not built yet; never silently faked."""
-
-
 class LockedError(ReconError):
     """Another recon process holds the output folder."""
 

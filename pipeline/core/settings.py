@@ -32,6 +32,8 @@ class Check:
     on_this_machine: Callable[[Any], str | None] | None = None
     """For a value that follows the rule: why this machine cannot use it (no CUDA device), else None.
     Run only when the config is loaded to run here (not on a Ray driver that only submits work)."""
+    note: Callable[[Any], str | None] | None = None
+    """For a value that breaks the rule: a hint added to the error (why a value that used to work no longer does)."""
 
     def problem(self, value: Any) -> str | None:
         """None when ``value`` follows the rule, else ``"must be <rule>"``."""
@@ -50,6 +52,15 @@ def between(low: float, high: float, *, open_low: bool = False, open_high: bool 
     """``low <= v <= high``, with either end open."""
     text = f"{'>' if open_low else '>='} {low} and {'<' if open_high else '<='} {high}"
     return Check(text, lambda v: (v > low if open_low else v >= low) and (v < high if open_high else v <= high))
+
+
+ZERO_WAS_AUTOMATIC = "0 meant automatic before 2026-12"
+
+
+def or_automatic(check: Check) -> Check:
+    """``check``, or None (YAML ``null``) for automatic; a 0, which meant automatic before, is refused with a note."""
+    return Check(f"{check.rule}, or null for automatic", lambda v: v is None or check.test(v), check.on_this_machine,
+                 note=lambda v: ZERO_WAS_AUTOMATIC if v == 0 else None)
 
 
 def zero_or_at_least(low: float, zero_means: str) -> Check:
@@ -134,6 +145,8 @@ def field_check(f: dataclasses.Field) -> Check | None:
 def section_problems(section: Any, prefix: str, *, runtime: bool = True) -> list[str]:
     """One line per setting of ``section`` that breaks its rule: ``"prefix.name must be <rule> (got value)"``.
 
+    None is never checked: it is the "automatic" value of the ``X | None`` settings (YAML ``null``).
+
     Args:
         section: a stage's config dataclass.
         prefix: its section name (``refine``), for the messages.
@@ -142,6 +155,8 @@ def section_problems(section: Any, prefix: str, *, runtime: bool = True) -> list
     problems = []
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
+        if value is None:
+            continue
         check = field_check(f)
         numbers = value if isinstance(value, tuple) else (value,)
         if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
@@ -152,7 +167,8 @@ def section_problems(section: Any, prefix: str, *, runtime: bool = True) -> list
         shown = ",".join(str(to_plain(x)) for x in value) if isinstance(value, tuple) else to_plain(value)
         problem = check.problem(value)
         if problem:
-            problems.append(f"{prefix}.{f.name} {problem} (got {shown})")
+            note = check.note(value) if check.note is not None else None
+            problems.append(f"{prefix}.{f.name} {problem} (got {shown}{'; ' + note if note else ''})")
         elif runtime and check.on_this_machine is not None:
             problem = check.on_this_machine(value)
             if problem:
@@ -177,7 +193,7 @@ def fingerprint_fields(cfg: Any) -> dict[str, Any]:
 
 
 def to_plain(value: Any) -> Any:
-    """Enums → their value, tuples → lists; for YAML/JSON output."""
+    """Enums → their value, tuples → lists, None stays None (YAML ``null``); for YAML/JSON output."""
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, (tuple, list)):
@@ -248,6 +264,32 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def type_name(annotation: Any) -> str:
+    """A setting's type as ``recon config`` shows it: ``int``, ``float or null``, ``list of int``, ``auto|single``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names + (["null"] if type(None) in args else []))
+    if origin in (tuple, list):
+        return f"list of {type_name(args[0] if args else str)}"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "|".join(str(m.value) for m in annotation)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def shown_value(value: Any) -> str:
+    """A value as it is written in YAML or ``--set``: ``null``, ``true``, ``1,2,4``, ``exhaustive``, ``0.002``."""
+    value = to_plain(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(shown_value(v) for v in value)
+    return str(value)
 
 
 def resolved_hints(cls: type) -> dict[str, Any]:

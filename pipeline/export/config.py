@@ -24,6 +24,12 @@ class ExportFrame(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class ExportConfig:
-    formats: tuple[MeshFormat, ...] = setting((MeshFormat.glb,), "Mesh formats written as OUT/export/mesh.<format>: any of ply, obj, glb, stl (mesh.glb is always written and published as OUT/mesh.glb).")
-    decimate: int = setting(0, "Target triangle count for quadric decimation of the exported meshes (0: keep every triangle).", check=at_least(0))
-    frame: ExportFrame = setting(ExportFrame.normalized, "Frame of the exported meshes and cameras: normalized (that of OUT/mesh.ply and OUT/sparse) or sfm (the original SfM frame).")
+    formats: tuple[MeshFormat, ...] = setting(
+        (MeshFormat.glb,), "Mesh formats written as OUT/export/mesh.<format>: any of ply, obj, glb, stl (mesh.glb is "
+        "always written and published as OUT/mesh.glb).")
+    decimate: int = setting(
+        0, "Target triangle count for quadric decimation of the exported meshes (0: keep every triangle).",
+        check=at_least(0))
+    frame: ExportFrame = setting(
+        ExportFrame.normalized, "Frame of the exported meshes and cameras: normalized (that of OUT/mesh.ply and "
+        "OUT/sparse) or sfm (the original SfM frame).")

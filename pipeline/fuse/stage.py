@@ -166,7 +166,7 @@ def map_focal_scale(dm: DepthMap, view: View) -> float:
 
 
 def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -> FusionParams:
-    """Absolute fusion parameters: the settings, with 0 = derived from the sparse points and cameras.
+    """Absolute fusion parameters: the settings, with None = derived from the sparse points and cameras.
 
     Args:
         focal_scale: depth-map focal length / image focal length (depth maps at a working resolution).
@@ -176,9 +176,9 @@ def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -
     """
     z_obs, f_obs = observed_depths_and_focals(scene)
     check_poses(z_obs)
-    voxel = cfg.voxel_size if cfg.voxel_size > 0 else auto_voxel_size(z_obs, f_obs, focal_scale, cfg.voxel_factor)
-    trunc = cfg.sdf_trunc if cfg.sdf_trunc > 0 else cfg.trunc_voxels * voxel
-    depth_max = cfg.depth_max if cfg.depth_max > 0 else auto_depth_max(z_obs, cfg.depth_max_factor)
+    voxel = cfg.voxel_size if cfg.voxel_size is not None else auto_voxel_size(z_obs, f_obs, focal_scale, cfg.voxel_factor)
+    trunc = cfg.sdf_trunc if cfg.sdf_trunc is not None else cfg.trunc_voxels * voxel
+    depth_max = cfg.depth_max if cfg.depth_max is not None else auto_depth_max(z_obs, cfg.depth_max_factor)
     if not (voxel > 0 and trunc > 0 and depth_max > 0 and np.isfinite([voxel, trunc, depth_max]).all()):
         raise ReconError(f"fusion sizes must be positive (voxel {voxel}, truncation {trunc}, depth_max {depth_max}); check the fuse.* settings")
     if cfg.block_resolution < 2 or cfg.min_views < 1:
@@ -190,7 +190,7 @@ def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -
         roi_min, roi_max = tuple(float(x) for x in lo), tuple(float(x) for x in hi)
     return FusionParams(
         voxel_size=float(voxel), sdf_trunc=float(trunc), depth_max=float(depth_max),
-        block_resolution=int(cfg.block_resolution), block_count=int(cfg.block_count),
+        block_resolution=int(cfg.block_resolution), block_count=int(cfg.block_count or 0),
         min_confidence=float(cfg.min_confidence), min_views=int(cfg.min_views),
         roi_min=roi_min, roi_max=roi_max, min_component_fraction=float(cfg.min_component_fraction),
         visibility_margin=float(cfg.visibility_margin), visibility_agree=float(cfg.visibility_agree),
