@@ -319,7 +319,7 @@ def _photo(depth_scale: float, *, gain: float = 1.0, offset: float = 0.0, occlud
     src_maps = src[None, :, :, None]
 
     def read_image(uv_dst):
-        from pipeline.refine.stage import sample_views
+        from pipeline.refine.pyramid import sample_views
 
         return sample_views(src_maps, torch.zeros(uv_dst.shape[:2], dtype=torch.long), uv_dst)[:, 0]
 
