@@ -25,7 +25,7 @@ from pipeline.core.io import DepthMap, load_depth_map, load_rgb, save_depth_map
 from pipeline.refine.gate import evidence_stats, keep_more_consistent
 from pipeline.refine.optimizer import LOG_COLUMNS
 from pipeline.refine.pyramid import sample_views, upsample2x, upsample_sum, view_groups
-from pipeline.refine.scene import select_neighbors
+from pipeline.refine.scene import covisible_neighbors
 from pipeline.refine.stage import RefineConfig, refine_depth_maps
 from pipeline.synthetic.corruptions import corrupt_depth, depth_error, ground_truth_depths
 from pipeline.core.context import StageContext
@@ -77,7 +77,7 @@ def test_view_groups_partition_and_interleave():
     assert [len(g) for g in view_groups(3, 8)] == [3]
 
 
-def test_select_neighbors_by_covisibility():
+def test_covisible_neighbors_rank_by_shared_points_then_distance():
     from pipeline.core.io import View
 
     def view(name, ids, x):
@@ -86,11 +86,11 @@ def test_select_neighbors_by_covisibility():
         return View(name=name, K=np.eye(3), cam_from_world=T, width=4, height=4, image_path=None, point_ids=np.array(ids))
 
     views = [view("a", [0, 1, 2, 3], 0.0), view("b", [0, 1, 2], 5.0), view("c", [3], 1.0), view("d", [], 0.5)]
-    nbr = select_neighbors(views, 2)
+    nbr = covisible_neighbors(views, 2)
     assert nbr.shape == (4, 2)
     assert nbr[0].tolist() == [1, 2]  # 3 shared points, then 1
     assert nbr[3].tolist() == [0, 2]  # no shared points: nearest centres
-    assert select_neighbors(views[:1], 4).shape == (1, 0)
+    assert covisible_neighbors(views[:1], 4).shape == (1, 0)
 
 
 # ---- a rendered scene ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.core.io import DepthMap, View
 from pipeline.refine.config import RefineConfig
-from pipeline.refine.scene import _gray, select_neighbors
+from pipeline.refine.scene import _gray, covisible_neighbors
 
 
 def value_stats(values: np.ndarray) -> dict[str, float]:
@@ -166,7 +166,7 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
     from pipeline.depth import plane_sweep as mvs
     from pipeline.core.geometry import invert_pose
 
-    neighbors = select_neighbors(views, cfg.accept_neighbors)
+    neighbors = covisible_neighbors(views, cfg.accept_neighbors)
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]] = OrderedDict()
     capacity = 2 * (neighbors.shape[1] + 1)

@@ -1,7 +1,7 @@
 """The refine stage's inputs as the optimization reads them: scene-wide tables and per-group tensors.
 
 :func:`_scene_tables` reads every initial map once for the small per-view
-tables (intrinsics, neighbours :func:`select_neighbors`, relative poses,
+tables (intrinsics, neighbours :func:`covisible_neighbors`, relative poses,
 sparse-point anchors, pyramid sizes) and the shared ``current`` maps
 (V, H, W, 2: depth and L_mv weight, −1 where invalid; read through
 :func:`_decode_current`); :func:`_scene_images` makes the grey images L_photo
@@ -30,7 +30,7 @@ from pipeline.refine.pyramid import _Group
 
 # ---- neighbours, images --------------------------------------------------------------------
 
-def select_neighbors(views: Sequence[View], k: int) -> np.ndarray:
+def covisible_neighbors(views: Sequence[View], k: int) -> np.ndarray:
     """(V, k') indices of each view's neighbours, k' = min(k, V − 1).
 
     Ranked by the number of shared sparse points (co-visibility), ties (e.g.
@@ -176,7 +176,7 @@ def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.nd
     W = max(c.shape[1] for c in cameras)
     pyramid = _pyramid_shapes(H, W, cfg.pyramid_strides)
     poses = np.stack([c.cam_from_world for c in cameras])
-    nbr = select_neighbors(views, cfg.num_neighbors)
+    nbr = covisible_neighbors(views, cfg.num_neighbors)
     k = nbr.shape[1]
     dst_from_src = np.array([[poses[j] @ np.linalg.inv(poses[i]) for j in nbr[i]] for i in range(n)]).reshape(n, k, 4, 4)
     a_uv, a_z, a_ok = _anchor_projections(views, cameras, points, cfg.max_anchor_points, cfg.seed)
