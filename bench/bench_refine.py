@@ -51,7 +51,8 @@ def run_case(args: dict) -> dict:
     from pipeline.core.geometry import default_device
     from pipeline.synthetic.groundtruth import scene_from_ground_truth
     from pipeline.core.io import DepthMap, load_rgb
-    from pipeline.refine.stage import RefineConfig, corrupt_depth, depth_error, ground_truth_depths, refine_depth_maps
+    from pipeline.refine.stage import RefineConfig, refine_depth_maps
+    from pipeline.synthetic.corruptions import corrupt_depth, depth_error, ground_truth_depths
 
     scene_dir = Path(args["scene_dir"])
     scene = scene_from_ground_truth(scene_dir)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.refine import losses
-from pipeline.core.geometry import backproject, pixel_grid, sample_image
+from pipeline.core.geometry import backproject, inside_image, pixel_grid, sample_image
 
 
 # ---- Huber --------------------------------------------------------------------------------
@@ -166,8 +166,11 @@ def test_multiview_loss_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: losses.multiview_loss(a, b, inside, delta=0.01, tol=0.25, weight=w)[0], (z, s2))
 
 
-def test_multiview_loss_from_map_gradients_finite(device):
-    """Points behind the neighbour, outside it and on its holes: loss and gradients stay finite."""
+def test_multiview_loss_through_a_neighbour_map_has_finite_gradients(device):
+    """Points behind the neighbour, outside it and on its holes: loss and gradients stay finite.
+
+    The neighbour's full depth map is read bilinearly at the reprojections (reproject → sample_image → multiview_loss).
+    """
     K = torch.tensor([[[50.0, 0, 20], [0, 50, 15], [0, 0, 1]]], device=device)
     depth_dst = torch.rand(1, 1, 30, 40, device=device) + 1.0
     depth_dst[..., :5, :] = 0.0  # a hole
@@ -176,7 +179,9 @@ def test_multiview_loss_from_map_gradients_finite(device):
     T = torch.eye(4, device=device)[None].clone()
     T[0, 0, 3] = 0.3
     T[0, 2, 3] = -1.0
-    loss, keep = losses.multiview_loss_from_map(uv, d, K, K, T, depth_dst, delta=0.01, tol=0.25)
+    uv_dst, z_sel = losses.reproject(uv, d, K, K, T)
+    sampled2 = sample_image(depth_dst, uv_dst)[:, 0]
+    loss, keep = losses.multiview_loss(z_sel, sampled2, inside_image(uv_dst, 30, 40), delta=0.01, tol=0.25)
     (g,) = torch.autograd.grad(loss, d)
     assert torch.isfinite(loss) and torch.isfinite(g).all() and keep.any() and not keep.all()
 
@@ -319,7 +324,7 @@ def _photo(depth_scale: float, *, gain: float = 1.0, offset: float = 0.0, occlud
     src_maps = src[None, :, :, None]
 
     def read_image(uv_dst):
-        from pipeline.refine.stage import sample_views
+        from pipeline.refine.pyramid import sample_views
 
         return sample_views(src_maps, torch.zeros(uv_dst.shape[:2], dtype=torch.long), uv_dst)[:, 0]
 

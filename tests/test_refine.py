@@ -12,17 +12,22 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from pipeline.refine import gate as gate_mod
 from pipeline.refine import losses
+from pipeline.refine import optimizer as optimizer_mod
+from pipeline.refine import scene as scene_mod
 from pipeline.refine import stage as refine_mod
 from pipeline.config import ReconConfig, load_config
 from pipeline.core.errors import ReconError
 from pipeline.core.geometry import sample_image
 from pipeline.synthetic.groundtruth import scene_from_ground_truth
 from pipeline.core.io import DepthMap, load_depth_map, load_rgb, save_depth_map
-from pipeline.refine.stage import (
-    LOG_COLUMNS, RefineConfig, corrupt_depth, depth_error, evidence_stats, ground_truth_depths, keep_more_consistent, refine_depth_maps, sample_views,
-    select_neighbors, upsample2x, upsample_sum, view_groups,
-)
+from pipeline.refine.gate import evidence_stats, keep_more_consistent
+from pipeline.refine.optimizer import LOG_COLUMNS
+from pipeline.refine.pyramid import sample_views, upsample2x, upsample_sum, view_groups
+from pipeline.refine.scene import covisible_neighbors
+from pipeline.refine.stage import RefineConfig, refine_depth_maps
+from pipeline.synthetic.corruptions import corrupt_depth, depth_error, ground_truth_depths
 from pipeline.core.context import StageContext
 from pipeline.core.workspace import Workspace
 
@@ -72,7 +77,7 @@ def test_view_groups_partition_and_interleave():
     assert [len(g) for g in view_groups(3, 8)] == [3]
 
 
-def test_select_neighbors_by_covisibility():
+def test_covisible_neighbors_rank_by_shared_points_then_distance():
     from pipeline.core.io import View
 
     def view(name, ids, x):
@@ -81,11 +86,11 @@ def test_select_neighbors_by_covisibility():
         return View(name=name, K=np.eye(3), cam_from_world=T, width=4, height=4, image_path=None, point_ids=np.array(ids))
 
     views = [view("a", [0, 1, 2, 3], 0.0), view("b", [0, 1, 2], 5.0), view("c", [3], 1.0), view("d", [], 0.5)]
-    nbr = select_neighbors(views, 2)
+    nbr = covisible_neighbors(views, 2)
     assert nbr.shape == (4, 2)
     assert nbr[0].tolist() == [1, 2]  # 3 shared points, then 1
     assert nbr[3].tolist() == [0, 2]  # no shared points: nearest centres
-    assert select_neighbors(views[:1], 4).shape == (1, 0)
+    assert covisible_neighbors(views[:1], 4).shape == (1, 0)
 
 
 # ---- a rendered scene ----------------------------------------------------------------------
@@ -234,11 +239,11 @@ def test_non_finite_step_is_skipped_and_halves_lr(blob_scene, monkeypatch, caplo
 
     monkeypatch.setattr(losses, "anchor_loss", flaky)
     cfg = RefineConfig(steps=8, views_per_batch=2, log_every=4)
-    with caplog.at_level(logging.WARNING, logger="pipeline.refine.stage"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.refine.optimizer"):
         maps, log = refine_depth_maps(scene.views[:4], init, scene.points, cfg, "cpu", images=images[:4])
     steps = log["steps"]
     assert log["skipped_steps"] == 1 and steps[2]["finite"] == 0.0
-    assert steps[3]["lr"] == pytest.approx(0.5 * refine_mod._lr_at(cfg, 3))
+    assert steps[3]["lr"] == pytest.approx(0.5 * optimizer_mod._lr_at(cfg, 3))
     assert "skipped" in caplog.text
     assert all(np.isfinite(m.depth).all() for m in maps)
     assert np.isfinite([s["loss"] for i, s in enumerate(steps) if i != 2]).all()
@@ -321,8 +326,8 @@ def test_photometric_costs_prefer_the_true_depth(blob_scene):
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     g0 = gts[0]
     h, w = g0.shape
-    sources = [(t(refine_mod._gray(images[j], h, w))[None, None], t(scene.views[j].K), scene.views[j].cam_from_world) for j in (1, 2, 9)]
-    costs = refine_mod.photometric_costs(t(refine_mod._gray(images[0], h, w))[None, None], t(scene.views[0].K), scene.views[0].cam_from_world,
+    sources = [(t(scene_mod._gray(images[j], h, w))[None, None], t(scene.views[j].K), scene.views[j].cam_from_world) for j in (1, 2, 9)]
+    costs = gate_mod.photometric_costs(t(scene_mod._gray(images[0], h, w))[None, None], t(scene.views[0].K), scene.views[0].cam_from_world,
                                          sources, torch.stack([t(g0), t(g0 * 1.05)])).numpy()
     assert costs.shape == (2, h, w) and np.isfinite(costs).all()
     v = (g0 > 0) & (costs.max(0) < mvs_outside)
@@ -563,7 +568,7 @@ def test_sample_views_decode_reads_compact_maps(device):
     compact = torch.stack([depth * valid, torch.where(valid, conf, torch.full_like(conf, -1.0))], -1)
     view = torch.randint(0, 3, (2, 200), device=device)
     uv = torch.rand(2, 200, 2, device=device) * torch.tensor([13.0, 11.0], device=device) - 1.0
-    assert torch.equal(sample_views(compact, view, uv, refine_mod._decode_current), sample_views(full, view, uv))
+    assert torch.equal(sample_views(compact, view, uv, scene_mod._decode_current), sample_views(full, view, uv))
 
 
 def test_gate_restores_what_a_neighbour_confirms_and_drops_a_floater_others_see_through(blob_scene):

@@ -21,7 +21,6 @@ from pipeline.core.geometry import (
     backproject,
     inside_image,
     project,
-    sample_image,
     transform_points,
 )
 
@@ -137,30 +136,6 @@ def multiview_loss(
     residual = torch.where(keep, residual, torch.zeros_like(residual))
     w = keep.to(residual.dtype) if weight is None else weight * keep.to(residual.dtype)
     return weighted_mean(huber(residual, delta), w), keep
-
-
-def multiview_loss_from_map(
-    uv_src_bn2: torch.Tensor,
-    depth_src_bn: torch.Tensor,
-    K_src_b33: torch.Tensor,
-    K_dst_b33: torch.Tensor,
-    dst_from_src_b44: torch.Tensor,
-    depth_dst_b1hw: torch.Tensor,
-    *,
-    delta: float,
-    tol: float,
-    behind_tol: float | None = None,
-    weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_mv for samples of one view against a neighbour's full depth map (bilinear read).
-
-    :func:`reproject` → :func:`pipeline.core.geometry.sample_image` →
-    :func:`multiview_loss`. Returns (scalar loss, kept mask (B, N)).
-    """
-    uv_dst, z_sel = reproject(uv_src_bn2, depth_src_bn, K_src_b33, K_dst_b33, dst_from_src_b44)
-    h, w = depth_dst_b1hw.shape[-2:]
-    sampled2 = sample_image(depth_dst_b1hw, uv_dst)[:, 0]
-    return multiview_loss(z_sel, sampled2, inside_image(uv_dst, h, w), delta=delta, tol=tol, behind_tol=behind_tol, weight=weight)
 
 
 # ---- sparse-point anchoring (L_anchor) ---------------------------------------------------

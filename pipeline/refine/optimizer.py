@@ -1,0 +1,259 @@
+"""The refine stage's optimization loop: per-group losses, Adam on the pyramid grids, the refined maps.
+
+Each step refines one group of views (:func:`_optimize`): the loss terms of
+:func:`_group_losses` (:mod:`pipeline.refine.losses`; L_photo through
+:func:`_photo_term`), gradients by autograd, an in-place Adam step
+(:func:`_adam_step`) under a cosine learning-rate decay (:func:`_lr_at`);
+a step whose loss or gradient is not finite is skipped on the device and
+halves the learning rate. The inner loop neither copies between host and
+device nor synchronises (diagnostics go to a device tensor read every
+``log_every`` steps). :func:`_finalize` turns the groups' grids into
+full-resolution refined maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.core.geometry import inside_image, sample_image
+from pipeline.core.io import DepthMap, View
+from pipeline.refine import losses
+from pipeline.refine.config import RefineConfig
+from pipeline.refine.gate import change_stats
+from pipeline.refine.pyramid import _Group, _GroupStore, sample_views, upsample_sum
+from pipeline.refine.scene import _decode_current
+
+logger = logging.getLogger(__name__)
+
+LOG_COLUMNS: tuple[str, ...] = ("loss", "L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo", "dz_mean", "dz_std", "mv_kept",
+                                 "photo_kept", "lr", "finite")
+"""Per-step values in ``log.json`` (``dz_*`` in normalized-frame depth units, ``mv_kept`` / ``photo_kept`` = share of the
+L_mv / L_photo samples used)."""
+
+
+# ---- one step: losses of a group, Adam ---------------------------------------------------
+
+LOSS_TERMS: tuple[str, ...] = ("L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo")
+
+
+def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: torch.Tensor, channel: int, cfg: RefineConfig,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_photo of one group (:func:`pipeline.refine.losses.photometric_loss`): (loss, share of the sampled windows it used).
+
+    ``photo_samples_per_view`` windows per view are centred on random valid
+    pixels; their taps read the predicted depth, the view's own grey image
+    (``channel`` 0: sharp, 1: blurred) and, through the neighbours, theirs.
+    """
+    B, _, H, W = pred.shape
+    S = cfg.photo_samples_per_view
+    offsets = losses.window_offsets(cfg.photo_radius).to(pred.device)
+    T = offsets.shape[0]
+    pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(), (gr.pix_count - 1).clamp(min=0).long())
+    flat = torch.gather(gr.pix_index, 1, pick).long()  # (B, S)
+    tx = (flat % W)[..., None] + offsets[:, 0].long()
+    ty = torch.div(flat, W, rounding_mode="floor")[..., None] + offsets[:, 1].long()  # (B, S, T)
+    in_image = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
+    tap = (ty.clamp(0, H - 1) * W + tx.clamp(0, W - 1)).reshape(B, S * T)
+    d_taps = torch.gather(pred.reshape(B, -1), 1, tap).reshape(B, S, T)
+    tap_ok = torch.gather(gr.valid.reshape(B, -1), 1, tap).reshape(B, S, T) & in_image
+    ref_taps = images[gr.start:gr.stop, ..., channel].reshape(B, -1).gather(1, tap).reshape(B, S, T).to(pred.dtype)
+    uv = torch.stack([tx.to(pred.dtype) + 0.5, ty.to(pred.dtype) + 0.5], -1)
+    gray = images[..., channel:channel + 1]
+
+    def read_image(uv_dst: torch.Tensor) -> torch.Tensor:
+        return sample_views(gray, gr.nbr[:, None].expand(*uv_dst.shape[:2]), uv_dst)[:, 0].to(pred.dtype)
+
+    def read_depth(uv_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        read = sample_views(current, gr.nbr[:, None].expand(*uv_c.shape[:2]), uv_c, _decode_current)
+        return read[:, 0], read[:, 1] > 0.999
+
+    return losses.photometric_loss(ref_taps, d_taps, uv, tap_ok, gr.K_src, gr.K_dst, gr.dst_from_src, read_image, read_depth, offsets,
+                                   height=H, width=W, sigma_color=cfg.photo_sigma_color, best_k=cfg.photo_best_k,
+                                   behind_tol=cfg.photo_occlusion_tol, min_texture=cfg.photo_min_texture)
+
+
+def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: torch.Generator, images: torch.Tensor | None = None,
+                  image_channel: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss terms of one group at its current grids; returns (terms, depth_pred (B,1,H,W), share of L_mv samples kept,
+    share of L_photo samples used). ``images``: every view's grey images (V, H, W, 2: sharp, blurred) for L_photo."""
+    B, _, H, W = gr.depth_init.shape
+    d0 = gr.depth_init
+    pred = d0 * torch.exp(upsample_sum(gr.grids, H, W))  # 0 where invalid (d0 = 0 there)
+    zero = pred.sum() * 0.0
+    terms = dict.fromkeys(LOSS_TERMS, zero)
+    kept = zero
+    k = gr.nbr.shape[0] // B
+    if k > 0 and cfg.weight_mv > 0:
+        # L_mv: valid pixels → back-project at depth_pred → neighbours → their current depth there.
+        S = cfg.samples_per_view
+        # (a view without valid pixels samples pixel 0: invalid, so its confidence weight is 0)
+        pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(), (gr.pix_count - 1).clamp(min=0).long())
+        flat = torch.gather(gr.pix_index, 1, pick).long()  # (B, S)
+        uv_src = torch.stack([(flat % W).to(pred.dtype) + 0.5, torch.div(flat, W, rounding_mode="floor").to(pred.dtype) + 0.5], -1)
+        d_src = torch.gather(pred.reshape(B, -1), 1, flat)
+        c_src = torch.gather(gr.confidence.reshape(B, -1), 1, flat)
+        uv_dst, z_sel = losses.reproject(uv_src.repeat_interleave(k, 0), d_src.repeat_interleave(k, 0), gr.K_src, gr.K_dst, gr.dst_from_src)
+        # The neighbour's current depth is this step's target: read as a constant, at a constant location.
+        read = sample_views(current, gr.nbr[:, None].expand(B * k, S), uv_dst.detach(), _decode_current)  # (B*k, 3, S): depth, valid, weight
+        inside = inside_image(uv_dst, H, W) & (read[:, 1] > 0.999)
+        weight = c_src.repeat_interleave(k, 0) * read[:, 2]
+        terms["L_mv"], keep = losses.multiview_loss(z_sel, read[:, 0], inside, delta=cfg.huber_delta, tol=cfg.occlusion_tol,
+                                                    behind_tol=cfg.occlusion_tol_behind, weight=weight)
+        kept = keep.to(pred.dtype).mean()
+    if cfg.weight_anchor > 0:
+        terms["L_anchor"] = losses.anchor_loss(sample_image(pred, gr.anchor_uv)[:, 0], gr.anchor_z, gr.anchor_mask, delta=cfg.huber_delta)
+    if cfg.weight_edge > 0:
+        terms["L_edge"] = losses.edge_aware_smoothness(pred, *gr.edge_w)
+    if cfg.weight_surf > 0:
+        terms["L_surf"] = losses.surface_smoothness(pred, *gr.surf_w)
+    if cfg.weight_mag > 0:
+        terms["L_mag"] = losses.magnitude_loss(pred - d0, d0, gr.valid)
+    photo_kept = zero
+    if cfg.weight_photo > 0 and images is not None and k > 0:
+        # L_photo's gradients are sparse (a few windows per view per step); Adam turns rare per-pixel gradients into
+        # full-size steps, so they reach only the levels of stride >= photo_min_stride (the same depth, other paths).
+        coarse = [g if s >= cfg.photo_min_stride else g.detach() for g, s in zip(gr.grids, cfg.pyramid_strides)]
+        pred_photo = pred if coarse[0] is gr.grids[0] else d0 * torch.exp(upsample_sum(coarse, H, W))
+        terms["L_photo"], photo_kept = _photo_term(gr, pred_photo, current, images, image_channel, cfg, gen)
+    return terms, pred, kept, photo_kept
+
+
+@torch.no_grad()
+def _adam_step(gr: _Group, grads: Sequence[torch.Tensor], finite: torch.Tensor, lr: torch.Tensor,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """In-place Adam on a group's grids; with ``finite`` False (a device flag, no sync) nothing changes."""
+    b1, b2 = betas
+    f = finite.to(gr.adam_steps.dtype)
+    gr.adam_steps += f
+    t = gr.adam_steps.clamp(min=1.0)
+    step_size = lr * f / (1.0 - b1**t)
+    bc2_sqrt = (1.0 - b2**t).sqrt()
+    for p, m, v, g in zip(gr.grids, gr.exp_avg, gr.exp_avg_sq, grads):
+        g = torch.where(finite, g, torch.zeros((), device=g.device))
+        m.lerp_(g, (1.0 - b1) * f)
+        v.lerp_(g * g, (1.0 - b2) * f)
+        p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + eps))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch CPU threads (``n <= 0``: leave torch's setting), then restore it."""
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0:
+            torch.set_num_threads(old)
+
+
+def _lr_at(cfg: RefineConfig, step: int) -> float:
+    """Cosine decay from ``lr`` to ``lr · lr_final_ratio`` over the run."""
+    progress = step / max(cfg.steps - 1, 1)
+    return cfg.lr * (cfg.lr_final_ratio + (1.0 - cfg.lr_final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ---- the loop, the refined maps ----------------------------------------------------------
+
+def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, device: torch.device, bar: Any,
+              images: torch.Tensor | None = None) -> np.ndarray:
+    """The optimization loop (updates the groups' grids and ``current`` in place); returns the per-step log (steps, LOG_COLUMNS)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    history = torch.zeros(max(cfg.steps, 1), len(LOG_COLUMNS), device=device)
+    weights = {"L_mv": cfg.weight_mv, "L_anchor": cfg.weight_anchor, "L_edge": cfg.weight_edge, "L_surf": cfg.weight_surf, "L_mag": cfg.weight_mag,
+               "L_photo": cfg.weight_photo}
+    lr_scale = torch.ones((), device=device)
+    skipped_seen = 0
+
+    for step in range(cfg.steps):
+        gr = store.get((step // cfg.steps_per_visit) % len(store.spans))
+        for g in gr.grids:
+            g.requires_grad_(True)
+        blurred = cfg.photo_blur > 0 and step < cfg.steps // 2
+        terms, pred, kept, photo_kept = _group_losses(gr, current, cfg, gen, images, 1 if blurred else 0)
+        loss = sum(weights[k] * terms[k] for k in LOSS_TERMS)
+        grads = torch.autograd.grad(loss, gr.grids, allow_unused=True)
+        with torch.no_grad():
+            for g in gr.grids:
+                g.requires_grad_(False)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, gr.grids)]
+            finite = torch.isfinite(loss)
+            for g in grads:
+                finite = finite & torch.isfinite(g).all()
+            lr = _lr_at(cfg, step) * lr_scale
+            _adam_step(gr, grads, finite, lr)
+            lr_scale = torch.where(finite, lr_scale, lr_scale * 0.5)
+            # Neighbours read this group's depth as of this step (the prediction before the update).
+            cur = current[gr.start:gr.stop, ..., 0]
+            cur.copy_(torch.where(finite, pred[:, 0], cur))
+            m = gr.valid.to(pred.dtype)
+            dz = (pred - gr.depth_init) * m
+            n = gr.valid_count.clamp(min=1.0)
+            dz_mean = dz.sum() / n
+            dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
+            history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, photo_kept, lr, finite.to(pred.dtype)])
+        del gr, g, terms, pred, kept, photo_kept, loss, grads, cur, m, dz  # this step's tensors go before the next group's arrive
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+            values = dict(zip(LOG_COLUMNS, history[step].tolist()))
+            skipped_now = int((history[: step + 1, -1] == 0).sum().item())
+            if skipped_now > skipped_seen:
+                logger.warning("refine: %d step(s) with a non-finite loss or gradient skipped so far; learning rate halved each time (now %.2e)",
+                               skipped_now, values["lr"])
+                skipped_seen = skipped_now
+            if bar is not None:
+                shown = [k for k in LOSS_TERMS if weights[k] > 0]
+                bar.set_postfix({k: f"{values[k]:.2e}" for k in shown} | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
+                                refresh=False)
+    return history[: cfg.steps].cpu().numpy()
+
+
+def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap], emit: Callable[[int, DepthMap], None],
+              keep_restored: bool = True) -> dict[str, dict[str, Any]]:
+    """Full-resolution refined maps, one group at a time, handed to ``emit(storage index, map)``; never NaN.
+
+    Without ``keep_restored`` (no gate to check them) the restored candidates are left out.
+
+    Returns each view's statistics; the groups' tensors are released.
+    """
+    stats: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for g in range(len(store.spans)):
+            gr = store.get(g)
+            H, W = gr.depth_init.shape[-2:]
+            pred = (gr.depth_init * torch.exp(upsample_sum(gr.grids, H, W))).cpu().numpy()
+            d0 = gr.depth_init.cpu().numpy()
+            valid_all = gr.valid.cpu().numpy()
+            for j, i in enumerate(range(gr.start, gr.stop)):
+                dm = init[i]
+                h, w = dm.depth.shape
+                valid = valid_all[j, 0, :h, :w]
+                d_init = d0[j, 0, :h, :w]
+                d_pred = pred[j, 0, :h, :w]
+                bad = valid & ~(np.isfinite(d_pred) & (d_pred > 0))
+                if bad.any():
+                    logger.warning("refine: %s: %d non-finite refined depths replaced by the initial depth", views[i].name, int(bad.sum()))
+                    d_pred = np.where(bad, d_init, d_pred)
+                d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
+                s = change_stats(d_init, d_pred, valid)
+                stats[views[i].name] = s
+                restored = dm.restored if dm.restored is not None else np.zeros_like(valid)
+                if not keep_restored:
+                    valid = valid & ~restored
+                    d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
+                emit(i, replace(dm, depth=d_pred, valid=valid.copy(), confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
+                                depth_init=np.where(valid, d_init, 0.0).astype(np.float32), restored=restored & valid, stats={**dm.stats, **s}))
+            del gr, pred, d0, valid_all
+    store.release()
+    return stats

@@ -1,0 +1,266 @@
+"""The δz pyramid of the refine stage and the groups of views that hold it.
+
+A view's correction is a pyramid of log-depth grids summed coarse-to-fine
+(:func:`upsample_sum`; ``depth_pred = depth_init · exp(Σ_l up(r_l))``). The
+views are refined in interleaved groups (:func:`view_groups`); a group's
+device tensors (fixed inputs, grids, Adam moments) are a :class:`_Group`,
+and :class:`_GroupStore` keeps them in memory or, past
+``refine.max_resident_views``, in raw-byte scratch files between turns (bit
+for bit). :func:`sample_views` reads per-view maps (the neighbours' current
+depth, their images) at pixel coordinates, each sample from its own view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# ---- reading per-view maps, the pyramid's coarse-to-fine sum ------------------------------
+
+def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.Tensor,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Bilinear read of per-view maps at pixel coordinates, each sample from its own view.
+
+    The same values as :func:`pipeline.core.geometry.sample_image` of map
+    ``view_bn[b, n]`` at ``uv_bn2[b, n]`` (``align_corners=False``, border
+    padding: pixel centres at +0.5, coordinates clamped to the border), done
+    with four row gathers from the channels-last maps of all views instead of
+    one ``grid_sample`` per view. Differentiable with respect to ``uv`` (the
+    maps are read as constants); the cost does not depend on the number of views.
+
+    Args:
+        maps_vhwc: (V, H, W, C) maps of all views, channels last.
+        view_bn: (B, N) long view indices.
+        uv_bn2: (B, N, 2) pixel coordinates in those views.
+        decode: optional map of each tap's values (B, N, C) → (B, N, C'), applied
+            before the interpolation (a compact storage read as more channels).
+    Returns:
+        (B, C, N), or (B, C', N) with ``decode``.
+    """
+    v, h, w, c = maps_vhwc.shape
+    x = (uv_bn2[..., 0] - 0.5).clamp(0, w - 1)
+    y = (uv_bn2[..., 1] - 0.5).clamp(0, h - 1)
+    x0f, y0f = x.detach().floor(), y.detach().floor()
+    ax, ay = (x - x0f)[..., None], (y - y0f)[..., None]  # (B, N, 1)
+    x0, y0 = x0f.long(), y0f.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    rows = maps_vhwc.detach().reshape(v * h * w, c)
+    base = view_bn * (h * w)
+
+    def tap(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        values = rows.index_select(0, (base + yy * w + xx).reshape(-1)).reshape(*view_bn.shape, c)
+        return values if decode is None else decode(values)
+
+    top = tap(y0, x0) * (1 - ax) + tap(y0, x1) * ax
+    bottom = tap(y1, x0) * (1 - ax) + tap(y1, x1) * ax
+    return (top * (1 - ay) + bottom * ay).permute(0, 2, 1)
+
+
+def upsample2x(x_b1hw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear ×2 upsampling (``align_corners=False``, border replicated), cropped to (height, width).
+
+    Equal to ``F.interpolate(x, scale_factor=2, mode="bilinear")`` for even
+    sizes; a coarse cell ``j`` covers fine pixels ``2j, 2j+1``. Written as
+    shifted weighted sums, whose backward pass is several times cheaper on
+    CPU than ``upsample_bilinear2d``'s.
+    """
+    xp = F.pad(x_b1hw, (1, 1, 0, 0), mode="replicate")
+    x = torch.stack([0.25 * xp[..., :-2] + 0.75 * x_b1hw, 0.75 * x_b1hw + 0.25 * xp[..., 2:]], -1).flatten(-2)
+    xp = F.pad(x, (0, 0, 1, 1), mode="replicate")
+    x = torch.stack([0.25 * xp[..., :-2, :] + 0.75 * x, 0.75 * x + 0.25 * xp[..., 2:, :]], -2).flatten(-3, -2)
+    return x[..., :height, :width]
+
+
+def _upsample(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
+    if 0 <= 2 * h - height <= 1 and 0 <= 2 * w - width <= 1:
+        return upsample2x(x, height, width)
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def upsample_sum(grids: Sequence[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Coarse-to-fine sum of a pyramid: ``up(... up(up(g_n) + g_{n-1}) ...) + g_0`` at (height, width).
+
+    ``grids`` are (B, 1, h_l, w_l) from fine to coarse; each partial sum is
+    bilinearly upsampled to the next finer grid's size (×2 steps use
+    :func:`upsample2x`, other ratios ``F.interpolate``), the finest to
+    (height, width). Cascading costs about 1.3 full-resolution upsamplings
+    whatever the number of levels.
+    """
+    total = grids[-1]
+    for g in reversed(grids[:-1]):
+        total = _upsample(total, *g.shape[-2:]) + g
+    return _upsample(total, height, width)
+
+
+# ---- groups of views ---------------------------------------------------------------------
+
+def view_groups(num_views: int, views_per_batch: int) -> list[np.ndarray]:
+    """Views refined together, one group per step in turn: interleaved (``i % G``), so a view's
+    neighbours (usually the cameras next to it) are mostly refined in other steps and read fresh."""
+    groups = max(1, math.ceil(num_views / max(1, views_per_batch)))
+    return [np.arange(g, num_views, groups) for g in range(groups)]
+
+
+@dataclass
+class _Group:
+    """The device tensors of one group of views (views stored contiguously, ``start:stop`` of the scene)."""
+
+    start: int
+    stop: int
+    depth_init: torch.Tensor  # (B, 1, H, W), 0 where invalid
+    valid: torch.Tensor  # (B, 1, H, W) bool
+    valid_count: torch.Tensor  # () number of valid pixels
+    confidence: torch.Tensor  # (B, 1, H, W)
+    pix_index: torch.Tensor  # (B, Nmax) int32 flat indices of valid pixels
+    pix_count: torch.Tensor  # (B, 1)
+    K_src: torch.Tensor  # (B*k, 3, 3)
+    K_dst: torch.Tensor  # (B*k, 3, 3)
+    nbr: torch.Tensor  # (B*k,) storage indices of the neighbours
+    dst_from_src: torch.Tensor  # (B*k, 4, 4)
+    edge_w: tuple[torch.Tensor, torch.Tensor]
+    surf_w: tuple[torch.Tensor, torch.Tensor]
+    anchor_uv: torch.Tensor  # (B, P, 2)
+    anchor_z: torch.Tensor  # (B, P)
+    anchor_mask: torch.Tensor  # (B, P) bool
+    grids: list[torch.Tensor]  # per level (B, 1, h_l, w_l), the parameters
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    adam_steps: torch.Tensor  # () device step count (skipped steps do not count)
+
+    _FIXED = ("depth_init", "valid", "valid_count", "confidence", "pix_index", "pix_count", "K_src", "K_dst", "nbr", "dst_from_src",
+              "anchor_uv", "anchor_z", "anchor_mask")
+
+    def fixed_tensors(self) -> list[torch.Tensor]:
+        """The tensors that do not change while optimizing, in a fixed order (see :meth:`from_tensors`)."""
+        return [getattr(self, k) for k in self._FIXED] + [*self.edge_w, *self.surf_w]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The optimizer state: grids, Adam moments, step count."""
+        return [*self.grids, *self.exp_avg, *self.exp_avg_sq, self.adam_steps]
+
+    @classmethod
+    def from_tensors(cls, start: int, stop: int, fixed: Sequence[torch.Tensor], state: Sequence[torch.Tensor]) -> "_Group":
+        n = len(cls._FIXED)
+        levels = (len(state) - 1) // 3
+        return cls(start=start, stop=stop, **dict(zip(cls._FIXED, fixed[:n])), edge_w=(fixed[n], fixed[n + 1]), surf_w=(fixed[n + 2], fixed[n + 3]),
+                   grids=list(state[:levels]), exp_avg=list(state[levels:2 * levels]), exp_avg_sq=list(state[2 * levels:3 * levels]),
+                   adam_steps=state[-1])
+
+
+# ---- scratch files: offloaded groups, maps awaiting the consistency gate ------------------
+
+_ALIGN = 64
+
+
+def _save_tensors(path: Path, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Write the tensors' raw bytes one after another (each padded to 64 bytes); returns their (shape, dtype) for :func:`_load_tensors`."""
+    layout = []
+    with open(path, "wb") as fh:
+        for x in tensors:
+            a = x.detach().contiguous().cpu().numpy()
+            fh.write(a.reshape(-1).view(np.uint8).data)
+            fh.write(b"\0" * (-a.nbytes % _ALIGN))
+            layout.append((tuple(x.shape), x.dtype))
+    return layout
+
+
+def _load_tensors(path: Path, layout: Sequence[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> list[torch.Tensor]:
+    """Read back what :func:`_save_tensors` wrote: the same values, bit for bit (one read; on the CPU the tensors share its buffer)."""
+    buf = np.fromfile(path, dtype=np.uint8)
+    out, offset = [], 0
+    for shape, dtype in layout:
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        nbytes = math.prod(shape) * np_dtype.itemsize
+        out.append(torch.from_numpy(buf[offset: offset + nbytes].view(np_dtype).reshape(shape)).to(device))
+        offset += nbytes + (-nbytes % _ALIGN)
+    return out
+
+
+@contextlib.contextmanager
+def _scratch_folder(parent: Path | None) -> Iterator[Callable[[], Path]]:
+    """Yield a function giving this call's own scratch folder (made on first use in ``parent``, or the
+    system's temporary folder); the folder is removed on exit, also after an error."""
+    made: list[Path] = []
+
+    def folder() -> Path:
+        if not made:
+            if parent is not None:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            made.append(Path(tempfile.mkdtemp(prefix=".refine.", dir=parent)))
+        return made[0]
+
+    try:
+        yield folder
+    finally:
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class _GroupStore:
+    """Every group's tensors, made on first use and kept — or, when the groups exceed ``max_views``, the
+    first groups kept and the others taking turns in one slot, their tensors in scratch files between
+    turns (raw bytes: a group comes back bit-identical, so the result does not depend on ``max_views``)."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]], build: Callable[[int, int], _Group], max_views: int,
+                 scratch: Callable[[], Path], device: torch.device):
+        self.spans = list(spans)
+        self._build, self._scratch, self._device = build, scratch, device
+        sizes = [b - a for a, b in self.spans]
+        kept = 0  # groups always resident; the remaining ones share one slot
+        while kept < len(sizes) - 1 and sum(sizes[: kept + 1]) + max(sizes[kept + 1:]) <= max_views:
+            kept += 1
+        self.kept = kept
+        self.offloading = kept < len(sizes) - 1
+        self._resident: dict[int, _Group] = {}
+        self._slot: tuple[int, _Group] | None = None
+        self._layouts: dict[int, tuple[list, list]] = {}
+        self.swaps = 0
+
+    def get(self, g: int) -> _Group:
+        if not self.offloading or g < self.kept:
+            if g not in self._resident:
+                self._resident[g] = self._build(*self.spans[g])
+            return self._resident[g]
+        if self._slot is not None and self._slot[0] == g:
+            return self._slot[1]
+        if self._slot is not None:
+            self._save(*self._slot)
+            self._slot = None
+        self._slot = (g, self._load(g))
+        return self._slot[1]
+
+    def _paths(self, g: int) -> tuple[Path, Path]:
+        folder = self._scratch()
+        return folder / f"group{g:04d}.fixed", folder / f"group{g:04d}.state"
+
+    def _save(self, g: int, gr: _Group) -> None:
+        fixed, state = self._paths(g)
+        if g not in self._layouts:  # the fixed tensors once, the state at every turn
+            self._layouts[g] = (_save_tensors(fixed, gr.fixed_tensors()), [])
+        self._layouts[g] = (self._layouts[g][0], _save_tensors(state, gr.state_tensors()))
+
+    def _load(self, g: int) -> _Group:
+        self.swaps += 1
+        if g not in self._layouts:
+            return self._build(*self.spans[g])
+        fixed, state = self._paths(g)
+        layout_fixed, layout_state = self._layouts[g]
+        return _Group.from_tensors(*self.spans[g], _load_tensors(fixed, layout_fixed, self._device), _load_tensors(state, layout_state, self._device))
+
+    def release(self) -> None:
+        """Drop every group's tensors (the scratch files stay until the scratch folder goes)."""
+        self._resident.clear()
+        self._slot = None
