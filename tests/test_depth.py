@@ -24,7 +24,7 @@ from pipeline.depth.views import (
     fit_scene_planes,
     plane_in_camera,
     refit_plane,
-    select_neighbors,
+    stereo_neighbors,
     working_size,
 )
 from pipeline.core.errors import ReconError
@@ -342,7 +342,7 @@ def _depth_errors(scene_dir, scene, path_of):
 
 
 def test_neighbors_and_depth_range(scene_dir, scene):
-    nbrs = select_neighbors(scene, 4, 10.0, 60.0)
+    nbrs = stereo_neighbors(scene, 4, 10.0, 60.0)
     centers = np.stack([v.center for v in scene.views])
     for i, nb in enumerate(nbrs):
         assert 1 <= len(nb) <= 4 and i not in nb

@@ -27,7 +27,7 @@ from pipeline.depth.views import (
     depth_range,
     fit_scene_planes,
     plane_in_camera,
-    select_neighbors,
+    stereo_neighbors,
     working_intrinsics,
     working_size,
 )
@@ -117,7 +117,7 @@ class MvsEstimator:
         self.scene = scene
         self.cfg = cfg
         self.device = device
-        self.neighbors = select_neighbors(scene, cfg.num_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+        self.neighbors = stereo_neighbors(scene, cfg.num_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
         self.sizes = [working_size(v.width, v.height, cfg.max_image_side) for v in scene.views]
         self.planes = fit_scene_planes(scene.points, cfg.plane_candidates, cfg.plane_distance, cfg.plane_min_inliers)
         self.images = _LRU(cfg.cache_images, lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))

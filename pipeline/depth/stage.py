@@ -54,7 +54,7 @@ from pipeline.depth import anchoring
 from pipeline.depth import consistency
 from pipeline.depth.config import DepthConfig, DepthEstimator, PriorKind  # noqa: F401 - re-exported
 from pipeline.depth.estimators import _LRU, Estimate, MvsEstimator, make_estimator
-from pipeline.depth.views import ViewFailure, select_neighbors, sparse_in_view
+from pipeline.depth.views import ViewFailure, sparse_in_view, stereo_neighbors
 from pipeline.core.errors import ReconError
 from pipeline.core.geometry import default_device, invert_pose
 from pipeline.core.io import DepthMap, SfmScene, View, load_depth_map, load_sfm_scene, save_depth_map
@@ -272,7 +272,7 @@ def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: t
     if not todo:
         return
     estimator = MvsEstimator(scene, cfg, device)
-    geo_neighbors = select_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+    geo_neighbors = stereo_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
     maps = _LRU(cfg.cache_images, lambda i: load_depth_map(raw_depth_path(ws, names[i])))
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     with bar(desc="cross-view candidates", total=len(todo), unit="view") as pbar:
@@ -305,7 +305,7 @@ def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, dev
     """Pass 2: raw maps → filtered maps (``ws.depth_view``), skipping views already filtered."""
     names = [v.name for v in scene.views]
     have_raw = [filter_input_path(ws, cfg, n).exists() for n in names]
-    geo_neighbors = select_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+    geo_neighbors = stereo_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
     todo = [i for i, n in enumerate(names) if have_raw[i] and not ws.depth_view(n).exists()]
     if not todo:
         return

@@ -31,7 +31,7 @@ def working_intrinsics(view: View, size: tuple[int, int]) -> np.ndarray:
 
 # ---- neighbours and depth range -------------------------------------------------------------------
 
-def select_neighbors(scene: SfmScene, k: int, good_angle_deg: float, max_angle_deg: float) -> list[list[int]]:
+def stereo_neighbors(scene: SfmScene, k: int, good_angle_deg: float, max_angle_deg: float) -> list[list[int]]:
     """Per view, up to ``k`` neighbour indices, best first.
 
     Score of ``j`` for reference ``i``: shared sparse points × min(1, θ / good_angle)
