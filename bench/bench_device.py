@@ -46,7 +46,8 @@ MAPS_PER_FILE = 8
 
 def pack(out_dir: Path, pack_dir: Path) -> None:
     """Write ``pack_dir``: scene.pkl (views and sparse points), images/, planes.npy, alignment.json (if OUT was evaluated)."""
-    from pipeline.depth.stage import DepthConfig, fit_scene_planes
+    from pipeline.depth.stage import DepthConfig
+    from pipeline.depth.views import fit_scene_planes
     from pipeline.core.io import load_sfm_scene
     from pipeline.core.workspace import Workspace
 
@@ -94,14 +95,14 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
     """Depth then refine on ``device_name``; writes timings.json and the maps to ``result_dir``."""
     import torch
 
-    from pipeline.depth import stage as depth_stage
+    from pipeline.depth import estimators as depth_estimators
     from pipeline.depth.stage import DepthConfig, compute_depth_maps
     from pipeline.core.io import load_depth_map, load_rgb
     from pipeline.refine.stage import RefineConfig, refine_depth_maps
     from pipeline.core.workspace import Workspace
 
     scene, planes = load_pack(pack_dir)
-    depth_stage.fit_scene_planes = lambda *args, **kwargs: planes  # fitted at pack time (Open3D may be missing here)
+    depth_estimators.fit_scene_planes = lambda *args, **kwargs: planes  # fitted at pack time (Open3D may be missing here)
     device = torch.device(device_name)
     cuda = device.type == "cuda"
     result_dir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ def compare(pack_dir: Path, results: list[Path], gt_dir: Path | None) -> None:
 
 def _map_intrinsics(view, shape_hw) -> np.ndarray:
     """Intrinsics of a depth map of ``shape_hw`` made from ``view`` (the depth stage's working size)."""
-    from pipeline.depth.stage import working_intrinsics
+    from pipeline.depth.views import working_intrinsics
 
     return working_intrinsics(view, (shape_hw[1], shape_hw[0]))
 

@@ -10,18 +10,21 @@ import torch
 from PIL import Image
 
 from pipeline.depth import anchoring
+from pipeline.depth import consistency
 from pipeline.depth import plane_sweep as mvs
 from pipeline.depth.stage import (
     DepthConfig,
     DepthEstimator,
     PriorKind,
     compute_depth_maps,
+    raw_depth_path,
+)
+from pipeline.depth.views import (
     depth_range,
     fit_scene_planes,
     plane_in_camera,
     refit_plane,
-    raw_depth_path,
-    select_neighbors,
+    stereo_neighbors,
     working_size,
 )
 from pipeline.core.errors import ReconError
@@ -73,7 +76,7 @@ def test_splat_depth_moves_a_plane_and_keeps_the_nearest_surface(device):
     depth_src = torch.full((48, 64), 4.0, device=device)
     depth_src[20:28, 30:38] = 2.0
     depth_src[0:4, 0:4] = 0.0  # invalid source pixels propose nothing
-    inv = mvs.splat_depth(depth_src, K, K, torch.linalg.inv(src_from_ref), 48, 64)
+    inv = consistency.splat_depth(depth_src, K, K, torch.linalg.inv(src_from_ref), 48, 64)
     # ref pixel u sees the plane where the source sees it at u - 5 (z = 4) and the patch at u - 10 (z = 2)
     torch.testing.assert_close(inv[10, 20:50], torch.full((30,), 0.25, device=device))
     torch.testing.assert_close(inv[22:26, 42:46], torch.full((4, 4), 0.5, device=device))  # the nearer patch wins
@@ -92,7 +95,7 @@ def test_adopt_candidates_takes_the_surface_that_matches(device):
     candidate = torch.full((48, 64), 0.25, device=device)  # inverse depth of the right surface
     candidate[:, 32:] = 1.0  # a worse proposal where the own depth is right
     cfg = mvs.SweepSettings(window=5, min_ncc=0.3)
-    depth, ncc, adopted = mvs.adopt_candidates(ref, K, [src], [K], [src_from_ref], own, [candidate], cfg)
+    depth, ncc, adopted = consistency.adopt_candidates(ref, K, [src], [K], [src_from_ref], own, [candidate], cfg)
     inner = (slice(4, 44), slice(10, 28))
     torch.testing.assert_close(depth[inner], torch.full((40, 18), 4.0, device=device))
     assert adopted[inner].all() and ncc[inner].min() > 0.9
@@ -339,7 +342,7 @@ def _depth_errors(scene_dir, scene, path_of):
 
 
 def test_neighbors_and_depth_range(scene_dir, scene):
-    nbrs = select_neighbors(scene, 4, 10.0, 60.0)
+    nbrs = stereo_neighbors(scene, 4, 10.0, 60.0)
     centers = np.stack([v.center for v in scene.views])
     for i, nb in enumerate(nbrs):
         assert 1 <= len(nb) <= 4 and i not in nb
@@ -401,14 +404,14 @@ def test_geometric_consistency_on_ground_truth(scene_dir, scene, device):
     d0 = t(_gt_depth(scene_dir, scene, v0, (240, 320)))
     d1 = t(_gt_depth(scene_dir, scene, v1, (240, 320)))
     rel = t(v1.cam_from_world @ np.linalg.inv(v0.cam_from_world))
-    cons = mvs.geometric_consistency(d0, t(v0.K), [(d1, t(v1.K), rel)], 1.0, 0.01)
+    cons = consistency.geometric_consistency(d0, t(v0.K), [(d1, t(v1.K), rel)], 1.0, 0.01)
     assert cons.count.float().mean() > 0.3  # the overlap of two true maps agrees
     assert cons.violations.float().mean() < 0.03  # only at depth edges (bilinear reads mix both sides)
     agree = cons.count > 0
     torch.testing.assert_close(cons.mean_depth[agree], d0[agree], rtol=2e-3, atol=0)
-    cons = mvs.geometric_consistency(d0, t(v0.K), [(d1 * 1.05, t(v1.K), rel)], 1.0, 0.01)
+    cons = consistency.geometric_consistency(d0, t(v0.K), [(d1 * 1.05, t(v1.K), rel)], 1.0, 0.01)
     assert cons.count.float().mean() < 0.01  # 5 % off: nothing agrees
-    cons = mvs.geometric_consistency(d0 * 0.9, t(v0.K), [(d1, t(v1.K), rel)], 1.0, 0.01)
+    cons = consistency.geometric_consistency(d0 * 0.9, t(v0.K), [(d1, t(v1.K), rel)], 1.0, 0.01)
     assert cons.count.float().mean() < 0.01 and cons.violations.float().mean() > 0.3  # 10 % too near: in v1's free space
 
 
@@ -571,7 +574,7 @@ def test_stage_run_writes_summary(scene_dir, scene, tmp_path, monkeypatch):
 
 def test_out_of_memory_retries_with_smaller_chunks(scene, tmp_path, monkeypatch, caplog):
     """A CUDA out-of-memory error in the sweep is retried with half the chunk (same result), with a warning."""
-    from pipeline.depth.stage import MvsEstimator
+    from pipeline.depth.estimators import MvsEstimator
 
     real = mvs.estimate_depth
     chunks = []

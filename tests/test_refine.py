@@ -339,7 +339,7 @@ def test_photometric_costs_prefer_the_true_depth(blob_scene):
 def test_photo_check_rejects_a_wrong_depth_the_neighbours_maps_repeat(blob_scene):
     """View 0's "refined" map is 5 % too far in a band and every neighbour's refined map was made to agree with it
     (the band splatted into them): the consistency test alone keeps the band, the photometric check does not."""
-    from pipeline.depth import plane_sweep as mvs
+    from pipeline.depth.consistency import splat_depth
     from pipeline.core.geometry import invert_pose
 
     _, scene, gts, images = blob_scene
@@ -353,7 +353,7 @@ def test_photo_check_rejects_a_wrong_depth_the_neighbours_maps_repeat(blob_scene
     only_band = t(np.where(band, wrong0, 0.0))
     for j in range(1, len(maps)):
         dj = maps[j]
-        inv = mvs.splat_depth(only_band, t(maps[0].K), t(dj.K), t(dj.cam_from_world @ invert_pose(maps[0].cam_from_world)), *dj.depth.shape).numpy()
+        inv = splat_depth(only_band, t(maps[0].K), t(dj.K), t(dj.cam_from_world @ invert_pose(maps[0].cam_from_world)), *dj.depth.shape).numpy()
         maps[j] = replace(dj, depth=np.where((inv > 0) & dj.valid, 1.0 / np.maximum(inv, 1e-9), dj.depth).astype(np.float32))
     v0 = band & maps[0].valid
     cfg = RefineConfig()

@@ -31,45 +31,40 @@ of them, checks each pixel against its neighbours' raw maps and writes the
 filtered map to ``OUT/depth/views``. Each pass skips views whose file exists,
 and only the files in ``views/`` are read downstream, so an interrupted run
 resumes without ever mixing filtered and unfiltered maps under one name.
+
+The estimators are in :mod:`pipeline.depth.estimators`, what they need per view (working size,
+neighbours, depth range, scene planes) in :mod:`pipeline.depth.views`, the cross-view passes' maths in
+:mod:`pipeline.depth.consistency`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.depth import anchoring
-from pipeline.depth import plane_sweep as mvs
+from pipeline.depth import consistency
 from pipeline.depth.config import DepthConfig, DepthEstimator, PriorKind  # noqa: F401 - re-exported
+from pipeline.depth.estimators import _LRU, Estimate, MvsEstimator, make_estimator
+from pipeline.depth.views import ViewFailure, sparse_in_view, stereo_neighbors
 from pipeline.core.errors import ReconError
-from pipeline.core.oom import call_with_oom_fallback
-from pipeline.core.geometry import default_device, invert_pose, scale_intrinsics
-from pipeline.core.io import DepthMap, SfmScene, View, claim_files, load_depth_map, load_rgb, load_sfm_scene, save_depth_map
-from pipeline.core.settings import check_section
+from pipeline.core.geometry import default_device, invert_pose
+from pipeline.core.io import DepthMap, SfmScene, View, load_depth_map, load_sfm_scene, save_depth_map
 from pipeline.core.context import StageContext
-from pipeline.core.workspace import Workspace, view_stem
+from pipeline.core.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
 
-class ViewFailure(Exception):
-    """One view cannot get a depth map; the message names the file or reason. The view is left out."""
-
-
-# ---- paths and sizes -----------------------------------------------------------------------
+# ---- paths ---------------------------------------------------------------------------------------
 
 def raw_depth_path(ws: Workspace, image_name: str) -> Path:
     """Pass-1 (unfiltered) map of a view: ``OUT/depth/raw/<key>.npz``."""
@@ -81,399 +76,6 @@ def adopted_depth_path(ws: Workspace, image_name: str) -> Path:
     """Map of a view after cross-view candidates (pass 1b), before the filter: ``OUT/depth/adopted/<key>.npz``."""
     final = ws.depth_view(image_name)
     return final.parent.parent / "adopted" / final.name
-
-
-def prior_candidates(ws: Workspace, image_name: str) -> list[Path]:
-    """Files a user may supply as the prior of an image, in order, each as ``.npy`` then ``.png``:
-    ``depth_prior/<image name>`` (``a/b.jpg.npy``), the name without its extension (``a/b.npy``),
-    then the flat stem (``a__b.npy``)."""
-    no_ext = image_name.rsplit(".", 1)[0] if "." in Path(image_name).name else image_name
-    stems = dict.fromkeys([image_name, no_ext, view_stem(image_name)])
-    return [ws.depth_prior_dir / f"{stem}{ext}" for stem in stems for ext in (".npy", ".png")]
-
-
-def unambiguous_prior_candidates(ws: Workspace, names: Sequence[str]) -> dict[str, list[Path]]:
-    """:func:`prior_candidates` of every image, less the files two images would share (``a.npy`` for ``a.jpg``
-    and ``a.png``, see :func:`pipeline.core.io.claim_files`), so one photo's depth is never fused with another's colours."""
-    return claim_files({name: prior_candidates(ws, name) for name in names})
-
-
-def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) after downscaling so the longer side is at most ``max_side`` (never upscaled)."""
-    s = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
-    return max(1, round(width * s)), max(1, round(height * s))
-
-
-def working_intrinsics(view: View, size: tuple[int, int]) -> np.ndarray:
-    """``K`` of ``view`` at working size (width, height) (COLMAP convention: exact)."""
-    return scale_intrinsics(view.K, size[0] / view.width, size[1] / view.height)
-
-
-# ---- neighbours and depth range -------------------------------------------------------------------
-
-def select_neighbors(scene: SfmScene, k: int, good_angle_deg: float, max_angle_deg: float) -> list[list[int]]:
-    """Per view, up to ``k`` neighbour indices, best first.
-
-    Score of ``j`` for reference ``i``: shared sparse points × min(1, θ / good_angle)
-    where θ is the median triangulation angle of those points seen from the two
-    camera centres; views sharing no point, or with θ > ``max_angle_deg``, are out.
-    Only the ``4k`` most co-visible views are scored (the angle weight is ≤ 1).
-    """
-    covis = scene.covisibility()
-    centers = np.stack([v.center for v in scene.views]) if scene.views else np.zeros((0, 3))
-    out = []
-    for i, vi in enumerate(scene.views):
-        scores = []
-        # Angles only for the most co-visible candidates (the angle weight is at most 1).
-        order = [j for j in np.argsort(-covis[i], kind="stable") if j != i and covis[i, j] > 0][: 4 * k]
-        for j in order:
-            shared = np.intersect1d(vi.point_ids, scene.views[j].point_ids, assume_unique=True)
-            X = scene.points[shared]
-            a = X - centers[i]
-            b = X - centers[j]
-            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-            theta = float(np.degrees(np.median(np.arccos(np.clip(cos, -1.0, 1.0)))))
-            if theta > max_angle_deg or theta <= 0:
-                continue
-            scores.append((len(shared) * min(1.0, theta / max(good_angle_deg, 1e-9)), int(j)))
-        scores.sort(key=lambda s: (-s[0], s[1]))
-        out.append([j for _, j in scores[:k]])
-    return out
-
-
-def depth_range(scene: SfmScene, view: View, percentile: float, margin: float) -> tuple[float, float]:
-    """(near, far) of the sweep from the depths of the sparse points ``view`` sees.
-
-    Raises:
-        ViewFailure: the view sees no sparse point in front of it.
-    """
-    ids = view.point_ids
-    X = scene.points[ids] if len(ids) else np.zeros((0, 3))
-    z = X @ view.cam_from_world[2, :3] + view.cam_from_world[2, 3]
-    z = z[np.isfinite(z) & (z > 0)]
-    if len(z) < 2:
-        raise ViewFailure(f"{view.name}: sees {len(z)} sparse point(s) in front of the camera; cannot set a depth range")
-    near, far = np.percentile(z, [percentile, 100.0 - percentile])
-    return float(near / (1.0 + margin)), float(max(far, near * 1.01) * (1.0 + margin))
-
-
-def fit_scene_planes(points: np.ndarray, max_planes: int, distance_fraction: float, min_inlier_fraction: float,
-                     seed: int = 0) -> list[np.ndarray]:
-    """Dominant planes of the sparse points: up to ``max_planes`` ``(n, d)`` (4,) with ``n·X + d = 0``, ``|n| = 1``.
-
-    Sequential RANSAC (Open3D ``segment_plane``): fit, remove the inliers,
-    repeat. The inlier distance is ``distance_fraction`` × the diagonal of the
-    points' 2-98 percentile box; a plane is kept only when at least
-    ``min_inlier_fraction`` of all the points lie on it. Each RANSAC plane is
-    then refitted by least squares to its inliers until they stop changing:
-    RANSAC's multithreaded sampling differs with the thread count, the
-    refitted plane does not (the depth maps must not depend on how many
-    threads a worker has).
-    """
-    if max_planes <= 0 or len(points) < 50:
-        return []
-    points = np.asarray(points, dtype=np.float64)
-    lo, hi = np.percentile(points, [2, 98], axis=0)
-    distance = distance_fraction * float(np.linalg.norm(hi - lo))
-    if distance <= 0:
-        return []
-    import open3d as o3d  # here, not at import: the stage's other passes (and a GPU machine without Open3D) do not need it
-
-    o3d.utility.random.seed(seed)
-    remaining = points
-    planes = []
-    for _ in range(max_planes):
-        if len(remaining) < max(3, min_inlier_fraction * len(points)):
-            break
-        cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(remaining))
-        model, _ = cloud.segment_plane(distance_threshold=distance, ransac_n=3, num_iterations=1000)
-        plane, inliers = refit_plane(remaining, np.asarray(model, dtype=np.float64), distance)
-        if inliers.sum() < min_inlier_fraction * len(points):
-            break
-        planes.append(plane)
-        remaining = remaining[~inliers]
-    return planes
-
-
-def refit_plane(points: np.ndarray, plane: np.ndarray, distance: float, max_iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares plane (4,) through the points within ``distance`` of ``plane``, repeated until the inliers settle.
-
-    Returns the plane (unit normal, sign fixed so that its largest component is positive) and the inlier mask (N,).
-    """
-    plane = plane / np.linalg.norm(plane[:3])
-    inliers = np.abs(points @ plane[:3] + plane[3]) < distance
-    for _ in range(max_iterations):
-        if inliers.sum() < 3:
-            break
-        centroid = points[inliers].mean(axis=0)
-        normal = np.linalg.svd(points[inliers] - centroid, full_matrices=False)[2][2]
-        normal = normal * np.sign(normal[np.argmax(np.abs(normal))])
-        plane = np.concatenate([normal, [-normal @ centroid]])
-        updated = np.abs(points @ plane[:3] + plane[3]) < distance
-        if np.array_equal(updated, inliers):
-            break
-        inliers = updated
-    return plane, inliers
-
-
-def plane_in_camera(plane_world: np.ndarray, cam_from_world: np.ndarray) -> np.ndarray:
-    """The plane ``(n, d)`` (``n·X + d = 0``, world frame) in the frame of the camera ``cam_from_world`` (4x4)."""
-    R, t = cam_from_world[:3, :3], cam_from_world[:3, 3]
-    n_cam = R @ plane_world[:3]
-    return np.concatenate([n_cam, [plane_world[3] - n_cam @ t]])
-
-
-def sparse_in_view(scene: SfmScene, view: View, K: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates (N, 2) at working size and depths (N,) of the sparse points ``view`` observes."""
-    X = scene.points[view.point_ids] if len(view.point_ids) else np.zeros((0, 3))
-    uv, z, ok = anchoring.project_points(X, K, view.cam_from_world, size[1], size[0])
-    return uv[ok], z[ok]
-
-
-# ---- images ---------------------------------------------------------------------------------------
-
-class _LRU:
-    """A small least-recently-used cache (bounded memory while streaming views)."""
-
-    def __init__(self, capacity: int, load: Callable[[int], Any]):
-        self.capacity = max(1, capacity)
-        self.load = load
-        self.items: OrderedDict[int, Any] = OrderedDict()
-
-    def get(self, key: int) -> Any:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        value = self.load(key)
-        self.items[key] = value
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
-        return value
-
-
-def load_image_tensor(view: View, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """RGB (1, 3, h, w) float32 in [0, 1] at working size (width, height) = ``size``."""
-    rgb = load_rgb(view.image_path)
-    t = torch.from_numpy(np.array(rgb, copy=True)).to(device=device, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
-    return mvs.resize_image(t, size[1], size[0])
-
-
-# ---- estimators ------------------------------------------------------------------------------------
-
-@dataclass
-class Estimate:
-    """A raw map of one view before anchoring."""
-
-    values: np.ndarray
-    """(H, W) float32 depth or inverse depth (``domain``)."""
-    valid: np.ndarray
-    """(H, W) bool."""
-    confidence: np.ndarray
-    """(H, W) float32 in [0, 1]."""
-    K: np.ndarray
-    """3x3 at (H, W)."""
-    domain: str
-    affine: bool
-    stats: dict = field(default_factory=dict)
-
-
-class Estimator(Protocol):
-    def estimate(self, index: int) -> Estimate:
-        """Raw map of view ``index``; raises :class:`ViewFailure` when it cannot."""
-        ...
-
-
-class MvsEstimator:
-    """Plane-sweep stereo against co-visible neighbours (:func:`pipeline.depth.plane_sweep.estimate_depth`)."""
-
-    def __init__(self, scene: SfmScene, cfg: DepthConfig, device: torch.device):
-        check_section(cfg, "depth")
-        self.scene = scene
-        self.cfg = cfg
-        self.device = device
-        self.neighbors = select_neighbors(scene, cfg.num_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
-        self.sizes = [working_size(v.width, v.height, cfg.max_image_side) for v in scene.views]
-        self.planes = fit_scene_planes(scene.points, cfg.plane_candidates, cfg.plane_distance, cfg.plane_min_inliers)
-        self.images = _LRU(cfg.cache_images, lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
-        self.settings = mvs.SweepSettings(
-            num_hypotheses=cfg.num_hypotheses, levels=cfg.pyramid_levels, refine_hypotheses=cfg.refine_hypotheses,
-            refine_radius=cfg.refine_radius, edge_radius=cfg.edge_radius, propagation_shifts=tuple(cfg.propagation_shifts), polish_hypotheses=cfg.polish_hypotheses, polish_iterations=cfg.polish_iterations,
-            smooth_radius=cfg.smooth_radius, offset_penalty=cfg.offset_penalty, window=cfg.ncc_window, plane_max_gap=cfg.plane_max_gap, best_k=cfg.best_k, truncation=cfg.cost_truncation, min_ncc=cfg.min_ncc,
-            chunk_pixels=max(1, cfg.chunk_pixels),
-        )
-
-    def sources(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Matching neighbours of view ``index``: (grayscale images, working intrinsics, ``src_from_ref`` poses)."""
-        view = self.scene.views[index]
-        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
-        src_images, K_srcs, poses = [], [], []
-        for j in self.neighbors[index]:
-            vj = self.scene.views[j]
-            src_images.append(self.images.get(j))
-            K_srcs.append(t(working_intrinsics(vj, self.sizes[j])))
-            poses.append(t(vj.cam_from_world @ invert_pose(view.cam_from_world)))
-        return src_images, K_srcs, poses
-
-    def estimate(self, index: int) -> Estimate:
-        view = self.scene.views[index]
-        nbrs = self.neighbors[index]
-        if not nbrs:
-            raise ViewFailure(f"{view.name}: no neighbour view shares sparse points at a usable triangulation angle")
-        near, far = depth_range(self.scene, view, self.cfg.range_percentile, self.cfg.range_margin)
-        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
-        K_ref = working_intrinsics(view, self.sizes[index])
-        src_images, K_srcs, poses = self.sources(index)
-        ref = self.images.get(index)
-        planes_cam = [t(plane_in_camera(plane, view.cam_from_world)) for plane in self.planes]
-
-        def sweep(chunk_pixels: int, device: torch.device) -> mvs.SweepResult:
-            to = lambda x: x.to(device)  # noqa: E731
-            settings = dataclasses.replace(self.settings, chunk_pixels=chunk_pixels)
-            with torch.no_grad():
-                return mvs.estimate_depth(to(ref), to(t(K_ref)), [to(x) for x in src_images], [to(x) for x in K_srcs],
-                                          [to(x) for x in poses], near, far, settings, planes_cam=[to(x) for x in planes_cam])
-
-        # chunk_pixels only bounds memory (same result): on out-of-memory, smaller chunks, then the CPU.
-        res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device, what=f"depth of {view.name}",
-                                     setting="depth.chunk_pixels", min_batch=min(self.settings.chunk_pixels, 1 << 14)).value
-        valid = res.valid.cpu().numpy()
-        stats = {
-            "near": near,
-            "far": far,
-            "neighbors": [self.scene.views[j].name for j in nbrs],
-            "mean_ncc": float(res.ncc[res.valid].mean()) if bool(res.valid.any()) else 0.0,
-        }
-        return Estimate(values=res.depth.cpu().numpy(), valid=valid, confidence=res.confidence.cpu().numpy(), K=K_ref,
-                        domain=anchoring.DEPTH, affine=False, stats=stats)
-
-
-def read_prior_file(path: Path) -> np.ndarray:
-    """A prior map as float64 (H, W): ``.npy`` (float, (H, W) or with a singleton axis) or 16-bit ``.png``.
-
-    Raises:
-        ViewFailure: unreadable, not 2-D, or holds NaN/inf.
-    """
-    try:
-        if path.suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as im:
-                if im.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
-                    raise ViewFailure(f"{path}: PNG priors must be 16-bit single-channel (got mode {im.mode})")
-                arr = np.asarray(im)
-    except ViewFailure:
-        raise
-    except (OSError, ValueError) as exc:
-        raise ViewFailure(f"{path}: cannot read the prior ({exc})") from exc
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "fiu":
-        raise ViewFailure(f"{path}: the prior must hold numbers (dtype {arr.dtype})")
-    arr = np.squeeze(arr)
-    if arr.ndim != 2:
-        raise ViewFailure(f"{path}: the prior has shape {np.shape(arr)}; expected (H, W)")
-    arr = arr.astype(np.float64)
-    bad = int((~np.isfinite(arr)).sum())
-    if bad:
-        raise ViewFailure(f"{path}: the prior holds {bad} NaN/inf value(s); write 0 for unknown pixels")
-    return arr
-
-
-def resize_map(values_hw: np.ndarray, valid_hw: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear resize of a map with a validity mask to (width, height); a pixel stays valid only if all its taps were."""
-    w, h = size
-    if values_hw.shape == (h, w):
-        return values_hw.astype(np.float32), valid_hw.astype(bool)
-    v = torch.from_numpy(np.where(valid_hw, values_hw, 0.0).astype(np.float32))[None, None]
-    m = torch.from_numpy(valid_hw.astype(np.float32))[None, None]
-    vr = F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-    mr = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-    ok = mr > 0.999
-    return np.where(ok, vr / np.maximum(mr, 1e-6), 0.0).astype(np.float32), ok
-
-
-def _check_aspect(shape_hw: tuple[int, int], view: View, what: str) -> None:
-    h, w = shape_hw
-    if abs(w / h - view.width / view.height) > 0.01 * view.width / view.height:
-        raise ViewFailure(f"{what}: shape {h}x{w} (HxW) does not match the image {view.name} ({view.height}x{view.width}); "
-                          "supply a map of the image's size or aspect ratio")
-
-
-class PriorEstimator:
-    """User-supplied maps ``SCENE_DIR/depth_prior/<image name or stem>.npy|.png`` (see :func:`prior_candidates`)."""
-
-    def __init__(self, scene: SfmScene, ws: Workspace, cfg: DepthConfig):
-        self.scene, self.ws, self.cfg = scene, ws, cfg
-        if not ws.depth_prior_dir.is_dir():
-            raise ReconError(f"{ws.depth_prior_dir}: folder of depth priors not found; add <image stem>.npy files there or set depth.estimator=mvs")
-        self.candidates = unambiguous_prior_candidates(ws, [v.name for v in scene.views])
-
-    def estimate(self, index: int) -> Estimate:
-        view = self.scene.views[index]
-        path = next((p for p in self.candidates[view.name] if p.is_file()), None)
-        if path is None:
-            shared = [p for p in prior_candidates(self.ws, view.name) if p.is_file() and p not in self.candidates[view.name]]
-            if shared:
-                raise ViewFailure(f"{shared[0]}: this prior fits more than one image ({view.name} among them); "
-                                  f"name it {self.ws.depth_prior_dir / view.name}.npy")
-            flat = self.ws.depth_prior_dir / view_stem(view.name)
-            raise ViewFailure(f"{flat}.npy: no prior for image {view.name} (.npy or 16-bit .png, named {view_stem(view.name)}, "
-                              f"or {view.name} plus the suffix)")
-        arr = read_prior_file(path)
-        _check_aspect(arr.shape, view, str(path))
-        size = working_size(view.width, view.height, self.cfg.max_image_side)
-        values, valid = resize_map(arr, arr > 0, size)
-        return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32), K=working_intrinsics(view, size),
-                        domain=self.cfg.prior_kind.value, affine=self.cfg.prior_affine, stats={"source": str(path)})
-
-
-class TorchScriptEstimator:
-    """A TorchScript model: RGB (1, 3, H, W) in [0, 1] → depth or inverse depth."""
-
-    def __init__(self, scene: SfmScene, cfg: DepthConfig, device: torch.device):
-        self.scene, self.cfg, self.device = scene, cfg, device
-        path = Path(cfg.torchscript_path).expanduser()
-        if not cfg.torchscript_path or not path.is_file():
-            raise ReconError(f"{path if cfg.torchscript_path else '(empty)'}: TorchScript model not found; set depth.torchscript_path to a model file")
-        try:
-            with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it is what this estimator reads
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.model = torch.jit.load(str(path), map_location=device).eval()
-        except (RuntimeError, ValueError) as exc:
-            raise ReconError(f"{path}: not a TorchScript model ({str(exc).splitlines()[0]}); export one with torch.jit.script/trace and save()") from exc
-        self.path = path
-
-    def estimate(self, index: int) -> Estimate:
-        view = self.scene.views[index]
-        size = working_size(view.width, view.height, self.cfg.max_image_side)
-        image = load_image_tensor(view, size, self.device)
-        try:
-            with torch.no_grad():
-                out = self.model(image)
-        except Exception as exc:  # a user model can raise anything
-            raise ViewFailure(f"{self.path}: the model failed on {view.name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-        if not isinstance(out, torch.Tensor):
-            raise ViewFailure(f"{self.path}: the model returned {type(out).__name__} for {view.name}; expected a tensor")
-        arr = out.detach().float().cpu().numpy()
-        arr = np.squeeze(arr)
-        if arr.ndim != 2:
-            raise ViewFailure(f"{self.path}: output of shape {tuple(out.shape)} for {view.name}; expected (1, 1, H, W), (1, H, W) or (H, W)")
-        bad = int((~np.isfinite(arr)).sum())
-        if bad:
-            raise ViewFailure(f"{self.path}: output for {view.name} holds {bad} NaN/inf value(s)")
-        _check_aspect(arr.shape, view, f"{self.path} output")
-        values, valid = resize_map(arr.astype(np.float64), arr > 0, size)
-        return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32), K=working_intrinsics(view, size),
-                        domain=self.cfg.prior_kind.value, affine=self.cfg.prior_affine, stats={"source": str(self.path)})
-
-
-def make_estimator(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device) -> Estimator:
-    if cfg.estimator == DepthEstimator.mvs:
-        return MvsEstimator(scene, cfg, device)
-    if cfg.estimator == DepthEstimator.prior:
-        return PriorEstimator(scene, ws, cfg)
-    if cfg.estimator == DepthEstimator.torchscript:
-        return TorchScriptEstimator(scene, cfg, device)
-    raise ReconError(f"depth.estimator: unknown estimator {cfg.estimator!r}")
 
 
 # ---- anchoring --------------------------------------------------------------------------------------
@@ -657,7 +259,7 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar:
 
 def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device, bar: BarFactory,
                      out_path: Callable[[str], Path]) -> None:
-    """Pass 1b: raw maps → maps that also tried the neighbours' surfaces (:func:`pipeline.depth.plane_sweep.adopt_candidates`).
+    """Pass 1b: raw maps → maps that also tried the neighbours' surfaces (:func:`pipeline.depth.consistency.adopt_candidates`).
 
     Candidates come from the ``geo_neighbors`` views' raw maps splatted into
     the view; the matching cost uses the view's usual matching neighbours.
@@ -670,7 +272,7 @@ def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: t
     if not todo:
         return
     estimator = MvsEstimator(scene, cfg, device)
-    geo_neighbors = select_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+    geo_neighbors = stereo_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
     maps = _LRU(cfg.cache_images, lambda i: load_depth_map(raw_depth_path(ws, names[i])))
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     with bar(desc="cross-view candidates", total=len(todo), unit="view") as pbar:
@@ -682,9 +284,9 @@ def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: t
                 for j in geo_neighbors[i]:
                     if have_raw[j]:
                         dj = maps.get(j)
-                        candidates.append(mvs.splat_depth(t(dj.depth), t(dj.K), t(dm.K), t(dm.cam_from_world @ invert_pose(dj.cam_from_world)), h, w))
+                        candidates.append(consistency.splat_depth(t(dj.depth), t(dj.K), t(dm.K), t(dm.cam_from_world @ invert_pose(dj.cam_from_world)), h, w))
                 src_images, K_srcs, poses = estimator.sources(i)
-                depth, ncc, adopted = mvs.adopt_candidates(estimator.images.get(i), t(dm.K), src_images, K_srcs, poses,
+                depth, ncc, adopted = consistency.adopt_candidates(estimator.images.get(i), t(dm.K), src_images, K_srcs, poses,
                                                            t(dm.depth), candidates, estimator.settings)
             valid = (depth > 0).cpu().numpy()
             confidence = np.where(valid, np.minimum(dm.confidence, ncc.clamp(0.0, 1.0).cpu().numpy()), 0.0).astype(np.float32)
@@ -703,7 +305,7 @@ def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, dev
     """Pass 2: raw maps → filtered maps (``ws.depth_view``), skipping views already filtered."""
     names = [v.name for v in scene.views]
     have_raw = [filter_input_path(ws, cfg, n).exists() for n in names]
-    geo_neighbors = select_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+    geo_neighbors = stereo_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
     todo = [i for i, n in enumerate(names) if have_raw[i] and not ws.depth_view(n).exists()]
     if not todo:
         return
@@ -718,7 +320,7 @@ def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, dev
                 dj = maps.get(j)
                 neighbours.append((t(dj.depth), t(dj.K), t(dj.cam_from_world @ invert_pose(dm.cam_from_world))))
             with torch.no_grad():
-                cons = mvs.geometric_consistency(t(dm.depth), t(dm.K), neighbours, cfg.geo_max_reproj_px, cfg.geo_max_rel_depth,
+                cons = consistency.geometric_consistency(t(dm.depth), t(dm.K), neighbours, cfg.geo_max_reproj_px, cfg.geo_max_rel_depth,
                                                  cfg.geo_free_space_margin)
             agreed = (cons.count >= cfg.geo_min_consistent).cpu().numpy()
             unverified = ((cons.count == 0) & (cons.violations == 0)).cpu().numpy() & (dm.confidence >= cfg.geo_unverified_min_confidence)

@@ -41,18 +41,18 @@ def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
 
     ``depths`` are (H, W) maps (0 where invalid), ``Ks`` their intrinsics, each
     indexed by view (every view, or a mapping holding at least ``index`` and
-    ``neighbors``); agreement is :func:`pipeline.depth.plane_sweep.geometric_consistency`
+    ``neighbors``); agreement is :func:`pipeline.depth.consistency.geometric_consistency`
     (forward-backward reprojection within ``reproj_px`` pixels and ``rel_depth``
     relative depth).
     """
-    from pipeline.depth import plane_sweep as mvs
+    from pipeline.depth.consistency import geometric_consistency
     from pipeline.core.geometry import invert_pose
 
     world_from_ref = invert_pose(cam_from_world[index])
     others = [(depths[j], Ks[j], torch.as_tensor(cam_from_world[j] @ world_from_ref, dtype=torch.float32, device=depths[j].device))
               for j in neighbors]
     with torch.no_grad():
-        cons = mvs.geometric_consistency(depths[index], Ks[index], others, reproj_px, rel_depth)
+        cons = geometric_consistency(depths[index], Ks[index], others, reproj_px, rel_depth)
     return cons.count.cpu().numpy()
 
 
@@ -163,7 +163,7 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
     the depth stage checked, or at every pixel of a map it did not check
     (a prior); restored candidates of other views are never evidence.
     """
-    from pipeline.depth import plane_sweep as mvs
+    from pipeline.depth.consistency import geometric_consistency
     from pipeline.core.geometry import invert_pose
 
     neighbors = covisible_neighbors(views, cfg.accept_neighbors)
@@ -205,7 +205,7 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
         pose_i = entries[i][3]
         others = [(entries[j][which], entries[j][2], t(entries[j][3] @ invert_pose(pose_i))) for j in nb]
         with torch.no_grad():
-            c = mvs.geometric_consistency(t(depth), entries[i][2], others, cfg.accept_reproj_px, cfg.accept_rel_depth, cfg.accept_free_space_margin)
+            c = geometric_consistency(t(depth), entries[i][2], others, cfg.accept_reproj_px, cfg.accept_rel_depth, cfg.accept_free_space_margin)
         return c.count.cpu().numpy(), c.violations.cpu().numpy()
 
     stats: dict[str, dict[str, Any]] = {}
