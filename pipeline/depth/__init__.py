@@ -5,17 +5,12 @@
 
 from __future__ import annotations
 
-import importlib
-
+from pipeline.core.lazy import lazy_attributes
 from pipeline.depth.config import DepthConfig
 
-__all__ = ['DepthConfig', 'run', 'compute_depth_maps']
+__all__ = ["DepthConfig", "run", "compute_depth_maps"]
 
-_LAZY = {'run': 'pipeline.depth.stage', 'compute_depth_maps': 'pipeline.depth.stage'}
+_LAZY = {"run": "pipeline.depth.stage", "compute_depth_maps": "pipeline.depth.stage"}
 
-
-def __getattr__(name: str):
-    """The heavy names (``run``, ``compute_depth_maps``) are imported on first use, so loading the config stays light."""
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
+"""``run`` and the core function are imported on first use, so loading the config stays light."""
