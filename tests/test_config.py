@@ -225,3 +225,17 @@ def test_the_classic_camera_models_are_colmap_models():
     from pipeline.sfm.config import CLASSIC_CAMERA_MODELS, colmap_camera_models
 
     assert CLASSIC_CAMERA_MODELS <= set(colmap_camera_models())
+
+
+def test_stage_packages_expose_config_run_and_core_function():
+    """Each stage package's ``__init__`` gives its Config, ``run`` and its core function; unknown names fail."""
+    import importlib
+
+    expected = {"sfm": "map_once", "depth": "compute_depth_maps", "refine": "refine_depth_maps",
+                "fuse": "fuse_depth_maps", "export": "export_mesh_files"}
+    for name, core in expected.items():
+        package = importlib.import_module(f"pipeline.{name}")
+        assert callable(package.run) and callable(getattr(package, core))
+        assert set(package.__all__) == {f"{name.capitalize()}Config", "run", core}
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            package.nope
