@@ -2,7 +2,7 @@
 VENV ?= .venv
 SCENE ?= sample_scenes/blob
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -13,8 +13,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml .ci/install.sh
 demo: install
 	$(VENV)/bin/recon run $(SCENE)
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(VENV)/bin/python -m pytest -q
+
+# The inner loop: everything but the end-to-end runs (SfM, full pipeline).
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 bench: install
 	$(VENV)/bin/python bench/run_bench.py

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.core.cache import write_error
 from pipeline.config import PRESETS, ReconConfig, describe_settings, load_config
+from pipeline.core.cache import write_error
 from pipeline.core.errors import ReconError
 from pipeline.core.native_output import native_output_to
 from pipeline.core.output_folder import FORCE_FLAG, adopt_output_dir
-from pipeline.graph import STAGE_NAMES
 from pipeline.core.workspace import Workspace
+from pipeline.graph import STAGE_NAMES
 
 logger = logging.getLogger("recon")
 

@@ -75,9 +75,9 @@ def peak_rss_mib() -> float:
 
 def worker(scene_dir: Path, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Depth maps of one scene in this process; JSON-able timings and memory."""
+    from pipeline.core.workspace import Workspace
     from pipeline.depth.stage import compute_depth_maps
     from pipeline.synthetic.groundtruth import scene_from_ground_truth
-    from pipeline.core.workspace import Workspace
 
     cfg = parse_overrides(overrides)
     scene = scene_from_ground_truth(scene_dir)
@@ -103,11 +103,11 @@ def depth_errors(scene_dir: Path, out_dir: Path, which: str) -> dict[str, Any]:
     """Depth metrics of the cached maps (``which``: ``views`` = final, ``raw``) against GT depth (normalized frame)."""
     import torch
 
-    from pipeline.depth.stage import raw_depth_path
     from pipeline.analysis.evaluate import depth_metrics
-    from pipeline.synthetic.groundtruth import gt_depth_path, scene_from_ground_truth
     from pipeline.core.io import load_depth_map
     from pipeline.core.workspace import Workspace
+    from pipeline.depth.stage import raw_depth_path
+    from pipeline.synthetic.groundtruth import gt_depth_path, scene_from_ground_truth
 
     scene = scene_from_ground_truth(scene_dir)
     ws = Workspace.create(scene_dir, out_dir)
@@ -146,9 +146,9 @@ def depth_errors(scene_dir: Path, out_dir: Path, which: str) -> dict[str, Any]:
 
 def fuse_and_score(scene_dir: Path, out_dir: Path, max_points: int) -> dict[str, Any]:
     """Fuse the final maps with the fuse stage's defaults and score them like ``recon eval``."""
-    from pipeline.synthetic.groundtruth import scene_from_ground_truth
     from pipeline.core.io import load_depth_map
     from pipeline.core.workspace import Workspace
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
     scene = scene_from_ground_truth(scene_dir)
     ws = Workspace.create(scene_dir, out_dir)
@@ -163,10 +163,10 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
     """
     from pipeline.analysis.evaluate import evaluate_meshes
     from pipeline.analysis.metrics import GtViews
+    from pipeline.core.io import load_rgb
     from pipeline.fuse.config import FuseConfig
     from pipeline.fuse.stage import map_focal_scale, resolve_params
     from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps
-    from pipeline.core.io import load_rgb
 
     first = map_of(0)
     params = resolve_params(FuseConfig(), scene, map_focal_scale(first, views[0]))

@@ -46,10 +46,10 @@ MAPS_PER_FILE = 8
 
 def pack(out_dir: Path, pack_dir: Path) -> None:
     """Write ``pack_dir``: scene.pkl (views and sparse points), images/, planes.npy, alignment.json (if OUT was evaluated)."""
-    from pipeline.depth.stage import DepthConfig
-    from pipeline.depth.views import fit_scene_planes
     from pipeline.core.io import load_sfm_scene
     from pipeline.core.workspace import Workspace
+    from pipeline.depth.stage import DepthConfig
+    from pipeline.depth.views import fit_scene_planes
 
     ws = Workspace(scene_dir=out_dir, out_dir=out_dir)
     scene = load_sfm_scene(ws)
@@ -95,11 +95,11 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
     """Depth then refine on ``device_name``; writes timings.json and the maps to ``result_dir``."""
     import torch
 
+    from pipeline.core.io import load_depth_map, load_rgb
+    from pipeline.core.workspace import Workspace
     from pipeline.depth import estimators as depth_estimators
     from pipeline.depth.stage import DepthConfig, compute_depth_maps
-    from pipeline.core.io import load_depth_map, load_rgb
     from pipeline.refine.stage import RefineConfig, refine_depth_maps
-    from pipeline.core.workspace import Workspace
 
     scene, planes = load_pack(pack_dir)
     depth_estimators.fit_scene_planes = lambda *args, **kwargs: planes  # fitted at pack time (Open3D may be missing here)

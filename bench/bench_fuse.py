@@ -1,4 +1,4 @@
-"""Benchmark of the fuse stage: ground-truth depth → TSDF, the upper bound of SPEC.md.
+"""Benchmark of the fuse stage: ground-truth depth → TSDF, the upper bound of docs/conventions.md.
 
     python bench/bench_fuse.py                                   # blob, thin, knot: 24 views 480x360
     python bench/bench_fuse.py --shapes knot --set voxel_factor=1.5 --set trunc_voxels=5

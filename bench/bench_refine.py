@@ -49,19 +49,19 @@ def run_case(args: dict) -> dict:
     import torch
 
     from pipeline.core.geometry import default_device
-    from pipeline.synthetic.groundtruth import scene_from_ground_truth
     from pipeline.core.io import DepthMap, load_rgb
     from pipeline.refine.stage import RefineConfig, refine_depth_maps
     from pipeline.synthetic.corruptions import corrupt_depth, depth_error, ground_truth_depths
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
     scene_dir = Path(args["scene_dir"])
     scene = scene_from_ground_truth(scene_dir)
     gts = ground_truth_depths(scene_dir, scene.views, scene.normalized_from_sfm)
     if args["corruption"] == "real":
         # The depth stage's plane-sweep MVS on the true cameras (cached beside the scene).
-        from pipeline.depth.stage import DepthConfig, compute_depth_maps
         from pipeline.core.io import load_depth_map
         from pipeline.core.workspace import Workspace
+        from pipeline.depth.stage import DepthConfig, compute_depth_maps
 
         ws = Workspace.create(scene_dir, scene_dir / "recon_bench")
         compute_depth_maps(scene, ws, DepthConfig())

@@ -59,10 +59,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    from pipeline.synthetic.groundtruth import scene_from_ground_truth
     from pipeline.core.io import load_depth_map, load_rgb
-    from pipeline.refine.stage import RefineConfig, refine_depth_maps
     from pipeline.core.workspace import Workspace
+    from pipeline.refine.stage import RefineConfig, refine_depth_maps
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
     rows = []
     for shape in args.shapes:

@@ -42,6 +42,7 @@ INPUTS = ("mvs", "mild", "medium", "strong")
 
 def _depth_maps(scene_dir: Path, scene, work: Path, which: str, seed: int):
     """Run the depth stage for ``which`` input into ``work``; returns (Workspace, DepthConfig)."""
+    from pipeline.core.workspace import Workspace, view_stem
     from pipeline.depth.stage import (
         DepthConfig,
         DepthEstimator,
@@ -50,7 +51,6 @@ def _depth_maps(scene_dir: Path, scene, work: Path, which: str, seed: int):
     )
     from pipeline.synthetic.groundtruth import load_gt_depth
     from pipeline.synthetic.priors import STRENGTHS, monocular_prior
-    from pipeline.core.workspace import Workspace, view_stem
 
     shutil.rmtree(work, ignore_errors=True)
     if which == "mvs":
@@ -79,10 +79,10 @@ def run_case(scene_dir: Path, work: Path, which: str, seed: int, overrides: list
     from bench_depth import score_maps
 
     from pipeline.config import load_config
-    from pipeline.depth.stage import filter_input_path
-    from pipeline.synthetic.groundtruth import scene_from_ground_truth
     from pipeline.core.io import load_depth_map, load_rgb
+    from pipeline.depth.stage import filter_input_path
     from pipeline.refine.stage import refine_depth_maps
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
     scene = scene_from_ground_truth(scene_dir)
     ws, depth_cfg = _depth_maps(scene_dir, scene, work, which, seed)

@@ -51,16 +51,16 @@ from scipy.ndimage import maximum_filter, minimum_filter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.depth.stage import adopted_depth_path  # noqa: E402
-from pipeline.core.errors import ReconError  # noqa: E402
 from pipeline.analysis.alignment import align_to_gt_cameras, read_colmap_poses  # noqa: E402
 from pipeline.analysis.evaluate import depth_error_image, evaluate_meshes, resolve_ground_truth  # noqa: E402
 from pipeline.analysis.metrics import GtViews  # noqa: E402
-from pipeline.fuse.stage import map_focal_scale, resolve_params  # noqa: E402
-from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.core.errors import ReconError  # noqa: E402
 from pipeline.core.io import DepthMap, load_depth_map, load_rgb, load_sfm_scene  # noqa: E402
 from pipeline.core.workspace import Workspace  # noqa: E402
+from pipeline.depth.stage import adopted_depth_path  # noqa: E402
+from pipeline.fuse.stage import map_focal_scale, resolve_params  # noqa: E402
+from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps  # noqa: E402
 
 EDGE_JUMP = 0.05
 """A pixel is at a depth edge when its 7x7 neighbourhood spans a relative depth jump above this."""

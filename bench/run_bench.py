@@ -23,7 +23,7 @@ from the cache), so every stage gets its own wall time and peak RSS:
   towards the cameras that see each point): what SfM alone gives;
 * ``gt-depth`` — the ground-truth depth maps fused in-process by the fuse stage's
   own code (``pipeline.synthetic.fusion.fuse_ground_truth``, same settings as the
-  runs): the upper bound of SPEC.md.
+  runs): the upper bound of docs/conventions.md.
 
 Real photo sets (``--real``; no GT): stage times, peak RSS, registered images
 and mesh size. A set whose photos carry no focal length in EXIF but that ships
@@ -55,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.analysis.evaluate import evaluate_reconstruction
 from pipeline.core.cache import write_json_atomic
 from pipeline.core.errors import ReconError
-from pipeline.analysis.evaluate import evaluate_reconstruction
 from pipeline.graph import STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]

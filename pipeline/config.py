@@ -25,13 +25,20 @@ from typing import Any
 
 import yaml
 
-from pipeline.depth.config import DepthConfig
 from pipeline.core.errors import ConfigError
+from pipeline.core.settings import (
+    coerce,
+    field_check,
+    field_help,
+    resolved_hints,
+    section_problems,
+    to_plain,
+    type_name,
+)
+from pipeline.depth.config import DepthConfig
 from pipeline.export.config import ExportConfig
 from pipeline.fuse.config import FuseConfig
 from pipeline.refine.config import RefineConfig
-from pipeline.core.settings import coerce, field_check, field_help, resolved_hints, section_problems, to_plain
-from pipeline.core.settings import type_name
 from pipeline.sfm.config import SfmConfig
 
 

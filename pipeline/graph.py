@@ -7,17 +7,16 @@ settings, a forced re-run that produced different files) flows downstream.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import importlib
-
-from pipeline.core.cache import fingerprint
 from pipeline.config import ReconConfig
-from pipeline.core.settings import fingerprint_fields
+from pipeline.core.cache import fingerprint
 from pipeline.core.context import StageContext
+from pipeline.core.settings import fingerprint_fields
 from pipeline.core.workspace import Workspace
 
 

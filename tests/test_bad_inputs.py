@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.core.workspace import view_key
 from pipeline.synthetic.groundtruth import load_gt_cameras, load_gt_depth, write_gt_model
 from pipeline.synthetic.render import render_scene
-from pipeline.core.workspace import view_key
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30"]

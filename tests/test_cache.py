@@ -5,7 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.cache import atomic_dir, atomic_path, checksum_tree, fingerprint, read_npz, write_json_atomic, write_npz_atomic
+from pipeline.core.cache import (
+    atomic_dir,
+    atomic_path,
+    checksum_tree,
+    fingerprint,
+    read_npz,
+    write_json_atomic,
+    write_npz_atomic,
+)
 from pipeline.core.errors import ReconError
 from pipeline.core.io import DepthMap, load_depth_map, save_depth_map
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipeline.depth import anchoring
-from pipeline.depth import consistency
+from pipeline.core.errors import ReconError
+from pipeline.core.geometry import pixel_grid
+from pipeline.core.io import load_depth_map
+from pipeline.core.workspace import Workspace, view_stem
+from pipeline.depth import anchoring, consistency
 from pipeline.depth import plane_sweep as mvs
 from pipeline.depth.stage import (
     DepthConfig,
@@ -27,11 +31,7 @@ from pipeline.depth.views import (
     stereo_neighbors,
     working_size,
 )
-from pipeline.core.errors import ReconError
-from pipeline.core.geometry import pixel_grid
 from pipeline.synthetic.groundtruth import gt_depth_path, scene_from_ground_truth
-from pipeline.core.io import load_depth_map
-from pipeline.core.workspace import Workspace, view_stem
 
 # ---- plane-sweep maths ---------------------------------------------------------------------------
 
@@ -556,9 +556,9 @@ def test_torchscript_errors(scene_dir, scene, tmp_path, caplog):
 
 
 def test_stage_run_writes_summary(scene_dir, scene, tmp_path, monkeypatch):
-    from pipeline.depth import stage as depth
     from pipeline.config import ReconConfig
     from pipeline.core.context import StageContext
+    from pipeline.depth import stage as depth
 
     ws = Workspace(scene_dir=scene_dir, out_dir=tmp_path / "out")
     cfg = ReconConfig()

@@ -7,7 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.analysis.diagnose import cameras_facing_scene_fraction, depth_stats, points_in_front_fraction, refine_gate_checks, reprojection_errors
+from pipeline.analysis.diagnose import (
+    cameras_facing_scene_fraction,
+    depth_stats,
+    points_in_front_fraction,
+    refine_gate_checks,
+    reprojection_errors,
+)
 from pipeline.core.geometry import invert_pose
 from pipeline.synthetic.groundtruth import scene_from_ground_truth
 from pipeline.synthetic.render import render_scene

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import graph as stages
-from pipeline.core.cache import run_lock, write_json_atomic
 from pipeline.config import load_config
-from pipeline.core.errors import LockedError, ReconError
+from pipeline.core.cache import run_lock, write_json_atomic
 from pipeline.core.context import StageContext
+from pipeline.core.errors import LockedError, ReconError
 from pipeline.core.workspace import Workspace
 from workflows.local import pipeline_status, run_pipeline
 

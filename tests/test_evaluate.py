@@ -10,10 +10,17 @@ import numpy as np
 import open3d as o3d
 import pytest
 
-from pipeline.core.errors import ReconError
 from pipeline.analysis.alignment import align_from_cameras
-from pipeline.analysis.evaluate import depth_error_image, depth_metrics, depth_pairs, evaluate_meshes, evaluate_reconstruction, format_summary
+from pipeline.analysis.evaluate import (
+    depth_error_image,
+    depth_metrics,
+    depth_pairs,
+    evaluate_meshes,
+    evaluate_reconstruction,
+    format_summary,
+)
 from pipeline.analysis.metrics import Mesh, sample_depth
+from pipeline.core.errors import ReconError
 from pipeline.core.geometry import scale_intrinsics, transform_pose_by_similarity, umeyama
 
 FAST = dict(max_points=60_000)
@@ -255,9 +262,9 @@ def rendered(tmp_path_factory) -> Path:
 def perfect_out(rendered, tmp_path_factory) -> Path:
     """A recon output in the normalized frame whose mesh, cameras and depth maps are the ground truth,
     except: 2 of the 8 cameras moved far away, and the refined maps 2 % too deep."""
-    from pipeline.synthetic.groundtruth import scene_from_ground_truth
     from pipeline.core.io import DepthMap, save_depth_map
     from pipeline.core.workspace import Workspace
+    from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
     scene = scene_from_ground_truth(rendered, n_points=500)
     s_n = scene.normalized_from_sfm[0, 0]

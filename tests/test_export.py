@@ -18,14 +18,14 @@ import pytest
 import trimesh
 from scipy.spatial import cKDTree
 
-from pipeline.export import stage as export
-from pipeline.core.cache import write_json_atomic
 from pipeline.config import ReconConfig, load_config
-from pipeline.core.errors import ReconError
-from pipeline.export.stage import ExportFrame, MeshFormat, export_mesh_files, export_outputs, invert_similarity
-from pipeline.core.geometry import similarity_matrix
+from pipeline.core.cache import write_json_atomic
 from pipeline.core.context import StageContext
+from pipeline.core.errors import ReconError
+from pipeline.core.geometry import similarity_matrix
 from pipeline.core.workspace import Workspace
+from pipeline.export import stage as export
+from pipeline.export.stage import ExportFrame, MeshFormat, export_mesh_files, export_outputs, invert_similarity
 
 
 def rotation(seed: int) -> np.ndarray:

@@ -31,9 +31,9 @@ import trimesh
 
 from pipeline.core.cache import FAULT_KILL_ENV, FAULT_TRACE_ENV, file_checksum
 from pipeline.core.errors import ReconError
-from pipeline.synthetic.groundtruth import write_gt_model
 from pipeline.core.oom import call_with_oom_fallback, is_out_of_memory
 from pipeline.graph import STAGE_NAMES
+from pipeline.synthetic.groundtruth import write_gt_model
 from pipeline.synthetic.render import render_scene
 
 REPO = Path(__file__).resolve().parents[1]

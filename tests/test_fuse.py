@@ -16,21 +16,21 @@ import open3d as o3d
 import pytest
 from PIL import Image
 
-from pipeline.fuse import stage as fuse
-from pipeline.fuse import tsdf
-from pipeline.config import ReconConfig
-from pipeline.core.errors import ReconError
 from pipeline.analysis.evaluate import evaluate_meshes
 from pipeline.analysis.metrics import GtViews, Mesh
+from pipeline.config import ReconConfig
+from pipeline.core.context import StageContext
+from pipeline.core.errors import ReconError
+from pipeline.core.io import DepthMap, save_depth_map
+from pipeline.core.workspace import Workspace
+from pipeline.fuse import stage as fuse
+from pipeline.fuse import tsdf
 from pipeline.fuse.clean import clean_mesh, remove_vertices, visibility_outliers, visibility_votes
 from pipeline.fuse.config import FuseConfig
 from pipeline.fuse.stage import check_poses, resolve_params
 from pipeline.fuse.tsdf import FusionParams, fuse_depth_maps, fusion_depth, resize_rgb
 from pipeline.synthetic.fusion import fuse_ground_truth, ground_truth_frames
 from pipeline.synthetic.groundtruth import gt_depth_path, scene_from_ground_truth
-from pipeline.core.io import DepthMap, save_depth_map
-from pipeline.core.context import StageContext
-from pipeline.core.workspace import Workspace
 
 EVAL_POINTS = 100_000
 

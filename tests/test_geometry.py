@@ -5,8 +5,18 @@ import pytest
 import torch
 
 from pipeline.core.geometry import (
-    backproject, camera_center, invert_pose, normalizing_similarity, pixel_grid, project, sample_image,
-    scale_intrinsics, to_grid_coords, transform_points, transform_pose_by_similarity, umeyama,
+    backproject,
+    camera_center,
+    invert_pose,
+    normalizing_similarity,
+    pixel_grid,
+    project,
+    sample_image,
+    scale_intrinsics,
+    to_grid_coords,
+    transform_points,
+    transform_pose_by_similarity,
+    umeyama,
 )
 
 

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from pipeline.refine import losses
 from pipeline.core.geometry import backproject, inside_image, pixel_grid, sample_image
-
+from pipeline.refine import losses
 
 # ---- Huber --------------------------------------------------------------------------------
 

@@ -4,33 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import ReconConfig, load_config
+from pipeline.core.context import StageContext
+from pipeline.core.errors import ReconError
+from pipeline.core.geometry import sample_image
+from pipeline.core.io import DepthMap, load_depth_map, load_rgb, save_depth_map
+from pipeline.core.workspace import Workspace
 from pipeline.refine import gate as gate_mod
 from pipeline.refine import losses
 from pipeline.refine import optimizer as optimizer_mod
 from pipeline.refine import scene as scene_mod
 from pipeline.refine import stage as refine_mod
-from pipeline.config import ReconConfig, load_config
-from pipeline.core.errors import ReconError
-from pipeline.core.geometry import sample_image
-from pipeline.synthetic.groundtruth import scene_from_ground_truth
-from pipeline.core.io import DepthMap, load_depth_map, load_rgb, save_depth_map
 from pipeline.refine.gate import evidence_stats, keep_more_consistent
 from pipeline.refine.optimizer import LOG_COLUMNS
 from pipeline.refine.pyramid import sample_views, upsample2x, upsample_sum, view_groups
 from pipeline.refine.scene import covisible_neighbors
 from pipeline.refine.stage import RefineConfig, refine_depth_maps
 from pipeline.synthetic.corruptions import corrupt_depth, depth_error, ground_truth_depths
-from pipeline.core.context import StageContext
-from pipeline.core.workspace import Workspace
-
+from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
 # ---- helpers -------------------------------------------------------------------------------
 
@@ -339,8 +337,8 @@ def test_photometric_costs_prefer_the_true_depth(blob_scene):
 def test_photo_check_rejects_a_wrong_depth_the_neighbours_maps_repeat(blob_scene):
     """View 0's "refined" map is 5 % too far in a band and every neighbour's refined map was made to agree with it
     (the band splatted into them): the consistency test alone keeps the band, the photometric check does not."""
-    from pipeline.depth.consistency import splat_depth
     from pipeline.core.geometry import invert_pose
+    from pipeline.depth.consistency import splat_depth
 
     _, scene, gts, images = blob_scene
     maps = _gt_maps(scene, gts)

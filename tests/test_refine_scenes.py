@@ -13,6 +13,10 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.analysis.evaluate import evaluate_meshes
+from pipeline.analysis.metrics import GtViews
+from pipeline.core.io import load_depth_map, load_rgb
+from pipeline.core.workspace import Workspace, view_stem
 from pipeline.depth.stage import (
     DepthConfig,
     DepthEstimator,
@@ -20,16 +24,12 @@ from pipeline.depth.stage import (
     compute_depth_maps,
     filter_input_path,
 )
-from pipeline.analysis.evaluate import evaluate_meshes
-from pipeline.analysis.metrics import GtViews
 from pipeline.fuse.config import FuseConfig
 from pipeline.fuse.stage import map_focal_scale, resolve_params
 from pipeline.fuse.tsdf import FusionFrame, fuse_depth_maps
-from pipeline.synthetic.groundtruth import load_gt_depth, scene_from_ground_truth
-from pipeline.core.io import load_depth_map, load_rgb
 from pipeline.refine.stage import RefineConfig, refine_depth_maps
+from pipeline.synthetic.groundtruth import load_gt_depth, scene_from_ground_truth
 from pipeline.synthetic.priors import STRENGTHS, monocular_prior
-from pipeline.core.workspace import Workspace, view_stem
 
 pytestmark = pytest.mark.slow
 

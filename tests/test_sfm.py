@@ -15,22 +15,29 @@ from pathlib import Path
 
 import numpy as np
 import pycolmap
-
 import pytest
 from PIL import Image
 
-from pipeline.sfm import stage as sfm
 from pipeline.config import load_config
+from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
 from pipeline.core.geometry import camera_center, umeyama
-from pipeline.synthetic.groundtruth import load_gt_cameras, write_gt_model
 from pipeline.core.io import load_sfm_scene
-from pipeline.sfm.config import CameraMode
-from pipeline.sfm.inputs import InputImage, camera_groups, drop_duplicates, pixel_digest, prepare_image, prepare_inputs, scene_images
-from pipeline.sfm.stage import sfm_paths
-from pipeline.core.context import StageContext
-from pipeline.synthetic.render import render_scene
 from pipeline.core.workspace import Workspace
+from pipeline.sfm import stage as sfm
+from pipeline.sfm.config import CameraMode
+from pipeline.sfm.inputs import (
+    InputImage,
+    camera_groups,
+    drop_duplicates,
+    pixel_digest,
+    prepare_image,
+    prepare_inputs,
+    scene_images,
+)
+from pipeline.sfm.stage import sfm_paths
+from pipeline.synthetic.groundtruth import load_gt_cameras, write_gt_model
+from pipeline.synthetic.render import render_scene
 from workflows.local import RunResult, run_pipeline
 
 N_VIEWS = 12

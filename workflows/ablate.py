@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.cache import Manifest
 from pipeline.config import ReconConfig, load_config
+from pipeline.core.cache import Manifest
 from pipeline.core.errors import ReconError
 from pipeline.core.io import load_depth_map, load_sfm_scene
 from pipeline.core.workspace import Workspace

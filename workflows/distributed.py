@@ -204,8 +204,8 @@ def run_stages_task(job: SceneJob, until: str | None) -> TaskOutcome:
 
 def estimate_chunk_task(job: SceneJob, indices: list[int]) -> TaskOutcome:
     """Pass 1 of the depth stage for the views ``indices`` into its prepared building folder (``OUT/.building/depth``)."""
-    from pipeline.depth.stage import estimate_views
     from pipeline.core.io import load_sfm_scene
+    from pipeline.depth.stage import estimate_views
 
     def body(ws: Workspace, cfg: ReconConfig, outcome: TaskOutcome) -> None:
         log = logging.getLogger("pipeline.depth.stage")

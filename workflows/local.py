@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import ReconConfig, config_to_yaml
 from pipeline.core.cache import (
     FINGERPRINT_FILE,
     Manifest,
@@ -33,12 +34,19 @@ from pipeline.core.cache import (
     write_bytes_atomic,
     write_error,
 )
-from pipeline.config import ReconConfig, config_to_yaml
+from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
 from pipeline.core.output_folder import adopt_output_dir
-from pipeline.core.context import StageContext
-from pipeline.graph import BY_NAME, STAGE_NAMES, STAGES, effective_deps, inputs_digest, stage_fingerprint, stage_settings
 from pipeline.core.workspace import Workspace
+from pipeline.graph import (
+    BY_NAME,
+    STAGE_NAMES,
+    STAGES,
+    effective_deps,
+    inputs_digest,
+    stage_fingerprint,
+    stage_settings,
+)
 
 logger = logging.getLogger(__name__)
 

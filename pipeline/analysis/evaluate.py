@@ -75,8 +75,19 @@ import torch
 
 from pipeline.analysis.alignment import align_to_gt_cameras, match_cameras, read_colmap_poses, refine_icp
 from pipeline.analysis.metrics import (
-    DEFAULT_MARGIN, DEFAULT_MAX_DIST_REL, DEFAULT_MAX_POINTS, DEFAULT_THRESHOLDS_REL, GtViews, Mesh, _Surface, as_mesh, inside_box,
-    sample_depth, surface_metrics, threshold_table, visible_count,
+    DEFAULT_MARGIN,
+    DEFAULT_MAX_DIST_REL,
+    DEFAULT_MAX_POINTS,
+    DEFAULT_THRESHOLDS_REL,
+    GtViews,
+    Mesh,
+    _Surface,
+    as_mesh,
+    inside_box,
+    sample_depth,
+    surface_metrics,
+    threshold_table,
+    visible_count,
 )
 from pipeline.core.errors import ReconError
 from pipeline.core.geometry import backproject, inside_image, invert_pose, pixel_grid, project, transform_points

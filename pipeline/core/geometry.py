@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
 # ---- numpy helpers -----------------------------------------------------------------------
 
 def camera_center(cam_from_world: np.ndarray) -> np.ndarray:
@@ -159,7 +158,7 @@ def default_device(preference: str = "auto") -> torch.device:
 
 
 def normalizing_similarity(points: np.ndarray, depths: np.ndarray) -> tuple[float, np.ndarray]:
-    """The normalized frame of SPEC.md: ``x_n = s * (x - c)``.
+    """The normalized frame of docs/conventions.md: ``x_n = s * (x - c)``.
 
     ``c`` is the per-axis median of the sparse points and ``s`` makes the
     median depth of the sparse points over all their observations equal 1.

@@ -1,6 +1,6 @@
 """Scale anchoring: align a per-view depth (or inverse-depth) map to the sparse SfM points it sees.
 
-The sparse points are the metric anchors of the normalized frame (SPEC.md
+The sparse points are the metric anchors of the normalized frame (docs/conventions.md
 §1-2). A map ``x`` is aligned to the depths ``z`` of the sparse points that
 project into it:
 

@@ -6,7 +6,16 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.settings import at_least, between, device_choice, each, greater_than, odd_at_least, setting, zero_or_at_least
+from pipeline.core.settings import (
+    at_least,
+    between,
+    device_choice,
+    each,
+    greater_than,
+    odd_at_least,
+    setting,
+    zero_or_at_least,
+)
 
 
 class DepthEstimator(str, enum.Enum):

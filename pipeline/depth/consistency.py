@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from pipeline.core.geometry import backproject, inside_image, pixel_grid, project, sample_image, transform_points
 from pipeline.depth.plane_sweep import _EPS, OUTSIDE_COST, SweepSettings, _level_inputs, _try_candidates, sweep_cost
 
-
 # ---- cross-view candidates ---------------------------------------------------------------------
 
 def splat_depth(depth_src_hw: torch.Tensor, K_src_33: torch.Tensor, K_ref_33: torch.Tensor, ref_from_src_44: torch.Tensor,

@@ -19,6 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.core.errors import ReconError
+from pipeline.core.geometry import invert_pose
+from pipeline.core.io import SfmScene, View, claim_files, load_rgb
+from pipeline.core.oom import call_with_oom_fallback
+from pipeline.core.settings import check_section
+from pipeline.core.workspace import Workspace, view_stem
 from pipeline.depth import anchoring
 from pipeline.depth import plane_sweep as mvs
 from pipeline.depth.config import DepthConfig, DepthEstimator
@@ -31,13 +37,6 @@ from pipeline.depth.views import (
     working_intrinsics,
     working_size,
 )
-from pipeline.core.errors import ReconError
-from pipeline.core.oom import call_with_oom_fallback
-from pipeline.core.geometry import invert_pose
-from pipeline.core.io import SfmScene, View, claim_files, load_rgb
-from pipeline.core.settings import check_section
-from pipeline.core.workspace import Workspace, view_stem
-
 
 # ---- prior files ----------------------------------------------------------------------------------
 

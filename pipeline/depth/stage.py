@@ -50,16 +50,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.depth import anchoring
-from pipeline.depth import consistency
-from pipeline.depth.config import DepthConfig, DepthEstimator, PriorKind  # noqa: F401 - re-exported
-from pipeline.depth.estimators import _LRU, Estimate, MvsEstimator, make_estimator
-from pipeline.depth.views import ViewFailure, sparse_in_view, stereo_neighbors
+from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
 from pipeline.core.geometry import default_device, invert_pose
 from pipeline.core.io import DepthMap, SfmScene, View, load_depth_map, load_sfm_scene, save_depth_map
-from pipeline.core.context import StageContext
 from pipeline.core.workspace import Workspace
+from pipeline.depth import anchoring, consistency
+from pipeline.depth.config import DepthConfig, DepthEstimator, PriorKind  # noqa: F401 - re-exported
+from pipeline.depth.estimators import _LRU, Estimate, MvsEstimator, make_estimator
+from pipeline.depth.views import ViewFailure, sparse_in_view, stereo_neighbors
 
 logger = logging.getLogger(__name__)
 

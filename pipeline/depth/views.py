@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.depth import anchoring
 from pipeline.core.geometry import scale_intrinsics
 from pipeline.core.io import SfmScene, View
+from pipeline.depth import anchoring
 
 
 class ViewFailure(Exception):

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.cache import atomic_dir, atomic_path, write_json_atomic
-from pipeline.core.errors import ReconError
-from pipeline.export.config import ExportConfig, ExportFrame, MeshFormat  # noqa: F401 - re-exported
 from pipeline.core.context import StageContext
+from pipeline.core.errors import ReconError
 from pipeline.core.workspace import Workspace
+from pipeline.export.config import ExportConfig, ExportFrame, MeshFormat  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 

@@ -49,13 +49,23 @@ from dataclasses import asdict
 
 import numpy as np
 
-from pipeline.core.errors import ReconError
-from pipeline.fuse.config import FuseConfig  # noqa: F401 - re-exported
-from pipeline.core.io import DepthMap, SfmScene, View, displayed_size, find_masks, load_depth_map, load_rgb, load_sfm_scene, read_mask
-from pipeline.core.settings import check_section
 from pipeline.core.context import StageContext
+from pipeline.core.errors import ReconError
+from pipeline.core.io import (
+    DepthMap,
+    SfmScene,
+    View,
+    displayed_size,
+    find_masks,
+    load_depth_map,
+    load_rgb,
+    load_sfm_scene,
+    read_mask,
+)
+from pipeline.core.settings import check_section
 from pipeline.core.workspace import Workspace
 from pipeline.fuse.clean import write_mesh_ply
+from pipeline.fuse.config import FuseConfig  # noqa: F401 - re-exported
 from pipeline.fuse.tsdf import FusionFrame, FusionParams, fuse_depth_maps
 
 logger = logging.getLogger(__name__)

@@ -45,8 +45,8 @@ def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
     (forward-backward reprojection within ``reproj_px`` pixels and ``rel_depth``
     relative depth).
     """
-    from pipeline.depth.consistency import geometric_consistency
     from pipeline.core.geometry import invert_pose
+    from pipeline.depth.consistency import geometric_consistency
 
     world_from_ref = invert_pose(cam_from_world[index])
     others = [(depths[j], Ks[j], torch.as_tensor(cam_from_world[j] @ world_from_ref, dtype=torch.float32, device=depths[j].device))
@@ -67,8 +67,8 @@ def photometric_costs(ref_gray_11hw: torch.Tensor, K_ref_33: torch.Tensor, cam_f
     cam_from_world (4, 4)) of the neighbours; depths are camera z (0 = none:
     cost of a far-away point, irrelevant where the caller masks invalid pixels).
     """
-    from pipeline.depth import plane_sweep as mvs
     from pipeline.core.geometry import invert_pose
+    from pipeline.depth import plane_sweep as mvs
 
     H, W = depths_dhw.shape[-2:]
     ref = mvs.reference_stats(ref_gray_11hw, window)
@@ -163,8 +163,8 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
     the depth stage checked, or at every pixel of a map it did not check
     (a prior); restored candidates of other views are never evidence.
     """
-    from pipeline.depth.consistency import geometric_consistency
     from pipeline.core.geometry import invert_pose
+    from pipeline.depth.consistency import geometric_consistency
 
     neighbors = covisible_neighbors(views, cfg.accept_neighbors)
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731

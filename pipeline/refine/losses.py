@@ -1,7 +1,7 @@
 """Loss functions of the refine stage: small, pure, differentiable torch functions.
 
 Every loss works in the *normalized frame* (median sparse-point depth = 1,
-see SPEC.md), and every depth residual is *relative* — divided by a depth —
+see docs/conventions.md), and every depth residual is *relative* — divided by a depth —
 so ``huber_delta = 1e-2`` means "1 % of the depth" on every scene and at
 every distance.
 
@@ -27,7 +27,7 @@ from pipeline.core.geometry import (
 MIN_DEPTH = 1e-5
 """``sampled2`` below this is "no depth there" (an invalid pixel of the neighbour)."""
 MAG_EPS = 1e-2
-"""Denominator offset of :func:`magnitude_loss`: ``|δz| / (depth_init + 1e-2)`` (SPEC.md)."""
+"""Denominator offset of :func:`magnitude_loss`: ``|δz| / (depth_init + 1e-2)`` (docs/conventions.md)."""
 
 
 def huber(x: torch.Tensor, delta: float) -> torch.Tensor:
@@ -72,7 +72,7 @@ def reproject(
 
 
 def occlusion_mask(z_sel: torch.Tensor, sampled2: torch.Tensor, tol: float, behind_tol: float | None = None) -> torch.Tensor:
-    """Z-buffer test of SPEC.md: which reprojected samples see the same surface in the neighbour.
+    """Z-buffer test of docs/conventions.md: which reprojected samples see the same surface in the neighbour.
 
     A sample counts only if ``sampled2 > 1e-5`` (the neighbour has a depth
     there) and ``|z_sel − sampled2| / (z_sel + 1e-6) < tol``. With
@@ -277,7 +277,7 @@ def magnitude_loss(delta_z_b1hw: torch.Tensor, depth_init_b1hw: torch.Tensor, va
 
     Divided by the *input* depth, never by the prediction: dividing by
     ``depth_init + δz`` would let the optimiser shrink the penalty by pushing
-    depth outward (SPEC.md).
+    depth outward (docs/conventions.md).
     """
     m = valid_b1hw.to(delta_z_b1hw.dtype)
     return (delta_z_b1hw.abs() / (depth_init_b1hw + MAG_EPS) * m).sum() / m.sum().clamp(min=1.0)

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 # ---- reading per-view maps, the pyramid's coarse-to-fine sum ------------------------------
 
 def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.Tensor,

@@ -27,7 +27,6 @@ from pipeline.refine import losses
 from pipeline.refine.config import RefineConfig
 from pipeline.refine.pyramid import _Group
 
-
 # ---- neighbours, images --------------------------------------------------------------------
 
 def covisible_neighbors(views: Sequence[View], k: int) -> np.ndarray:

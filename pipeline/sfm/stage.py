@@ -42,16 +42,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core.cache import atomic_dir, raise_if_disk_full, write_json_atomic
-from pipeline.sfm.colmap_steps import RETRY_PEAK_THRESHOLD_FACTOR, run_step, threads
+from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
 from pipeline.core.geometry import normalizing_similarity, similarity_matrix
 from pipeline.core.native_output import native_output_to
 from pipeline.core.settings import check_section
+from pipeline.core.workspace import Workspace
+from pipeline.sfm.colmap_steps import RETRY_PEAK_THRESHOLD_FACTOR, run_step, threads
 from pipeline.sfm.config import CameraMode, Matcher, SfmConfig, colmap_camera_model, colmap_camera_models  # noqa: F401 - re-exported
 from pipeline.sfm.inputs import InputImage, _names, camera_groups, drop_duplicates, prepare_inputs, scene_files
 from pipeline.sfm.user_model import read_user_model
-from pipeline.core.context import StageContext
-from pipeline.core.workspace import Workspace
 
 if TYPE_CHECKING:
     import pycolmap

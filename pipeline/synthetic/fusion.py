@@ -1,4 +1,4 @@
-"""Ground-truth depth fused by the fuse stage's code, for tests and benchmarks (the upper bound of SPEC.md)."""
+"""Ground-truth depth fused by the fuse stage's code, for tests and benchmarks (the upper bound of docs/conventions.md)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def ground_truth_frames(scene_dir: Path, scene: SfmScene) -> Iterator[FusionFram
 
 def fuse_ground_truth(scene_dir: Path, cfg: FuseConfig | None = None, device: str = "auto", *,
                       progress: Progress | None = None) -> tuple[FusionResult, SfmScene, FusionParams]:
-    """Fuse the ground-truth depth of a rendered scene (the upper bound of SPEC.md) without a workspace.
+    """Fuse the ground-truth depth of a rendered scene (the upper bound of docs/conventions.md) without a workspace.
 
     Sizes are derived exactly as in the stage, from :func:`pipeline.synthetic.groundtruth.scene_from_ground_truth`
     (true cameras, sparse points sampled from GT depth). The mesh is in that scene's normalized frame:

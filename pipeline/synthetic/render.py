@@ -41,7 +41,15 @@ import open3d as o3d
 from PIL import Image
 
 from pipeline.synthetic.shapes import (
-    TriMesh, _MATERIALS, _Texture, _make_texture, _room, corner_normals, make_object, merge_meshes, shade,
+    _MATERIALS,
+    TriMesh,
+    _make_texture,
+    _room,
+    _Texture,
+    corner_normals,
+    make_object,
+    merge_meshes,
+    shade,
 )
 
 logger = logging.getLogger(__name__)
