@@ -58,12 +58,12 @@ def run_case(args: dict) -> dict:
     gts = ground_truth_depths(scene_dir, scene.views, scene.normalized_from_sfm)
     if args["corruption"] == "real":
         # The depth stage's plane-sweep MVS on the true cameras (cached beside the scene).
-        from pipeline.depth.stage import DepthConfig, compute_depth_maps
+        from pipeline.depth.stage import DepthConfig, MvsConfig, compute_depth_maps
         from pipeline.core.io import load_depth_map
         from pipeline.core.workspace import Workspace
 
         ws = Workspace.create(scene_dir, scene_dir / "recon_bench")
-        compute_depth_maps(scene, ws, DepthConfig())
+        compute_depth_maps(scene, ws, DepthConfig(), MvsConfig())
         keep = [i for i, v in enumerate(scene.views) if ws.depth_view(v.name).exists()]
         init = [load_depth_map(ws.depth_view(scene.views[i].name)) for i in keep]
         scene = dataclasses.replace(scene, views=[scene.views[i] for i in keep])

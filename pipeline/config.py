@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.depth.config import DepthConfig
+from pipeline.depth.config import DepthConfig, MvsConfig
 from pipeline.core.errors import ConfigError
 from pipeline.export.config import ExportConfig
 from pipeline.fuse.config import FuseConfig
@@ -36,10 +36,11 @@ from pipeline.sfm.config import SfmConfig
 
 @dataclass(kw_only=True)
 class ReconConfig:
-    """All settings, one section per stage."""
+    """All settings, one section per stage (``mvs``: the depth stage's plane sweep)."""
 
     sfm: SfmConfig = field(default_factory=SfmConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
+    mvs: MvsConfig = field(default_factory=MvsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
