@@ -174,6 +174,34 @@ def test_bad_value_in_a_yaml_file_names_the_setting(tmp_path: Path):
 
 # ---- the mvs section (plane-sweep settings, formerly in depth) --------------------------------------
 
+RENAMED_LINE = ("setting depth.refine_hypotheses is now mvs.fine_hypotheses (renamed 2026-12); "
+                "update your recon.yaml or --set")
+
+
+def test_an_old_key_by_set_names_the_new_one():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["depth.refine_hypotheses=4"])
+    assert str(info.value) == RENAMED_LINE
+
+
+def test_an_old_key_in_yaml_names_the_new_one(tmp_path: Path):
+    f = tmp_path / "recon.yaml"
+    f.write_text("depth:\n  refine_hypotheses: 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config([f])
+    assert str(info.value) == f"{f}: {RENAMED_LINE}"
+
+
+def test_every_old_key_names_a_new_key_that_exists():
+    from pipeline.config import RENAMED
+
+    assert len(RENAMED) == 34 and set(RENAMED.values()) == set(valid_keys("mvs"))
+    for old, new in RENAMED.items():
+        assert old not in valid_keys()
+        with pytest.raises(ConfigError, match=f"setting {old} is now {new} "):
+            load_config(overrides=[f"{old}=1"])
+
+
 def test_the_mvs_section_follows_depth():
     keys = valid_keys()
     assert {"mvs.num_hypotheses", "mvs.fine_hypotheses", "mvs.fine_radius", "mvs.rescale_tolerance", "mvs.chunk_pixels"} <= set(keys)
