@@ -51,10 +51,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_overrides(items: list[str]):
-    """``key=value`` strings (section ``depth.`` optional) → the depth settings, type-checked like ``--set``."""
-    from pipeline.config import load_config
+    """``key=value`` strings (section ``depth.`` or ``mvs.`` optional: a bare key is looked up in both) → the
+    (depth, mvs) settings, type-checked like ``--set``."""
+    import dataclasses
 
-    return load_config(overrides=[i if i.startswith("depth.") else f"depth.{i}" for i in items]).depth
+    from pipeline.config import load_config
+    from pipeline.depth.config import MvsConfig
+
+    mvs_names = {f.name for f in dataclasses.fields(MvsConfig)}
+
+    def full(item: str) -> str:
+        if item.startswith(("depth.", "mvs.")):
+            return item
+        return f"{'mvs' if item.split('=', 1)[0].strip() in mvs_names else 'depth'}.{item}"
+
+    cfg = load_config(overrides=[full(i) for i in items])
+    return cfg.depth, cfg.mvs
 
 
 def peak_rss_mib() -> float:
@@ -79,11 +91,11 @@ def worker(scene_dir: Path, out_dir: Path, overrides: list[str]) -> dict[str, An
     from pipeline.depth.stage import compute_depth_maps
     from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
-    cfg = parse_overrides(overrides)
+    depth_cfg, mvs_cfg = parse_overrides(overrides)
     scene = scene_from_ground_truth(scene_dir)
     ws = Workspace.create(scene_dir, out_dir)
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = compute_depth_maps(scene, ws, cfg)
+    result = compute_depth_maps(scene, ws, depth_cfg, mvs_cfg)
     return {
         "seconds": round(time.perf_counter() - started, 3),
         "cpu_seconds": round(time.process_time() - cpu_started, 3),
@@ -191,7 +203,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="depth setting override, e.g. best_k=2 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="depth or mvs setting override, e.g. best_k=2 (repeatable)")
     p.add_argument("--no-fuse", action="store_true", help="skip fusing and scoring the maps (F-scores)")
     p.add_argument("--max-points", type=int, default=400_000, help="samples per surface in the evaluation")
     p.add_argument("--json", type=Path, default=None, help="result file [WORK/bench_depth.json]")

@@ -48,12 +48,12 @@ def pack(out_dir: Path, pack_dir: Path) -> None:
     """Write ``pack_dir``: scene.pkl (views and sparse points), images/, planes.npy, alignment.json (if OUT was evaluated)."""
     from pipeline.core.io import load_sfm_scene
     from pipeline.core.workspace import Workspace
-    from pipeline.depth.stage import DepthConfig
+    from pipeline.depth.config import MvsConfig
     from pipeline.depth.views import fit_scene_planes
 
     ws = Workspace(scene_dir=out_dir, out_dir=out_dir)
     scene = load_sfm_scene(ws)
-    cfg = DepthConfig()
+    cfg = MvsConfig()
     planes = fit_scene_planes(scene.points, cfg.plane_candidates, cfg.plane_distance, cfg.plane_min_inliers)
     pack_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ws.sfm_images_dir, pack_dir / "images", dirs_exist_ok=True)
@@ -98,7 +98,7 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
     from pipeline.core.io import load_depth_map, load_rgb
     from pipeline.core.workspace import Workspace
     from pipeline.depth import estimators as depth_estimators
-    from pipeline.depth.stage import DepthConfig, compute_depth_maps
+    from pipeline.depth.stage import DepthConfig, MvsConfig, compute_depth_maps
     from pipeline.refine.stage import RefineConfig, refine_depth_maps
 
     scene, planes = load_pack(pack_dir)
@@ -121,7 +121,7 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
         depth_cfg = DepthConfig(device=device_name)
         sync()
         t0 = time.perf_counter()
-        res = compute_depth_maps(scene, ws, depth_cfg)
+        res = compute_depth_maps(scene, ws, depth_cfg, MvsConfig())
         sync()
         timings["depth_s"] = time.perf_counter() - t0
         timings["depth_passes_s"] = {"estimate": float(np.sum(res.seconds)), "candidates": res.candidates_seconds, "filter": res.filter_seconds}

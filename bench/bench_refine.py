@@ -61,10 +61,10 @@ def run_case(args: dict) -> dict:
         # The depth stage's plane-sweep MVS on the true cameras (cached beside the scene).
         from pipeline.core.io import load_depth_map
         from pipeline.core.workspace import Workspace
-        from pipeline.depth.stage import DepthConfig, compute_depth_maps
+        from pipeline.depth.stage import DepthConfig, MvsConfig, compute_depth_maps
 
         ws = Workspace.create(scene_dir, scene_dir / "recon_bench")
-        compute_depth_maps(scene, ws, DepthConfig())
+        compute_depth_maps(scene, ws, DepthConfig(), MvsConfig())
         keep = [i for i, v in enumerate(scene.views) if ws.depth_view(v.name).exists()]
         init = [load_depth_map(ws.depth_view(scene.views[i].name)) for i in keep]
         scene = dataclasses.replace(scene, views=[scene.views[i] for i in keep])

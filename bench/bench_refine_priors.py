@@ -41,11 +41,12 @@ INPUTS = ("mvs", "mild", "medium", "strong")
 
 
 def _depth_maps(scene_dir: Path, scene, work: Path, which: str, seed: int):
-    """Run the depth stage for ``which`` input into ``work``; returns (Workspace, DepthConfig)."""
+    """Run the depth stage for ``which`` input into ``work``; returns (Workspace, MvsConfig)."""
     from pipeline.core.workspace import Workspace, view_stem
     from pipeline.depth.stage import (
         DepthConfig,
         DepthEstimator,
+        MvsConfig,
         PriorKind,
         compute_depth_maps,
     )
@@ -64,8 +65,9 @@ def _depth_maps(scene_dir: Path, scene, work: Path, which: str, seed: int):
             prior = monocular_prior(load_gt_depth(scene_dir / "gt", v.name), rng, STRENGTHS[which])
             np.save(ws.scene_dir / "depth_prior" / f"{view_stem(v.name)}.npy", prior)
         cfg = DepthConfig(estimator=DepthEstimator.prior, prior_kind=PriorKind.inverse_depth, prior_affine=True, device="cpu")
-    compute_depth_maps(scene, ws, cfg)
-    return ws, cfg
+    mvs_cfg = MvsConfig()
+    compute_depth_maps(scene, ws, cfg, mvs_cfg)
+    return ws, mvs_cfg
 
 
 def _anchor_residual(maps, scene) -> float:
@@ -85,11 +87,11 @@ def run_case(scene_dir: Path, work: Path, which: str, seed: int, overrides: list
     from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
     scene = scene_from_ground_truth(scene_dir)
-    ws, depth_cfg = _depth_maps(scene_dir, scene, work, which, seed)
+    ws, mvs_cfg = _depth_maps(scene_dir, scene, work, which, seed)
     cfg = load_config(overrides=overrides).refine
     init = [load_depth_map(ws.depth_view(v.name)) for v in scene.views]
     images = [load_rgb(v.image_path, max_size=max(m.depth.shape)) for v, m in zip(scene.views, init)]
-    cands = [load_depth_map(p) if (p := filter_input_path(ws, depth_cfg, v.name)).exists() else None for v in scene.views]
+    cands = [load_depth_map(p) if (p := filter_input_path(ws, mvs_cfg, v.name)).exists() else None for v in scene.views]
     t0 = time.perf_counter()
     refined, log = refine_depth_maps(scene.views, init, scene.points, cfg, "cpu", images=images, candidates=cands)
     seconds = time.perf_counter() - t0

@@ -35,7 +35,7 @@ from pipeline.core.settings import (
     to_plain,
     type_name,
 )
-from pipeline.depth.config import DepthConfig
+from pipeline.depth.config import DepthConfig, MvsConfig
 from pipeline.export.config import ExportConfig
 from pipeline.fuse.config import FuseConfig
 from pipeline.refine.config import RefineConfig
@@ -44,16 +44,33 @@ from pipeline.sfm.config import SfmConfig
 
 @dataclass(kw_only=True)
 class ReconConfig:
-    """All settings, one section per stage."""
+    """All settings, one section per stage (``mvs``: the depth stage's plane sweep)."""
 
     sfm: SfmConfig = field(default_factory=SfmConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
+    mvs: MvsConfig = field(default_factory=MvsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ReconConfig))
+
+_MVS_MOVED = (
+    "num_neighbors", "neighbor_angle_deg", "max_neighbor_angle_deg", "num_hypotheses", "pyramid_levels", "edge_radius",
+    "propagation_shifts", "polish_hypotheses", "polish_iterations", "smooth_radius", "offset_penalty", "ncc_window", "best_k",
+    "cost_truncation", "min_ncc", "range_percentile", "range_margin", "plane_candidates", "plane_max_gap", "plane_distance",
+    "plane_min_inliers", "cross_view_candidates", "geometric_filter", "geo_neighbors", "geo_min_consistent", "geo_max_reproj_px",
+    "geo_max_rel_depth", "geo_free_space_margin", "geo_unverified_min_confidence", "geo_average", "chunk_pixels",
+)
+RENAMED: dict[str, str] = {
+    **{f"depth.{name}": f"mvs.{name}" for name in _MVS_MOVED},
+    "depth.refine_hypotheses": "mvs.fine_hypotheses",
+    "depth.refine_radius": "mvs.fine_radius",
+    "depth.mvs_rescale_tolerance": "mvs.rescale_tolerance",
+}
+"""Old key → new key of the settings that moved or were renamed (2026-12: the plane-sweep settings left ``depth``
+for their own section ``mvs``); :func:`set_value` names the new key when given an old one."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mv-only": {"refine.weight_edge": 0.0, "refine.weight_surf": 0.0, "refine.weight_mag": 0.0, "refine.weight_anchor": 0.0, "refine.weight_photo": 0.0},
@@ -136,6 +153,8 @@ def set_value(cfg: ReconConfig, key: str, value: Any) -> None:
     section = getattr(cfg, sec)
     hints = resolved_hints(type(section))
     if name not in hints:
+        if key in RENAMED:
+            raise ConfigError(f"setting {key} is now {RENAMED[key]} (renamed 2026-12); update your recon.yaml or --set")
         names = ", ".join(f.name for f in dataclasses.fields(section))
         raise ConfigError(f"unknown setting {key!r}; valid keys for {sec}: {names}")
     setattr(section, name, coerce(value, hints[name], key))

@@ -1,6 +1,6 @@
 """The stage graph: order, dependencies, versions, and what each stage publishes.
 
-A stage's fingerprint hashes its own output-affecting settings, its version
+A stage's fingerprint hashes the output-affecting settings of its config sections, its version
 and the *output digests* of the stages it reads, so any change upstream (new
 settings, a forced re-run that produced different files) flows downstream.
 """
@@ -77,6 +77,12 @@ class StageSpec:
     """Paths in the stage folder whose checksums are recorded and verified (empty: everything)."""
     precheck: Callable[[Workspace, ReconConfig], None] | None = None
     """Checks of the stage's scene inputs run before any stage of a run that includes it (masks before SfM)."""
+    sections: tuple[str, ...] = ()
+    """Config sections whose settings the stage reads, all in its fingerprint (default: its own, ``(name,)``)."""
+
+    def __post_init__(self) -> None:
+        if not self.sections:
+            object.__setattr__(self, "sections", (self.name,))
 
 
 def _run_of(module: str) -> Callable[[StageContext], None]:
@@ -93,7 +99,7 @@ def _run_of(module: str) -> Callable[[StageContext], None]:
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("sfm", 1, (), _run_of("sfm"), publish=(("model", "sparse"),), inputs=sfm_inputs,
               checked_outputs=("model", "images", "normalization.json")),
-    StageSpec("depth", 3, ("sfm",), _run_of("depth"), inputs=depth_inputs),
+    StageSpec("depth", 3, ("sfm",), _run_of("depth"), inputs=depth_inputs, sections=("depth", "mvs")),
     StageSpec("refine", 3, ("depth", "sfm"), _run_of("refine"), skippable=True),
     StageSpec("fuse", 1, ("refine", "sfm"), _run_of("fuse"), publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs,
               precheck=check_fuse_inputs),
@@ -114,7 +120,14 @@ def effective_deps(name: str, skipped: frozenset[str]) -> tuple[str, ...]:
 
 
 def stage_settings(cfg: ReconConfig, name: str) -> dict[str, Any]:
-    return fingerprint_fields(getattr(cfg, name))
+    """The output-affecting settings of stage ``name``: those of its own section under their names, those of
+    its other sections (:attr:`StageSpec.sections`) as ``section.name`` (a one-section stage: exactly
+    :func:`~pipeline.core.settings.fingerprint_fields` of its section)."""
+    out = {}
+    for sec in BY_NAME[name].sections:
+        fields = fingerprint_fields(getattr(cfg, sec))
+        out.update(fields if sec == name else {f"{sec}.{key}": value for key, value in fields.items()})
+    return out
 
 
 def stage_fingerprint(name: str, cfg: ReconConfig, upstream_digests: dict[str, str]) -> str:

@@ -190,7 +190,7 @@ def _scene_yaml_typo(tmp: Path):
 
 def _set_typo(tmp: Path):
     _noise_images(tmp / "scene" / "images", 3)
-    return ["run", str(tmp / "scene"), "--set", "depth.num_neigbors=3"], ["depth.num_neigbors", "num_neighbors"]
+    return ["run", str(tmp / "scene"), "--set", "mvs.num_neigbors=3"], ["mvs.num_neigbors", "num_neighbors"]
 
 
 def _set_wrong_type(tmp: Path):
@@ -456,7 +456,7 @@ def test_output_folder_mixed_with_the_inputs_is_refused_before_writing(scene, wh
     ("refine.weight_edge=.nan", "refine.weight_edge"),
     ("fuse.min_confidence=nan", "fuse.min_confidence"),
     ("depth.device=gpu", "depth.device"),
-    ("depth.ncc_window=4", "depth.ncc_window"),
+    ("mvs.ncc_window=4", "mvs.ncc_window"),
     ("sfm.camera_model=FISHEYE9", "sfm.camera_model"),
 ])
 def test_a_bad_setting_value_fails_before_anything_is_written(scene, override, key):

@@ -148,10 +148,10 @@ def test_every_number_declares_its_rule():
     ("fuse.min_confidence=nan", "fuse.min_confidence: expected a finite number"),
     ("fuse.min_confidence=1.5", "fuse.min_confidence must be >= 0 and <= 1 (got 1.5)"),
     ("refine.lr=inf", "refine.lr: expected a finite number"),
-    ("depth.ncc_window=4", "depth.ncc_window must be odd and >= 3 (got 4)"),
+    ("mvs.ncc_window=4", "mvs.ncc_window must be odd and >= 3 (got 4)"),
     ("depth.device=gpu", "depth.device must be auto, cpu, cuda or cuda:N (got gpu)"),
     ("refine.pyramid_strides=1,4,2", "refine.pyramid_strides must be increasing positive integers"),
-    ("depth.propagation_shifts=3,0", "depth.propagation_shifts must be a list whose items are >= 1 (got 3,0)"),
+    ("mvs.propagation_shifts=3,0", "mvs.propagation_shifts must be a list whose items are >= 1 (got 3,0)"),
     ("sfm.camera_model=FISHEYE9", "sfm.camera_model must be a COLMAP camera model"),
     ("sfm.num_threads=0", "sfm.num_threads must be -1 (all cores) or >= 1 (got 0)"),
     ("depth.estimator=torchscript", "depth.estimator=torchscript needs depth.torchscript_path"),
@@ -236,6 +236,62 @@ def test_stage_packages_expose_config_run_and_core_function():
     for name, core in expected.items():
         package = importlib.import_module(f"pipeline.{name}")
         assert callable(package.run) and callable(getattr(package, core))
-        assert set(package.__all__) == {f"{name.capitalize()}Config", "run", core}
+        extra = {"MvsConfig"} if name == "depth" else set()
+        assert set(package.__all__) == {f"{name.capitalize()}Config", "run", core} | extra
         with pytest.raises(AttributeError, match="no attribute 'nope'"):
             package.nope
+# ---- the mvs section (plane-sweep settings, formerly in depth) --------------------------------------
+
+RENAMED_LINE = ("setting depth.refine_hypotheses is now mvs.fine_hypotheses (renamed 2026-12); "
+                "update your recon.yaml or --set")
+
+
+def test_an_old_key_by_set_names_the_new_one():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["depth.refine_hypotheses=4"])
+    assert str(info.value) == RENAMED_LINE
+
+
+def test_an_old_key_in_yaml_names_the_new_one(tmp_path: Path):
+    f = tmp_path / "recon.yaml"
+    f.write_text("depth:\n  refine_hypotheses: 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config([f])
+    assert str(info.value) == f"{f}: {RENAMED_LINE}"
+
+
+def test_every_old_key_names_a_new_key_that_exists():
+    from pipeline.config import RENAMED
+
+    assert len(RENAMED) == 34 and set(RENAMED.values()) == set(valid_keys("mvs"))
+    for old, new in RENAMED.items():
+        assert old not in valid_keys()
+        with pytest.raises(ConfigError, match=f"setting {old} is now {new} "):
+            load_config(overrides=[f"{old}=1"])
+
+
+def test_the_mvs_section_follows_depth():
+    keys = valid_keys()
+    assert {"mvs.num_hypotheses", "mvs.fine_hypotheses", "mvs.fine_radius", "mvs.rescale_tolerance", "mvs.chunk_pixels"} <= set(keys)
+    sections = list(dict.fromkeys(k.split(".")[0] for k in keys))
+    assert sections[sections.index("depth") + 1] == "mvs"
+    assert load_config(overrides=["mvs.num_hypotheses=64"]).mvs.num_hypotheses == 64
+
+
+def test_the_depth_fingerprint_covers_the_mvs_section():
+    from pipeline.graph import stage_fingerprint
+
+    base = stage_fingerprint("depth", ReconConfig(), {"sfm": "x"})
+    changed = stage_fingerprint("depth", load_config(overrides=["mvs.num_hypotheses=64"]), {"sfm": "x"})
+    memory_only = stage_fingerprint("depth", load_config(overrides=["mvs.chunk_pixels=1024"]), {"sfm": "x"})
+    assert changed != base and memory_only == base
+
+
+@pytest.mark.parametrize("name", ["sfm", "refine", "fuse", "export"])
+def test_a_one_section_stage_hashes_its_section_as_before(name):
+    from pipeline.core.settings import fingerprint_fields
+    from pipeline.graph import BY_NAME, stage_settings
+
+    cfg = ReconConfig()
+    assert BY_NAME[name].sections == (name,)
+    assert stage_settings(cfg, name) == fingerprint_fields(getattr(cfg, name))

@@ -19,6 +19,7 @@ from pipeline.depth import plane_sweep as mvs
 from pipeline.depth.stage import (
     DepthConfig,
     DepthEstimator,
+    MvsConfig,
     PriorKind,
     compute_depth_maps,
     raw_depth_path,
@@ -229,8 +230,8 @@ def test_winner_take_all_parabola_is_exact_on_a_parabola(device):
 
 def test_bad_mvs_settings_are_reported(scene, tmp_path):
     ws = Workspace(scene_dir=tmp_path, out_dir=tmp_path / "out")
-    with pytest.raises(ReconError, match=r"depth.ncc_window must be odd.*depth.best_k must be >= 1"):
-        compute_depth_maps(scene, ws, DepthConfig(ncc_window=4, best_k=0))
+    with pytest.raises(ReconError, match=r"mvs.ncc_window must be odd.*mvs.best_k must be >= 1"):
+        compute_depth_maps(scene, ws, DepthConfig(), MvsConfig(ncc_window=4, best_k=0))
 
 
 def test_working_size():
@@ -318,7 +319,7 @@ def scene(scene_dir):
 def mvs_run(scene_dir, scene, tmp_path_factory):
     """The default mvs estimator over the whole scene (cached maps in a workspace)."""
     ws = Workspace.create(scene_dir, tmp_path_factory.mktemp("mvs_out"))
-    result = compute_depth_maps(scene, ws, DepthConfig(device="cpu"))
+    result = compute_depth_maps(scene, ws, DepthConfig(device="cpu"), MvsConfig())
     return ws, result
 
 
@@ -390,7 +391,7 @@ def test_mvs_resumes_per_view_and_per_pass(scene, mvs_run):
     ws.depth_view(a).unlink()  # an interrupted filter pass: one filtered map missing
     raw_depth_path(ws, b).unlink()  # an interrupted first pass: one raw map missing (and its filtered map)
     ws.depth_view(b).unlink()
-    res = compute_depth_maps(scene, ws, DepthConfig(device="cpu"))
+    res = compute_depth_maps(scene, ws, DepthConfig(device="cpu"), MvsConfig())
     assert len(res.seconds) == 1  # only view b was estimated again
     after = load_depth_map(ws.depth_view(a))
     np.testing.assert_array_equal(after.valid, before.valid)
@@ -448,7 +449,7 @@ def test_depth_prior_scale_only(scene_dir, scene, tmp_path):
     ws = _prior_ws(scene_dir, tmp_path)
     rng = np.random.default_rng(0)
     _write_priors(scene_dir, scene, ws.depth_prior_dir, lambda gt, r: gt * 3.7 * (1 + 0.003 * r.standard_normal(gt.shape)), rng)
-    res = compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"))
+    res = compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"), MvsConfig())
     assert len(res.written) == len(scene.views)
     assert np.max(_rel_errors(scene_dir, scene, ws)) < 0.005
     dm = load_depth_map(ws.depth_view(scene.views[0].name))
@@ -466,7 +467,7 @@ def test_depth_prior_affine_inverse_depth_png(scene_dir, scene, tmp_path):
         disparity = np.where(gt > 0, 2.0 / np.maximum(gt, 1e-6) + 0.5, 0.0)  # affine in inverse depth
         Image.fromarray((disparity * 10000).astype(np.uint16)).save(ws.depth_prior_dir / f"{view_stem(v.name)}.png")
     cfg = DepthConfig(estimator=DepthEstimator.prior, prior_kind=PriorKind.inverse_depth, prior_affine=True, device="cpu")
-    res = compute_depth_maps(scene, ws, cfg)
+    res = compute_depth_maps(scene, ws, cfg, MvsConfig())
     assert len(res.written) == len(scene.views)
     assert np.max(_rel_errors(scene_dir, scene, ws)) < 0.005
 
@@ -485,7 +486,7 @@ def test_bad_priors_are_left_out_with_warnings(scene_dir, scene, tmp_path, caplo
     np.save(ws.depth_prior_dir / f"{names[3]}.npy", few)
     (ws.depth_prior_dir / f"{names[4]}.npy").unlink()  # missing
     with caplog.at_level(logging.WARNING, logger="pipeline.depth.stage"):
-        res = compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"))
+        res = compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"), MvsConfig())
     assert sorted(res.failed) == sorted(v.name for v in scene.views[:5])
     assert len(res.written) == len(scene.views) - 5
     text = caplog.text
@@ -501,13 +502,13 @@ def test_all_priors_bad_is_an_error(scene_dir, scene, tmp_path):
     ws = _prior_ws(scene_dir, tmp_path)
     _write_priors(scene_dir, scene, ws.depth_prior_dir, lambda gt, r: np.full_like(gt, np.inf), np.random.default_rng(0))
     with pytest.raises(ReconError, match="no view got a depth map"):
-        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"))
+        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"), MvsConfig())
 
 
 def test_missing_prior_folder_is_an_error(scene_dir, scene, tmp_path):
     ws = _prior_ws(scene_dir, tmp_path)
     with pytest.raises(ReconError, match="depth_prior: folder of depth priors not found"):
-        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"))
+        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"), MvsConfig())
 
 
 class _ToyDisparity(torch.nn.Module):
@@ -531,7 +532,7 @@ def test_torchscript_estimator(scene_dir, scene, tmp_path):
     torch.jit.script(_ToyDisparity()).save(str(model))
     cfg = DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(model), prior_kind=PriorKind.inverse_depth,
                       prior_affine=True, max_image_side=160, device="cpu")
-    res = compute_depth_maps(scene, ws, cfg)
+    res = compute_depth_maps(scene, ws, cfg, MvsConfig())
     assert len(res.written) == len(scene.views)
     dm = load_depth_map(ws.depth_view(scene.views[0].name))
     assert dm.shape == (120, 160)
@@ -544,11 +545,11 @@ def test_torchscript_estimator(scene_dir, scene, tmp_path):
 def test_torchscript_errors(scene_dir, scene, tmp_path, caplog):
     ws = _prior_ws(scene_dir, tmp_path)
     with pytest.raises(ReconError, match="TorchScript model not found"):
-        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(tmp_path / "nope.pt")))
+        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(tmp_path / "nope.pt")), MvsConfig())
     bad = tmp_path / "bad.pt"
     torch.jit.script(_WrongShape()).save(str(bad))
     with caplog.at_level(logging.WARNING, logger="pipeline.depth.stage"), pytest.raises(ReconError, match="no view got a depth map"):
-        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(bad), max_image_side=80))
+        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(bad), max_image_side=80), MvsConfig())
     assert "output of shape (1, 2, 60, 80)" in caplog.text
 
 
@@ -585,12 +586,12 @@ def test_out_of_memory_retries_with_smaller_chunks(scene, tmp_path, monkeypatch,
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    cfg = DepthConfig(device="cpu", pyramid_levels=2, num_hypotheses=32)
-    expected = MvsEstimator(scene, cfg, torch.device("cpu")).estimate(0)
+    cfg, mvs_cfg = DepthConfig(device="cpu"), MvsConfig(pyramid_levels=2, num_hypotheses=32)
+    expected = MvsEstimator(scene, cfg, mvs_cfg, torch.device("cpu")).estimate(0)
     monkeypatch.setattr(mvs, "estimate_depth", flaky)
     with caplog.at_level(logging.WARNING):
-        got = MvsEstimator(scene, cfg, torch.device("cpu")).estimate(0)
-    assert chunks == [cfg.chunk_pixels, cfg.chunk_pixels // 2]
+        got = MvsEstimator(scene, cfg, mvs_cfg, torch.device("cpu")).estimate(0)
+    assert chunks == [mvs_cfg.chunk_pixels, mvs_cfg.chunk_pixels // 2]
     assert "out of memory" in caplog.text.lower() and "depth of" in caplog.text
     np.testing.assert_array_equal(got.valid, expected.valid)
     np.testing.assert_allclose(got.values, expected.values, rtol=1e-5)

@@ -244,7 +244,7 @@ def test_a_crash_while_a_stage_reruns_keeps_its_previous_result(fake, ws):
     run(ws)
     view = ws.stage_dir("depth") / "views" / "v0.json"
     before = view.read_text()
-    new_cfg = load_config(overrides=["depth.num_neighbors=3"])
+    new_cfg = load_config(overrides=["depth.max_image_side=320"])
     fake.crash_after["depth"] = len(fake.views_written["depth"]) + 2
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(ws, new_cfg)
@@ -257,4 +257,4 @@ def test_a_crash_while_a_stage_reruns_keeps_its_previous_result(fake, ws):
     run(ws, new_cfg)
     assert fake.calls == ["depth", "refine", "fuse", "export"]
     assert len(fake.views_written["depth"]) - written == len(VIEWS) - 2  # resumed, not redone
-    assert "num_neighbors': 3" in view.read_text() and not (ws.out_dir / ".building").exists()
+    assert "max_image_side': 320" in view.read_text() and not (ws.out_dir / ".building").exists()

@@ -294,7 +294,7 @@ def _fake_work(fits_on: dict[str, int], calls: list[tuple[int, str]]):
 def test_oom_halves_the_batch_then_falls_back_to_cpu(fits, expected, caplog):
     calls: list[tuple[int, str]] = []
     with caplog.at_level("WARNING", logger="pipeline.core.oom"):
-        res = call_with_oom_fallback(_fake_work(fits, calls), batch=64, device="cuda", min_batch=16, what="depth of v.png", setting="depth.chunk_pixels")
+        res = call_with_oom_fallback(_fake_work(fits, calls), batch=64, device="cuda", min_batch=16, what="depth of v.png", setting="mvs.chunk_pixels")
     assert calls == expected
     assert res.value.item() == pytest.approx(66.0) and (res.batch, res.device.type) == expected[-1] and res.retries == len(expected) - 1
     warnings = [r.getMessage() for r in caplog.records]

@@ -20,6 +20,7 @@ from pipeline.core.workspace import Workspace, view_stem
 from pipeline.depth.stage import (
     DepthConfig,
     DepthEstimator,
+    MvsConfig,
     PriorKind,
     compute_depth_maps,
     filter_input_path,
@@ -60,11 +61,11 @@ def _fused_scores(scene_dir, scene, maps) -> dict:
             "chamfer": r["chamfer_rel"]}
 
 
-def _refine(ws, scene, depth_cfg, refine_cfg):
+def _refine(ws, scene, mvs_cfg, refine_cfg):
     """The depth stage's maps of ``ws`` and their refinement with the stage's inputs (images, pre-filter candidates)."""
     init = [load_depth_map(ws.depth_view(v.name)) for v in scene.views]
     images = [load_rgb(v.image_path, max_size=max(m.depth.shape)) for v, m in zip(scene.views, init)]
-    cands = [load_depth_map(p) if (p := filter_input_path(ws, depth_cfg, v.name)).exists() else None for v in scene.views]
+    cands = [load_depth_map(p) if (p := filter_input_path(ws, mvs_cfg, v.name)).exists() else None for v in scene.views]
     refined, log = refine_depth_maps(scene.views, init, scene.points, refine_cfg, "cpu", images=images, candidates=cands)
     return init, refined, log
 
@@ -77,8 +78,8 @@ def test_refining_plane_sweep_depth_keeps_the_mesh(scene_dir, scene, tmp_path):
     """
     ws = Workspace.create(scene_dir, tmp_path / "out")
     cfg = DepthConfig(device="cpu")
-    compute_depth_maps(scene, ws, cfg)
-    init, refined, log = _refine(ws, scene, cfg, RefineConfig())
+    compute_depth_maps(scene, ws, cfg, MvsConfig())
+    init, refined, log = _refine(ws, scene, MvsConfig(), RefineConfig())
     before, after = _fused_scores(scene_dir, scene, init), _fused_scores(scene_dir, scene, refined)
     assert after["F@0.5"] > before["F@0.5"] - 0.01, (before, after)
     assert after["recall@0.5"] > before["recall@0.5"] - 0.01, (before, after)
@@ -94,8 +95,8 @@ def test_refining_monocular_priors_raises_the_fscore(scene_dir, scene, tmp_path)
     for v in scene.views:
         np.save(ws.scene_dir / "depth_prior" / f"{view_stem(v.name)}.npy", monocular_prior(load_gt_depth(scene_dir / "gt", v.name), rng, STRENGTHS["medium"]))
     cfg = DepthConfig(estimator=DepthEstimator.prior, prior_kind=PriorKind.inverse_depth, prior_affine=True, device="cpu")
-    compute_depth_maps(scene, ws, cfg)
-    init, refined, log = _refine(ws, scene, cfg, RefineConfig())
+    compute_depth_maps(scene, ws, cfg, MvsConfig())
+    init, refined, log = _refine(ws, scene, MvsConfig(), RefineConfig())
     before, after = _fused_scores(scene_dir, scene, init), _fused_scores(scene_dir, scene, refined)
     assert after["F@1"] > before["F@1"] + 0.2, (before, after)
     assert after["chamfer"] < before["chamfer"], (before, after)

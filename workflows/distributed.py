@@ -209,7 +209,7 @@ def estimate_chunk_task(job: SceneJob, indices: list[int]) -> TaskOutcome:
 
     def body(ws: Workspace, cfg: ReconConfig, outcome: TaskOutcome) -> None:
         log = logging.getLogger("pipeline.depth.stage")
-        res = estimate_views(load_sfm_scene(ws), ws.building_stage("depth"), cfg.depth, indices, log=log)
+        res = estimate_views(load_sfm_scene(ws), ws.building_stage("depth"), cfg.depth, cfg.mvs, indices, log=log)
         log.info("depth: pass 1 of views %d..%d in a Ray task: %d estimated, %d already there, %d left out",
                  indices[0], indices[-1], len(res.seconds), len(indices) - len(res.seconds) - len(res.failed), len(res.failed))
         outcome.extra = {"views": len(indices), "estimated": len(res.seconds), "failed": dict(res.failed), "seconds": list(res.seconds)}

@@ -161,7 +161,7 @@ def stage_state(ws: Workspace, cfg: ReconConfig, manifest: Manifest, name: str, 
     settings = stage_settings(cfg, name)
     if entry.get("settings") != settings:
         changed = sorted(k for k in settings if entry.get("settings", {}).get(k) != settings[k])
-        return StageStatus(name, "stale", "settings changed: " + ", ".join(f"{name}.{k}" for k in changed))
+        return StageStatus(name, "stale", "settings changed: " + ", ".join(k if "." in k else f"{name}.{k}" for k in changed))
     broken = _outputs_intact(ws, name, entry)
     if broken:
         return StageStatus(name, "stale", broken)

@@ -6,8 +6,8 @@ frozen network) wraps the work in :func:`call_with_oom_fallback`::
 
     depth = call_with_oom_fallback(
         lambda batch, device: sweep(images.to(device), chunk_pixels=batch),
-        batch=cfg.chunk_pixels, device=default_device(cfg.device),
-        what=f"depth of {view.name}", setting="depth.chunk_pixels",
+        batch=mvs_cfg.chunk_pixels, device=default_device(cfg.device),
+        what=f"depth of {view.name}", setting="mvs.chunk_pixels",
     ).value
 
 On ``torch.cuda.OutOfMemoryError`` the batch is halved (down to

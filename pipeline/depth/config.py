@@ -1,4 +1,5 @@
-"""Settings of the depth stage (initial depth: plane sweep, priors, TorchScript); light to import: checked when the config loads."""
+"""Settings of the depth stage: ``DepthConfig`` (section ``depth``: estimator, priors, TorchScript) and ``MvsConfig``
+(section ``mvs``: the plane sweep); light to import: checked when the config loads."""
 
 from __future__ import annotations
 
@@ -31,51 +32,44 @@ class PriorKind(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class DepthConfig:
-    estimator: DepthEstimator = setting(DepthEstimator.mvs, "Initial depth estimator: mvs (plane-sweep stereo, no weights), prior (SCENE_DIR/depth_prior files) or torchscript (a model file).")
-    max_image_side: int = setting(640, "Working resolution: images are downscaled so that their longer side is at most this many pixels (depth maps have this size).", check=zero_or_at_least(16, "full resolution"))
-    # -- mvs
-    num_neighbors: int = setting(5, "mvs: neighbour views per reference view (ranked by shared sparse points weighted by triangulation angle).", check=at_least(1))
-    neighbor_angle_deg: float = setting(10.0, "mvs: a neighbour whose median triangulation angle (deg) with the reference is below this has its co-visibility score scaled down proportionally.", check=between(0, 180, open_low=True))
-    max_neighbor_angle_deg: float = setting(60.0, "mvs: neighbours with a median triangulation angle above this (deg) are not used.", check=between(0, 180, open_low=True))
-    num_hypotheses: int = setting(96, "mvs: depth hypotheses of the full sweep on the coarsest pyramid level (uniform in inverse depth).", check=at_least(3))
-    pyramid_levels: int = setting(2, "mvs: coarse-to-fine levels (each halves the resolution; 1 = a single full-resolution sweep).", check=at_least(1))
-    refine_hypotheses: int = setting(8, "mvs: hypotheses per pixel on each finer level: the upsampled estimate shifted to span ± refine_radius coarser steps.", check=at_least(2))
-    refine_radius: float = setting(2.0, "mvs: half-width of the finer levels' search interval, in hypothesis steps of the coarser level.", check=greater_than(0))
-    edge_radius: int = setting(1, "mvs: finer levels also try the coarser estimate's local min and max depth over (2r+1)^2 coarser pixels, so depth edges can move (0 = off).", check=at_least(0))
-    propagation_shifts: tuple[int, ...] = setting((3, 8), "mvs: at full resolution each pixel also tries the smoothed estimate shifted by these pixel distances left/right/up/down (moves depth edges, fills weak texture).", check=each(at_least(1)))
-    polish_hypotheses: int = setting(5, "mvs: final full-resolution sweep of this many hypotheses at half the last step, for sub-hypothesis accuracy (0 = off).", check=at_least(0))
-    polish_iterations: int = setting(1, "mvs: number of polish sweeps (each re-centres on the smoothed estimate and halves the step).", check=at_least(0))
-    smooth_radius: int = setting(2, "mvs: the finer sweeps are centred on the previous estimate median-filtered over (2r+1)^2 pixels (coherent surfaces for the NCC windows; 0 = unfiltered).", check=at_least(0))
-    offset_penalty: float = setting(0.05, "mvs: cost added at the ends of a finer sweep (quadratic in the offset), keeping weakly textured pixels near the smoothed estimate.", check=at_least(0))
-    ncc_window: int = setting(5, "mvs: side of the square NCC window in pixels (odd).", check=odd_at_least(3))
-    best_k: int = setting(1, "mvs: per pixel, the matching cost is the mean over the best_k best neighbours (occlusion-robust).", check=at_least(1))
-    cost_truncation: float = setting(2.0, "mvs: per-neighbour matching costs (1 - NCC, in [0, 2]) are clamped at this before the best_k mean, so occluded neighbours shift rather than bend the cost curve (2 = off).", check=greater_than(0))
-    min_ncc: float = setting(0.3, "mvs: pixels whose aggregated NCC is below this are invalid.", check=between(-1, 1))
-    range_percentile: float = setting(2.0, "mvs: depth range of a view = [p, 100-p] percentiles of the depths of its sparse points, widened by range_margin.", check=between(0, 50, open_high=True))
-    range_margin: float = setting(0.25, "mvs: relative widening of the depth range (near / (1 + m), far · (1 + m)).", check=at_least(0))
-    plane_candidates: int = setting(1, "mvs: dominant planes fitted to the sparse points (RANSAC; floors, table tops, walls) whose depth every pixel also tries, keeping it where it matches better (0 = off).", check=at_least(0))
-    plane_max_gap: float = setting(0.25, "mvs: a plane's depth is tried only where it is within this relative (inverse-depth) distance of the pixel's estimate: an object pixel that took the floor behind it would be depth that is too far, which carves the true surface out of the TSDF (knot F@1 %: no limit 0.942, 0.25 0.946).", check=greater_than(0))
-    plane_distance: float = setting(0.005, "mvs: RANSAC inlier distance of the plane fit, as a fraction of the diagonal of the sparse points' 2-98 percentile box.", check=greater_than(0))
-    plane_min_inliers: float = setting(0.1, "mvs: a fitted plane is used only when at least this fraction of the sparse points lie on it.", check=between(0, 1))
-    cross_view_candidates: bool = setting(True, "mvs: after the first pass every view also tries, per pixel, the surfaces its geo_neighbors found (their maps reprojected into it) and keeps whichever matches best (recovers thin and briefly seen surfaces).")
-    geometric_filter: bool = setting(True, "mvs: second pass that keeps only pixels whose depth agrees with at least geo_min_consistent neighbour maps.")
-    geo_neighbors: int = setting(6, "mvs: views checked by the geometric filter (most co-visible first, same angle rules as the matching neighbours).", check=at_least(1))
-    geo_min_consistent: int = setting(1, "mvs: neighbour maps that must agree with a pixel (geometric filter).", check=at_least(0))
-    geo_max_reproj_px: float = setting(2.0, "mvs: forward-backward reprojection error (pixels) below which a neighbour agrees.", check=greater_than(0))
-    geo_max_rel_depth: float = setting(0.02, "mvs: relative depth difference below which a neighbour agrees.", check=greater_than(0))
-    geo_free_space_margin: float = setting(0.05, "mvs: a neighbour contradicts a pixel when it sees a surface more than this (relative) behind the pixel's point.", check=at_least(0))
-    geo_unverified_min_confidence: float = setting(0.5, "mvs: a pixel no neighbour agrees with is still kept when no neighbour contradicts it and its confidence is at least this (occluded regions; above 1 = never).", check=at_least(0))
-    geo_average: bool = setting(True, "mvs: replace a kept pixel's depth by the mean of its own and the agreeing neighbours' depths.")
-    mvs_rescale_tolerance: float = setting(0.05, "mvs: the sparse-point scale of a map is applied only if it differs from 1 by more than this (then a warning is logged).", check=at_least(0))
+    estimator: DepthEstimator = setting(
+        DepthEstimator.mvs,
+        "Initial depth estimator: mvs (plane-sweep stereo, no weights), prior (SCENE_DIR/depth_prior files) or "
+        "torchscript (a model file).",
+    )
+    max_image_side: int = setting(
+        640,
+        "Longer side of the depth maps in pixels; photos are downscaled to it.",
+        check=zero_or_at_least(16, "full resolution"),
+    )
     # -- prior / torchscript
-    prior_kind: PriorKind = setting(PriorKind.depth, "prior / torchscript: the maps hold depth or inverse_depth (disparity).")
-    prior_affine: bool = setting(False, "prior / torchscript: maps are affine-invariant (unknown scale and shift, fitted in their own domain) instead of scale-only.")
-    torchscript_path: str = setting("", "torchscript: path of the TorchScript model file.")
-    min_anchor_points: int = setting(20, "Sparse points a view must see on valid pixels to be anchored; fewer → the view is left out (prior/torchscript) or kept unscaled (mvs).", check=at_least(3))
+    prior_kind: PriorKind = setting(
+        PriorKind.depth,
+        "What prior and TorchScript maps hold: depth or inverse_depth (disparity).",
+    )
+    prior_affine: bool = setting(
+        False,
+        "Prior and TorchScript maps are affine-invariant (unknown scale and shift, fitted in their own domain) "
+        "instead of scale-only.",
+    )
+    torchscript_path: str = setting("", "Path of the TorchScript model file (estimator torchscript).")
+    min_anchor_points: int = setting(
+        20,
+        "Sparse points a view must see on valid pixels to be anchored; with fewer, the view is left out (prior, "
+        "torchscript) or kept unscaled (mvs).",
+        check=at_least(3),
+    )
     # -- how it runs
-    chunk_pixels: int = setting(1 << 20, "mvs: pixels x hypotheses x neighbours scored at once (bounds memory: about 60 bytes each).", affects_output=False, check=at_least(1))
-    cache_images: int = setting(16, "Images / depth maps kept in memory at once (LRU).", affects_output=False, check=at_least(1))
-    device: str = setting("auto", "Torch device: auto (cuda when present), cpu or cuda.", affects_output=False, check=device_choice("torch"))
+    cache_images: int = setting(
+        16,
+        "Images and depth maps kept in memory at once (least recently used are dropped first).",
+        affects_output=False, check=at_least(1),
+    )
+    device: str = setting(
+        "auto",
+        "Torch device: auto (cuda when present), cpu or cuda.",
+        affects_output=False, check=device_choice("torch"),
+    )
 
     def cross_problems(self) -> list[str]:
         """Rules between settings, checked when the config is loaded."""
@@ -83,3 +77,186 @@ class DepthConfig:
             shown = self.torchscript_path or "(empty)"
             return [f"depth.estimator=torchscript needs depth.torchscript_path set to a TorchScript model file (got {shown}, not a file)"]
         return []
+
+
+@dataclass(kw_only=True)
+class MvsConfig:
+    """Settings of the plane-sweep estimator (``depth.estimator=mvs``): section ``mvs``, in the depth stage's
+    fingerprint."""
+
+    num_neighbors: int = setting(
+        5,
+        "Neighbour views each reference view is matched against, ranked by shared sparse points weighted by "
+        "triangulation angle.",
+        check=at_least(1),
+    )
+    neighbor_angle_deg: float = setting(
+        10.0,
+        "Median triangulation angle with the reference, in degrees, below which a neighbour's co-visibility score is "
+        "scaled down proportionally.",
+        check=between(0, 180, open_low=True),
+    )
+    max_neighbor_angle_deg: float = setting(
+        60.0,
+        "Median triangulation angle with the reference, in degrees, above which a neighbour is not used.",
+        check=between(0, 180, open_low=True),
+    )
+    num_hypotheses: int = setting(
+        96,
+        "Depth hypotheses of the full sweep on the coarsest pyramid level, uniform in inverse depth.",
+        check=at_least(3),
+    )
+    pyramid_levels: int = setting(
+        2,
+        "Coarse-to-fine levels, each halving the resolution (1 = a single full-resolution sweep).",
+        check=at_least(1),
+    )
+    fine_hypotheses: int = setting(
+        8,
+        "Hypotheses per pixel on each finer level: the upsampled estimate shifted to span ± fine_radius coarser "
+        "steps.",
+        check=at_least(2),
+    )
+    fine_radius: float = setting(
+        2.0,
+        "Half-width of the finer levels' search interval, in hypothesis steps of the coarser level.",
+        check=greater_than(0),
+    )
+    edge_radius: int = setting(
+        1,
+        "Radius r, in coarser pixels, of the (2r+1)^2 window whose min and max depth the finer levels also try, so "
+        "depth edges can move (0 = off).",
+        check=at_least(0),
+    )
+    propagation_shifts: tuple[int, ...] = setting(
+        (3, 8),
+        "Distances in pixels by which, at full resolution, each pixel also tries the smoothed estimate shifted left, "
+        "right, up and down (moves depth edges, fills weak texture).",
+        check=each(at_least(1)),
+    )
+    polish_hypotheses: int = setting(
+        5,
+        "Hypotheses of the final full-resolution sweeps, at half the last step, for sub-hypothesis "
+        "accuracy (0 = off).",
+        check=at_least(0),
+    )
+    polish_iterations: int = setting(
+        1,
+        "Polish sweeps, each re-centred on the smoothed estimate with the step halved again.",
+        check=at_least(0),
+    )
+    smooth_radius: int = setting(
+        2,
+        "Radius r, in pixels, of the (2r+1)^2 median filter of the estimate the finer sweeps are centred on, which "
+        "keeps the NCC windows on coherent surfaces (0 = unfiltered).",
+        check=at_least(0),
+    )
+    offset_penalty: float = setting(
+        0.05,
+        "Matching cost added at the ends of a finer sweep (quadratic in the offset), keeping weakly textured pixels "
+        "near the smoothed estimate.",
+        check=at_least(0),
+    )
+    ncc_window: int = setting(5, "Side of the square NCC window in pixels (odd).", check=odd_at_least(3))
+    best_k: int = setting(
+        1,
+        "Neighbours whose matching costs are averaged per pixel, the best ones (occlusion-robust).",
+        check=at_least(1),
+    )
+    cost_truncation: float = setting(
+        2.0,
+        "Clamp on each neighbour's matching cost (1 - NCC, in [0, 2]) before the best_k mean, so occluded neighbours "
+        "shift rather than bend the cost curve (2 = off).",
+        check=greater_than(0),
+    )
+    min_ncc: float = setting(0.3, "Aggregated NCC (in [-1, 1]) below which a pixel is invalid.", check=between(-1, 1))
+    range_percentile: float = setting(
+        2.0,
+        "Percentile p, in %, of the depths of a view's sparse points: its sweep spans their [p, 100-p] percentiles, "
+        "widened by range_margin.",
+        check=between(0, 50, open_high=True),
+    )
+    range_margin: float = setting(
+        0.25,
+        "Relative widening m of the depth range: near / (1 + m), far · (1 + m).",
+        check=at_least(0),
+    )
+    plane_candidates: int = setting(
+        1,
+        "Dominant planes fitted to the sparse points (RANSAC: floors, table tops, walls) whose depth every pixel also "
+        "tries, kept where it matches better (0 = off).",
+        check=at_least(0),
+    )
+    plane_max_gap: float = setting(
+        0.25,
+        "Relative (inverse-depth) distance from a pixel's estimate within which a plane's depth is tried, so object "
+        "pixels do not take the floor behind them.",
+        check=greater_than(0),
+    )
+    plane_distance: float = setting(
+        0.005,
+        "RANSAC inlier distance of the plane fit, as a fraction of the diagonal of the sparse points' 2-98 percentile "
+        "box.",
+        check=greater_than(0),
+    )
+    plane_min_inliers: float = setting(
+        0.1,
+        "Fraction of the sparse points a fitted plane must hold to be used.",
+        check=between(0, 1),
+    )
+    cross_view_candidates: bool = setting(
+        True,
+        "After the first pass, every pixel also tries the surfaces its geo_neighbors found (their maps reprojected "
+        "into the view) and keeps whichever matches best, recovering thin and briefly seen surfaces.",
+    )
+    geometric_filter: bool = setting(
+        True,
+        "Second pass that keeps only pixels whose depth agrees with at least geo_min_consistent neighbour maps.",
+    )
+    geo_neighbors: int = setting(
+        6,
+        "Views checked by the geometric filter, most co-visible first, with the angle rules of the matching "
+        "neighbours.",
+        check=at_least(1),
+    )
+    geo_min_consistent: int = setting(
+        1,
+        "Neighbour maps that must agree with a pixel for the geometric filter to keep it.",
+        check=at_least(0),
+    )
+    geo_max_reproj_px: float = setting(
+        2.0,
+        "Forward-backward reprojection error in pixels below which a neighbour agrees with a pixel.",
+        check=greater_than(0),
+    )
+    geo_max_rel_depth: float = setting(
+        0.02,
+        "Relative depth difference below which a neighbour agrees with a pixel.",
+        check=greater_than(0),
+    )
+    geo_free_space_margin: float = setting(
+        0.05,
+        "Relative distance behind a pixel's point beyond which a surface a neighbour sees contradicts the pixel.",
+        check=at_least(0),
+    )
+    geo_unverified_min_confidence: float = setting(
+        0.5,
+        "Confidence (in [0, 1]) from which a pixel no neighbour agrees with is kept anyway when none contradicts it, "
+        "for occluded regions (above 1 = never).",
+        check=at_least(0),
+    )
+    geo_average: bool = setting(
+        True,
+        "Replace a kept pixel's depth by the mean of its own and the agreeing neighbours' depths.",
+    )
+    rescale_tolerance: float = setting(
+        0.05,
+        "Deviation from 1 of a map's sparse-point scale beyond which the scale is applied, with a warning.",
+        check=at_least(0),
+    )
+    # -- how it runs
+    chunk_pixels: int = setting(
+        1 << 20,
+        "Pixels x hypotheses x neighbours scored at once, about 60 bytes each (bounds memory, not the result).",
+        affects_output=False, check=at_least(1),
+    )

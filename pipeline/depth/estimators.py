@@ -27,7 +27,7 @@ from pipeline.core.settings import check_section
 from pipeline.core.workspace import Workspace, view_stem
 from pipeline.depth import anchoring
 from pipeline.depth import plane_sweep as mvs
-from pipeline.depth.config import DepthConfig, DepthEstimator
+from pipeline.depth.config import DepthConfig, DepthEstimator, MvsConfig
 from pipeline.depth.views import (
     ViewFailure,
     depth_range,
@@ -111,20 +111,26 @@ class Estimator(Protocol):
 class MvsEstimator:
     """Plane-sweep stereo against co-visible neighbours (:func:`pipeline.depth.plane_sweep.estimate_depth`)."""
 
-    def __init__(self, scene: SfmScene, cfg: DepthConfig, device: torch.device):
+    def __init__(self, scene: SfmScene, cfg: DepthConfig, mvs_cfg: MvsConfig, device: torch.device):
         check_section(cfg, "depth")
+        check_section(mvs_cfg, "mvs")
         self.scene = scene
         self.cfg = cfg
+        self.mvs_cfg = mvs_cfg
         self.device = device
-        self.neighbors = stereo_neighbors(scene, cfg.num_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+        self.neighbors = stereo_neighbors(scene, mvs_cfg.num_neighbors, mvs_cfg.neighbor_angle_deg,
+                                          mvs_cfg.max_neighbor_angle_deg)
         self.sizes = [working_size(v.width, v.height, cfg.max_image_side) for v in scene.views]
-        self.planes = fit_scene_planes(scene.points, cfg.plane_candidates, cfg.plane_distance, cfg.plane_min_inliers)
+        self.planes = fit_scene_planes(scene.points, mvs_cfg.plane_candidates, mvs_cfg.plane_distance,
+                                       mvs_cfg.plane_min_inliers)
         self.images = _LRU(cfg.cache_images, lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
         self.settings = mvs.SweepSettings(
-            num_hypotheses=cfg.num_hypotheses, levels=cfg.pyramid_levels, refine_hypotheses=cfg.refine_hypotheses,
-            refine_radius=cfg.refine_radius, edge_radius=cfg.edge_radius, propagation_shifts=tuple(cfg.propagation_shifts), polish_hypotheses=cfg.polish_hypotheses, polish_iterations=cfg.polish_iterations,
-            smooth_radius=cfg.smooth_radius, offset_penalty=cfg.offset_penalty, window=cfg.ncc_window, plane_max_gap=cfg.plane_max_gap, best_k=cfg.best_k, truncation=cfg.cost_truncation, min_ncc=cfg.min_ncc,
-            chunk_pixels=max(1, cfg.chunk_pixels),
+            num_hypotheses=mvs_cfg.num_hypotheses, levels=mvs_cfg.pyramid_levels, refine_hypotheses=mvs_cfg.fine_hypotheses,
+            refine_radius=mvs_cfg.fine_radius, edge_radius=mvs_cfg.edge_radius, propagation_shifts=tuple(mvs_cfg.propagation_shifts),
+            polish_hypotheses=mvs_cfg.polish_hypotheses, polish_iterations=mvs_cfg.polish_iterations,
+            smooth_radius=mvs_cfg.smooth_radius, offset_penalty=mvs_cfg.offset_penalty, window=mvs_cfg.ncc_window,
+            plane_max_gap=mvs_cfg.plane_max_gap, best_k=mvs_cfg.best_k, truncation=mvs_cfg.cost_truncation, min_ncc=mvs_cfg.min_ncc,
+            chunk_pixels=max(1, mvs_cfg.chunk_pixels),
         )
 
     def sources(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -144,7 +150,7 @@ class MvsEstimator:
         nbrs = self.neighbors[index]
         if not nbrs:
             raise ViewFailure(f"{view.name}: no neighbour view shares sparse points at a usable triangulation angle")
-        near, far = depth_range(self.scene, view, self.cfg.range_percentile, self.cfg.range_margin)
+        near, far = depth_range(self.scene, view, self.mvs_cfg.range_percentile, self.mvs_cfg.range_margin)
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
         K_ref = working_intrinsics(view, self.sizes[index])
         src_images, K_srcs, poses = self.sources(index)
@@ -160,7 +166,7 @@ class MvsEstimator:
 
         # chunk_pixels only bounds memory (same result): on out-of-memory, smaller chunks, then the CPU.
         res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device, what=f"depth of {view.name}",
-                                     setting="depth.chunk_pixels", min_batch=min(self.settings.chunk_pixels, 1 << 14)).value
+                                     setting="mvs.chunk_pixels", min_batch=min(self.settings.chunk_pixels, 1 << 14)).value
         valid = res.valid.cpu().numpy()
         stats = {
             "near": near,
@@ -291,9 +297,9 @@ class TorchScriptEstimator:
                         domain=self.cfg.prior_kind.value, affine=self.cfg.prior_affine, stats={"source": str(self.path)})
 
 
-def make_estimator(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device) -> Estimator:
+def make_estimator(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, device: torch.device) -> Estimator:
     if cfg.estimator == DepthEstimator.mvs:
-        return MvsEstimator(scene, cfg, device)
+        return MvsEstimator(scene, cfg, mvs_cfg, device)
     if cfg.estimator == DepthEstimator.prior:
         return PriorEstimator(scene, ws, cfg)
     if cfg.estimator == DepthEstimator.torchscript:

@@ -1,13 +1,13 @@
 """depth stage: initial per-view depth maps, anchored to the sparse points.
 
-Estimators (``depth.estimator``), all behind :class:`Estimator`:
+Estimators (``depth.estimator``), all behind :class:`~pipeline.depth.estimators.Estimator`:
 
 * ``mvs`` (default, no weights): coarse-to-fine plane-sweep stereo in torch
-  (:mod:`pipeline.depth.plane_sweep`) against ``num_neighbors`` neighbour views chosen from
+  (:mod:`pipeline.depth.plane_sweep`) against ``mvs.num_neighbors`` neighbour views chosen from
   SfM co-visibility and triangulation angle, over a depth range taken from
   the sparse points the view sees. Its maps are metric in the normalized
   frame already; the sparse-point scale is measured and recorded, and applied
-  only when it is off by more than ``mvs_rescale_tolerance`` (a per-view
+  only when it is off by more than ``mvs.rescale_tolerance`` (a per-view
   rescale of a correct map would only add noise and break multi-view
   consistency; a large deviation means a broken pose and is warned about).
 * ``prior``: user files ``SCENE_DIR/depth_prior/<stem>.npy`` (float) or
@@ -56,7 +56,7 @@ from pipeline.core.geometry import default_device, invert_pose
 from pipeline.core.io import DepthMap, SfmScene, View, load_depth_map, load_sfm_scene, save_depth_map
 from pipeline.core.workspace import Workspace
 from pipeline.depth import anchoring, consistency
-from pipeline.depth.config import DepthConfig, DepthEstimator, PriorKind  # noqa: F401 - re-exported
+from pipeline.depth.config import DepthConfig, DepthEstimator, MvsConfig, PriorKind  # noqa: F401 - re-exported
 from pipeline.depth.estimators import _LRU, Estimate, MvsEstimator, make_estimator
 from pipeline.depth.views import ViewFailure, sparse_in_view, stereo_neighbors
 
@@ -79,11 +79,12 @@ def adopted_depth_path(ws: Workspace, image_name: str) -> Path:
 
 # ---- anchoring --------------------------------------------------------------------------------------
 
-def anchor_estimate(est: Estimate, scene: SfmScene, view: View, cfg: DepthConfig, log: logging.Logger) -> tuple[np.ndarray, np.ndarray, dict]:
+def anchor_estimate(est: Estimate, scene: SfmScene, view: View, cfg: DepthConfig, mvs_cfg: MvsConfig,
+                    log: logging.Logger) -> tuple[np.ndarray, np.ndarray, dict]:
     """Align a raw map to the sparse points of its view: (depth (H, W) float32, valid (H, W), stats).
 
     mvs maps (metric already) are rescaled only when the fitted scale is off by
-    more than ``mvs_rescale_tolerance``; prior/torchscript maps are always aligned.
+    more than ``mvs.rescale_tolerance``; prior/torchscript maps are always aligned.
 
     Raises:
         ViewFailure: a prior/torchscript map that cannot be anchored.
@@ -102,7 +103,7 @@ def anchor_estimate(est: Estimate, scene: SfmScene, view: View, cfg: DepthConfig
         raise ViewFailure(f"{source}: cannot anchor the map of {view.name} to the sparse points: {exc}") from exc
     stats = res.as_dict()
     if is_mvs:
-        apply = abs(res.scale - 1.0) > cfg.mvs_rescale_tolerance
+        apply = abs(res.scale - 1.0) > mvs_cfg.rescale_tolerance
         if apply:
             log.warning("%s: mvs depth is off the sparse points by scale %.3f (median error %.1f %%); rescaled — check the SfM poses",
                         view.name, res.scale, 100 * res.residual_before)
@@ -154,35 +155,35 @@ class DepthRunResult:
         }
 
 
-def uses_two_passes(cfg: DepthConfig) -> bool:
+def uses_two_passes(cfg: DepthConfig, mvs_cfg: MvsConfig) -> bool:
     """True when pass 1 writes raw maps that later passes (cross-view candidates, geometric filter) turn into the final ones."""
-    return cfg.estimator == DepthEstimator.mvs and (cfg.geometric_filter or cfg.cross_view_candidates)
+    return cfg.estimator == DepthEstimator.mvs and (mvs_cfg.geometric_filter or mvs_cfg.cross_view_candidates)
 
 
-def filter_input_path(ws: Workspace, cfg: DepthConfig, image_name: str) -> Path:
+def filter_input_path(ws: Workspace, mvs_cfg: MvsConfig, image_name: str) -> Path:
     """The map the geometric filter reads: after cross-view candidates when those run, else the raw map."""
-    return adopted_depth_path(ws, image_name) if cfg.cross_view_candidates else raw_depth_path(ws, image_name)
+    return adopted_depth_path(ws, image_name) if mvs_cfg.cross_view_candidates else raw_depth_path(ws, image_name)
 
 
-def first_pass_path(ws: Workspace, cfg: DepthConfig, image_name: str) -> Path:
+def first_pass_path(ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, image_name: str) -> Path:
     """Where pass 1 writes the map of ``image_name`` (raw map when a filter pass follows, else the final map)."""
-    return raw_depth_path(ws, image_name) if uses_two_passes(cfg) else ws.depth_view(image_name)
+    return raw_depth_path(ws, image_name) if uses_two_passes(cfg, mvs_cfg) else ws.depth_view(image_name)
 
 
-def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, indices: list[int] | None = None, *,
-                   bar: BarFactory = _no_bar, log: logging.Logger = logger) -> DepthRunResult:
+def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, indices: list[int] | None = None,
+                   *, bar: BarFactory = _no_bar, log: logging.Logger = logger) -> DepthRunResult:
     """Pass 1 for the views ``indices`` of ``scene`` (all when None): estimate and anchor, one file per view.
 
     Views whose pass-1 file exists are skipped, so this is resumable and can be
     split over workers (e.g. Ray tasks) sharing the workspace: every view's file
-    depends only on the scene, the inputs and ``cfg``, never on which worker made it.
+    depends only on the scene, the inputs and the settings, never on which worker made it.
     Only ``seconds``/``cpu_seconds``/``failed`` of the result are filled.
     """
     device = default_device(cfg.device)
     wanted = range(len(scene.views)) if indices is None else indices
     result = DepthRunResult(written=[], failed={}, seconds=[], cpu_seconds=[])
-    todo = [i for i in wanted if not first_pass_path(ws, cfg, scene.views[i].name).exists()]
-    estimator = make_estimator(scene, ws, cfg, device) if todo else None
+    todo = [i for i in wanted if not first_pass_path(ws, cfg, mvs_cfg, scene.views[i].name).exists()]
+    estimator = make_estimator(scene, ws, cfg, mvs_cfg, device) if todo else None
     with bar(desc="depth maps", total=len(wanted), unit="view") as pbar:
         pbar.update(len(wanted) - len(todo))
         for i in todo:
@@ -191,7 +192,7 @@ def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, indices: li
             try:
                 assert estimator is not None
                 est = estimator.estimate(i)
-                depth, valid, anchor_stats = anchor_estimate(est, scene, view, cfg, log)
+                depth, valid, anchor_stats = anchor_estimate(est, scene, view, cfg, mvs_cfg, log)
             except ViewFailure as exc:
                 log.warning("depth: %s; view left out", exc)
                 result.failed[view.name] = str(exc)
@@ -207,7 +208,7 @@ def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, indices: li
                 **est.stats,
             }
             confidence = np.where(valid, est.confidence, 0.0).astype(np.float32)
-            save_depth_map(first_pass_path(ws, cfg, view.name),
+            save_depth_map(first_pass_path(ws, cfg, mvs_cfg, view.name),
                            DepthMap(name=view.name, depth=depth, confidence=confidence, valid=valid,
                                     K=est.K, cam_from_world=view.cam_from_world, stats=stats))
             result.seconds.append(seconds)
@@ -217,8 +218,8 @@ def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, indices: li
     return result
 
 
-def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar: BarFactory = _no_bar,
-                       log: logging.Logger = logger) -> DepthRunResult:
+def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, *,
+                       bar: BarFactory = _no_bar, log: logging.Logger = logger) -> DepthRunResult:
     """Estimate, anchor (and filter) a depth map per view of ``scene``; writes ``ws.depth_view`` files.
 
     Views whose file exists are skipped (per pass). Raises ReconError when no view gets a map.
@@ -226,17 +227,17 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar:
     if not scene.views:
         raise ReconError("the SfM model has no registered views; nothing to estimate depth for")
     device = default_device(cfg.device)
-    two_pass = uses_two_passes(cfg)
-    result = estimate_views(scene, ws, cfg, bar=bar, log=log)
+    two_pass = uses_two_passes(cfg, mvs_cfg)
+    result = estimate_views(scene, ws, cfg, mvs_cfg, bar=bar, log=log)
 
-    if two_pass and cfg.cross_view_candidates:
+    if two_pass and mvs_cfg.cross_view_candidates:
         t0 = time.perf_counter()
-        adopted_path = (lambda name: adopted_depth_path(ws, name)) if cfg.geometric_filter else ws.depth_view
-        _cross_view_pass(scene, ws, cfg, device, bar, adopted_path)
+        adopted_path = (lambda name: adopted_depth_path(ws, name)) if mvs_cfg.geometric_filter else ws.depth_view
+        _cross_view_pass(scene, ws, cfg, mvs_cfg, device, bar, adopted_path)
         result.candidates_seconds = time.perf_counter() - t0
-    if two_pass and cfg.geometric_filter:
+    if two_pass and mvs_cfg.geometric_filter:
         t0 = time.perf_counter()
-        _geometric_filter_pass(scene, ws, cfg, device, bar, result)
+        _geometric_filter_pass(scene, ws, cfg, mvs_cfg, device, bar, result)
         result.filter_seconds = time.perf_counter() - t0
 
     estimated_now = bool(result.seconds)
@@ -256,8 +257,8 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, *, bar:
     return result
 
 
-def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device, bar: BarFactory,
-                     out_path: Callable[[str], Path]) -> None:
+def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, device: torch.device,
+                     bar: BarFactory, out_path: Callable[[str], Path]) -> None:
     """Pass 1b: raw maps → maps that also tried the neighbours' surfaces (:func:`pipeline.depth.consistency.adopt_candidates`).
 
     Candidates come from the ``geo_neighbors`` views' raw maps splatted into
@@ -270,8 +271,9 @@ def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: t
     todo = [i for i, n in enumerate(names) if have_raw[i] and not out_path(n).exists()]
     if not todo:
         return
-    estimator = MvsEstimator(scene, cfg, device)
-    geo_neighbors = stereo_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+    estimator = MvsEstimator(scene, cfg, mvs_cfg, device)
+    geo_neighbors = stereo_neighbors(scene, mvs_cfg.geo_neighbors, mvs_cfg.neighbor_angle_deg,
+                                     mvs_cfg.max_neighbor_angle_deg)
     maps = _LRU(cfg.cache_images, lambda i: load_depth_map(raw_depth_path(ws, names[i])))
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     with bar(desc="cross-view candidates", total=len(todo), unit="view") as pbar:
@@ -299,16 +301,17 @@ def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: t
             pbar.update(1)
 
 
-def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, device: torch.device, bar: BarFactory,
-                           result: DepthRunResult) -> None:
+def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, device: torch.device,
+                           bar: BarFactory, result: DepthRunResult) -> None:
     """Pass 2: raw maps → filtered maps (``ws.depth_view``), skipping views already filtered."""
     names = [v.name for v in scene.views]
-    have_raw = [filter_input_path(ws, cfg, n).exists() for n in names]
-    geo_neighbors = stereo_neighbors(scene, cfg.geo_neighbors, cfg.neighbor_angle_deg, cfg.max_neighbor_angle_deg)
+    have_raw = [filter_input_path(ws, mvs_cfg, n).exists() for n in names]
+    geo_neighbors = stereo_neighbors(scene, mvs_cfg.geo_neighbors, mvs_cfg.neighbor_angle_deg,
+                                     mvs_cfg.max_neighbor_angle_deg)
     todo = [i for i, n in enumerate(names) if have_raw[i] and not ws.depth_view(n).exists()]
     if not todo:
         return
-    maps = _LRU(cfg.cache_images, lambda i: load_depth_map(filter_input_path(ws, cfg, names[i])))
+    maps = _LRU(cfg.cache_images, lambda i: load_depth_map(filter_input_path(ws, mvs_cfg, names[i])))
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     with bar(desc="consistency filter", total=len(todo), unit="view") as pbar:
         for i in todo:
@@ -319,12 +322,13 @@ def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, dev
                 dj = maps.get(j)
                 neighbours.append((t(dj.depth), t(dj.K), t(dj.cam_from_world @ invert_pose(dm.cam_from_world))))
             with torch.no_grad():
-                cons = consistency.geometric_consistency(t(dm.depth), t(dm.K), neighbours, cfg.geo_max_reproj_px, cfg.geo_max_rel_depth,
-                                                 cfg.geo_free_space_margin)
-            agreed = (cons.count >= cfg.geo_min_consistent).cpu().numpy()
-            unverified = ((cons.count == 0) & (cons.violations == 0)).cpu().numpy() & (dm.confidence >= cfg.geo_unverified_min_confidence)
+                cons = consistency.geometric_consistency(t(dm.depth), t(dm.K), neighbours, mvs_cfg.geo_max_reproj_px,
+                                                         mvs_cfg.geo_max_rel_depth, mvs_cfg.geo_free_space_margin)
+            agreed = (cons.count >= mvs_cfg.geo_min_consistent).cpu().numpy()
+            unverified = (((cons.count == 0) & (cons.violations == 0)).cpu().numpy()
+                          & (dm.confidence >= mvs_cfg.geo_unverified_min_confidence))
             keep = (agreed | unverified) & dm.valid
-            depth = (cons.mean_depth.cpu().numpy() if cfg.geo_average else dm.depth)
+            depth = (cons.mean_depth.cpu().numpy() if mvs_cfg.geo_average else dm.depth)
             depth = np.where(keep, depth, 0.0).astype(np.float32)
             stats = dict(dm.stats)
             stats["raw_valid_fraction"] = stats.get("valid_fraction", 0.0)
@@ -341,7 +345,7 @@ def run(ctx: StageContext) -> None:
     """Initial depth of every registered view (see the module docstring)."""
     cfg: DepthConfig = ctx.settings
     scene = load_sfm_scene(ctx.ws)
-    res = compute_depth_maps(scene, ctx.ws, cfg, bar=ctx.bar, log=ctx.logger)
+    res = compute_depth_maps(scene, ctx.ws, cfg, ctx.config.mvs, bar=ctx.bar, log=ctx.logger)
     ctx.summary.update(res.summary())
     ctx.summary["estimator"] = cfg.estimator.value
     if res.failed:

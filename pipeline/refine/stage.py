@@ -262,7 +262,7 @@ def run(ctx: StageContext) -> None:
     def load_candidate(i: int) -> DepthMap | None:  # the depth stage's map before its consistency filter (mvs only)
         from pipeline.depth.stage import filter_input_path
 
-        path = filter_input_path(ws, ctx.config.depth, views[i].name)
+        path = filter_input_path(ws, ctx.config.mvs, views[i].name)
         return load_depth_map(path) if path.exists() and path != ws.depth_view(views[i].name) else None
 
     init, images = LazySequence(len(views), load_init), LazySequence(len(views), load_image)
