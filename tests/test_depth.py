@@ -14,7 +14,7 @@ from pipeline.core.errors import ReconError
 from pipeline.core.geometry import pixel_grid
 from pipeline.core.io import load_depth_map
 from pipeline.core.workspace import Workspace, view_stem
-from pipeline.depth import anchoring, consistency
+from pipeline.depth import anchoring, coarse_to_fine, consistency
 from pipeline.depth import plane_sweep as mvs
 from pipeline.depth.stage import (
     DepthConfig,
@@ -95,7 +95,7 @@ def test_adopt_candidates_takes_the_surface_that_matches(device):
     own[:, :32] = 2.5  # the wrong basin
     candidate = torch.full((48, 64), 0.25, device=device)  # inverse depth of the right surface
     candidate[:, 32:] = 1.0  # a worse proposal where the own depth is right
-    cfg = mvs.SweepSettings(window=5, min_ncc=0.3)
+    cfg = coarse_to_fine.SweepSettings(window=5, min_ncc=0.3)
     depth, ncc, adopted = consistency.adopt_candidates(ref, K, [src], [K], [src_from_ref], own, [candidate], cfg)
     inner = (slice(4, 44), slice(10, 28))
     torch.testing.assert_close(depth[inner], torch.full((40, 18), 4.0, device=device))
@@ -114,7 +114,7 @@ def _slanted_floor(device):
 def test_plane_inverse_depth_puts_every_pixel_on_the_plane(device):
     K, _ = _stereo_pair(device)
     plane = _slanted_floor(device)
-    inv = mvs.plane_inverse_depth(K, plane, 48, 64)
+    inv = coarse_to_fine.plane_inverse_depth(K, plane, 48, 64)
     seen = inv > 0
     assert seen.float().mean() > 0.3 and not seen[0].any()  # the top rows look above the horizon
     p = pixel_grid(48, 64, device=device)[seen]
@@ -169,16 +169,17 @@ def test_plane_candidates_recover_a_slanted_floor(device):
     plane = _slanted_floor(device)
     g = torch.Generator().manual_seed(2)
     src = torch.nn.functional.interpolate(torch.rand(1, 1, 36, 48, generator=g), size=(72, 96), mode="bilinear").to(device)
-    inv_true = mvs.plane_inverse_depth(K, plane, 72, 96)
+    inv_true = coarse_to_fine.plane_inverse_depth(K, plane, 72, 96)
     A, b = mvs.ray_field(K, K, src_from_ref, 72, 96)
     ref, inside = mvs.warp_by_depth(src, A, b, (1.0 / inv_true.clamp(min=1e-3))[None])
     ref = ref[0:1]
-    cfg = mvs.SweepSettings(num_hypotheses=48, levels=2, window=5, min_ncc=0.3)
+    cfg = coarse_to_fine.SweepSettings(num_hypotheses=48, levels=2, window=5, min_ncc=0.3)
     scored = (inv_true > 0.1) & inside[0, 0]
     scored[:, :16] = False  # left border: the source does not see it at every hypothesis
 
     def good_fraction(planes, max_gap=1.0):
-        res = mvs.estimate_depth(ref, K, [src], [K], [src_from_ref], 1.0, 10.0, dataclasses.replace(cfg, plane_max_gap=max_gap), planes)
+        settings = dataclasses.replace(cfg, plane_max_gap=max_gap)
+        res = coarse_to_fine.estimate_depth(ref, K, [src], [K], [src_from_ref], 1.0, 10.0, settings, planes)
         rel = (res.depth * inv_true - 1.0).abs()
         return float(((rel < 0.005) & res.valid)[scored].float().mean())
 
@@ -577,7 +578,7 @@ def test_out_of_memory_retries_with_smaller_chunks(scene, tmp_path, monkeypatch,
     """A CUDA out-of-memory error in the sweep is retried with half the chunk (same result), with a warning."""
     from pipeline.depth.estimators import MvsEstimator
 
-    real = mvs.estimate_depth
+    real = coarse_to_fine.estimate_depth
     chunks = []
 
     def flaky(*args, **kwargs):
@@ -588,7 +589,7 @@ def test_out_of_memory_retries_with_smaller_chunks(scene, tmp_path, monkeypatch,
 
     cfg, mvs_cfg = DepthConfig(device="cpu"), MvsConfig(pyramid_levels=2, num_hypotheses=32)
     expected = MvsEstimator(scene, cfg, mvs_cfg, torch.device("cpu")).estimate(0)
-    monkeypatch.setattr(mvs, "estimate_depth", flaky)
+    monkeypatch.setattr(coarse_to_fine, "estimate_depth", flaky)
     with caplog.at_level(logging.WARNING):
         got = MvsEstimator(scene, cfg, mvs_cfg, torch.device("cpu")).estimate(0)
     assert chunks == [mvs_cfg.chunk_pixels, mvs_cfg.chunk_pixels // 2]

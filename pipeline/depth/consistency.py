@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.geometry import backproject, inside_image, pixel_grid, project, sample_image, transform_points
-from pipeline.depth.plane_sweep import _EPS, OUTSIDE_COST, SweepSettings, _level_inputs, _try_candidates, sweep_cost
+from pipeline.depth.coarse_to_fine import SweepSettings, _level_inputs, _try_candidates
+from pipeline.depth.plane_sweep import _EPS, OUTSIDE_COST, sweep_cost
 
 # ---- cross-view candidates ---------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from pipeline.core.io import SfmScene, View, claim_files, load_rgb
 from pipeline.core.oom import call_with_oom_fallback
 from pipeline.core.settings import check_section
 from pipeline.core.workspace import Workspace, view_stem
-from pipeline.depth import anchoring
+from pipeline.depth import anchoring, coarse_to_fine
 from pipeline.depth import plane_sweep as mvs
 from pipeline.depth.config import DepthConfig, DepthEstimator, MvsConfig
 from pipeline.depth.views import (
@@ -109,7 +109,7 @@ class Estimator(Protocol):
 
 
 class MvsEstimator:
-    """Plane-sweep stereo against co-visible neighbours (:func:`pipeline.depth.plane_sweep.estimate_depth`)."""
+    """Plane-sweep stereo against co-visible neighbours (:func:`pipeline.depth.coarse_to_fine.estimate_depth`)."""
 
     def __init__(self, scene: SfmScene, cfg: DepthConfig, mvs_cfg: MvsConfig, device: torch.device):
         check_section(cfg, "depth")
@@ -124,7 +124,7 @@ class MvsEstimator:
         self.planes = fit_scene_planes(scene.points, mvs_cfg.plane_candidates, mvs_cfg.plane_distance,
                                        mvs_cfg.plane_min_inliers)
         self.images = _LRU(cfg.cache_images, lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
-        self.settings = mvs.SweepSettings(
+        self.settings = coarse_to_fine.SweepSettings(
             num_hypotheses=mvs_cfg.num_hypotheses, levels=mvs_cfg.pyramid_levels, refine_hypotheses=mvs_cfg.fine_hypotheses,
             refine_radius=mvs_cfg.fine_radius, edge_radius=mvs_cfg.edge_radius, propagation_shifts=tuple(mvs_cfg.propagation_shifts),
             polish_hypotheses=mvs_cfg.polish_hypotheses, polish_iterations=mvs_cfg.polish_iterations,
@@ -157,12 +157,13 @@ class MvsEstimator:
         ref = self.images.get(index)
         planes_cam = [t(plane_in_camera(plane, view.cam_from_world)) for plane in self.planes]
 
-        def sweep(chunk_pixels: int, device: torch.device) -> mvs.SweepResult:
+        def sweep(chunk_pixels: int, device: torch.device) -> coarse_to_fine.SweepResult:
             to = lambda x: x.to(device)  # noqa: E731
             settings = dataclasses.replace(self.settings, chunk_pixels=chunk_pixels)
             with torch.no_grad():
-                return mvs.estimate_depth(to(ref), to(t(K_ref)), [to(x) for x in src_images], [to(x) for x in K_srcs],
-                                          [to(x) for x in poses], near, far, settings, planes_cam=[to(x) for x in planes_cam])
+                return coarse_to_fine.estimate_depth(to(ref), to(t(K_ref)), [to(x) for x in src_images],
+                                                     [to(x) for x in K_srcs], [to(x) for x in poses], near, far,
+                                                     settings, planes_cam=[to(x) for x in planes_cam])
 
         # chunk_pixels only bounds memory (same result): on out-of-memory, smaller chunks, then the CPU.
         res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device, what=f"depth of {view.name}",
