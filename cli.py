@@ -9,12 +9,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
-import errno
 import functools
-import logging
-import signal
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,132 +18,15 @@ from pathlib import Path
 import click
 
 from pipeline.config import PRESETS, ReconConfig, describe_settings, load_config
-from pipeline.core.cache import write_error
+from pipeline.core.console import _fail, _setup_logging, _stop_on_sigterm
 from pipeline.core.errors import ReconError
 from pipeline.core.native_output import native_output_to
 from pipeline.core.output_folder import FORCE_FLAG, adopt_output_dir
 from pipeline.core.workspace import Workspace
 from pipeline.graph import STAGE_NAMES
-
-logger = logging.getLogger("recon")
+from workflows.summary import _print_summary, _write_report
 
 STAGE_CHOICE = click.Choice(STAGE_NAMES)
-
-
-class _QuietFileHandler(logging.FileHandler):
-    """The run's log file; if it cannot be written (disk full) it stops, instead of printing a traceback."""
-
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
-        self.setLevel(logging.CRITICAL + 1)
-
-
-class _ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout``/``sys.stderr`` is when a record comes (they are swapped while native output is redirected)."""
-
-    def __init__(self, stream_name: str):
-        self._stream_name = stream_name
-        super().__init__()
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return getattr(sys, self._stream_name)
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def _one_line_warning(record: logging.LogRecord) -> bool:
-    """A captured Python warning (``file:line: Category: text`` + a source line) → its first line."""
-    if record.name == "py.warnings":
-        record.msg, record.args = (record.getMessage().strip().splitlines() or [""])[0], ()
-    return True
-
-
-def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
-    """Progress messages (debug, info) on stdout, warnings and errors on stderr, everything in ``log_file``."""
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    fmt = logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s")
-    console = _ConsoleHandler("stdout")
-    console.setLevel(logging.DEBUG if verbose else logging.INFO)
-    console.addFilter(lambda record: record.levelno < logging.WARNING)
-    problems = _ConsoleHandler("stderr")
-    problems.setLevel(logging.WARNING)
-    problems.addFilter(_one_line_warning)
-    for h in (console, problems):
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    logging.captureWarnings(True)  # library warnings: one line on stderr, not warnings' two-line format
-    if log_file is not None:
-        try:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = _QuietFileHandler(log_file)
-        except OSError:
-            return  # the run itself reports an unwritable output folder clearly
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
-    for noisy in ("PIL", "matplotlib", "trimesh", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _os_error(exc: OSError, out_dir: Path | None) -> BaseException:
-    """A disk-full / read-only / permission OSError that escaped the stages → a one-line ReconError; others unchanged."""
-    where = exc.filename or out_dir or "the output folder"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        return write_error(where, exc)
-    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
-        inside_out = out_dir is not None and (Path(exc.filename) == out_dir or out_dir in Path(exc.filename).parents)
-        if inside_out:
-            return write_error(where, exc)
-        return ReconError(f"{exc.filename}: {exc.strerror}; check the file's permissions")
-    return exc
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: handled like Ctrl-C (finished work is kept, child processes are stopped)."""
-
-
-def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
-    raise Terminated()
-
-
-def _stop_on_sigterm() -> None:
-    """From now on SIGTERM stops the command like Ctrl-C. pycolmap is imported first: its import installs
-    glog's crash handler for SIGTERM (a stack trace, then death), which this one must replace."""
-    import pycolmap  # noqa: F401
-
-    signal.signal(signal.SIGTERM, _raise_terminated)
-
-
-def _fail(exc: BaseException, log_file: Path | None) -> None:
-    """Print one line, keep the traceback in the log file, exit non-zero."""
-    cause = exc
-    if isinstance(exc, KeyboardInterrupt):
-        logging.getLogger("recon").debug("interrupted", exc_info=exc)
-        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        click.echo(f"error: {what}; finished work is kept, run the same command again to resume", err=True)
-        sys.exit(code)
-    if isinstance(exc, OSError):
-        exc = _os_error(exc, log_file.parent if log_file else None)
-    if isinstance(exc, ReconError):
-        logging.getLogger("recon").debug("error", exc_info=cause)
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    tb = "".join(traceback.format_exception(exc))
-    where = ""
-    if log_file is not None:
-        try:
-            with open(log_file, "a") as fh:
-                fh.write(tb)
-            where = f"; full traceback in {log_file}"
-        except OSError:
-            pass
-    click.echo(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}", err=True)
-    sys.exit(2)
 
 
 def _workspace(scene_dir: str, out: str | None) -> Workspace:
@@ -245,42 +124,6 @@ def config_options(fn):
 def force_out_option(fn):
     return click.option(FORCE_FLAG, "force_out", is_flag=True,
                         help="Write into --out even if it holds files recon did not write (recon replaces only its own).")(fn)
-
-
-def _write_report(ws: Workspace) -> None:
-    """Write OUT/report.html; a report failure never fails the run (it is logged)."""
-    from pipeline.analysis.report import build_report
-
-    try:
-        build_report(ws)
-    except Exception as exc:  # noqa: BLE001 - the report is a by-product
-        logger.warning("could not write %s: %s", ws.report_path, exc)
-        logger.debug("report failure", exc_info=exc)
-
-
-def _print_summary(result, *, strict: bool = False) -> None:
-    """Per stage: status, time, numbers; the files written; then, on stderr, every photo the mesh does not use.
-
-    Raises:
-        ReconError: with ``strict``, when a photo is left out.
-    """
-    from pipeline.analysis.report import left_out_lines
-    from workflows.local import published_outputs
-
-    click.echo("\nsummary")
-    for st in result.stages:
-        info = ", ".join(f"{k}={v}" for k, v in st.summary.items() if not isinstance(v, (dict, list)))
-        secs = f"{st.seconds:7.1f} s" if st.status != "skipped" else "      -  "
-        click.echo(f"  {st.name:<7} {st.status:<7} {secs}  {info}")
-    click.echo(f"  time this run: {result.total_seconds:.1f} s")
-    for p in published_outputs(result.ws):
-        click.echo(f"  wrote {p}")
-    sfm = next((st.summary for st in result.stages if st.name == "sfm"), {})
-    for line in left_out_lines(sfm, kinds=("not_registered",)):  # skipped files and duplicates were named as they were found
-        logger.warning("warning: %s", line)
-    left_out = left_out_lines(sfm)
-    if strict and left_out:
-        raise ReconError(f"--strict: {'; '.join(left_out)}; the outputs are written, but not every photo is in them")
 
 
 class _OneLineErrors(click.Group):

@@ -1,0 +1,48 @@
+"""What a finished run tells the user: OUT/report.html and the summary on the console."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from pipeline.core.errors import ReconError
+from pipeline.core.workspace import Workspace
+
+logger = logging.getLogger("recon")
+
+
+def _write_report(ws: Workspace) -> None:
+    """Write OUT/report.html; a report failure never fails the run (it is logged)."""
+    from pipeline.analysis.report import build_report
+
+    try:
+        build_report(ws)
+    except Exception as exc:  # noqa: BLE001 - the report is a by-product
+        logger.warning("could not write %s: %s", ws.report_path, exc)
+        logger.debug("report failure", exc_info=exc)
+
+
+def _print_summary(result, *, strict: bool = False) -> None:
+    """Per stage: status, time, numbers; the files written; then, on stderr, every photo the mesh does not use.
+
+    Raises:
+        ReconError: with ``strict``, when a photo is left out.
+    """
+    from pipeline.analysis.report import left_out_lines
+    from workflows.local import published_outputs
+
+    click.echo("\nsummary")
+    for st in result.stages:
+        info = ", ".join(f"{k}={v}" for k, v in st.summary.items() if not isinstance(v, (dict, list)))
+        secs = f"{st.seconds:7.1f} s" if st.status != "skipped" else "      -  "
+        click.echo(f"  {st.name:<7} {st.status:<7} {secs}  {info}")
+    click.echo(f"  time this run: {result.total_seconds:.1f} s")
+    for p in published_outputs(result.ws):
+        click.echo(f"  wrote {p}")
+    sfm = next((st.summary for st in result.stages if st.name == "sfm"), {})
+    for line in left_out_lines(sfm, kinds=("not_registered",)):  # skipped files and duplicates were named as they were found
+        logger.warning("warning: %s", line)
+    left_out = left_out_lines(sfm)
+    if strict and left_out:
+        raise ReconError(f"--strict: {'; '.join(left_out)}; the outputs are written, but not every photo is in them")
