@@ -1,1 +1,4 @@
-"""How stages are scheduled: :mod:`workflows.local` (one scene on this machine)."""
+"""How stages are scheduled: :mod:`workflows.local` (one scene on this machine).
+
+:mod:`workflows.summary` reports a finished run on the console.
+"""

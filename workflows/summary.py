@@ -1,4 +1,7 @@
-"""What a finished run tells the user: OUT/report.html and the summary on the console."""
+"""What a finished ``recon run`` / ``recon stage`` tells the user: OUT/report.html and the summary on the console.
+
+Used by ``cli.py``; the stage results come from :func:`workflows.local.run_pipeline`.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ def _print_summary(result, *, strict: bool = False) -> None:
     for p in published_outputs(result.ws):
         click.echo(f"  wrote {p}")
     sfm = next((st.summary for st in result.stages if st.name == "sfm"), {})
-    for line in left_out_lines(sfm, kinds=("not_registered",)):  # skipped files and duplicates were named as they were found
+    # skipped files and duplicates were named as they were found
+    for line in left_out_lines(sfm, kinds=("not_registered",)):
         logger.warning("warning: %s", line)
     left_out = left_out_lines(sfm)
     if strict and left_out:

@@ -1,4 +1,13 @@
-"""The console of a ``recon`` command: logging to the terminal and the log file, one-line failures, SIGTERM as Ctrl-C."""
+"""The console of a ``recon`` command: where log records go, how a failure is reported, SIGTERM.
+
+* :func:`_setup_logging`: progress on stdout, warnings and errors on stderr (one line each), everything
+  in the run's log file.
+* :func:`_fail`: any exception → one ``error:`` line and an exit code (1 a :class:`ReconError`, 2 unexpected,
+  with the traceback in the log file; 130 Ctrl-C, 143 SIGTERM).
+* :func:`_stop_on_sigterm`: SIGTERM raises :class:`Terminated`, handled like Ctrl-C.
+
+Used by ``cli.py``; imports no stage.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +32,10 @@ class _QuietFileHandler(logging.FileHandler):
 
 
 class _ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout``/``sys.stderr`` is when a record comes (they are swapped while native output is redirected)."""
+    """Writes to whatever ``sys.stdout``/``sys.stderr`` is when a record comes.
+
+    They are swapped while native output is redirected.
+    """
 
     def __init__(self, stream_name: str):
         self._stream_name = stream_name
@@ -76,7 +88,10 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
 
 
 def _os_error(exc: OSError, out_dir: Path | None) -> BaseException:
-    """A disk-full / read-only / permission OSError that escaped the stages → a one-line ReconError; others unchanged."""
+    """An OSError that escaped the stages: disk full, read-only or no permission → a one-line ReconError.
+
+    Others are returned unchanged.
+    """
     where = exc.filename or out_dir or "the output folder"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return write_error(where, exc)
@@ -127,5 +142,6 @@ def _fail(exc: BaseException, log_file: Path | None) -> None:
             where = f"; full traceback in {log_file}"
         except OSError:
             pass
-    click.echo(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}", err=True)
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    click.echo(f"error: unexpected {type(exc).__name__}: {first_line}{where}", err=True)
     sys.exit(2)

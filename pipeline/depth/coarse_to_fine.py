@@ -1,4 +1,19 @@
-"""Coarse-to-fine plane-sweep depth of one reference view (:func:`estimate_depth`), on :mod:`pipeline.depth.plane_sweep`."""
+"""Coarse-to-fine plane-sweep depth of one reference view: :func:`estimate_depth`, its settings and its result.
+
+The search drives the warp and cost primitives of :mod:`pipeline.depth.plane_sweep`:
+
+1. **Coarse to fine.** A full sweep, uniform in inverse depth, on the coarsest
+   pyramid level; each finer level sweeps a few offsets of the (median-
+   filtered, upsampled) estimate plus its local min and max, then spatial
+   propagation and polish sweeps at full resolution, then scene-plane
+   candidates. Winner-take-all plus a parabola fit on the cost curve gives
+   sub-hypothesis inverse depth.
+2. **Confidence** = clamp(NCC, 0, 1) x uniqueness, where uniqueness
+   ``1 - c_best / c_second`` compares the coarse sweep's best cost with the
+   best cost away from it (a peak-ratio measure).
+
+Conventions are those of :mod:`pipeline.depth.plane_sweep`.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +52,7 @@ class SweepSettings:
     """Per finer level: offsets of the upsampled estimate spanning ± ``refine_radius`` coarser steps."""
     refine_radius: float = 2.0
     edge_radius: int = 1
-    """Finer levels also try the coarser estimate's local min and max (window 2r+1, coarser pixels): lets depth edges move."""
+    """Finer levels also try the coarser estimate's local min and max (window 2r+1, coarser pixels): edges can move."""
     propagation_shifts: tuple[int, ...] = (3, 8)
     """Full resolution: try the (smoothed) estimate shifted by each of these pixel distances in 4 directions."""
     polish_hypotheses: int = 5
@@ -68,8 +83,9 @@ class SweepResult:
     ncc: torch.Tensor  # (H, W) aggregated NCC of the winner
 
 
-def _level_inputs(ref_11hw: torch.Tensor, K_ref_33: torch.Tensor, src_images: Sequence[torch.Tensor], K_srcs: Sequence[torch.Tensor],
-                  src_from_ref: Sequence[torch.Tensor], level: int, window: int) -> tuple[RefStats, list[Source]]:
+def _level_inputs(ref_11hw: torch.Tensor, K_ref_33: torch.Tensor, src_images: Sequence[torch.Tensor],
+                  K_srcs: Sequence[torch.Tensor], src_from_ref: Sequence[torch.Tensor], level: int,
+                  window: int) -> tuple[RefStats, list[Source]]:
     """Reference statistics and prepared sources at pyramid level ``level``."""
     H, W = ref_11hw.shape[-2:]
     h, w = level_shape(H, W, level)
@@ -83,8 +99,8 @@ def _level_inputs(ref_11hw: torch.Tensor, K_ref_33: torch.Tensor, src_images: Se
     return ref, sources
 
 
-def _offset_sweep(ref: RefStats, sources: Sequence[Source], centre_hw: torch.Tensor, step: float, n: int, cfg: "SweepSettings",
-                  penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _offset_sweep(ref: RefStats, sources: Sequence[Source], centre_hw: torch.Tensor, step: float, n: int,
+                  cfg: "SweepSettings", penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sweep ``n`` copies of the surface ``centre`` offset by multiples of ``step`` (inverse depth), centred.
 
     Every hypothesis is a coherent surface (the centre surface shifted), so
@@ -118,7 +134,8 @@ def _shifted(x_hw: torch.Tensor, shift: int) -> list[torch.Tensor]:
     p = F.pad(x_hw[None, None], (shift, shift, shift, shift), mode="replicate")[0, 0]
     h, w = x_hw.shape
     s2 = 2 * shift
-    return [p[shift : shift + h, s2 : s2 + w], p[shift : shift + h, 0:w], p[s2 : s2 + h, shift : shift + w], p[0:h, shift : shift + w]]
+    return [p[shift : shift + h, s2 : s2 + w], p[shift : shift + h, 0:w],
+            p[s2 : s2 + h, shift : shift + w], p[0:h, shift : shift + w]]
 
 
 def _try_candidates(ref: RefStats, sources: Sequence[Source], inv_hw: torch.Tensor, best_hw: torch.Tensor,
@@ -225,7 +242,8 @@ def estimate_depth(
         centre = _upsample(median_filter(inv, cfg.smooth_radius), h, w, "bilinear")
         inv, best, _ = _offset_sweep(ref, sources, centre, new_step, n, cfg, cfg.offset_penalty)
         if candidates:
-            inv, best = _try_candidates(ref, sources, inv, best, [_upsample(c, h, w, "bilinear") for c in candidates], cfg)
+            upsampled = [_upsample(c, h, w, "bilinear") for c in candidates]
+            inv, best = _try_candidates(ref, sources, inv, best, upsampled, cfg)
         uniqueness = _upsample(uniqueness, h, w, "bilinear")
         step = new_step
 
@@ -245,7 +263,8 @@ def estimate_depth(
         cands = []
         for plane in planes_cam:
             plane_inv = plane_inverse_depth(K_ref_33, plane.to(dev, dt), H, W)
-            usable = (plane_inv >= inv_far) & (plane_inv <= inv_near) & ((plane_inv - inv).abs() <= cfg.plane_max_gap * inv)
+            usable = ((plane_inv >= inv_far) & (plane_inv <= inv_near)
+                      & ((plane_inv - inv).abs() <= cfg.plane_max_gap * inv))
             cands.append(torch.where(usable, plane_inv, inv))
         inv, best = _try_candidates(ref, sources, inv, best, cands, cfg)
 

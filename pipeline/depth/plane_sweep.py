@@ -1,4 +1,4 @@
-"""Plane-sweep multi-view stereo in torch (the ``mvs`` depth estimator's mathematics).
+"""Plane-sweep multi-view stereo in torch: the warp, cost and winner-take-all primitives of the ``mvs`` estimator.
 
 One reference view against a few source (neighbour) views:
 
@@ -17,17 +17,12 @@ One reference view against a few source (neighbour) views:
    and hypothesis are averaged (occlusion-robust aggregation; ``best_k = 1``
    keeps surfaces that only one neighbour sees, the geometric filter then
    removes the chance matches).
-3. **Coarse to fine.** A full sweep, uniform in inverse depth, on the coarsest
-   pyramid level; each finer level sweeps a few offsets of the (median-
-   filtered, upsampled) estimate plus its local min and max, then spatial
-   propagation and polish sweeps at full resolution
-   (:func:`estimate_depth`). Winner-take-all plus a parabola fit on the cost
-   curve gives sub-hypothesis inverse depth.
-4. **Confidence** = clamp(NCC, 0, 1) x uniqueness, where uniqueness
-   ``1 - c_best / c_second`` compares the coarse sweep's best cost with the
-   best cost away from it (a peak-ratio measure).
+3. **Winner-take-all.** The lowest cost plus a parabola fit on the cost
+   curve gives sub-hypothesis inverse depth (:func:`winner_take_all`);
+   :func:`second_best_cost` is the denominator of the peak-ratio uniqueness.
 
-Cross-view candidates and the geometric-consistency check of finished maps are in
+The coarse-to-fine search of one view that drives these is :func:`pipeline.depth.coarse_to_fine.estimate_depth`;
+cross-view candidates and the geometric-consistency check of finished maps are in
 :mod:`pipeline.depth.consistency`.
 
 Conventions are those of :mod:`pipeline.core.geometry`: ``cam_from_world`` poses,

@@ -3,7 +3,7 @@
 Estimators (``depth.estimator``), all behind :class:`~pipeline.depth.estimators.Estimator`:
 
 * ``mvs`` (default, no weights): coarse-to-fine plane-sweep stereo in torch
-  (:mod:`pipeline.depth.plane_sweep`) against ``mvs.num_neighbors`` neighbour views chosen from
+  (:mod:`pipeline.depth.coarse_to_fine`) against ``mvs.num_neighbors`` neighbour views chosen from
   SfM co-visibility and triangulation angle, over a depth range taken from
   the sparse points the view sees. Its maps are metric in the normalized
   frame already; the sparse-point scale is measured and recorded, and applied
