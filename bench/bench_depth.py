@@ -137,7 +137,8 @@ def depth_errors(scene_dir: Path, out_dir: Path, which: str) -> dict[str, Any]:
         g = np.load(gt_depth_path(scene_dir / "gt", v.name)).astype(np.float64) * s
         h, w = dm.shape
         if g.shape != (h, w):
-            g = torch.nn.functional.interpolate(torch.from_numpy(g)[None, None], size=(h, w), mode="nearest")[0, 0].numpy()
+            g = torch.nn.functional.interpolate(torch.from_numpy(g)[None, None], size=(h, w),
+                                                mode="nearest")[0, 0].numpy()
         K = dm.K
         u, vv = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
         X = np.stack([(u - K[0, 2]) / K[0, 0] * g, (vv - K[1, 2]) / K[1, 1] * g, g], -1)
@@ -150,7 +151,8 @@ def depth_errors(scene_dir: Path, out_dir: Path, which: str) -> dict[str, Any]:
         gt_o.append(g[m & box])
         valid.append(m.sum() / max(1, (g > 0).sum()))
         valid_o.append((m & box).sum() / max(1, box.sum()))
-    out = {"all": depth_metrics(np.concatenate(pred), np.concatenate(gt)), "obj": depth_metrics(np.concatenate(pred_o), np.concatenate(gt_o))}
+    out = {"all": depth_metrics(np.concatenate(pred), np.concatenate(gt)),
+           "obj": depth_metrics(np.concatenate(pred_o), np.concatenate(gt_o))}
     out["all"]["valid_fraction"] = float(np.mean(valid))
     out["obj"]["valid_fraction"] = float(np.mean(valid_o))
     return out
@@ -168,10 +170,13 @@ def fuse_and_score(scene_dir: Path, out_dir: Path, max_points: int) -> dict[str,
     return score_maps(scene_dir, scene, views, lambda i: load_depth_map(ws.depth_view(views[i].name)), max_points)
 
 
-def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_points: int = 400_000) -> dict[str, Any]:
-    """Fuse ``map_of(i)`` (the DepthMap of ``views[i]``, loaded when fused) with the fuse defaults; score like ``recon eval``.
+def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any],
+               max_points: int = 400_000) -> dict[str, Any]:
+    """Fuse ``map_of(i)`` (the DepthMap of ``views[i]``, loaded when fused) with the fuse defaults; score like ``recon
+    eval``.
 
-    Ground truth: the scene's ``gt/mesh.ply`` cropped to the object box + 5 %, F at 0.5 % and 1 % of the object diagonal.
+    Ground truth: the scene's ``gt/mesh.ply`` cropped to the object box + 5 %, F at 0.5 % and 1 % of the object
+    diagonal.
     """
     from pipeline.analysis.evaluate import evaluate_meshes
     from pipeline.analysis.metrics import GtViews
@@ -190,20 +195,25 @@ def score_maps(scene_dir: Path, scene, views, map_of: Callable[[int], Any], max_
     fused = fuse_depth_maps(frames, params, "auto", total=len(views))
     info = json.loads((scene_dir / "gt" / "scene.json").read_text())
     box = (np.asarray(info["object_bbox_min"]), np.asarray(info["object_bbox_max"]))
-    return evaluate_meshes(fused.mesh, scene_dir / "gt" / "mesh.ply", gt_from_est=np.linalg.inv(scene.normalized_from_sfm), crop_box=box,
+    return evaluate_meshes(fused.mesh, scene_dir / "gt" / "mesh.ply",
+                           gt_from_est=np.linalg.inv(scene.normalized_from_sfm), crop_box=box,
                            diagonal=float(info["object_diagonal"]), gt_views=GtViews.load(scene_dir / "gt"),
                            thresholds_rel=(0.005, 0.01), max_points=max_points)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, depth/, bench_depth.json) [bench/results]")
-    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synthetic.shapes.SHAPES) [%(default)s]")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "results",
+                   help="work folder (scenes/, depth/, bench_depth.json) [bench/results]")
+    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"],
+                   help="rendered shapes (pipeline.synthetic.shapes.SHAPES) [%(default)s]")
     p.add_argument("--views", type=int, default=24)
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="depth or mvs setting override, e.g. best_k=2 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="depth or mvs setting override, e.g. best_k=2 (repeatable)")
     p.add_argument("--no-fuse", action="store_true", help="skip fusing and scoring the maps (F-scores)")
     p.add_argument("--max-points", type=int, default=400_000, help="samples per surface in the evaluation")
     p.add_argument("--json", type=Path, default=None, help="result file [WORK/bench_depth.json]")
@@ -222,7 +232,8 @@ def main() -> None:
         p.error(f"unknown shape(s) {bad}; shapes: {', '.join(SHAPES)}")
     rows: list[dict[str, Any]] = []
     for shape in args.shapes:
-        scene, _ = render_or_reuse(args.work / "scenes", shape, n_views=args.views, width=args.width, height=args.height, seed=args.seed)
+        scene, _ = render_or_reuse(args.work / "scenes", shape, n_views=args.views, width=args.width,
+                                   height=args.height, seed=args.seed)
         out_dir = args.work / "depth" / scene.name
         shutil.rmtree(out_dir, ignore_errors=True)  # time every view
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(scene), str(out_dir)]
@@ -234,14 +245,17 @@ def main() -> None:
             continue
         run = json.loads(proc.stdout.strip().splitlines()[-1])
         row: dict[str, Any] = {"scene": scene.name, "shape": shape, "run": run,
-                               "final": depth_errors(scene, out_dir, "views"), "raw": depth_errors(scene, out_dir, "raw")}
+                               "final": depth_errors(scene, out_dir, "views"),
+                               "raw": depth_errors(scene, out_dir, "raw")}
         if not args.no_fuse:
             row["fused"] = fuse_and_score(scene, out_dir, args.max_points)
         rows.append(row)
 
-    print(f"\nDepth stage ({args.views} views {args.width}x{args.height}; true cameras via scene_from_ground_truth, not the sfm stage"
+    print(f"\nDepth stage ({args.views} views {args.width}x{args.height}; true cameras via scene_from_ground_truth, "
+          "not the sfm stage"
           + (f"; {' '.join(args.set)}" if args.set else "") + ")\n")
-    print("| scene | s/view (wall) | CPU s/view | filter s | peak RSS MiB | maps | AbsRel | δ<1.01 | δ<1.05 | valid | obj AbsRel | obj δ<1.01 | obj valid | raw δ<1.01 | raw valid | F@0.5% | F@1% |")
+    print("| scene | s/view (wall) | CPU s/view | filter s | peak RSS MiB | maps | AbsRel | δ<1.01 | δ<1.05 | valid | "
+          "obj AbsRel | obj δ<1.01 | obj valid | raw δ<1.01 | raw valid | F@0.5% | F@1% |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
@@ -251,13 +265,17 @@ def main() -> None:
         fs = r.get("fused", {}).get("thresholds", {})
         f05 = f"{fs['0.5%']['fscore']:.4f}" if fs else "-"
         f1 = f"{fs['1%']['fscore']:.4f}" if fs else "-"
-        print(f"| {r['scene']} | {t['seconds_per_view']:.2f} | {t['cpu_seconds_per_view']:.2f} | {t['filter_seconds']:.1f} | {t['peak_rss_mib']:.0f} | "
-              f"{t['views']} | {f['all']['abs_rel']:.4f} | {f['all']['delta_1.01']:.3f} | {f['all']['delta_1.05']:.3f} | "
-              f"{f['all']['valid_fraction']:.3f} | {f['obj']['abs_rel']:.4f} | {f['obj']['delta_1.01']:.3f} | {f['obj']['valid_fraction']:.3f} | "
+        print(f"| {r['scene']} | {t['seconds_per_view']:.2f} | {t['cpu_seconds_per_view']:.2f} | "
+              f"{t['filter_seconds']:.1f} | {t['peak_rss_mib']:.0f} | {t['views']} | {f['all']['abs_rel']:.4f} | "
+              f"{f['all']['delta_1.01']:.3f} | {f['all']['delta_1.05']:.3f} | {f['all']['valid_fraction']:.3f} | "
+              f"{f['obj']['abs_rel']:.4f} | {f['obj']['delta_1.01']:.3f} | {f['obj']['valid_fraction']:.3f} | "
               f"{raw['all']['delta_1.01']:.3f} | {raw['all']['valid_fraction']:.3f} | {f05} | {f1} |")
     out = args.json or (args.work / "bench_depth.json")
-    write_json_atomic(out, {"views": args.views, "width": args.width, "height": args.height, "seed": args.seed, "overrides": args.set,
-                            "cameras": "ground truth (pipeline.synthetic.groundtruth.scene_from_ground_truth), not the sfm stage", "rows": rows})
+    write_json_atomic(out, {"views": args.views, "width": args.width, "height": args.height, "seed": args.seed,
+                            "overrides": args.set,
+                            "cameras": "ground truth (pipeline.synthetic.groundtruth.scene_from_ground_truth), "
+                                       "not the sfm stage",
+                            "rows": rows})
     print(f"\nwrote {out}")
 
 

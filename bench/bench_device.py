@@ -45,7 +45,8 @@ MAPS_PER_FILE = 8
 
 
 def pack(out_dir: Path, pack_dir: Path) -> None:
-    """Write ``pack_dir``: scene.pkl (views and sparse points), images/, planes.npy, alignment.json (if OUT was evaluated)."""
+    """Write ``pack_dir``: scene.pkl (views and sparse points), images/, planes.npy, alignment.json (if OUT was
+    evaluated)."""
     from pipeline.core.io import load_sfm_scene
     from pipeline.core.workspace import Workspace
     from pipeline.depth.config import MvsConfig
@@ -102,11 +103,13 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
     from pipeline.refine.stage import RefineConfig, refine_depth_maps
 
     scene, planes = load_pack(pack_dir)
-    depth_estimators.fit_scene_planes = lambda *args, **kwargs: planes  # fitted at pack time (Open3D may be missing here)
+    # fitted at pack time (Open3D may be missing here)
+    depth_estimators.fit_scene_planes = lambda *args, **kwargs: planes
     device = torch.device(device_name)
     cuda = device.type == "cuda"
     result_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict = {"device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+    timings: dict = {"device": (torch.cuda.get_device_name(device) if cuda
+                                else platform.processor() or platform.machine()),
                      "torch": torch.__version__, "views": len(scene.views), "cpu_threads": torch.get_num_threads()}
 
     def sync() -> None:
@@ -124,7 +127,8 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
         res = compute_depth_maps(scene, ws, depth_cfg, MvsConfig())
         sync()
         timings["depth_s"] = time.perf_counter() - t0
-        timings["depth_passes_s"] = {"estimate": float(np.sum(res.seconds)), "candidates": res.candidates_seconds, "filter": res.filter_seconds}
+        timings["depth_passes_s"] = {"estimate": float(np.sum(res.seconds)), "candidates": res.candidates_seconds,
+                                     "filter": res.filter_seconds}
         if cuda:
             timings["depth_peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             torch.cuda.reset_peak_memory_stats(device)
@@ -135,7 +139,8 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
         refine_cfg = RefineConfig(device=device_name)
         sync()
         t0 = time.perf_counter()
-        refined, _ = refine_depth_maps(views, init, scene.points, refine_cfg, device, images=images, scratch_dir=Path(tmp) / "scratch")
+        refined, _ = refine_depth_maps(views, init, scene.points, refine_cfg, device, images=images,
+                                       scratch_dir=Path(tmp) / "scratch")
         sync()
         timings["refine_s"] = time.perf_counter() - t0
         if cuda:
@@ -146,7 +151,8 @@ def run(pack_dir: Path, result_dir: Path, device_name: str) -> None:
 
 
 def compare(pack_dir: Path, results: list[Path], gt_dir: Path | None) -> None:
-    """Per stage: share of pixels valid in both runs and their relative depth difference; each run's error against GT."""
+    """Per stage: share of pixels valid in both runs and their relative depth difference; each run's error against
+    GT."""
     from pipeline.analysis.evaluate import depth_metrics, depth_pairs
     from pipeline.analysis.metrics import GtViews
 
@@ -182,7 +188,8 @@ def compare(pack_dir: Path, results: list[Path], gt_dir: Path | None) -> None:
                 rel.append(np.abs(da - db)[va & vb] / da[va & vb])
             rel = np.concatenate(rel)
             print(f"{stage} {results[0].name} vs {results[1].name}: valid {valid_a} / {valid_b}, both {both}; "
-                  f"|Δd|/d median {np.median(rel):.2e}, share < 1e-3 {np.mean(rel < 1e-3):.4f}, < 1e-2 {np.mean(rel < 1e-2):.4f}")
+                  f"|Δd|/d median {np.median(rel):.2e}, share < 1e-3 {np.mean(rel < 1e-3):.4f}, "
+                  f"< 1e-2 {np.mean(rel < 1e-2):.4f}")
 
 
 def _map_intrinsics(view, shape_hw) -> np.ndarray:

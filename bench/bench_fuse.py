@@ -83,15 +83,19 @@ def score(mesh_path: Path, scene: Path, gt_mesh: str, max_points: int) -> dict[s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, fuse/, bench_fuse.json) [bench/results]")
-    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"], help="rendered shapes (pipeline.synthetic.shapes.SHAPES) [%(default)s]")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "results",
+                   help="work folder (scenes/, fuse/, bench_fuse.json) [bench/results]")
+    p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"],
+                   help="rendered shapes (pipeline.synthetic.shapes.SHAPES) [%(default)s]")
     p.add_argument("--views", type=int, default=24)
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="Open3D device: auto, cpu or cuda [auto]")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fuse setting override, e.g. voxel_factor=1.5 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fuse setting override, e.g. voxel_factor=1.5 (repeatable)")
     p.add_argument("--max-points", type=int, default=400_000, help="samples per surface in the evaluation")
     p.add_argument("--json", type=Path, default=None, help="result file [WORK/bench_fuse.json]")
     p.add_argument("--worker", nargs=2, metavar=("SCENE", "MESH"), help=argparse.SUPPRESS)
@@ -109,9 +113,11 @@ def main() -> None:
         p.error(f"unknown shape(s) {bad}; shapes: {', '.join(SHAPES)}")
     rows: list[dict[str, Any]] = []
     for shape in args.shapes:
-        scene, _ = render_or_reuse(args.work / "scenes", shape, n_views=args.views, width=args.width, height=args.height, seed=args.seed)
+        scene, _ = render_or_reuse(args.work / "scenes", shape, n_views=args.views, width=args.width,
+                                   height=args.height, seed=args.seed)
         mesh_path = args.work / "fuse" / scene.name / "mesh.ply"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(scene), str(mesh_path), "--device", args.device]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(scene), str(mesh_path), "--device",
+               args.device]
         cmd += [a for s in args.set for a in ("--set", s)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:
@@ -125,7 +131,8 @@ def main() -> None:
 
     print(f"\nGT depth -> TSDF ({args.views} views {args.width}x{args.height}, device {args.device}"
           + (f", {' '.join(args.set)}" if args.set else "") + ")\n")
-    print("| scene | voxel (% diag) | vertices | F@0.5% | F@1% | Chamfer (% diag) | F@0.5% obj-only | Chamfer obj-only | fusion s (wall) | fusion CPU s | peak RSS MiB |")
+    print("| scene | voxel (% diag) | vertices | F@0.5% | F@1% | Chamfer (% diag) | F@0.5% obj-only | Chamfer obj-only "
+          "| fusion s (wall) | fusion CPU s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
@@ -133,8 +140,9 @@ def main() -> None:
             continue
         e, o, f = r["eval"], r["eval_object_only"], r["fusion"]
         diag = e["diagonal"]
-        print(f"| {r['scene']} | {100 * f['voxel_size_gt'] / diag:.3f} | {f['vertices']} | {e['thresholds']['0.5%']['fscore']:.4f} | "
-              f"{e['thresholds']['1%']['fscore']:.4f} | {100 * e['chamfer_rel']:.3f} | {o['thresholds']['0.5%']['fscore']:.4f} | "
+        print(f"| {r['scene']} | {100 * f['voxel_size_gt'] / diag:.3f} | {f['vertices']} | "
+              f"{e['thresholds']['0.5%']['fscore']:.4f} | {e['thresholds']['1%']['fscore']:.4f} | "
+              f"{100 * e['chamfer_rel']:.3f} | {o['thresholds']['0.5%']['fscore']:.4f} | "
               f"{100 * o['chamfer_rel']:.3f} | {f['seconds']:.2f} | {f['cpu_seconds']:.2f} | {f['peak_rss_mib']:.0f} |")
     out = args.json or (args.work / "bench_fuse.json")
     write_json_atomic(out, {"views": args.views, "width": args.width, "height": args.height, "seed": args.seed,

@@ -63,7 +63,8 @@ def worker(result_path: Path, cli_args: list[str]) -> None:
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
-    result_path.write_text(json.dumps({"exit_code": code, "seconds": time.perf_counter() - started, "vm_hwm_kib": vm_hwm_kib()}))
+    result_path.write_text(json.dumps({"exit_code": code, "seconds": time.perf_counter() - started,
+                                       "vm_hwm_kib": vm_hwm_kib()}))
 
 
 def folder_mib(path: Path) -> float:
@@ -91,7 +92,8 @@ def run_stage(stage: str, scene: Path, out: Path, overrides: list[str], timeout:
     """One stage in a fresh process; its peak RSS, wall time and output size."""
     result = out.parent / f".{out.name}.{stage}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
-    args = ["stage", stage, str(scene), "--out", str(out), "--no-upstream", "--no-progress", *[a for o in overrides for a in ("--set", o)]]
+    args = ["stage", stage, str(scene), "--out", str(out), "--no-upstream", "--no-progress",
+            *[a for o in overrides for a in ("--set", o)]]
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(result), "--", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not result.exists():
@@ -113,7 +115,8 @@ def run_stage(stage: str, scene: Path, out: Path, overrides: list[str], timeout:
 
 def format_table(results: dict[str, Any], views: list[int], stages: tuple[str, ...] = STAGES) -> str:
     lo, hi = views[0], views[-1]
-    head = "| stage | " + " | ".join(f"{v} views: peak MiB (s)" for v in views) + f" | peak {hi}/{lo} | views {hi}/{lo} |"
+    head = ("| stage | " + " | ".join(f"{v} views: peak MiB (s)" for v in views)
+            + f" | peak {hi}/{lo} | views {hi}/{lo} |")
     lines = [head, "|" + " --- |" * (len(views) + 3)]
     for stage in stages:
         cells = []
@@ -127,18 +130,23 @@ def format_table(results: dict[str, Any], views: list[int], stages: tuple[str, .
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, memory/, bench_memory.json) [bench/results]")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "results",
+                   help="work folder (scenes/, memory/, bench_memory.json) [bench/results]")
     p.add_argument("--shape", default="blob", help="rendered shape [blob]")
     p.add_argument("--views", type=int, nargs="+", default=[12, 24, 48], help="view counts [12 24 48]")
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sfm", choices=["colmap", "gt"], default="colmap", help="colmap: real SfM; gt: true cameras as the user's COLMAP model [colmap]")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="setting for every stage (repeatable)")
+    p.add_argument("--sfm", choices=["colmap", "gt"], default="colmap",
+                   help="colmap: real SfM; gt: true cameras as the user's COLMAP model [colmap]")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="setting for every stage (repeatable)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per stage process [3600]")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                   help="stages to run; a subset reuses the output folders of an earlier run, whose upstream stages must be done [all]")
+                   help="stages to run; a subset reuses the output folders of an earlier run, whose upstream stages "
+                        "must be done [all]")
     p.add_argument("--json", type=Path, default=None, help="result file [WORK/bench_memory.json]")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("cli_args", nargs="*", help=argparse.SUPPRESS)
@@ -162,14 +170,16 @@ def main() -> None:
         for stage in stages:
             row = run_stage(stage, scene, out, overrides, args.timeout)
             results[str(n)][stage] = row
-            print(f"{n:3d} views  {stage:<7} peak {row['peak_rss_mib']:7.1f} MiB  {row['seconds']:7.1f} s  wrote {row['output_mib']:.1f} MiB", flush=True)
+            print(f"{n:3d} views  {stage:<7} peak {row['peak_rss_mib']:7.1f} MiB  {row['seconds']:7.1f} s  wrote "
+                  f"{row['output_mib']:.1f} MiB", flush=True)
     table = format_table(results, views, stages)
     print()
     print(table)
     payload = {
-        "shape": args.shape, "width": args.width, "height": args.height, "seed": args.seed, "sfm": args.sfm, "settings": overrides,
-        "views": views, "stages": results, "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "peak_ratio": {s: round(results[str(views[-1])][s]["peak_rss_mib"] / results[str(views[0])][s]["peak_rss_mib"], 3) for s in stages},
+        "shape": args.shape, "width": args.width, "height": args.height, "seed": args.seed, "sfm": args.sfm,
+        "settings": overrides, "views": views, "stages": results, "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "peak_ratio": {s: round(results[str(views[-1])][s]["peak_rss_mib"]
+                                / results[str(views[0])][s]["peak_rss_mib"], 3) for s in stages},
     }
     path = args.json or args.work / "bench_memory.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -70,13 +70,15 @@ def run_case(args: dict) -> dict:
         scene = dataclasses.replace(scene, views=[scene.views[i] for i in keep])
         gts = [gts[i] for i in keep]
         if init[0].depth.shape != gts[0].shape:
-            raise SystemExit(f"real init at {init[0].depth.shape} but GT at {gts[0].shape}: render at depth.max_image_side or below")
+            raise SystemExit(f"real init at {init[0].depth.shape} but GT at {gts[0].shape}: render at "
+                             "depth.max_image_side or below")
     else:
         rng = np.random.default_rng(args["seed"])
         init = []
         for v, g in zip(scene.views, gts):
             d, valid, conf = corrupt_depth(g, args["corruption"], rng)
-            init.append(DepthMap(name=v.name, depth=d, confidence=conf, valid=valid, K=v.K, cam_from_world=v.cam_from_world))
+            init.append(DepthMap(name=v.name, depth=d, confidence=conf, valid=valid, K=v.K,
+                                 cam_from_world=v.cam_from_world))
     images = [load_rgb(v.image_path) for v in scene.views]
     import yaml
 
@@ -100,7 +102,8 @@ def run_case(args: dict) -> dict:
     def errors(ms: list) -> dict:
         es = [depth_error(m.depth, g, m.valid) for m, g in zip(ms, gts)]
         n = sum(e["pixels"] for e in es)
-        allerr = np.concatenate([np.abs(m.depth[m.valid & (g > 0)] - g[m.valid & (g > 0)]) / g[m.valid & (g > 0)] for m, g in zip(ms, gts)])
+        allerr = np.concatenate([np.abs(m.depth[m.valid & (g > 0)] - g[m.valid & (g > 0)]) / g[m.valid & (g > 0)]
+                                 for m, g in zip(ms, gts)])
         return {"mean": float(sum(e["mean"] * e["pixels"] for e in es) / n), "median": float(np.median(allerr)),
                 "p99": float(np.percentile(allerr, 99)), "within_1pct": float((allerr < 0.01).mean())}
 
@@ -117,20 +120,26 @@ def run_case(args: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="blob,thin,knot", help="comma-separated synth shapes")
     ap.add_argument("--views", type=int, default=24)
     ap.add_argument("--width", type=int, default=480)
     ap.add_argument("--height", type=int, default=360)
     ap.add_argument("--scene-seed", type=int, default=0, help="render seed")
     ap.add_argument("--seed", type=int, default=0, help="corruption seed")
-    ap.add_argument("--corruptions", default="warp,mvs,real", help="initial depth, comma-separated: warp (GT, smooth 2 %% warp + noise), mvs (GT + noise, outliers, holes), real (the depth stage's plane-sweep MVS)")
-    ap.add_argument("--lr", type=float, nargs="*", default=None, help="learning rates to compare (default: the RefineConfig default)")
+    ap.add_argument("--corruptions", default="warp,mvs,real",
+                    help="initial depth, comma-separated: warp (GT, smooth 2 %% warp + noise), mvs (GT + noise, "
+                         "outliers, holes), real (the depth stage's plane-sweep MVS)")
+    ap.add_argument("--lr", type=float, nargs="*", default=None,
+                    help="learning rates to compare (default: the RefineConfig default)")
     ap.add_argument("--steps", type=int, default=None, help="override refine.steps")
     ap.add_argument("--threads", type=int, default=None, help="override refine.cpu_threads (0 = torch default)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override any RefineConfig field")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any RefineConfig field")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--cache-dir", type=Path, default=Path("bench/results/scenes"), help="rendered scenes are cached here")
+    ap.add_argument("--cache-dir", type=Path, default=Path("bench/results/scenes"),
+                    help="rendered scenes are cached here")
     ap.add_argument("--out", type=Path, default=Path("bench/results/refine.json"))
     args = ap.parse_args(argv)
 
@@ -148,21 +157,25 @@ def main(argv: list[str] | None = None) -> int:
             for lr in args.lr or [None]:
                 case_over = dict(overrides) | ({"lr": str(lr)} if lr is not None else {})
                 with ctx.Pool(1) as pool:
-                    row = pool.apply(run_case, ({"scene_dir": str(scene_dir), "corruption": corruption, "seed": args.seed,
-                                                 "overrides": case_over, "device": args.device},))
+                    row = pool.apply(run_case, ({"scene_dir": str(scene_dir), "corruption": corruption,
+                                                 "seed": args.seed, "overrides": case_over, "device": args.device},))
                 rows.append(row)
                 print(f"  {row['scene']:<24} {corruption:<5} lr={row['lr']:.0e}  {row['refine_s']:6.1f} s  "
-                      f"err {row['error_before']['mean']:.3%} → {row['error_after']['mean']:.3%}", file=sys.stderr, flush=True)
+                      f"err {row['error_before']['mean']:.3%} → {row['error_after']['mean']:.3%}", file=sys.stderr,
+                      flush=True)
 
-    header = f"{'scene':<24} {'init':<5} {'lr':>6} {'steps':>5} {'time s':>7} {'peak MB':>8} {'mean err before→after':>24} {'median before→after':>22} {'<1% after':>9}"
+    header = (f"{'scene':<24} {'init':<5} {'lr':>6} {'steps':>5} {'time s':>7} {'peak MB':>8} "
+              f"{'mean err before→after':>24} {'median before→after':>22} {'<1% after':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         b, a = r["error_before"], r["error_after"]
-        print(f"{r['scene']:<24} {r['corruption']:<5} {r['lr']:>6.0e} {r['steps']:>5} {r['refine_s']:>7.1f} {r['peak_rss_mb']:>8.0f} "
-              f"{b['mean']:>10.3%} → {a['mean']:<8.3%} ({-r['mean_reduction']:+.0%}) {b['median']:>8.3%} → {a['median']:<8.3%} {a['within_1pct']:>9.1%}")
+        print(f"{r['scene']:<24} {r['corruption']:<5} {r['lr']:>6.0e} {r['steps']:>5} {r['refine_s']:>7.1f} "
+              f"{r['peak_rss_mb']:>8.0f} {b['mean']:>10.3%} → {a['mean']:<8.3%} ({-r['mean_reduction']:+.0%}) "
+              f"{b['median']:>8.3%} → {a['median']:<8.3%} {a['within_1pct']:>9.1%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(), "cases": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(), "cases": rows},
+                                   indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
 

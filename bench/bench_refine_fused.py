@@ -33,7 +33,8 @@ def depth_error(scene_dir: Path, views, maps, scale: float) -> dict[str, float]:
     errs = []
     for v, dm in zip(views, maps):
         g = load_gt_depth(scene_dir / "gt", v.name) * scale
-        g = F.interpolate(torch.as_tensor(g, dtype=torch.float32)[None, None], size=dm.depth.shape, mode="nearest")[0, 0].numpy()
+        g = F.interpolate(torch.as_tensor(g, dtype=torch.float32)[None, None], size=dm.depth.shape,
+                          mode="nearest")[0, 0].numpy()
         m = dm.valid & (g > 0)
         errs.append(np.abs(dm.depth[m] - g[m]) / g[m])
     e = np.concatenate(errs)
@@ -51,7 +52,8 @@ def fused_scores(scene_dir: Path, scene, views, maps) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="bench_depth.py's work folder [bench/results]")
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "results",
+                   help="bench_depth.py's work folder [bench/results]")
     p.add_argument("--shapes", nargs="+", default=["blob", "thin", "knot"])
     p.add_argument("--views", type=int, default=24)
     p.add_argument("--width", type=int, default=480)
@@ -69,7 +71,8 @@ def main() -> None:
         name = f"{shape}_{args.views}v_{args.width}x{args.height}_s{args.seed}"
         scene_dir, out = args.work / "scenes" / name, args.work / "depth" / name
         if not out.exists():
-            raise SystemExit(f"{out}: no depth maps; run `python bench/bench_depth.py --work {args.work} --shapes {shape}` first")
+            raise SystemExit(f"{out}: no depth maps; run `python bench/bench_depth.py --work {args.work} --shapes "
+                             f"{shape}` first")
         scene = scene_from_ground_truth(scene_dir)
         ws = Workspace.create(scene_dir, out)
         views = [v for v in scene.views if ws.depth_view(v.name).exists()]
@@ -80,17 +83,19 @@ def main() -> None:
         seconds = {}
         for label, gate in (("refined, no gate", False), ("refined, gate", True)):
             t0 = time.perf_counter()
-            variants[label], _ = refine_depth_maps(views, init, scene.points, dataclasses.replace(RefineConfig(), keep_if_more_consistent=gate),
+            variants[label], _ = refine_depth_maps(views, init, scene.points,
+                                                   dataclasses.replace(RefineConfig(), keep_if_more_consistent=gate),
                                                    "cpu", images=images)
             seconds[label] = time.perf_counter() - t0
         for label, maps in variants.items():
-            row = {"scene": name, "variant": label, "seconds": seconds.get(label), **depth_error(scene_dir, views, maps, scale),
-                   **fused_scores(scene_dir, scene, views, maps)}
+            row = {"scene": name, "variant": label, "seconds": seconds.get(label),
+                   **depth_error(scene_dir, views, maps, scale), **fused_scores(scene_dir, scene, views, maps)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| scene | variant | AbsRel | δ<1.01 | F@0.5 % | F@1 % | Chamfer % |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['scene']} | {r['variant']} | {r['abs_rel']:.4f} | {r['delta_1.01']:.3f} | {r['F@0.5%']:.4f} | {r['F@1%']:.4f} | {r['chamfer_%']:.3f} |")
+        print(f"| {r['scene']} | {r['variant']} | {r['abs_rel']:.4f} | {r['delta_1.01']:.3f} | {r['F@0.5%']:.4f} | "
+              f"{r['F@1%']:.4f} | {r['chamfer_%']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def _depth_maps(scene_dir: Path, scene, work: Path, which: str, seed: int):
         for v in scene.views:
             prior = monocular_prior(load_gt_depth(scene_dir / "gt", v.name), rng, STRENGTHS[which])
             np.save(ws.scene_dir / "depth_prior" / f"{view_stem(v.name)}.npy", prior)
-        cfg = DepthConfig(estimator=DepthEstimator.prior, prior_kind=PriorKind.inverse_depth, prior_affine=True, device="cpu")
+        cfg = DepthConfig(estimator=DepthEstimator.prior, prior_kind=PriorKind.inverse_depth, prior_affine=True,
+                          device="cpu")
     mvs_cfg = MvsConfig()
     compute_depth_maps(scene, ws, cfg, mvs_cfg)
     return ws, mvs_cfg
@@ -77,7 +78,8 @@ def _anchor_residual(maps, scene) -> float:
     return float(np.median(r)) if len(r) else float("nan")
 
 
-def run_case(scene_dir: Path, work: Path, which: str, seed: int, overrides: list[str], max_points: int) -> dict[str, Any]:
+def run_case(scene_dir: Path, work: Path, which: str, seed: int, overrides: list[str],
+             max_points: int) -> dict[str, Any]:
     from bench_depth import score_maps
 
     from pipeline.config import load_config
@@ -104,24 +106,28 @@ def run_case(scene_dir: Path, work: Path, which: str, seed: int, overrides: list
 
     stats = list(log["views"].values())
     mean = lambda k: float(np.nanmean([s[k] for s in stats]))  # noqa: E731
-    dz_rel = [float(np.std((r.depth - r.depth_init)[r.valid]) / np.mean(r.depth[r.valid])) for r in refined if r.valid.any()]
+    dz_rel = [float(np.std((r.depth - r.depth_init)[r.valid]) / np.mean(r.depth[r.valid])) for r in refined
+              if r.valid.any()]
     return {"input": which, "skip": scores(init), "refine": scores(refined), "refine_seconds": seconds,
             "dz_std_rel": float(np.median(dz_rel)) if dz_rel else float("nan"),
             "anchor_residual": [_anchor_residual(init, scene), _anchor_residual(refined, scene)],
-            "consistent": [mean("consistent_init"), mean("consistent_refined")], "refined_fraction": mean("refined_fraction"),
-            "restored_fraction": mean("restored_fraction")}
+            "consistent": [mean("consistent_init"), mean("consistent_refined")],
+            "refined_fraction": mean("refined_fraction"), "restored_fraction": mean("restored_fraction")}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, refine_priors/) [bench/results]")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "results",
+                   help="work folder (scenes/, refine_priors/) [bench/results]")
     p.add_argument("--shapes", nargs="+", default=["blob", "knot", "thin"])
     p.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=INPUTS)
     p.add_argument("--views", type=int, default=24)
     p.add_argument("--width", type=int, default=480)
     p.add_argument("--height", type=int, default=360)
     p.add_argument("--seed", type=int, default=0, help="render and prior seed")
-    p.add_argument("--set", action="append", default=[], metavar="refine.KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="refine.KEY=VALUE",
+                   help="config override (repeatable)")
     p.add_argument("--max-points", type=int, default=400_000)
     p.add_argument("--json", type=Path, default=None, help="result file [WORK/bench_refine_priors.json]")
     args = p.parse_args()
@@ -131,26 +137,31 @@ def main() -> None:
 
     rows = []
     for shape in args.shapes:
-        scene_dir, _ = render_or_reuse(args.work / "scenes", shape, n_views=args.views, width=args.width, height=args.height, seed=args.seed)
+        scene_dir, _ = render_or_reuse(args.work / "scenes", shape, n_views=args.views, width=args.width,
+                                       height=args.height, seed=args.seed)
         for which in args.inputs:
-            row = {"scene": scene_dir.name, **run_case(scene_dir, args.work / "refine_priors" / scene_dir.name / which, which, args.seed,
-                                                        args.set, args.max_points)}
+            row = {"scene": scene_dir.name, **run_case(scene_dir, args.work / "refine_priors" / scene_dir.name / which,
+                                                       which, args.seed, args.set, args.max_points)}
             rows.append(row)
             s, r = row["skip"], row["refine"]
-            print(f"{scene_dir.name} {which}: F@1 % {s['F@1%']:.4f} -> {r['F@1%']:.4f}, refine {row['refine_seconds']:.0f} s", flush=True)
+            print(f"{scene_dir.name} {which}: F@1 % {s['F@1%']:.4f} -> {r['F@1%']:.4f}, refine "
+                  f"{row['refine_seconds']:.0f} s", flush=True)
 
-    print(f"\nRefinement ({args.views} views {args.width}x{args.height}, true cameras" + (f"; {' '.join(args.set)}" if args.set else "") + ")\n")
-    print("| scene | input | skip F@0.5% / F@1% / Chamfer | refined F@0.5% / F@1% / Chamfer | R@0.5% skip → refined | anchor residual | "
-          "agreeing px | Δz std/z | refine s |")
+    print(f"\nRefinement ({args.views} views {args.width}x{args.height}, true cameras"
+          + (f"; {' '.join(args.set)}" if args.set else "") + ")\n")
+    print("| scene | input | skip F@0.5% / F@1% / Chamfer | refined F@0.5% / F@1% / Chamfer | R@0.5% skip → refined | "
+          "anchor residual | agreeing px | Δz std/z | refine s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s, f = r["skip"], r["refine"]
         print(f"| {r['scene']} | {r['input']} | {s['F@0.5%']:.4f} / {s['F@1%']:.4f} / {s['chamfer_%']:.3f} | "
               f"{f['F@0.5%']:.4f} / {f['F@1%']:.4f} / {f['chamfer_%']:.3f} | {s['R@0.5%']:.4f} → {f['R@0.5%']:.4f} | "
-              f"{r['anchor_residual'][0]:.2%} → {r['anchor_residual'][1]:.2%} | {r['consistent'][0]:.1%} → {r['consistent'][1]:.1%} | "
-              f"{r['dz_std_rel']:.3f} | {r['refine_seconds']:.0f} |")
+              f"{r['anchor_residual'][0]:.2%} → {r['anchor_residual'][1]:.2%} | "
+              f"{r['consistent'][0]:.1%} → {r['consistent'][1]:.1%} | {r['dz_std_rel']:.3f} | "
+              f"{r['refine_seconds']:.0f} |")
     out = args.json or (args.work / "bench_refine_priors.json")
-    write_json_atomic(out, {"views": args.views, "width": args.width, "height": args.height, "seed": args.seed, "overrides": args.set, "rows": rows})
+    write_json_atomic(out, {"views": args.views, "width": args.width, "height": args.height, "seed": args.seed,
+                            "overrides": args.set, "rows": rows})
     print(f"\nwrote {out}")
 
 

@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.core.geometry import umeyama  # noqa: E402
 
-DEFAULT_SCENES = ("temple", "temple@0.25", "temple@0.35", "thin:8:1:2@0.2", "blob:12:2:14@0.15", "knot:8:1:5@0.2", "blob:8:1:1@0.2")
+DEFAULT_SCENES = ("temple", "temple@0.25", "temple@0.35", "thin:8:1:2@0.2", "blob:12:2:14@0.15", "knot:8:1:5@0.2",
+                  "blob:8:1:1@0.2")
 
 
 def temple_cameras(folder: Path) -> dict[str, np.ndarray]:
@@ -79,8 +80,9 @@ def make_scene(spec: str, work: Path, temple: Path | None) -> tuple[Path, dict[s
         shape, views, rings, seed = base.split(":")
         src_scene = work / "rendered" / base.replace(":", "_")
         if not (src_scene / "gt" / "cameras.json").exists():
-            subprocess.run([sys.executable, "-m", "cli", "synth", shape, str(src_scene), "--views", views, "--rings", rings,
-                            "--seed", seed, "--width", "320", "--height", "240"], cwd=REPO, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "cli", "synth", shape, str(src_scene), "--views", views, "--rings",
+                            rings, "--seed", seed, "--width", "320", "--height", "240"], cwd=REPO, check=True,
+                           capture_output=True)
         src_dir, cams = src_scene / "images", rendered_cameras(src_scene)
     if not images.is_dir():
         images.mkdir(parents=True)
@@ -111,7 +113,8 @@ def camera_errors(model_dir: Path, truth: dict[str, np.ndarray]) -> dict:
     def errors(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s, R, t = umeyama(est[keep], gt[keep])
         center = np.linalg.norm((s * (R @ est.T)).T + t - gt, axis=1) / diameter * 100
-        rot = [np.degrees(np.arccos(np.clip((np.trace(Re @ R.T @ truth[n][:3, :3].T) - 1) / 2, -1, 1))) for n, Re in zip(names, rotations)]
+        rot = [np.degrees(np.arccos(np.clip((np.trace(Re @ R.T @ truth[n][:3, :3].T) - 1) / 2, -1, 1)))
+               for n, Re in zip(names, rotations)]
         return center, np.array(rot)
 
     center, rot = errors(np.ones(len(names), bool))
@@ -126,10 +129,13 @@ def camera_errors(model_dir: Path, truth: dict[str, np.ndarray]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--scenes", nargs="+", default=list(DEFAULT_SCENES), help="temple[@C] or SHAPE:VIEWS:RINGS:SEED[@C]")
-    ap.add_argument("--temple", type=Path, default=None, help="the templeSparseRing folder (photos and templeSR_par.txt)")
+    ap.add_argument("--scenes", nargs="+", default=list(DEFAULT_SCENES),
+                    help="temple[@C] or SHAPE:VIEWS:RINGS:SEED[@C]")
+    ap.add_argument("--temple", type=Path, default=None,
+                    help="the templeSparseRing folder (photos and templeSR_par.txt)")
     ap.add_argument("--code", type=Path, default=REPO, help="checkout whose `python -m cli` runs SfM")
-    ap.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "registration", help="work folder [bench/results/registration]")
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "registration",
+                    help="work folder [bench/results/registration]")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value for every run")
     args = ap.parse_args()
     rows = []
@@ -139,8 +145,10 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "cli", "run", str(scene), "--out", str(out), "--until", "sfm",
-                              *[x for o in args.overrides for x in ("--set", o)]], cwd=args.code, capture_output=True, text=True)
-        row = {"scene": spec, "photos": len(truth), "seconds": round(time.perf_counter() - t0, 1), "exit": res.returncode}
+                              *[x for o in args.overrides for x in ("--set", o)]], cwd=args.code, capture_output=True,
+                             text=True)
+        row = {"scene": spec, "photos": len(truth), "seconds": round(time.perf_counter() - t0, 1),
+               "exit": res.returncode}
         if res.returncode == 0:
             summary = json.loads((out / "manifest.json").read_text())["stages"]["sfm"]["summary"]
             row["attempts"] = [a["registered"] for a in summary.get("mapping_attempts", [])]
@@ -150,14 +158,17 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     (args.work / "bench_registration.json").write_text(json.dumps(rows, indent=1))
-    print("\n| scene | photos | registered | attempts | bad | centre err. median / max (% ring) | rotation err. median (deg) | s |")
+    print("\n| scene | photos | registered | attempts | bad | centre err. median / max (% ring) | "
+          "rotation err. median (deg) | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if r["exit"] != 0:
             print(f"| {r['scene']} | {r['photos']} | fails: {r['error']} | | | | | {r['seconds']} |")
             continue
-        errs = f"{r['center_median_pct']:.2f} / {r['center_max_pct']:.2f} | {r['rotation_median_deg']:.2f}" if "bad" in r else "- | -"
-        print(f"| {r['scene']} | {r['photos']} | {r['registered']} | {r.get('attempts', '-')} | {r.get('bad', '-')} | {errs} | {r['seconds']} |")
+        errs = (f"{r['center_median_pct']:.2f} / {r['center_max_pct']:.2f} | {r['rotation_median_deg']:.2f}"
+                if "bad" in r else "- | -")
+        print(f"| {r['scene']} | {r['photos']} | {r['registered']} | {r.get('attempts', '-')} | {r.get('bad', '-')} | "
+              f"{errs} | {r['seconds']} |")
 
 
 if __name__ == "__main__":

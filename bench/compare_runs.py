@@ -104,7 +104,8 @@ def main() -> int:
     for line in problems:
         print(line)
     n_arrays = sum(1 for p in args.out_a.rglob("*.npz") if ".building" not in p.parts)
-    print("identical" if not problems else f"{len(problems)} differences", f"({n_arrays} npz files, sparse model, mesh)")
+    print("identical" if not problems else f"{len(problems)} differences",
+          f"({n_arrays} npz files, sparse model, mesh)")
     return 0 if not problems else 1
 
 

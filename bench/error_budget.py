@@ -83,7 +83,8 @@ class ViewData:
 
 
 def depth_edges(depth: np.ndarray, jump: float = EDGE_JUMP, size: int = 7) -> np.ndarray:
-    """Pixels whose ``size`` x ``size`` neighbourhood spans a relative depth jump above ``jump`` (invalid = 0 ignored)."""
+    """Pixels whose ``size`` x ``size`` neighbourhood spans a relative depth jump above ``jump`` (invalid = 0
+    ignored)."""
     hi = maximum_filter(depth, size)
     lo = minimum_filter(np.where(depth > 0, depth, np.inf), size)
     return (depth > 0) & (hi > lo * (1.0 + jump))
@@ -119,7 +120,8 @@ def drop(select: Callable[[ViewData], np.ndarray]) -> Variant:
 
 
 def restore_dropped(max_err: float | None) -> Variant:
-    """Filter-dropped pixels back: with their adopted depth where it was within ``max_err``, or all with GT depth (None)."""
+    """Filter-dropped pixels back: with their adopted depth where it was within ``max_err``, or all with GT depth
+    (None)."""
     def apply(v: ViewData) -> tuple[DepthMap, int]:
         assert v.adopted is not None and v.adopted_err is not None
         dropped = v.adopted.valid & ~v.dm.valid & np.isfinite(v.adopted_err)
@@ -135,7 +137,8 @@ def restore_dropped(max_err: float | None) -> Variant:
 
 def refined_where_better(v: ViewData) -> tuple[DepthMap, int]:
     assert v.refined is not None and v.refined_err is not None
-    sel = v.dm.valid & v.refined.valid & np.isfinite(v.err) & np.isfinite(v.refined_err) & (np.abs(v.refined_err) < np.abs(v.err))
+    sel = (v.dm.valid & v.refined.valid & np.isfinite(v.err) & np.isfinite(v.refined_err)
+           & (np.abs(v.refined_err) < np.abs(v.err)))
     return _with(v.dm, np.where(sel, v.refined.depth, v.dm.depth), v.dm.valid), int(sel.sum())
 
 
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scene", type=Path, help="rendered scene folder (with gt/)")
     ap.add_argument("out", type=Path, help="recon output folder of that scene (finished run)")
-    ap.add_argument("--refined", type=Path, default=None, help="another output folder of the scene whose refine/views to compare with")
+    ap.add_argument("--refined", type=Path, default=None,
+                    help="another output folder of the scene whose refine/views to compare with")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting of the run's config for the fusions (e.g. fuse.trunc_voxels=6)")
@@ -177,13 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     path_of = ws.refine_view if source == "refine" else ws.depth_view
     gt_in = resolve_ground_truth(args.scene / "gt")
     gt_views = GtViews.load(gt_in.gt_dir)
-    gt_from_est = align_to_gt_cameras(read_colmap_poses(args.out / "sparse"), gt_views, source=args.out / "sparse")[0].matrix()
-    cfg = load_config(files=[args.out / "config.yaml"] if (args.out / "config.yaml").exists() else [], overrides=args.overrides)
+    gt_from_est = align_to_gt_cameras(read_colmap_poses(args.out / "sparse"), gt_views,
+                                      source=args.out / "sparse")[0].matrix()
+    cfg = load_config(files=[args.out / "config.yaml"] if (args.out / "config.yaml").exists() else [],
+                      overrides=args.overrides)
     ws_ref = Workspace(args.scene, args.refined) if args.refined is not None else None
 
     def error(dm: DepthMap, name: str) -> np.ndarray:
         K_gt, T_gt = gt_views.cameras[name]
-        return depth_error_image(dm.depth, dm.valid, dm.K, dm.cam_from_world, gt_from_est, gt_views.depth(name), K_gt, T_gt)
+        return depth_error_image(dm.depth, dm.valid, dm.K, dm.cam_from_world, gt_from_est, gt_views.depth(name), K_gt,
+                                 T_gt)
 
     data: list[ViewData] = []
     for v in scene.views:
@@ -212,20 +219,25 @@ def main(argv: list[str] | None = None) -> int:
         maps, changed = zip(*(apply(d) for d in data))
         frames = lambda: (FusionFrame(dm, rgb, None) for dm, rgb in zip(maps, rgbs))  # noqa: E731
         mesh = fuse_depth_maps(frames, params, args.device, total=len(maps)).mesh
-        m = evaluate_meshes(mesh, gt_in.mesh, gt_from_est=gt_from_est, crop_box=gt_in.crop_box, diagonal=gt_in.diagonal, gt_views=gt_views)
+        m = evaluate_meshes(mesh, gt_in.mesh, gt_from_est=gt_from_est, crop_box=gt_in.crop_box, diagonal=gt_in.diagonal,
+                            gt_views=gt_views)
         t = m["thresholds"]
-        row = {"variant": name, "pixels_changed": int(sum(changed)), "f_0.5": t["0.5%"]["fscore"], "f_1": t["1%"]["fscore"],
-               "precision_1": t["1%"]["precision"], "recall_1": t["1%"]["recall"], "chamfer_pct": 100 * m["chamfer_rel"],
-               "seconds": round(time.perf_counter() - t0, 1)}
+        row = {"variant": name, "pixels_changed": int(sum(changed)), "f_0.5": t["0.5%"]["fscore"],
+               "f_1": t["1%"]["fscore"], "precision_1": t["1%"]["precision"], "recall_1": t["1%"]["recall"],
+               "chamfer_pct": 100 * m["chamfer_rel"], "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
-        print(f"  {name:28s} changed {row['pixels_changed']:8d}  F@1 {row['f_1']:.4f}  Chamfer {row['chamfer_pct']:.3f} %", flush=True)
+        print(f"  {name:28s} changed {row['pixels_changed']:8d}  F@1 {row['f_1']:.4f}  Chamfer "
+              f"{row['chamfer_pct']:.3f} %", flush=True)
     base = next((r for r in rows if r["variant"] == "as-run"), None)
     print("\n| variant | pixels changed | F@0.5 % | F@1 % | ΔF@1 vs as-run | Chamfer % |\n|---|---|---|---|---|---|")
     for r in rows:
         delta = f"{r['f_1'] - base['f_1']:+.4f}" if base else "-"
-        print(f"| {r['variant']} | {r['pixels_changed']} | {r['f_0.5']:.4f} | {r['f_1']:.4f} | {delta} | {r['chamfer_pct']:.3f} |")
-    (args.out / "error_budget.json").write_text(json.dumps({"scene": str(args.scene), "out": str(args.out), "source": source, "overrides": args.overrides,
-                                                             "refined": str(args.refined) if args.refined else None, "rows": rows}, indent=1))
+        print(f"| {r['variant']} | {r['pixels_changed']} | {r['f_0.5']:.4f} | {r['f_1']:.4f} | {delta} | "
+              f"{r['chamfer_pct']:.3f} |")
+    (args.out / "error_budget.json").write_text(json.dumps({"scene": str(args.scene), "out": str(args.out),
+                                                            "source": source, "overrides": args.overrides,
+                                                            "refined": str(args.refined) if args.refined else None,
+                                                            "rows": rows}, indent=1))
     return 0
 
 

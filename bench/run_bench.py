@@ -1,7 +1,8 @@
 """Benchmark: render scenes, run recon on them, score the meshes against ground truth.
 
     python bench/run_bench.py                       # blob, thin, knot + spot, bob (textured models): 24 views 480x360
-    python bench/run_bench.py --real                # also the photo sets in ../shared/data/real beside the checkout (no GT)
+    python bench/run_bench.py --real                # also the photo sets in ../shared/data/real beside the
+                                                      checkout (no GT)
     python bench/run_bench.py --quick --real-sets templeSparseRing   # smoke run: one small scene, reduced settings
     python bench/run_bench.py --shapes blob --models --views 12 --width 320 --height 240
 
@@ -137,7 +138,8 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None) -> dic
     return out
 
 
-def run_stages(scene: Path, out: Path, stages: list[str], extra: list[str], timeout_s: float | None, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def run_stages(scene: Path, out: Path, stages: list[str], extra: list[str], timeout_s: float | None,
+               skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One ``recon run --until STAGE`` subprocess per stage; stops at the first failure."""
     records = []
     for stage in stages:
@@ -178,7 +180,8 @@ def manifest_fingerprint(out: Path, stage: str) -> str | None:
 
 
 def seed_norefine(full: Path, norefine: Path) -> None:
-    """Copy the full run's sfm and depth caches (stage folders, ``sparse/``, their manifest entries) into ``norefine``."""
+    """Copy the full run's sfm and depth caches (stage folders, ``sparse/``, their manifest entries) into
+    ``norefine``."""
     if norefine.exists():
         shutil.rmtree(norefine)
     norefine.mkdir(parents=True)
@@ -256,8 +259,10 @@ def gt_depth_upper_bound(scene_dir: Path, mesh_path: Path, fuse_cfg: Any) -> dic
 
 # ---- one scene ------------------------------------------------------------------------------
 
-def render_timed(scenes_dir: Path, shape: str, views: int, width: int, height: int, seed: int) -> tuple[Path, float | None]:
-    """The rendered scene folder (see :func:`pipeline.synthetic.render.render_or_reuse`) and its render time (None: reused)."""
+def render_timed(scenes_dir: Path, shape: str, views: int, width: int, height: int,
+                 seed: int) -> tuple[Path, float | None]:
+    """The rendered scene folder (see :func:`pipeline.synthetic.render.render_or_reuse`) and its render time (None:
+    reused)."""
     from pipeline.synthetic.render import render_or_reuse
 
     started = time.perf_counter()
@@ -283,14 +288,16 @@ def bench_synthetic(scene: Path, runs: Path, args: argparse.Namespace) -> dict[s
     full_recs = run_stages(scene, full, list(STAGE_NAMES), extra, args.timeout)
     done = {r["stage"] for r in full_recs if r["rc"] == 0}
     res["variants"]["refined"] = {"runs": full_recs, "seconds": manifest_seconds(full),
-                                  "eval": score(full, scene, max_points=args.max_points) if (full / "mesh.ply").exists() else None}
+                                  "eval": score(full, scene, max_points=args.max_points)
+                                  if (full / "mesh.ply").exists() else None}
 
     if {"sfm", "depth"} <= done:
         seed_norefine(full, norefine)
         nr_recs = run_stages(scene, norefine, ["fuse", "export"], extra, args.timeout, skip=("refine",))
         res["variants"]["initial"] = {"runs": [r for r in full_recs if r["stage"] in ("sfm", "depth")] + nr_recs,
                                       "seconds": manifest_seconds(norefine), "copied_from_full": ["sfm", "depth"],
-                                      "eval": score(norefine, scene, max_points=args.max_points) if (norefine / "mesh.ply").exists() else None}
+                                      "eval": score(norefine, scene, max_points=args.max_points)
+                                      if (norefine / "mesh.ply").exists() else None}
         rerun = [s for s in ("sfm", "depth") if manifest_fingerprint(norefine, s) != manifest_fingerprint(full, s)]
         if rerun:  # code or settings changed between the two runs: the variants no longer share their depth maps
             res["variants"]["initial"]["error"] = f"{', '.join(rerun)} re-ran instead of reusing the full run's cache"
@@ -302,7 +309,8 @@ def bench_synthetic(scene: Path, runs: Path, args: argparse.Namespace) -> dict[s
         try:
             floor["poisson"] = sparse_poisson_floor(full, runs / "floor" / "mesh.ply")
             floor["seconds"] = {"sfm": manifest_seconds(full).get("sfm", 0.0), "fuse": floor["poisson"]["seconds"]}
-            floor["eval"] = score(runs / "floor" / "mesh.ply", scene, cameras=full / "sparse", max_points=args.max_points)
+            floor["eval"] = score(runs / "floor" / "mesh.ply", scene, cameras=full / "sparse",
+                                  max_points=args.max_points)
         except Exception as exc:  # noqa: BLE001 - a benchmark row reports any failure
             floor["error"] = f"{type(exc).__name__}: {exc}"
     else:
@@ -328,8 +336,10 @@ MODEL_FILES: dict[str, str] = {"spot": "spot/spot_triangulated.obj", "bob": "bob
 """Textured models of ``--models-dir`` rendered as objects (OBJ, +y up)."""
 
 
-def render_model_timed(scenes_dir: Path, name: str, models_dir: Path, views: int, width: int, height: int, seed: int) -> tuple[Path, float | None]:
-    """``scenes_dir/model-<name>_<views>v_<W>x<H>_s<seed>`` rendered from the model's OBJ (reused when the parameters match)."""
+def render_model_timed(scenes_dir: Path, name: str, models_dir: Path, views: int, width: int, height: int,
+                       seed: int) -> tuple[Path, float | None]:
+    """``scenes_dir/model-<name>_<views>v_<W>x<H>_s<seed>`` rendered from the model's OBJ (reused when the parameters
+    match)."""
     from pipeline.synthetic.render import render_scene
 
     obj = models_dir / MODEL_FILES[name]
@@ -340,7 +350,8 @@ def render_model_timed(scenes_dir: Path, name: str, models_dir: Path, views: int
     if info.is_file():
         meta = json.loads(info.read_text())
         cams = json.loads((scene / "gt" / "cameras.json").read_text())
-        if (meta.get("n_views"), meta.get("seed"), meta.get("object_mesh")) == (views, seed, str(obj)) and (cams.get("width"), cams.get("height")) == (width, height):
+        if ((meta.get("n_views"), meta.get("seed"), meta.get("object_mesh")) == (views, seed, str(obj))
+                and (cams.get("width"), cams.get("height")) == (width, height)):
             return scene, None
     started = time.perf_counter()
     render_scene(scene, n_views=views, width=width, height=height, seed=seed, object_mesh=obj, rings=2)
@@ -391,7 +402,8 @@ def with_focal_exif(images: Path, dest: Path, focal_px: float, width: int, heigh
 
 
 def find_image_folder(root: Path) -> Path | None:
-    """The folder to pass to ``recon run``: ``root`` when it holds images/ or photos, else the first subfolder with 3+ photos."""
+    """The folder to pass to ``recon run``: ``root`` when it holds images/ or photos, else the first subfolder with 3+
+    photos."""
     def n_images(d: Path) -> int:
         return sum(1 for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -412,7 +424,8 @@ def bench_real(root: Path, runs: Path, args: argparse.Namespace) -> dict[str, An
     if scene is None:
         res["error"] = "no folder with 3 or more photos"
         return res
-    photos = sorted(p for p in (scene / "images" if (scene / "images").is_dir() else scene).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    photos = sorted(p for p in (scene / "images" if (scene / "images").is_dir() else scene).iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES)
     focal = gt_focal_px(root)
     if focal is not None and photos and not has_exif_focal(photos[0]):
         scene = with_focal_exif(photos[0].parent, runs / "input", *focal)
@@ -421,7 +434,8 @@ def bench_real(root: Path, runs: Path, args: argparse.Namespace) -> dict[str, An
     if not args.reuse_runs:
         shutil.rmtree(out, ignore_errors=True)
     recs = run_stages(scene, out, list(STAGE_NAMES), extra, args.timeout)
-    res.update({"images_dir": str(scene), "runs": recs, "seconds": manifest_seconds(out), "sfm": manifest_summary(out, "sfm")})
+    res.update({"images_dir": str(scene), "runs": recs, "seconds": manifest_seconds(out),
+                "sfm": manifest_summary(out, "sfm")})
     if (out / "mesh.ply").exists():
         from pipeline.analysis.metrics import load_mesh
 
@@ -440,7 +454,8 @@ def _f(x: Any, fmt: str = "{:.3f}") -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """One markdown table: per scene and variant, stage times, peak RSS and the metrics (lengths in % of the diagonal)."""
+    """One markdown table: per scene and variant, stage times, peak RSS and the metrics (lengths in % of the
+    diagonal)."""
     head = ["scene", "variant", "sfm s", "depth s", "refine s", "fuse s", "export s", "peak RSS MiB", "F@0.5%", "F@1%",
             "Chamfer %", "acc %", "comp %", "AbsRel", "δ<1.01", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -456,7 +471,8 @@ def table(results: list[dict[str, Any]]) -> str:
             if errs:
                 note += "; " + "; ".join(errs)
             note = r.get("error", note)
-            lines.append("| " + " | ".join([r["scene"], "real (no GT)", *(_f(secs.get(s), "{:.1f}") for s in STAGE_NAMES), _f(rss, "{:.0f}"),
+            lines.append("| " + " | ".join([r["scene"], "real (no GT)",
+                                            *(_f(secs.get(s), "{:.1f}") for s in STAGE_NAMES), _f(rss, "{:.0f}"),
                                             *["-"] * 7, note.replace("|", "/")]) + " |")
             continue
         for name in ("floor", "initial", "refined", "gt-depth"):
@@ -497,37 +513,46 @@ def memory_table(results: list[dict[str, Any]]) -> str:
         for name, recs in runs:
             by_stage = {x["stage"]: x["peak_rss_mib"] for x in recs if x.get("rc") == 0}
             if by_stage:
-                lines.append("| " + " | ".join([r["scene"], name, *(_f(by_stage.get(s), "{:.0f}") for s in STAGE_NAMES)]) + " |")
+                lines.append("| " + " | ".join([r["scene"], name,
+                                                *(_f(by_stage.get(s), "{:.0f}") for s in STAGE_NAMES)]) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.synthetic.shapes import SHAPES
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=REPO / "bench" / "results", help="work folder (scenes/, runs/, bench.json) [bench/results]")
-    p.add_argument("--shapes", nargs="*", default=None, choices=SHAPES, help=f"rendered shapes [{' '.join(SHAPES[:3])}]; none: no shapes")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "results",
+                   help="work folder (scenes/, runs/, bench.json) [bench/results]")
+    p.add_argument("--shapes", nargs="*", default=None, choices=SHAPES,
+                   help=f"rendered shapes [{' '.join(SHAPES[:3])}]; none: no shapes")
     p.add_argument("--models", nargs="*", default=None, choices=sorted(MODEL_FILES),
-                   help=f"textured models of --models-dir rendered as scenes [{' '.join(MODEL_FILES)} when present]; none: no models")
+                   help=f"textured models of --models-dir rendered as scenes [{' '.join(MODEL_FILES)} when present]; "
+                        "none: no models")
     p.add_argument("--models-dir", type=Path, default=REPO.parent / "shared" / "data" / "models")
     p.add_argument("--views", type=int, default=None, help="views per rendered scene [24; --quick 12]")
     p.add_argument("--width", type=int, default=None, help="[480; --quick 320]")
     p.add_argument("--height", type=int, default=None, help="[360; --quick 240]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the photo sets in --real-dir (no GT: times, registration, mesh size) [on when --real-dir exists, off with --quick]")
+                   help="also run the photo sets in --real-dir (no GT: times, registration, mesh size) [on when "
+                        "--real-dir exists, off with --quick]")
     p.add_argument("--real-dir", type=Path, default=REPO.parent / "shared" / "data" / "real")
-    p.add_argument("--real-sets", nargs="+", default=None, metavar="NAME", help="only these photo sets of --real-dir [all]; implies --real")
+    p.add_argument("--real-sets", nargs="+", default=None, metavar="NAME",
+                   help="only these photo sets of --real-dir [all]; implies --real")
     p.add_argument("--real-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="passed to `recon run` of the photo sets only (e.g. sfm.max_image_size=1000)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="passed to every `recon run`")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="passed to every `recon run`")
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="passed to every `recon run`")
     p.add_argument("--timeout", type=float, default=None, help="seconds per stage subprocess (killed after)")
-    p.add_argument("--max-points", type=int, default=None, help="samples per surface in the evaluation [400000; --quick 100000]")
+    p.add_argument("--max-points", type=int, default=None,
+                   help="samples per surface in the evaluation [400000; --quick 100000]")
     p.add_argument("--reuse-runs", action="store_true", help="keep existing run folders (cached stages are not re-run)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: blob only, 12 views 320x240, depth.max_image_side=240, refine.steps=60, photo sets at "
-                        "sfm.max_image_size=640 / depth.max_image_side=320 (explicit options win)")
+                   help="smoke run: blob only, 12 views 320x240, depth.max_image_side=240, refine.steps=60, "
+                        "photo sets at sfm.max_image_size=640 / depth.max_image_side=320 (explicit options win)")
     args = p.parse_args(argv)
     quick = args.quick
     args.shapes = args.shapes if args.shapes is not None else (["blob"] if quick else list(SHAPES[:3]))
@@ -539,16 +564,20 @@ def main(argv: list[str] | None = None) -> int:
     args.max_points = args.max_points or (100_000 if quick else 400_000)
     if quick:
         given = {s.split("=", 1)[0] for s in args.set}
-        args.set = [s for s in ("depth.max_image_side=240", "refine.steps=60") if s.split("=", 1)[0] not in given] + args.set
+        args.set = [s for s in ("depth.max_image_side=240", "refine.steps=60")
+                    if s.split("=", 1)[0] not in given] + args.set
         given |= {s.split("=", 1)[0] for s in args.real_set}
-        args.real_set = [s for s in ("sfm.max_image_size=640", "depth.max_image_side=320") if s.split("=", 1)[0] not in given] + args.real_set
+        args.real_set = [s for s in ("sfm.max_image_size=640", "depth.max_image_side=320")
+                         if s.split("=", 1)[0] not in given] + args.real_set
     if args.real is None:
         args.real = args.real_sets is not None or (not args.quick and args.real_dir.is_dir())
 
     scenes_dir, runs_dir = args.work / "scenes", args.work / "runs"
     results: list[dict[str, Any]] = []
-    jobs = [(shape, lambda shape=shape: render_timed(scenes_dir, shape, args.views, args.width, args.height, args.seed)) for shape in args.shapes]
-    jobs += [(f"model-{m}", lambda m=m: render_model_timed(scenes_dir, m, args.models_dir, args.views, args.width, args.height, args.seed))
+    jobs = [(shape, lambda shape=shape: render_timed(scenes_dir, shape, args.views, args.width, args.height, args.seed))
+            for shape in args.shapes]
+    jobs += [(f"model-{m}", lambda m=m: render_model_timed(scenes_dir, m, args.models_dir, args.views, args.width,
+                                                           args.height, args.seed))
              for m in args.models]
     for label, render in jobs:
         print(f"== {label}", flush=True)
@@ -565,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.real_dir.is_dir():
             print(f"no photo sets in {args.real_dir}; --real skipped", flush=True)
         else:
-            for root in sorted(d for d in args.real_dir.iterdir() if d.is_dir() and (args.real_sets is None or d.name in args.real_sets)):
+            for root in sorted(d for d in args.real_dir.iterdir()
+                               if d.is_dir() and (args.real_sets is None or d.name in args.real_sets)):
                 print(f"== real: {root.name}", flush=True)
                 try:
                     results.append(bench_real(root, runs_dir / f"real_{root.name}", args))
@@ -575,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     md = table(results) + "\n\nPeak RSS per stage (each stage runs in its own process):\n\n" + memory_table(results)
     print("\n" + md)
     args.work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.work / "bench.json", {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "table": md})
+    write_json_atomic(args.work / "bench.json",
+                      {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "table": md})
     print(f"\nwrote {args.work / 'bench.json'}")
     return 0
 

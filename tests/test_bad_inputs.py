@@ -43,7 +43,8 @@ FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30"]
 
 def recon(*args: str, prefix: tuple[str, ...] = (), timeout: float = 300) -> subprocess.CompletedProcess:
     """``recon ARGS`` as a user runs it (a fresh process, stderr not a terminal)."""
-    return subprocess.run([*prefix, sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*prefix, sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def stderr_lines(res: subprocess.CompletedProcess) -> list[str]:
@@ -76,7 +77,8 @@ def clean_success(res: subprocess.CompletedProcess) -> list[str]:
 @pytest.fixture(scope="module")
 def model_scene(tmp_path_factory) -> Path:
     """8 views 160x120 of the blob with the true cameras as ``sparse/0`` (SfM reads the model, no matching)."""
-    scene = render_scene(tmp_path_factory.mktemp("bad") / "blob8", shape="blob", n_views=8, width=160, height=120, seed=0)
+    scene = render_scene(tmp_path_factory.mktemp("bad") / "blob8", shape="blob", n_views=8, width=160, height=120,
+                         seed=0)
     write_gt_model(scene, scene / "sparse" / "0")
     return scene
 
@@ -156,13 +158,15 @@ def _no_overlap(tmp: Path):
 def _config_typo(tmp: Path):
     _noise_images(tmp / "scene" / "images", 3)
     (tmp / "my config.yaml").write_text("refine:\n  wieght_mv: 1.0\n")
-    return ["run", str(tmp / "scene"), "--config", str(tmp / "my config.yaml")], [str(tmp / "my config.yaml"), "refine.wieght_mv", "weight_mv"]
+    return (["run", str(tmp / "scene"), "--config", str(tmp / "my config.yaml")],
+            [str(tmp / "my config.yaml"), "refine.wieght_mv", "weight_mv"])
 
 
 def _config_wrong_type(tmp: Path):
     _noise_images(tmp / "scene" / "images", 3)
     (tmp / "c.yaml").write_text("fuse:\n  voxel_size: small\n")
-    return ["run", str(tmp / "scene"), "--config", str(tmp / "c.yaml")], [str(tmp / "c.yaml"), "fuse.voxel_size", "expected a number"]
+    return (["run", str(tmp / "scene"), "--config", str(tmp / "c.yaml")],
+            [str(tmp / "c.yaml"), "fuse.voxel_size", "expected a number"])
 
 
 def _config_bad_yaml(tmp: Path):
@@ -179,7 +183,8 @@ def _config_not_a_mapping(tmp: Path):
 
 def _config_missing(tmp: Path):
     _noise_images(tmp / "scene" / "images", 3)
-    return ["run", str(tmp / "scene"), "--config", str(tmp / "nope.yaml")], [str(tmp / "nope.yaml"), "cannot read config file"]
+    return (["run", str(tmp / "scene"), "--config", str(tmp / "nope.yaml")],
+            [str(tmp / "nope.yaml"), "cannot read config file"])
 
 
 def _scene_yaml_typo(tmp: Path):
@@ -241,7 +246,8 @@ def test_images_without_overlap_fail_clearly(tmp_path):
 
 def test_model_naming_a_missing_image(scene):
     (scene / "images" / "view_003.png").unlink()
-    one_line_error(recon("run", str(scene), "--until", "sfm"), str(scene / "sparse" / "0"), "view_003.png", "use_existing_model=false")
+    one_line_error(recon("run", str(scene), "--until", "sfm"), str(scene / "sparse" / "0"), "view_003.png",
+                   "use_existing_model=false")
 
 
 def test_model_of_other_image_sizes(scene):
@@ -265,7 +271,8 @@ def test_model_with_a_truncated_image(scene):
 def test_unreadable_model(scene):
     for name in ("cameras.bin", "images.bin", "points3D.bin"):
         (scene / "sparse" / "0" / name).write_bytes(bytes(range(64)))
-    one_line_error(recon("run", str(scene), "--until", "sfm"), str(scene / "sparse" / "0"), "cannot read the COLMAP model", "use_existing_model=false")
+    one_line_error(recon("run", str(scene), "--until", "sfm"), str(scene / "sparse" / "0"),
+                   "cannot read the COLMAP model", "use_existing_model=false")
 
 
 # ---- skipping is right: the run goes on and names what it skipped -----------------------------------------
@@ -364,13 +371,14 @@ def _user_namespaces() -> bool:
     """Whether a tmpfs can be mounted in a user+mount namespace (Linux, unprivileged user namespaces on)."""
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"],
-                           capture_output=True)
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "mount -t tmpfs -o size=16k tmpfs /mnt"], capture_output=True)
     return probe.returncode == 0
 
 
 def with_tmpfs(mount_point: Path, options: str) -> tuple[str, ...]:
-    """Command prefix: run the command with a fresh tmpfs (``options``, e.g. ``size=96k`` or ``ro``) at ``mount_point``."""
+    """Command prefix: run the command with a fresh tmpfs (``options``, e.g. ``size=96k`` or ``ro``) at
+    ``mount_point``."""
     mount_point.mkdir(parents=True, exist_ok=True)
     script = 'mount -t tmpfs -o "$1" tmpfs "$2" && shift 2 && exec "$@"'
     return ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", options, str(mount_point))
@@ -386,7 +394,8 @@ def test_read_only_output_folder(scene, tmp_path):
         prefix = ()
     else:
         pytest.skip("root without user namespaces: no way to make a folder read-only")
-    line = one_line_error(recon("run", str(scene), "--out", str(out), prefix=prefix), str(out), "cannot write here", "--out")
+    line = one_line_error(recon("run", str(scene), "--out", str(out), prefix=prefix), str(out), "cannot write here",
+                          "--out")
     assert "read-only" in line.lower() or "permission denied" in line.lower()
 
 
@@ -436,15 +445,17 @@ def test_force_out_uses_such_a_folder_and_leaves_the_other_files(scene, tmp_path
     (out / "keep").mkdir(parents=True)
     (out / "keep" / "notes.txt").write_text("mine")
     res = recon("run", str(scene), "--out", str(out), "--force-out", "--until", "sfm")
-    assert clean_success(res) == [] or all("using a folder that holds other files" in line for line in clean_success(res))
+    assert clean_success(res) == [] or all("using a folder that holds other files" in line
+                                           for line in clean_success(res))
     assert (out / "keep" / "notes.txt").read_text() == "mine" and (out / "sparse" / "images.bin").is_file()
-    assert clean_success(recon("run", str(scene), "--out", str(out), "--until", "sfm")) == []  # now a recon output: no flag needed
+    # now a recon output: no flag needed
+    assert clean_success(recon("run", str(scene), "--out", str(out), "--until", "sfm")) == []
 
 
 @pytest.mark.parametrize("where", ["scene", "images", "inside-images", "parent", "a-file"])
 def test_output_folder_mixed_with_the_inputs_is_refused_before_writing(scene, where):
-    out = {"scene": scene, "images": scene / "images", "inside-images": scene / "images" / "out", "parent": scene.parent,
-           "a-file": scene / "images" / "view_000.png"}[where]
+    out = {"scene": scene, "images": scene / "images", "inside-images": scene / "images" / "out",
+           "parent": scene.parent, "a-file": scene / "images" / "view_000.png"}[where]
     before = _tree(scene)
     one_line_error(recon("run", str(scene), "--out", str(out)), str(out), "--out")
     assert _tree(scene) == before
@@ -484,7 +495,8 @@ def test_a_model_of_shuffled_image_names_is_refused(scene):
     for i, name in zip(ids, names[1:] + names[:1]):
         rec.images[i].name = name
     rec.write_binary(str(model))
-    one_line_error(recon("run", str(scene), "--until", "sfm"), str(model), "does not fit the photos", "use_existing_model=false")
+    one_line_error(recon("run", str(scene), "--until", "sfm"), str(model), "does not fit the photos",
+                   "use_existing_model=false")
 
 
 def _sfm_summary(out: Path) -> dict:
@@ -524,7 +536,8 @@ def test_a_photo_left_out_of_the_model_is_named_and_strict_fails(scene):
     lines = clean_success(recon("run", str(scene), "--until", "sfm"))
     assert lines[-1].startswith("warning: 1 photo(s) did not register") and "img_0.png" in lines[-1]
     strict = recon("run", str(scene), "--until", "sfm", "--strict")
-    strict.stderr = "\n".join(line for line in strict.stderr.splitlines() if not line.startswith("warning:"))  # named above
+    # named above
+    strict.stderr = "\n".join(line for line in strict.stderr.splitlines() if not line.startswith("warning:"))
     one_line_error(strict, "--strict", "img_0.png")
 
 
@@ -544,11 +557,12 @@ def test_a_photo_with_a_very_long_name(scene):
 
 
 def test_output_files_follow_the_umask(scene):
-    res = subprocess.run([sys.executable, "-m", "cli", "run", str(scene), "--until", "sfm"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, preexec_fn=lambda: os.umask(0o022))
+    res = subprocess.run([sys.executable, "-m", "cli", "run", str(scene), "--until", "sfm"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o022))
     assert res.returncode == 0, res.stderr
     out = scene / "recon"
-    for f in (out / "manifest.json", out / "config.yaml", out / "sparse" / "images.bin", out / "sfm" / "normalization.json"):
+    for f in (out / "manifest.json", out / "config.yaml", out / "sparse" / "images.bin",
+              out / "sfm" / "normalization.json"):
         assert f.stat().st_mode & 0o777 == 0o644, f
     for d in (out, out / "sparse", out / "sfm", out / "sfm" / "model"):
         assert d.stat().st_mode & 0o777 == 0o755, d
@@ -564,7 +578,8 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(scene):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert proc.returncode == 143 and lines == ["error: terminated (SIGTERM); finished work is kept, run the same command again to resume"], err
+    assert proc.returncode == 143 and lines == ["error: terminated (SIGTERM); finished work is kept, run the same "
+                                                "command again to resume"], err
     assert clean_success(recon("run", str(scene), *FAST)) == []
 
 
@@ -623,7 +638,8 @@ def test_masks_of_another_size_jpeg_masks_and_unmatched_masks(scene):
     lines = clean_success(res)
     assert len(lines) == 1 and "no such photo.png" in lines[0] and "match no photo" in lines[0], res.stderr
     fuse_summary = json.loads((scene / "recon" / "manifest.json").read_text())["stages"]["fuse"]["summary"]
-    assert fuse_summary["views"] >= 7 and fuse_summary["faces"] > 1000  # the speck's view may add a block or be left out
+    # the speck's view may add a block or be left out
+    assert fuse_summary["views"] >= 7 and fuse_summary["faces"] > 1000
 
 
 # ---- images that must work: the format zoo, through every stage -------------------------------------------------
@@ -682,7 +698,8 @@ class ZooRun:
 @pytest.fixture(scope="module")
 def zoo_run(tmp_path_factory) -> ZooRun:
     """12 views 320x240 re-encoded into every supported kind of photo, run through all stages (real SfM)."""
-    scene = render_scene(tmp_path_factory.mktemp("zoo") / "zoo", shape="blob", n_views=12, width=320, height=240, seed=0)
+    scene = render_scene(tmp_path_factory.mktemp("zoo") / "zoo", shape="blob", n_views=12, width=320, height=240,
+                         seed=0)
     _make_zoo(scene)
     res = recon("run", str(scene), "--set", "sfm.max_image_size=320", *FAST, timeout=600)
     return ZooRun(scene, res)
@@ -698,7 +715,8 @@ def test_zoo_runs_through_and_names_what_it_skipped(zoo_run):
     assert any(str(images / "thumb.png") in line and "15x15" in line for line in lines[1:3])
     assert str(images / "view_010_copy.png") in lines[3] and "same picture as view_010.png" in lines[3]
     summary = json.loads((zoo_run.scene / "recon" / "manifest.json").read_text())["stages"]["sfm"]["summary"]
-    assert summary["duplicate_of"] == {"view_010_copy.png": "view_010.png"} and summary["skipped"] == ["broken.jpg", "thumb.png"]
+    assert (summary["duplicate_of"] == {"view_010_copy.png": "view_010.png"}
+            and summary["skipped"] == ["broken.jpg", "thumb.png"])
     out = zoo_run.scene / "recon"
     assert (out / "mesh.ply").stat().st_size > 10_000 and (out / "mesh.glb").exists() and (out / "report.html").exists()
 
@@ -741,7 +759,8 @@ def test_zoo_image_registers_where_it_was_taken(zoo_run, name):
 
 
 def _colmap_step_processes(parent: int | None = None) -> list[int]:
-    """PIDs of running COLMAP step processes (``python -m pipeline.sfm.colmap_steps``), of ``parent`` only when given."""
+    """PIDs of running COLMAP step processes (``python -m pipeline.sfm.colmap_steps``), of ``parent`` only when
+    given."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -757,12 +776,13 @@ def _colmap_step_processes(parent: int | None = None) -> list[int]:
 
 @pytest.mark.slow
 def test_ctrl_c_during_matching_stops_at_once_and_the_run_resumes(tmp_path):
-    """COLMAP matches in a child process: Ctrl-C does not wait for the matching block to end, and no COLMAP work is left running."""
+    """COLMAP matches in a child process: Ctrl-C does not wait for the matching block to end, and no COLMAP work is left
+    running."""
     scene = tmp_path / "scene"
     shutil.copytree(REPO / "sample_scenes" / "blob" / "images", scene / "images")
     building = scene / "recon" / ".building" / "sfm"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(scene), "--until", "sfm"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(scene), "--until", "sfm"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[int] = []  # the step processes in order: feature extraction, then matching
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(seen) < 2 and proc.poll() is None:
@@ -773,7 +793,8 @@ def test_ctrl_c_during_matching_stops_at_once_and_the_run_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err
-    assert not (building / "database.db").exists()  # matching did not run to its end (the database is renamed when it does)
+    # matching did not run to its end (the database is renamed when it does)
+    assert not (building / "database.db").exists()
     assert _colmap_step_processes() == []
     assert clean_success(recon("run", str(scene), "--until", "sfm")) == []
 
@@ -827,7 +848,8 @@ def test_unexpected_error_keeps_the_traceback_in_the_log(scene):
         sys.argv = ["recon", *sys.argv[1:]]
         cli.main()
     """)
-    res = subprocess.run([sys.executable, "-c", driver, "run", str(scene)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", driver, "run", str(scene)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
     log = scene / "recon" / "log.txt"
     line = one_line_error(res, "unexpected ZeroDivisionError", "deep inside a library", str(log))
     assert res.returncode == 2 and line

@@ -37,7 +37,8 @@ from workflows.local import StageResult
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=60", "--set", "sfm.num_threads=1"]
-"""Small settings; one SfM thread makes COLMAP's result the same in every process (with several it varies run to run)."""
+"""Small settings; one SfM thread makes COLMAP's result the same in every process (with several it varies \
+run to run)."""
 VIEWS_PER_TASK = 4
 N_VIEWS = 10
 
@@ -86,12 +87,15 @@ def _outcome(tmp_path: Path, name: str, error: str | None = None) -> SceneOutcom
         "export": StageResult("export", "ran", 0.5),
     }
     return SceneOutcome(job=job, out_dir=str(tmp_path / name / "recon"), stages=stages, error=error, seconds=7.0,
-                        evaluation=None if error else {"fscore": {"0.5%": 0.81234, "1%": 0.91234}, "chamfer_rel": 0.002})
+                        evaluation=None if error else {"fscore": {"0.5%": 0.81234, "1%": 0.91234},
+                                                       "chamfer_rel": 0.002})
 
 
 def test_table_and_reports(tmp_path):
-    rows = [scene_row(_outcome(tmp_path, "good")), scene_row(_outcome(tmp_path, "bad", error="bad/images: only 2 readable image(s)"))]
-    assert rows[0].status == "ok" and rows[0].registered == 12 and rows[0].faces == 2345 and rows[0].fscore["1%"] == 0.9123
+    rows = [scene_row(_outcome(tmp_path, "good")),
+            scene_row(_outcome(tmp_path, "bad", error="bad/images: only 2 readable image(s)"))]
+    assert (rows[0].status == "ok" and rows[0].registered == 12 and rows[0].faces == 2345
+            and rows[0].fscore["1%"] == 0.9123)
     assert rows[1].status == "failed" and rows[1].vertices is None
     text = format_table(rows)
     lines = text.splitlines()
@@ -105,8 +109,10 @@ def test_table_and_reports(tmp_path):
     csv_path, json_path = write_reports(rows, tmp_path / "report", {"address": "local"})
     records = list(csv.DictReader(csv_path.open()))
     assert [r["scene"] for r in records] == ["good", "bad"]
-    assert records[0]["sfm_status"] == "ran" and float(records[0]["sfm_seconds"]) == 4.25 and records[0]["fscore_1%"] == "0.9123"
-    assert records[1]["status"] == "failed" and "only 2 readable" in records[1]["error"] and records[1]["vertices"] == ""
+    assert (records[0]["sfm_status"] == "ran" and float(records[0]["sfm_seconds"]) == 4.25
+            and records[0]["fscore_1%"] == "0.9123")
+    assert (records[1]["status"] == "failed" and "only 2 readable" in records[1]["error"]
+            and records[1]["vertices"] == "")
     data = json.loads(json_path.read_text())
     assert data["address"] == "local" and data["scenes"][1]["error"].startswith("bad/images")
 
@@ -164,22 +170,24 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def _ray_env(temp_dir: Path, token: str) -> dict[str, str]:
     """Environment of every Ray process of a test: loopback only, its own temp folder and token (nothing in ~/.ray)."""
-    return {**os.environ, LOOPBACK_ENV: "0", "RAY_TMPDIR": str(temp_dir), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-            "RAY_USAGE_STATS_ENABLED": "0"}
+    return {**os.environ, LOOPBACK_ENV: "0", "RAY_TMPDIR": str(temp_dir), "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """``ray start --head`` on 127.0.0.1 (2 CPUs); yields (address, env for clients); stopped and checked gone at the end."""
+    """``ray start --head`` on 127.0.0.1 (2 CPUs); yields (address, env for clients); stopped and checked gone at the
+    end."""
     if not HAVE_RAY:
         pytest.skip("ray is not installed (pip install -e '.[ray]')")
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix socket paths must stay < 108 chars
     env = _ray_env(temp_dir, secrets.token_hex(32))
     port = _free_port()
     log = temp_dir / "start.log"
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"]
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={port}", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}", "--include-dashboard=false",
+           "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
+           f"--dashboard-agent-listen-port={_free_port()}"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -275,11 +283,13 @@ def test_batch_rows_and_failure_report(first_batch, scenes):
         assert 0.3 < r["fscore"]["1%"] <= 1.0  # scored against gt/ (low-resolution settings)
         assert (scenes[name] / "recon" / "mesh.ply").is_file() and (scenes[name] / "recon" / "report.html").is_file()
     bad = rows["broken"]
-    assert bad["status"] == "failed" and "only 2 readable image(s)" in bad["error"] and str(scenes["broken"]) in bad["error"]
+    assert (bad["status"] == "failed" and "only 2 readable image(s)" in bad["error"]
+            and str(scenes["broken"]) in bad["error"])
     assert bad["vertices"] is None and bad["fscore"] is None
     table = proc.stdout
     assert "broken: failed: " in table and "2 of 3 scene(s) ok, 1 failed" in table
-    assert {r["scene"]: r["status"] for r in csv.DictReader((report / "recon_batch.csv").open())} == {"blob": "ok", "broken": "failed", "thin": "ok"}
+    assert ({r["scene"]: r["status"] for r in csv.DictReader((report / "recon_batch.csv").open())}
+            == {"blob": "ok", "broken": "failed", "thin": "ok"})
 
 
 @pytest.mark.slow
@@ -317,14 +327,15 @@ def test_second_batch_embedded_reuses_every_cache(first_batch, scenes, tmp_path)
     proc, _, _ = first_batch
     assert proc.returncode == 1, proc.stderr
     files = {p: p.stat().st_mtime_ns for n in ("blob", "thin")
-             for sub in ("sfm", "depth", "refine", "fuse", "export") for p in (scenes[n] / "recon" / sub).rglob("*") if p.is_file()}
+             for sub in ("sfm", "depth", "refine", "fuse", "export") for p in (scenes[n] / "recon" / sub).rglob("*")
+             if p.is_file()}
     assert len(files) > 4 * N_VIEWS
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     env = _ray_env(temp_dir, secrets.token_hex(32))
     env.pop(LOOPBACK_ENV)  # the embedded default binds to loopback by itself
     try:
-        again = _batch(*(str(scenes[n]) for n in ("blob", "broken", "thin")), "--report", str(tmp_path), "--num-cpus", "2",
-                       "--views-per-task", str(VIEWS_PER_TASK), "--no-progress", *FAST, env=env)
+        again = _batch(*(str(scenes[n]) for n in ("blob", "broken", "thin")), "--report", str(tmp_path), "--num-cpus",
+                       "2", "--views-per-task", str(VIEWS_PER_TASK), "--no-progress", *FAST, env=env)
         left = _processes_mentioning(str(temp_dir))
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -335,7 +346,8 @@ def test_second_batch_embedded_reuses_every_cache(first_batch, scenes, tmp_path)
     for name in ("blob", "thin"):
         r = rows[name]
         assert r["status"] == "ok" and r["depth_tasks"] == 0
-        assert {s: st["status"] for s, st in r["stages"].items()} == dict.fromkeys(("sfm", "depth", "refine", "fuse", "export"), "cached")
+        assert ({s: st["status"] for s, st in r["stages"].items()}
+                == dict.fromkeys(("sfm", "depth", "refine", "fuse", "export"), "cached"))
     assert rows["broken"]["status"] == "failed" and "only 2 readable image(s)" in rows["broken"]["error"]
     changed = [p for p, t in files.items() if not p.exists() or p.stat().st_mtime_ns != t]
     assert not changed, f"a cached run rewrote {changed[:5]}"

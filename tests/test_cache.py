@@ -73,9 +73,9 @@ def test_npz_round_trip_and_corrupt_file(tmp_path: Path):
 
 
 def test_depth_map_round_trip(tmp_path: Path):
-    dm = DepthMap(name="a b/ç.png", depth=np.random.rand(4, 5).astype(np.float32), confidence=np.ones((4, 5), np.float32),
-                  valid=np.ones((4, 5), bool), K=np.eye(3), cam_from_world=np.eye(4), stats={"scale": 1.5},
-                  depth_init=np.zeros((4, 5), np.float32))
+    dm = DepthMap(name="a b/ç.png", depth=np.random.rand(4, 5).astype(np.float32),
+                  confidence=np.ones((4, 5), np.float32), valid=np.ones((4, 5), bool), K=np.eye(3),
+                  cam_from_world=np.eye(4), stats={"scale": 1.5}, depth_init=np.zeros((4, 5), np.float32))
     save_depth_map(tmp_path / "x.npz", dm)
     back = load_depth_map(tmp_path / "x.npz")
     assert back.name == dm.name and back.stats == {"scale": 1.5}

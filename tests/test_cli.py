@@ -90,7 +90,8 @@ def test_settings_reach_the_stage(runner, tmp_path, monkeypatch):
         monkeypatch.setitem(stages.BY_NAME, name, dataclasses.replace(spec, run=fake(name)))
     (tmp_path / "images").mkdir()
     (tmp_path / "recon.yaml").write_text("refine:\n  weight_surf: 0.5\n")
-    result = runner.invoke(cli.main, ["stage", "refine", str(tmp_path), "--no-progress", "--set", "refine.weight_edge=0", "--preset", "mv-only"])
+    result = runner.invoke(cli.main, ["stage", "refine", str(tmp_path), "--no-progress", "--set",
+                                      "refine.weight_edge=0", "--preset", "mv-only"])
     assert result.exit_code == 0, result.output
     assert seen["refine"].weight_edge == 0 and seen["refine"].weight_mag == 0
     assert seen["refine"].weight_surf == 0  # the preset overrides the scene's recon.yaml; --set overrides both

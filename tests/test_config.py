@@ -13,12 +13,13 @@ def test_defaults_are_the_tuned_values():
     # lr is not the research value 5e-5: that rate was for a network; the δz pyramid needs its own (README).
     cfg = ReconConfig()
     r = cfg.refine
-    assert (r.samples_per_view, r.weight_mv, r.weight_edge, r.weight_surf, r.weight_mag, r.huber_delta, r.occlusion_tol) == (
-        1024, 2.0, 0.02, 0.01, 0.005, 1e-2, 0.25)
+    assert (r.samples_per_view, r.weight_mv, r.weight_edge, r.weight_surf, r.weight_mag, r.huber_delta,
+            r.occlusion_tol) == (1024, 2.0, 0.02, 0.01, 0.005, 1e-2, 0.25)
 
 
 def test_overrides_are_typed():
-    cfg = load_config(overrides=["refine.lr=1e-3", "sfm.matcher=sequential", "sfm.max_image_size=800", "export.formats=glb,stl"])
+    cfg = load_config(overrides=["refine.lr=1e-3", "sfm.matcher=sequential", "sfm.max_image_size=800",
+                                 "export.formats=glb,stl"])
     assert cfg.refine.lr == pytest.approx(1e-3) and isinstance(cfg.refine.lr, float)
     assert cfg.sfm.matcher is Matcher.sequential
     assert cfg.sfm.max_image_size == 800
@@ -172,7 +173,8 @@ def test_cuda_must_exist_where_the_run_happens(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="refine.device=cuda: torch sees no CUDA device on this machine; use auto or cpu"):
+    with pytest.raises(ConfigError,
+                       match="refine.device=cuda: torch sees no CUDA device on this machine; use auto or cpu"):
         load_config(overrides=["refine.device=cuda"])
     assert load_config(overrides=["refine.device=cuda"], on_this_machine=False).refine.device == "cuda"  # a Ray driver
 
@@ -272,7 +274,8 @@ def test_every_old_key_names_a_new_key_that_exists():
 
 def test_the_mvs_section_follows_depth():
     keys = valid_keys()
-    assert {"mvs.num_hypotheses", "mvs.fine_hypotheses", "mvs.fine_radius", "mvs.rescale_tolerance", "mvs.chunk_pixels"} <= set(keys)
+    assert {"mvs.num_hypotheses", "mvs.fine_hypotheses", "mvs.fine_radius", "mvs.rescale_tolerance",
+            "mvs.chunk_pixels"} <= set(keys)
     sections = list(dict.fromkeys(k.split(".")[0] for k in keys))
     assert sections[sections.index("depth") + 1] == "mvs"
     assert load_config(overrides=["mvs.num_hypotheses=64"]).mvs.num_hypotheses == 64

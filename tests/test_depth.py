@@ -85,7 +85,8 @@ def test_splat_depth_moves_a_plane_and_keeps_the_nearest_surface(device):
 
 
 def test_adopt_candidates_takes_the_surface_that_matches(device):
-    """Reference = source shifted by the disparity of z = 4; a wrong own depth on the left is replaced by the candidate."""
+    """Reference = source shifted by the disparity of z = 4; a wrong own depth on the left is replaced by the
+    candidate."""
     K, src_from_ref = _stereo_pair(device)
     g = torch.Generator().manual_seed(1)
     src = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 52, 68, generator=g), 3, 1)[..., :48, :64].to(device)
@@ -106,7 +107,8 @@ def test_adopt_candidates_takes_the_surface_that_matches(device):
 def _slanted_floor(device):
     """The plane y = 1 (a floor seen at a grazing angle by a camera tilted 10° down), in the camera frame."""
     a = np.radians(10.0)
-    R = torch.tensor([[1.0, 0.0, 0.0], [0.0, np.cos(a), -np.sin(a)], [0.0, np.sin(a), np.cos(a)]], dtype=torch.float32, device=device)
+    R = torch.tensor([[1.0, 0.0, 0.0], [0.0, np.cos(a), -np.sin(a)], [0.0, np.sin(a), np.cos(a)]], dtype=torch.float32,
+                     device=device)
     n = R @ torch.tensor([0.0, 1.0, 0.0], device=device)  # floor normal in the tilted camera frame
     return torch.cat([n, torch.tensor([-1.0], device=device)])
 
@@ -168,7 +170,8 @@ def test_plane_candidates_recover_a_slanted_floor(device):
     K[1, 2] = 12.0  # principal point high up: most rows see the floor
     plane = _slanted_floor(device)
     g = torch.Generator().manual_seed(2)
-    src = torch.nn.functional.interpolate(torch.rand(1, 1, 36, 48, generator=g), size=(72, 96), mode="bilinear").to(device)
+    src = torch.nn.functional.interpolate(torch.rand(1, 1, 36, 48, generator=g), size=(72, 96),
+                                          mode="bilinear").to(device)
     inv_true = coarse_to_fine.plane_inverse_depth(K, plane, 72, 96)
     A, b = mvs.ray_field(K, K, src_from_ref, 72, 96)
     ref, inside = mvs.warp_by_depth(src, A, b, (1.0 / inv_true.clamp(min=1e-3))[None])
@@ -186,7 +189,8 @@ def test_plane_candidates_recover_a_slanted_floor(device):
     without, with_plane = good_fraction([]), good_fraction([plane])
     # measured (CPU): 0.75 of the floor within 0.5 % without the plane, 1.00 with it
     assert with_plane > 0.95 and with_plane > without + 0.05
-    assert good_fraction([plane], max_gap=0.0) == pytest.approx(without, abs=0.01)  # a plane too far from every estimate is never tried
+    # a plane too far from every estimate is never tried
+    assert good_fraction([plane], max_gap=0.0) == pytest.approx(without, abs=0.01)
 
 
 def test_ncc_cost_is_invariant_to_gain_and_offset(device):
@@ -274,7 +278,8 @@ def _synthetic_view(h=60, w=80, n=200, seed=0):
 
 def test_anchor_recovers_scale_and_reports_residuals():
     depth, uv, z = _synthetic_view()
-    res = anchoring.anchor(depth / 3.7, np.ones_like(depth, bool), uv, z, domain=anchoring.DEPTH, affine=False, min_points=20)
+    res = anchoring.anchor(depth / 3.7, np.ones_like(depth, bool), uv, z, domain=anchoring.DEPTH, affine=False,
+                           min_points=20)
     assert res.scale == pytest.approx(3.7, rel=1e-6) and res.shift == 0.0
     assert res.residual_before > 0.7 and res.residual_after < 1e-6
     aligned, valid = anchoring.apply_anchor(depth / 3.7, np.ones_like(depth, bool), res)
@@ -284,7 +289,8 @@ def test_anchor_recovers_scale_and_reports_residuals():
 def test_anchor_affine_inverse_depth_prior():
     depth, uv, z = _synthetic_view()
     disparity = 2.0 / depth + 0.3
-    res = anchoring.anchor(disparity, np.ones_like(depth, bool), uv, z, domain=anchoring.INVERSE_DEPTH, affine=True, min_points=20)
+    res = anchoring.anchor(disparity, np.ones_like(depth, bool), uv, z, domain=anchoring.INVERSE_DEPTH, affine=True,
+                           min_points=20)
     assert res.scale == pytest.approx(0.5, rel=1e-3) and res.shift == pytest.approx(-0.15, abs=1e-3)
     aligned, _ = anchoring.apply_anchor(disparity, np.ones_like(depth, bool), res)
     np.testing.assert_allclose(aligned, depth, rtol=1e-3)
@@ -308,7 +314,8 @@ def scene_dir(tmp_path_factory):
     """10 views, 320x240, two rings of cameras around the blob object (rendered once)."""
     from pipeline.synthetic.render import render_scene
 
-    return render_scene(tmp_path_factory.mktemp("depth") / "blob", shape="blob", n_views=10, width=320, height=240, seed=0)
+    return render_scene(tmp_path_factory.mktemp("depth") / "blob", shape="blob", n_views=10, width=320, height=240,
+                        seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +374,8 @@ def test_mvs_depth_matches_ground_truth(scene_dir, scene, mvs_run):
     assert final[:, 1].mean() > 0.85 and final[:, 1].min() > 0.75 and final[:, 2].mean() > 0.95
     assert final[:, 3].mean() > 0.4
     assert np.median(raw[:, 0]) < 0.01 and raw[:, 3].mean() > 0.8
-    assert raw[:, 3].mean() > final[:, 3].mean() and final[:, 1].mean() > raw[:, 1].mean()  # the filter trades coverage for accuracy
+    # the filter trades coverage for accuracy
+    assert raw[:, 3].mean() > final[:, 3].mean() and final[:, 1].mean() > raw[:, 1].mean()
 
 
 def test_mvs_cache_contents(scene, mvs_run):
@@ -414,7 +422,8 @@ def test_geometric_consistency_on_ground_truth(scene_dir, scene, device):
     cons = consistency.geometric_consistency(d0, t(v0.K), [(d1 * 1.05, t(v1.K), rel)], 1.0, 0.01)
     assert cons.count.float().mean() < 0.01  # 5 % off: nothing agrees
     cons = consistency.geometric_consistency(d0 * 0.9, t(v0.K), [(d1, t(v1.K), rel)], 1.0, 0.01)
-    assert cons.count.float().mean() < 0.01 and cons.violations.float().mean() > 0.3  # 10 % too near: in v1's free space
+    # 10 % too near: in v1's free space
+    assert cons.count.float().mean() < 0.01 and cons.violations.float().mean() > 0.3
 
 
 # ---- priors and TorchScript ---------------------------------------------------------------------------
@@ -449,7 +458,8 @@ def _rel_errors(scene_dir, scene, ws):
 def test_depth_prior_scale_only(scene_dir, scene, tmp_path):
     ws = _prior_ws(scene_dir, tmp_path)
     rng = np.random.default_rng(0)
-    _write_priors(scene_dir, scene, ws.depth_prior_dir, lambda gt, r: gt * 3.7 * (1 + 0.003 * r.standard_normal(gt.shape)), rng)
+    _write_priors(scene_dir, scene, ws.depth_prior_dir,
+                  lambda gt, r: gt * 3.7 * (1 + 0.003 * r.standard_normal(gt.shape)), rng)
     res = compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"), MvsConfig())
     assert len(res.written) == len(scene.views)
     assert np.max(_rel_errors(scene_dir, scene, ws)) < 0.005
@@ -467,7 +477,8 @@ def test_depth_prior_affine_inverse_depth_png(scene_dir, scene, tmp_path):
         gt = np.load(gt_depth_path(scene_dir / "gt", v.name)).astype(np.float64)
         disparity = np.where(gt > 0, 2.0 / np.maximum(gt, 1e-6) + 0.5, 0.0)  # affine in inverse depth
         Image.fromarray((disparity * 10000).astype(np.uint16)).save(ws.depth_prior_dir / f"{view_stem(v.name)}.png")
-    cfg = DepthConfig(estimator=DepthEstimator.prior, prior_kind=PriorKind.inverse_depth, prior_affine=True, device="cpu")
+    cfg = DepthConfig(estimator=DepthEstimator.prior, prior_kind=PriorKind.inverse_depth, prior_affine=True,
+                      device="cpu")
     res = compute_depth_maps(scene, ws, cfg, MvsConfig())
     assert len(res.written) == len(scene.views)
     assert np.max(_rel_errors(scene_dir, scene, ws)) < 0.005
@@ -501,7 +512,8 @@ def test_bad_priors_are_left_out_with_warnings(scene_dir, scene, tmp_path, caplo
 
 def test_all_priors_bad_is_an_error(scene_dir, scene, tmp_path):
     ws = _prior_ws(scene_dir, tmp_path)
-    _write_priors(scene_dir, scene, ws.depth_prior_dir, lambda gt, r: np.full_like(gt, np.inf), np.random.default_rng(0))
+    _write_priors(scene_dir, scene, ws.depth_prior_dir, lambda gt, r: np.full_like(gt, np.inf),
+                  np.random.default_rng(0))
     with pytest.raises(ReconError, match="no view got a depth map"):
         compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.prior, device="cpu"), MvsConfig())
 
@@ -531,8 +543,8 @@ def test_torchscript_estimator(scene_dir, scene, tmp_path):
     ws = _prior_ws(scene_dir, tmp_path)
     model = tmp_path / "toy.pt"
     torch.jit.script(_ToyDisparity()).save(str(model))
-    cfg = DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(model), prior_kind=PriorKind.inverse_depth,
-                      prior_affine=True, max_image_side=160, device="cpu")
+    cfg = DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(model),
+                      prior_kind=PriorKind.inverse_depth, prior_affine=True, max_image_side=160, device="cpu")
     res = compute_depth_maps(scene, ws, cfg, MvsConfig())
     assert len(res.written) == len(scene.views)
     dm = load_depth_map(ws.depth_view(scene.views[0].name))
@@ -546,11 +558,14 @@ def test_torchscript_estimator(scene_dir, scene, tmp_path):
 def test_torchscript_errors(scene_dir, scene, tmp_path, caplog):
     ws = _prior_ws(scene_dir, tmp_path)
     with pytest.raises(ReconError, match="TorchScript model not found"):
-        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(tmp_path / "nope.pt")), MvsConfig())
+        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript,
+                                                  torchscript_path=str(tmp_path / "nope.pt")), MvsConfig())
     bad = tmp_path / "bad.pt"
     torch.jit.script(_WrongShape()).save(str(bad))
-    with caplog.at_level(logging.WARNING, logger="pipeline.depth.stage"), pytest.raises(ReconError, match="no view got a depth map"):
-        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(bad), max_image_side=80), MvsConfig())
+    with (caplog.at_level(logging.WARNING, logger="pipeline.depth.stage"),
+          pytest.raises(ReconError, match="no view got a depth map")):
+        compute_depth_maps(scene, ws, DepthConfig(estimator=DepthEstimator.torchscript, torchscript_path=str(bad),
+                                                  max_image_side=80), MvsConfig())
     assert "output of shape (1, 2, 60, 80)" in caplog.text
 
 

@@ -62,7 +62,8 @@ def finished_out(tmp_path_factory):
 
     import cli
 
-    scene = render_scene(tmp_path_factory.mktemp("diag_run") / "blob", shape="blob", n_views=10, width=240, height=180, seed=0)
+    scene = render_scene(tmp_path_factory.mktemp("diag_run") / "blob", shape="blob", n_views=10, width=240, height=180,
+                         seed=0)
     result = CliRunner().invoke(cli.main, ["run", str(scene), *RUN_FAST])
     assert result.exit_code == 0, result.output
     return scene / "recon"
@@ -92,7 +93,8 @@ def diagnose_cli(out):
 def test_cli_passes_a_good_run(finished_out):
     result = diagnose_cli(finished_out)
     assert result.exit_code == 0, result.output
-    for check in ("extrinsic convention", "reprojection with stored poses", "cameras outside the surface", "over-smoothing", "anchoring residuals"):
+    for check in ("extrinsic convention", "reprojection with stored poses", "cameras outside the surface",
+                  "over-smoothing", "anchoring residuals"):
         assert f"[OK  ] {check}" in result.output, check
     assert "DELTA mean" in result.output and "INIT mean" in result.output and "PRED mean" in result.output
 
@@ -107,7 +109,8 @@ def test_cli_flags_a_run_whose_cameras_were_inverted(finished_out, tmp_path):
     invert_model_poses(out / "sparse")
     result = diagnose_cli(out)
     assert result.exit_code == 1, result.output
-    lines = {ln.split("]", 1)[1].split(":", 1)[0].strip(): ln for ln in result.output.splitlines() if ln.startswith("[")}
+    lines = {ln.split("]", 1)[1].split(":", 1)[0].strip(): ln for ln in result.output.splitlines()
+             if ln.startswith("[")}
     assert lines["extrinsic convention"].startswith("[FAIL]")
     assert "camera→world where world→camera is expected" in lines["extrinsic convention"]
     assert lines["reprojection with stored poses"].startswith("[FAIL]")
@@ -154,8 +157,8 @@ def test_anchor_residuals_of_exact_and_scaled_depth(gt_scene):
     v = gt_scene.views[0]
     scene_dir = Path(v.image_path).parents[1]
     depth = np.load(scene_dir / "gt" / "depth" / f"{Path(v.name).stem}.npy") * gt_scene.normalized_from_sfm[0, 0]
-    dm = DepthMap(name=v.name, depth=depth.astype(np.float32), confidence=np.ones_like(depth, np.float32), valid=depth > 0,
-                  K=v.K, cam_from_world=v.cam_from_world)
+    dm = DepthMap(name=v.name, depth=depth.astype(np.float32), confidence=np.ones_like(depth, np.float32),
+                  valid=depth > 0, K=v.K, cam_from_world=v.cam_from_world)
     r = anchor_residuals(dm, gt_scene.points[v.point_ids])
     assert len(r) > 0.9 * len(v.point_ids) and np.median(r) < 5e-3
     r = anchor_residuals(dataclasses.replace(dm, depth=dm.depth * 1.03), gt_scene.points[v.point_ids])
@@ -163,8 +166,10 @@ def test_anchor_residuals_of_exact_and_scaled_depth(gt_scene):
 
 
 def test_refine_gate_checks_flag_a_refinement_that_changed_nothing_or_broke_agreement():
-    idle = [{"refined_fraction": 0.002, "restored_fraction": 0.0, "consistent_init": 0.9, "consistent_refined": 0.9}] * 3
-    worse = [{"refined_fraction": 0.4, "restored_fraction": 0.01, "consistent_init": 0.9, "consistent_refined": 0.8}] * 3
+    idle = [{"refined_fraction": 0.002, "restored_fraction": 0.0, "consistent_init": 0.9,
+             "consistent_refined": 0.9}] * 3
+    worse = [{"refined_fraction": 0.4, "restored_fraction": 0.01, "consistent_init": 0.9,
+              "consistent_refined": 0.8}] * 3
     good = [{"refined_fraction": 0.4, "restored_fraction": 0.01, "consistent_init": 0.8, "consistent_refined": 0.9}] * 3
     verdicts = lambda stats: {c.name: c.verdict for c in refine_gate_checks(stats)}  # noqa: E731
     assert verdicts(idle) == {"refinement changed the depth": "warn", "view consistency after refinement": "ok"}

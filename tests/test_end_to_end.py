@@ -34,7 +34,8 @@ def _copy_sample(dest: Path) -> None:
 
 
 def _recon(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=Path(cli.__file__).parent)
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+                          cwd=Path(cli.__file__).parent)
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,8 @@ def test_stale_temp_files_are_removed_on_resume(fake, ws):
     fake.crash_after["depth"] = 2
     with pytest.raises(RuntimeError):
         run(ws)
-    leftover = ws.building_dir("depth") / "views" / ".v2.half.json"  # an interrupted stage's work is in its building folder
+    # an interrupted stage's work is in its building folder
+    leftover = ws.building_dir("depth") / "views" / ".v2.half.json"
     leftover.write_text("{")
     del fake.crash_after["depth"]
     run(ws)

@@ -1,4 +1,5 @@
-"""Geometry evaluation: surface metrics with hand-derived answers, robust camera alignment, depth metrics, bad inputs."""
+"""Geometry evaluation: surface metrics with hand-derived answers, robust camera alignment, depth metrics, bad
+inputs."""
 
 from __future__ import annotations
 
@@ -101,11 +102,14 @@ def test_box_shifted_along_x_matches_hand_derived_scores():
 def test_absolute_threshold_and_crop_box():
     """An absolute threshold is used as given; a floater outside the crop box is ignored, inside it lowers precision."""
     far = translated(unit_box(), [5.0, 0, 0])
-    est = Mesh(np.concatenate([square().vertices, far.vertices]), np.concatenate([square().triangles, far.triangles + 4]))
+    est = Mesh(np.concatenate([square().vertices, far.vertices]),
+               np.concatenate([square().triangles, far.triangles + 4]))
     r = evaluate_meshes(est, square(), threshold_abs=0.001, thresholds_rel=(), **FAST)
     assert list(r["thresholds"]) == ["abs:0.001"] and r["thresholds"]["abs:0.001"]["fscore"] == 1.0
-    near = translated(Mesh(square().vertices * 0.1, square().triangles), [0.45, 0.45, 0.05])  # 5 cm above, inside the box
-    est = Mesh(np.concatenate([square().vertices, near.vertices]), np.concatenate([square().triangles, near.triangles + 4]))
+    # 5 cm above, inside the box
+    near = translated(Mesh(square().vertices * 0.1, square().triangles), [0.45, 0.45, 0.05])
+    est = Mesh(np.concatenate([square().vertices, near.vertices]),
+               np.concatenate([square().triangles, near.triangles + 4]))
     r = evaluate_meshes(est, square(), **FAST)
     # the floater has 1 % of the square's area and is 0.05 away from it
     assert r["thresholds"]["1%"]["precision"] == pytest.approx(1 / 1.01, abs=0.003)
@@ -156,7 +160,8 @@ def test_alignment_needs_three_non_collinear_cameras():
 
 # ---- depth metrics -------------------------------------------------------------------------
 
-def plane_depth(K: np.ndarray, cam_from_world: np.ndarray, normal: np.ndarray, offset: float, width: int, height: int) -> np.ndarray:
+def plane_depth(K: np.ndarray, cam_from_world: np.ndarray, normal: np.ndarray, offset: float, width: int,
+                height: int) -> np.ndarray:
     """z-depth at pixel centres of the plane {x : normal·x = offset} (world frame)."""
     u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     rays_cam = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1)  # z = 1
@@ -198,7 +203,8 @@ def test_depth_metrics_on_scaled_depth_in_another_frame_and_resolution():
 
 
 def test_depth_error_image_is_the_signed_relative_error_per_pixel():
-    """Same plane and frames as above: a block 3 % too far, a block 2 % too near, invalid pixels and GT background are NaN."""
+    """Same plane and frames as above: a block 3 % too far, a block 2 % too near, invalid pixels and GT background are
+    NaN."""
     rng = np.random.default_rng(1)
     W, H = 64, 48
     K_gt = np.array([[58.0, 0, 32], [0, 58.0, 24], [0, 0, 1]])
@@ -243,7 +249,8 @@ def write_colmap_model(folder: Path, cams: list[tuple[str, np.ndarray, np.ndarra
 
     rec = pycolmap.Reconstruction()
     for i, (name, K, T, w, h) in enumerate(cams, start=1):
-        cam = pycolmap.Camera(model="PINHOLE", width=w, height=h, params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], camera_id=i)
+        cam = pycolmap.Camera(model="PINHOLE", width=w, height=h, params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]],
+                              camera_id=i)
         rec.add_camera_with_trivial_rig(cam)
         image = pycolmap.Image(name=name, camera_id=i, image_id=i)
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(T[:3, :3]), T[:3, 3]))
@@ -255,7 +262,8 @@ def write_colmap_model(folder: Path, cams: list[tuple[str, np.ndarray, np.ndarra
 def rendered(tmp_path_factory) -> Path:
     from pipeline.synthetic.render import render_scene
 
-    return render_scene(tmp_path_factory.mktemp("scene") / "blob", shape="blob", n_views=8, width=160, height=120, seed=1, scale=2.0)
+    return render_scene(tmp_path_factory.mktemp("scene") / "blob", shape="blob", n_views=8, width=160, height=120,
+                        seed=1, scale=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +288,8 @@ def perfect_out(rendered, tmp_path_factory) -> Path:
             T[:3, 3] += [3.0, -2.0, 1.0]
         cams.append((v.name, v.K, T, v.width, v.height))
         depth = np.load(rendered / "gt" / "depth" / f"{Path(v.name).stem}.npy") * s_n
-        dm = DepthMap(name=v.name, depth=depth.astype(np.float32), confidence=np.ones_like(depth, np.float32), valid=depth > 0,
-                      K=v.K, cam_from_world=v.cam_from_world)
+        dm = DepthMap(name=v.name, depth=depth.astype(np.float32), confidence=np.ones_like(depth, np.float32),
+                      valid=depth > 0, K=v.K, cam_from_world=v.cam_from_world)
         save_depth_map(ws.depth_view(v.name), dm)
         save_depth_map(ws.refine_view(v.name), DepthMap(**{**dm.__dict__, "depth": (depth * 1.02).astype(np.float32)}))
     write_colmap_model(ws.sparse_dir, cams)
@@ -303,7 +311,8 @@ def test_evaluate_reconstruction_of_ground_truth(rendered, perfect_out):
     assert r["samples"]["visibility_filter"] and 0.3 < r["samples"]["gt_visible_fraction"] < 1.0
     depth, refine = r["depth"]["depth"], r["depth"]["refine"]
     assert depth["views"] == 8 and depth["abs_rel"] < 1e-5 and depth["delta_1.01"] == 1.0
-    assert refine["abs_rel"] == pytest.approx(0.02, rel=1e-3) and refine["delta_1.01"] == 0.0 and refine["delta_1.05"] == 1.0
+    assert (refine["abs_rel"] == pytest.approx(0.02, rel=1e-3) and refine["delta_1.01"] == 0.0
+            and refine["delta_1.05"] == 1.0)
     saved = json.loads((perfect_out / "eval.json").read_text())
     assert saved["thresholds"] == r["thresholds"]
     assert "F@0.5%" in format_summary(r)
@@ -351,7 +360,8 @@ def test_bad_inputs_raise_one_line_errors(rendered, perfect_out, tmp_path):
 # ---- agreement with an independent implementation of the protocol ----------------------------
 
 def overlapping(mesh: o3d.geometry.TriangleMesh, lo: np.ndarray, hi: np.ndarray) -> o3d.geometry.TriangleMesh:
-    """The triangles of ``mesh`` whose bounding box overlaps the box [lo, hi] (Open3D's crop keeps only those fully inside)."""
+    """The triangles of ``mesh`` whose bounding box overlaps the box [lo, hi] (Open3D's crop keeps only those fully
+    inside)."""
     tri = np.asarray(mesh.vertices)[np.asarray(mesh.triangles)]
     keep = np.all(tri.max(1) >= lo, axis=1) & np.all(tri.min(1) <= hi, axis=1)
     out = o3d.geometry.TriangleMesh(mesh)
@@ -360,7 +370,8 @@ def overlapping(mesh: o3d.geometry.TriangleMesh, lo: np.ndarray, hi: np.ndarray)
     return out
 
 
-def perturbed_reconstruction(gt_mesh: o3d.geometry.TriangleMesh, lo: np.ndarray, hi: np.ndarray, diagonal: float, seed: int) -> o3d.geometry.TriangleMesh:
+def perturbed_reconstruction(gt_mesh: o3d.geometry.TriangleMesh, lo: np.ndarray, hi: np.ndarray, diagonal: float,
+                             seed: int) -> o3d.geometry.TriangleMesh:
     """A reconstruction-like mesh: the GT near the box, subdivided once, displaced along its normals by a smooth
     field (±0.8 % of the diagonal) plus noise (σ = 0.3 %), with a hole punched in the object's top and a floater."""
     rng = np.random.default_rng(seed)
@@ -374,14 +385,17 @@ def perturbed_reconstruction(gt_mesh: o3d.geometry.TriangleMesh, lo: np.ndarray,
     mesh.vertices = o3d.utility.Vector3dVector(v)
     tri_centres = v[np.asarray(mesh.triangles)].mean(1)
     mesh.remove_triangles_by_mask(np.linalg.norm(tri_centres - top, axis=1) < 0.1 * diagonal)
-    floater = o3d.geometry.TriangleMesh.create_sphere(0.03 * diagonal).translate(hi + np.array([0.0, 0.0, -0.05]) * diagonal)
+    floater = o3d.geometry.TriangleMesh.create_sphere(0.03 * diagonal).translate(
+        hi + np.array([0.0, 0.0, -0.05]) * diagonal)
     return mesh + floater
 
 
-def independent_fscore(est: o3d.geometry.TriangleMesh, gt: o3d.geometry.TriangleMesh, gt_dir: Path, lo: np.ndarray, hi: np.ndarray,
-                       diagonal: float, taus_rel=(0.005, 0.01), margin: float = 0.05) -> dict[float, tuple[float, float, float]]:
-    """A minimal Tanks-and-Temples-style score written from the protocol text alone, sharing no code with pipeline.analysis (evaluate, metrics, alignment):
-    Open3D uniform sampling, nearest-pixel GT visibility, scipy k-d tree point-to-point distances to a 2x denser sampling."""
+def independent_fscore(est: o3d.geometry.TriangleMesh, gt: o3d.geometry.TriangleMesh, gt_dir: Path, lo: np.ndarray,
+                       hi: np.ndarray, diagonal: float, taus_rel=(0.005, 0.01),
+                       margin: float = 0.05) -> dict[float, tuple[float, float, float]]:
+    """A minimal Tanks-and-Temples-style score written from the protocol text alone, sharing no code with
+    pipeline.analysis (evaluate, metrics, alignment): Open3D uniform sampling, nearest-pixel GT visibility,
+    scipy k-d tree point-to-point distances to a 2x denser sampling."""
     from scipy.spatial import cKDTree
 
     taus = [t * diagonal for t in taus_rel]
@@ -429,13 +443,15 @@ def independent_fscore(est: o3d.geometry.TriangleMesh, gt: o3d.geometry.Triangle
 def rendered_fine(tmp_path_factory) -> Path:
     from pipeline.synthetic.render import render_scene
 
-    return render_scene(tmp_path_factory.mktemp("scene_fine") / "thin", shape="thin", n_views=10, width=320, height=240, seed=2)
+    return render_scene(tmp_path_factory.mktemp("scene_fine") / "thin", shape="thin", n_views=10, width=320, height=240,
+                        seed=2)
 
 
 def test_scores_agree_with_an_independent_implementation(rendered_fine, tmp_path):
     gt_dir = rendered_fine / "gt"
     info = json.loads((gt_dir / "scene.json").read_text())
-    lo, hi, diagonal = np.asarray(info["object_bbox_min"]), np.asarray(info["object_bbox_max"]), float(info["object_diagonal"])
+    lo, hi, diagonal = (np.asarray(info["object_bbox_min"]), np.asarray(info["object_bbox_max"]),
+                        float(info["object_diagonal"]))
     gt_mesh = o3d.io.read_triangle_mesh(str(gt_dir / "mesh.ply"))
     est = perturbed_reconstruction(gt_mesh, lo, hi, diagonal, seed=0)
     est_path = tmp_path / "recon_like.ply"
@@ -449,4 +465,5 @@ def test_scores_agree_with_an_independent_implementation(rendered_fine, tmp_path
         assert abs(t["fscore"] - f) < 0.02, (rel, t, (p, r, f))
         assert abs(t["precision"] - p) < 0.02 and abs(t["recall"] - r) < 0.02, (rel, t, (p, r, f))
     # the perturbation is large enough that the comparison means something
-    assert 0.3 < ours["thresholds"]["0.5%"]["fscore"] < 0.9 and ours["thresholds"]["1%"]["fscore"] > ours["thresholds"]["0.5%"]["fscore"]
+    assert (0.3 < ours["thresholds"]["0.5%"]["fscore"] < 0.9
+            and ours["thresholds"]["1%"]["fscore"] > ours["thresholds"]["0.5%"]["fscore"])

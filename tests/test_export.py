@@ -105,7 +105,8 @@ def test_stl_round_trip_keeps_the_geometry(colored_mesh_path, tmp_path):
 def test_sfm_frame_applies_the_inverse_normalization(colored_mesh_path, tmp_path):
     vertices, _, colors = reference(colored_mesh_path)
     normalized_from_sfm = similarity_matrix(0.25, rotation(1), np.array([0.3, -1.0, 2.0]))
-    result = export_mesh_files(colored_mesh_path, tmp_path / "out", formats=["ply"], frame="sfm", normalized_from_sfm=normalized_from_sfm)
+    result = export_mesh_files(colored_mesh_path, tmp_path / "out", formats=["ply"], frame="sfm",
+                               normalized_from_sfm=normalized_from_sfm)
     out = trimesh.load(str(result.files["ply"]), process=False)
     sfm = np.asarray(out.vertices)
     back = sfm @ normalized_from_sfm[:3, :3].T + normalized_from_sfm[:3, 3]
@@ -139,7 +140,8 @@ def write_colmap_model(folder: Path, poses: list[np.ndarray]) -> None:
 
     rec = pycolmap.Reconstruction()
     for i, T in enumerate(poses, start=1):
-        rec.add_camera_with_trivial_rig(pycolmap.Camera(model="PINHOLE", width=64, height=48, params=[50, 50, 32, 24], camera_id=i))
+        rec.add_camera_with_trivial_rig(pycolmap.Camera(model="PINHOLE", width=64, height=48, params=[50, 50, 32, 24],
+                                                        camera_id=i))
         image = pycolmap.Image(name=f"view_{i:03d}.png", camera_id=i, image_id=i)
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(T[:3, :3]), T[:3, 3]))
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,7 +157,8 @@ def camera_centers(model_dir: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture()
 def finished_out(colored_mesh_path, tmp_path) -> tuple[Workspace, np.ndarray]:
-    """An output folder after fuse: OUT/fuse/mesh.ply, OUT/mesh.ply, OUT/sfm/model (+ OUT/sparse), normalization.json."""
+    """An output folder after fuse: OUT/fuse/mesh.ply, OUT/mesh.ply, OUT/sfm/model (+ OUT/sparse),
+    normalization.json."""
     ws = Workspace.create(tmp_path / "scene", tmp_path / "scene" / "recon")
     ws.scene_dir.mkdir(parents=True, exist_ok=True)
     ws.fuse_mesh.parent.mkdir(parents=True)
@@ -198,10 +201,12 @@ def test_stage_in_the_sfm_frame_moves_mesh_and_cameras_together(finished_out):
     sfm_from_normalized = invert_similarity(normalized_from_sfm)
     mesh_sfm = np.asarray(trimesh.load(str(ws.export_dir / "mesh.ply"), process=False).vertices)
     mesh_norm = np.asarray(trimesh.load(str(ws.fuse_mesh), process=False).vertices)
-    np.testing.assert_allclose(mesh_sfm, mesh_norm @ sfm_from_normalized[:3, :3].T + sfm_from_normalized[:3, 3], atol=1e-6)
+    np.testing.assert_allclose(mesh_sfm, mesh_norm @ sfm_from_normalized[:3, :3].T + sfm_from_normalized[:3, 3],
+                               atol=1e-6)
     normalized = camera_centers(ws.sfm_model_dir)
     for name, c in camera_centers(ws.export_dir / "sparse").items():
-        np.testing.assert_allclose(c, sfm_from_normalized[:3, :3] @ normalized[name] + sfm_from_normalized[:3, 3], atol=1e-9)
+        np.testing.assert_allclose(c, sfm_from_normalized[:3, :3] @ normalized[name] + sfm_from_normalized[:3, 3],
+                                   atol=1e-9)
 
 
 def test_export_command(finished_out, tmp_path):

@@ -43,8 +43,8 @@ TIMED_KILLS = 1
 
 
 def recon(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def load_mesh(path: Path) -> trimesh.Trimesh:
@@ -68,7 +68,8 @@ def stale_temporaries(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def scene_src(tmp_path_factory) -> Path:
-    scene = render_scene(tmp_path_factory.mktemp("faults") / "blob8", shape="blob", n_views=8, width=160, height=120, seed=0)
+    scene = render_scene(tmp_path_factory.mktemp("faults") / "blob8", shape="blob", n_views=8, width=160, height=120,
+                         seed=0)
     write_gt_model(scene, scene / "sparse" / "0")
     return scene
 
@@ -93,7 +94,8 @@ class Reference:
         root = self.scene / "recon"
         for e in self.events:
             parts = Path(e["path"]).relative_to(root).parts
-            first = parts[1] if parts[0] == ".building" and len(parts) > 1 else parts[0]  # a stage is built in OUT/.building/<stage>
+            # a stage is built in OUT/.building/<stage>
+            first = parts[1] if parts[0] == ".building" and len(parts) > 1 else parts[0]
             if first in STAGE_NAMES:
                 current = first
             if current is not None:
@@ -138,7 +140,8 @@ def test_sigkill_at_a_write_then_resume_gives_the_same_mesh(reference, scene_src
     n = events[-2] if k == 0 else random.Random(f"{stage}-{k}").choice(events[:-2])
     scene = fresh_scene(scene_src, tmp_path / "scene")
     killed = recon("run", str(scene), *FAST, env={FAULT_KILL_ENV: str(n)})
-    assert killed.returncode == -signal.SIGKILL, f"the run was not killed at write {n}: {killed.returncode}\n{killed.stderr}"
+    assert killed.returncode == -signal.SIGKILL, (f"the run was not killed at write {n}: {killed.returncode}\n"
+                                                  f"{killed.stderr}")
     resumed = recon("run", str(scene), *FAST)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stderr.strip() == ""
@@ -253,7 +256,8 @@ def test_nan_in_refinement_is_skipped_with_a_warning(reference, scene_src, tmp_p
         sys.argv = ["recon", *sys.argv[1:]]
         cli.main()
     """)
-    res = subprocess.run([sys.executable, "-c", driver, "run", str(scene), *FAST], cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", driver, "run", str(scene), *FAST], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr and "non-finite" in res.stderr
     summary = json.loads((scene / "recon" / "manifest.json").read_text())["stages"]["refine"]["summary"]
@@ -271,13 +275,15 @@ def test_nan_in_refinement_is_skipped_with_a_warning(reference, scene_src, tmp_p
 
 
 def _fake_work(fits_on: dict[str, int], calls: list[tuple[int, str]]):
-    """Work that 'runs out of memory' when the batch exceeds ``fits_on[device type]``; result independent of the batch."""
+    """Work that 'runs out of memory' when the batch exceeds ``fits_on[device type]``; result independent of the
+    batch."""
 
     def fn(batch: int, device: torch.device) -> torch.Tensor:
         calls.append((batch, device.type))
         if batch > fits_on.get(device.type, 0):
             if device.type == "cpu":
-                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                                   "you tried to allocate 99 bytes")
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         x = torch.arange(12.0)
         return sum(chunk.sum() for chunk in x.split(batch))
@@ -294,9 +300,11 @@ def _fake_work(fits_on: dict[str, int], calls: list[tuple[int, str]]):
 def test_oom_halves_the_batch_then_falls_back_to_cpu(fits, expected, caplog):
     calls: list[tuple[int, str]] = []
     with caplog.at_level("WARNING", logger="pipeline.core.oom"):
-        res = call_with_oom_fallback(_fake_work(fits, calls), batch=64, device="cuda", min_batch=16, what="depth of v.png", setting="mvs.chunk_pixels")
+        res = call_with_oom_fallback(_fake_work(fits, calls), batch=64, device="cuda", min_batch=16,
+                                     what="depth of v.png", setting="mvs.chunk_pixels")
     assert calls == expected
-    assert res.value.item() == pytest.approx(66.0) and (res.batch, res.device.type) == expected[-1] and res.retries == len(expected) - 1
+    assert (res.value.item() == pytest.approx(66.0) and (res.batch, res.device.type) == expected[-1]
+            and res.retries == len(expected) - 1)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == len(expected) - 1 and all("depth of v.png: out of memory" in w for w in warnings)
     if any(d == "cpu" for _, d in expected):
@@ -306,7 +314,8 @@ def test_oom_halves_the_batch_then_falls_back_to_cpu(fits, expected, caplog):
 def test_oom_everywhere_is_one_clear_error():
     calls: list[tuple[int, str]] = []
     with pytest.raises(ReconError) as info:
-        call_with_oom_fallback(_fake_work({}, calls), batch=8, device="cuda", min_batch=2, what="refine", setting="refine.chunk")
+        call_with_oom_fallback(_fake_work({}, calls), batch=8, device="cuda", min_batch=2, what="refine",
+                               setting="refine.chunk")
     message = str(info.value)
     assert "\n" not in message and "out of memory on cpu" in message and "refine.chunk=2" in message
     assert calls == [(8, "cuda"), (4, "cuda"), (2, "cuda"), (8, "cpu"), (4, "cpu"), (2, "cpu")]
@@ -315,7 +324,8 @@ def test_oom_everywhere_is_one_clear_error():
 def test_oom_without_cpu_fallback_stops_on_the_gpu():
     calls: list[tuple[int, str]] = []
     with pytest.raises(ReconError, match="out of memory on cuda"):
-        call_with_oom_fallback(_fake_work({"cpu": 100}, calls), batch=4, device="cuda", what="x", setting="s", cpu_fallback=False)
+        call_with_oom_fallback(_fake_work({"cpu": 100}, calls), batch=4, device="cuda", what="x", setting="s",
+                               cpu_fallback=False)
     assert calls == [(4, "cuda"), (2, "cuda"), (1, "cuda")]
 
 
@@ -330,5 +340,6 @@ def test_other_errors_are_not_swallowed():
 
 
 def test_oom_helper_runs_on_the_available_device(device):
-    res = call_with_oom_fallback(lambda b, d: torch.ones(b, device=d).sum(), batch=5, device=device, what="x", setting="s")
+    res = call_with_oom_fallback(lambda b, d: torch.ones(b, device=d).sum(), batch=5, device=device, what="x",
+                                 setting="s")
     assert res.value.item() == 5 and res.device.type == device.type and res.retries == 0

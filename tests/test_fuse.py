@@ -43,7 +43,8 @@ def rendered(tmp_path_factory) -> Path:
     """A blob on a floor in a room: 10 views 256x192."""
     from pipeline.synthetic.render import render_scene
 
-    return render_scene(tmp_path_factory.mktemp("fuse") / "blob", shape="blob", n_views=10, width=256, height=192, seed=0)
+    return render_scene(tmp_path_factory.mktemp("fuse") / "blob", shape="blob", n_views=10, width=256, height=192,
+                        seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def write_gt_depth_views(scene_dir: Path, scene, path_of) -> None:
 
 
 def stage_context(ws: Workspace, cfg: ReconConfig | None = None, skipped: frozenset[str] = frozenset()) -> StageContext:
-    return StageContext(ws=ws, config=cfg or ReconConfig(), name="fuse", fingerprint="test", skipped=skipped, show_progress=False)
+    return StageContext(ws=ws, config=cfg or ReconConfig(), name="fuse", fingerprint="test", skipped=skipped,
+                        show_progress=False)
 
 
 def load_ply(path: Path):
@@ -111,7 +113,8 @@ def test_open3d_reads_depth_with_the_colmap_pixel_convention():
     u = np.arange(w) + 0.5  # COLMAP pixel centres
     xn = np.broadcast_to((u - K[0, 2]) / f, (h, w))
     depth = (1.0 / (1.0 - 0.5 * xn)).astype(np.float32)  # the plane z = 1 + 0.5 x
-    dm = DepthMap(name="plane", depth=depth, confidence=np.ones_like(depth), valid=np.ones((h, w), bool), K=K, cam_from_world=np.eye(4))
+    dm = DepthMap(name="plane", depth=depth, confidence=np.ones_like(depth), valid=np.ones((h, w), bool), K=K,
+                  cam_from_world=np.eye(4))
     params = FusionParams(voxel_size=0.005, sdf_trunc=0.02, depth_max=5.0)
     mesh = fuse_depth_maps([(dm, np.full((h, w, 3), 128, np.uint8))], params, "cpu").mesh
     v = np.asarray(mesh.vertices)
@@ -130,7 +133,8 @@ def test_auto_sizes_do_not_depend_on_the_scene_scale(tmp_path):
     sizes = []
     meshes = []
     for scale in (1.0, 10.0):
-        scene_dir = render_scene(tmp_path / f"s{scale:g}", shape="blob", n_views=6, width=128, height=96, seed=3, scale=scale)
+        scene_dir = render_scene(tmp_path / f"s{scale:g}", shape="blob", n_views=6, width=128, height=96, seed=3,
+                                 scale=scale)
         result, scene, params = fuse_ground_truth(scene_dir, FuseConfig(), "auto")
         sizes.append(params)
         meshes.append(result.mesh)
@@ -173,7 +177,8 @@ def test_negative_visibility_settings_fail_clearly(gt_scene):
 
 
 def test_inverted_poses_fail_clearly(gt_scene):
-    z = np.concatenate([(gt_scene.points[v.point_ids] @ v.cam_from_world[2, :3] + v.cam_from_world[2, 3]) for v in gt_scene.views])
+    z = np.concatenate([(gt_scene.points[v.point_ids] @ v.cam_from_world[2, :3] + v.cam_from_world[2, 3])
+                        for v in gt_scene.views])
     check_poses(z)
     with pytest.raises(ReconError, match="world→camera"):
         check_poses(-z)
@@ -254,7 +259,8 @@ def test_remove_vertices_drops_their_triangles_and_keeps_colours():
     assert len(kept.vertices) == len(mesh.vertices) - 1
     assert not np.any(np.all(np.isclose(np.asarray(kept.vertices), np.asarray(mesh.vertices)[0]), axis=1))
     original = {tuple(v): tuple(c) for v, c in zip(np.asarray(mesh.vertices), np.asarray(mesh.vertex_colors))}
-    assert all(original[tuple(v)] == tuple(c) for v, c in zip(np.asarray(kept.vertices), np.asarray(kept.vertex_colors)))
+    assert all(original[tuple(v)] == tuple(c)
+               for v, c in zip(np.asarray(kept.vertices), np.asarray(kept.vertex_colors)))
 
 
 def test_visibility_cleaning_removes_a_floater_and_keeps_the_surface(gt_scene, small_frames):
@@ -300,7 +306,8 @@ def test_tiny_block_count_grows_to_the_same_mesh(gt_scene, small_frames):
     tiny = fuse_depth_maps(small_frames, FusionParams(**{**vars(params), "block_count": 1}), "auto")
     assert tiny.stats["capacity"] >= tiny.stats["blocks"] == counted.stats["blocks"]
     assert len(tiny.mesh.triangles) == len(counted.mesh.triangles)
-    np.testing.assert_allclose(np.asarray(tiny.mesh.vertices).mean(0), np.asarray(counted.mesh.vertices).mean(0), atol=1e-9)
+    np.testing.assert_allclose(np.asarray(tiny.mesh.vertices).mean(0), np.asarray(counted.mesh.vertices).mean(0),
+                               atol=1e-9)
 
 
 def test_dropped_blocks_are_detected_and_retried(gt_scene, small_frames, monkeypatch):
@@ -346,7 +353,8 @@ def test_cuda_request_without_cuda_fails_clearly():
 
 
 def object_pixels(scene_dir: Path, name: str, K: np.ndarray, cam_from_world: np.ndarray) -> np.ndarray:
-    """(H, W) bool: pixels whose GT surface point lies in the object's box (grown by 2 % of its diagonal, above the floor)."""
+    """(H, W) bool: pixels whose GT surface point lies in the object's box (grown by 2 % of its diagonal, above the
+    floor)."""
     info = scene_info(scene_dir)
     depth = np.load(gt_depth_path(scene_dir / "gt", name))
     h, w = depth.shape
@@ -422,7 +430,8 @@ def _speck(frame: tsdf.FusionFrame) -> tsdf.FusionFrame:
     keep = np.zeros_like(dm.valid)
     v, u = np.argwhere(dm.valid)[len(np.argwhere(dm.valid)) // 2] // 4 * 4 + 1
     keep[v : v + 2, u : u + 2] = True
-    return replace(frame, depth_map=replace(dm, depth=np.where(keep, dm.depth, 0).astype(np.float32), valid=keep & dm.valid))
+    return replace(frame,
+                   depth_map=replace(dm, depth=np.where(keep, dm.depth, 0).astype(np.float32), valid=keep & dm.valid))
 
 
 def test_a_nearly_empty_view_is_left_out_not_a_crash(gt_scene, small_frames):

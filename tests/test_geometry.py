@@ -39,7 +39,8 @@ def test_project_hand_computed(device):
 
 def test_backproject_project_round_trip(device):
     K = torch.tensor([[[300.0, 0, 160], [0, 310, 120], [0, 0, 1]]], device=device, dtype=torch.float64)
-    uv = torch.rand(1, 50, 2, device=device, dtype=torch.float64) * torch.tensor([320.0, 240.0], device=device, dtype=torch.float64)
+    uv = torch.rand(1, 50, 2, device=device, dtype=torch.float64) * torch.tensor([320.0, 240.0], device=device,
+                                                                                 dtype=torch.float64)
     depth = 0.5 + torch.rand(1, 50, device=device, dtype=torch.float64)
     T = torch.tensor(random_pose(np.random.default_rng(0)), device=device)[None]
     world = transform_points(torch.linalg.inv(T), backproject(uv, depth, K))

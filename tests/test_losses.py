@@ -32,7 +32,8 @@ def test_huber_continuous_value_and_slope_at_delta(device):
     delta = 0.01
     x = torch.tensor([delta - 1e-9, delta, delta + 1e-9], dtype=torch.float64, device=device, requires_grad=True)
     y = losses.huber(x, delta)
-    assert y[0].item() == pytest.approx(y[1].item(), abs=2e-11) and y[2].item() == pytest.approx(y[1].item(), abs=2e-11)  # |Δ| ≈ δ·1e-9
+    # |Δ| ≈ δ·1e-9
+    assert y[0].item() == pytest.approx(y[1].item(), abs=2e-11) and y[2].item() == pytest.approx(y[1].item(), abs=2e-11)
     (g,) = torch.autograd.grad(y.sum(), x)
     assert torch.allclose(g, torch.full_like(g, delta), atol=1e-8)  # slope δ on both sides
 
@@ -71,7 +72,8 @@ def test_reproject_round_trip(device):
     T[:3, :3] = torch.linalg.matrix_exp(0.2 * Kx)
     T[:3, 3] = torch.tensor([0.1, -0.2, 0.05])
     T = T[None].to(device)
-    uv = torch.rand(1, 64, 2, dtype=torch.float64, device=device) * torch.tensor([160.0, 120.0], dtype=torch.float64, device=device)
+    uv = torch.rand(1, 64, 2, dtype=torch.float64, device=device) * torch.tensor([160.0, 120.0], dtype=torch.float64,
+                                                                                 device=device)
     depth = 1.0 + torch.rand(1, 64, dtype=torch.float64, device=device)
     uv_b, z_b = losses.reproject(uv, depth, K, K, T)
     uv_a, z_a = losses.reproject(uv_b, z_b, K, K, torch.linalg.inv(T))
@@ -92,8 +94,10 @@ def _two_view_scene(occluder_z: float, device) -> dict:
         rays = backproject(uv, torch.ones(1, h * w, dtype=torch.float64), K[None])[0]  # z = 1
         x_occ = cx + rays[:, 0] * occluder_z
         hit_occ = (x_occ >= 0.3) & (x_occ <= 0.7)
-        maps[name] = torch.where(hit_occ, torch.tensor(occluder_z, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)).reshape(1, 1, h, w)
-    return {"K": K[None].to(device), "A": maps["A"].to(device), "B": maps["B"].to(device), "B_from_A": _pose(-0.5)[None].to(device), "h": h, "w": w}
+        maps[name] = torch.where(hit_occ, torch.tensor(occluder_z, dtype=torch.float64),
+                                 torch.tensor(2.0, dtype=torch.float64)).reshape(1, 1, h, w)
+    return {"K": K[None].to(device), "A": maps["A"].to(device), "B": maps["B"].to(device),
+            "B_from_A": _pose(-0.5)[None].to(device), "h": h, "w": w}
 
 
 def test_occlusion_mask_hand_values():
@@ -153,7 +157,8 @@ def test_multiview_loss_value_and_relative_residual():
     assert keep.tolist() == [True, True, True, False]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # samples outside the image or behind the neighbour never count
-    loss2, keep2 = losses.multiview_loss(torch.tensor([-1.0, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([True, False]), delta=0.01, tol=0.25)
+    loss2, keep2 = losses.multiview_loss(torch.tensor([-1.0, 1.0]), torch.tensor([1.0, 1.0]),
+                                         torch.tensor([True, False]), delta=0.01, tol=0.25)
     assert not keep2.any() and loss2.item() == 0.0
 
 
@@ -162,7 +167,8 @@ def test_multiview_loss_gradcheck():
     s2 = torch.tensor([1.003, 1.95, 3.1, 1.5], dtype=torch.float64, requires_grad=True)
     inside = torch.ones(4, dtype=torch.bool)
     w = torch.tensor([1.0, 0.5, 1.0, 0.2], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: losses.multiview_loss(a, b, inside, delta=0.01, tol=0.25, weight=w)[0], (z, s2))
+    assert torch.autograd.gradcheck(lambda a, b: losses.multiview_loss(a, b, inside, delta=0.01, tol=0.25, weight=w)[0],
+                                    (z, s2))
 
 
 def test_multiview_loss_through_a_neighbour_map_has_finite_gradients(device):
@@ -268,7 +274,8 @@ def test_magnitude_loss_divides_by_input_depth():
     by_pred = (0.5 / 1.51 + 1.0 / 1.01 + 2.0 / 6.01) / 3
     assert by_pred != pytest.approx(expected, rel=1e-2)
     # the same δz on top of another depth_init changes the value only through depth_init
-    assert losses.magnitude_loss(delta_z, 2 * depth_init, valid).item() == pytest.approx((0.5 / 2.01 + 1.0 / 4.01 + 2.0 / 8.01) / 3, rel=1e-6)
+    assert losses.magnitude_loss(delta_z, 2 * depth_init, valid).item() == pytest.approx(
+        (0.5 / 2.01 + 1.0 / 4.01 + 2.0 / 8.01) / 3, rel=1e-6)
 
 
 def test_magnitude_loss_gradcheck():
@@ -294,7 +301,8 @@ H_IMG, W_IMG = 48, 64
 def _texture(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     small = torch.rand(1, 1, H_IMG // 2, W_IMG // 2 + 8, generator=g)
-    return torch.nn.functional.interpolate(small, size=(H_IMG, W_IMG + 16), mode="bicubic", align_corners=False)[0, 0].clamp(0, 1)
+    return torch.nn.functional.interpolate(small, size=(H_IMG, W_IMG + 16), mode="bicubic",
+                                           align_corners=False)[0, 0].clamp(0, 1)
 
 
 def _plane_pair(gain: float = 1.0, offset: float = 0.0):
@@ -309,12 +317,14 @@ def _plane_pair(gain: float = 1.0, offset: float = 0.0):
     return ref, src, K, T
 
 
-def _photo(depth_scale: float, *, gain: float = 1.0, offset: float = 0.0, occluder: bool = False, requires_grad: bool = False):
+def _photo(depth_scale: float, *, gain: float = 1.0, offset: float = 0.0, occluder: bool = False,
+           requires_grad: bool = False):
     """L_photo of windows at 40 reference pixels with the plane's depth times ``depth_scale``."""
     ref, src, K, T = _plane_pair(gain, offset)
     offsets = losses.window_offsets(2)
     g = torch.Generator().manual_seed(1)
-    centres = torch.stack([torch.randint(12, W_IMG - 4, (40,), generator=g), torch.randint(4, H_IMG - 4, (40,), generator=g)], -1)
+    centres = torch.stack([torch.randint(12, W_IMG - 4, (40,), generator=g),
+                           torch.randint(4, H_IMG - 4, (40,), generator=g)], -1)
     taps = centres[:, None, :] + offsets.long()[None]  # (S, T, 2) integer pixels
     uv = taps.float()[None] + 0.5
     ref_taps = ref[taps[..., 1], taps[..., 0]][None]
@@ -331,9 +341,9 @@ def _photo(depth_scale: float, *, gain: float = 1.0, offset: float = 0.0, occlud
         z = torch.full(uv_c.shape[:2], 0.5 * Z0 if occluder else Z0)
         return z, torch.ones_like(z, dtype=torch.bool)
 
-    loss, used = losses.photometric_loss(ref_taps, depth, uv, torch.ones_like(ref_taps, dtype=torch.bool), K[None], K[None], T[None],
-                                         read_image, read_depth, offsets, height=H_IMG, width=W_IMG, sigma_color=0.1, best_k=1,
-                                         behind_tol=0.05, min_texture=0.01)
+    loss, used = losses.photometric_loss(ref_taps, depth, uv, torch.ones_like(ref_taps, dtype=torch.bool), K[None],
+                                         K[None], T[None], read_image, read_depth, offsets, height=H_IMG, width=W_IMG,
+                                         sigma_color=0.1, best_k=1, behind_tol=0.05, min_texture=0.01)
     return loss, used, log_scale
 
 
@@ -353,7 +363,8 @@ def test_photo_loss_gradient_points_to_the_true_depth(scale):
 
 def test_photo_loss_ignores_a_gain_and_offset_of_the_neighbour_image():
     plain = float(_photo(1.02)[0])
-    assert float(_photo(1.02, gain=0.6, offset=0.25)[0]) == pytest.approx(plain, rel=0.01)  # up to the flat-window damping eps
+    # up to the flat-window damping eps
+    assert float(_photo(1.02, gain=0.6, offset=0.25)[0]) == pytest.approx(plain, rel=0.01)
     assert float(_photo(1.0, gain=0.6, offset=0.25)[0]) < 2e-3
 
 

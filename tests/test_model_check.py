@@ -1,4 +1,5 @@
-"""pipeline.sfm.model_check: does a COLMAP model belong to the photos? (patches around a point's keypoints must agree)."""
+"""pipeline.sfm.model_check: does a COLMAP model belong to the photos? (patches around a point's keypoints must
+agree)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def test_the_right_photos_agree_and_the_wrong_ones_do_not():
 
 
 def test_images_with_too_little_evidence_are_not_judged():
-    agreement = {"few.png": ImageAgreement(pairs=3, matched=0.0, control=0.0), "bad.png": ImageAgreement(pairs=40, matched=0.05, control=0.02),
+    agreement = {"few.png": ImageAgreement(pairs=3, matched=0.0, control=0.0),
+                 "bad.png": ImageAgreement(pairs=40, matched=0.05, control=0.02),
                  "good.png": ImageAgreement(pairs=40, matched=0.8, control=0.1)}
     assert mismatched_images(agreement) == ["bad.png"]

@@ -1,4 +1,5 @@
-"""Which output folder a run may write into (pipeline.core.output_folder) and the per-view cache keys (pipeline.core.workspace)."""
+"""Which output folder a run may write into (pipeline.core.output_folder) and the per-view cache keys
+(pipeline.core.workspace)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def test_a_folder_with_other_files_is_refused_unless_forced(scene, tmp_path):
 def test_recon_outputs_are_recognised_with_a_lost_or_old_manifest(scene, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
-    (old / "manifest.json").write_text(json.dumps({"version": 1, "updated": 1.0, "stages": {}}))  # written before the marker
+    # written before the marker
+    (old / "manifest.json").write_text(json.dumps({"version": 1, "updated": 1.0, "stages": {}}))
     assert is_recon_output(old) and foreign_entries(old) == []
     damaged = tmp_path / "damaged"
     (damaged / "sfm").mkdir(parents=True)

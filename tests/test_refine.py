@@ -81,7 +81,8 @@ def test_covisible_neighbors_rank_by_shared_points_then_distance():
     def view(name, ids, x):
         T = np.eye(4)
         T[0, 3] = -x
-        return View(name=name, K=np.eye(3), cam_from_world=T, width=4, height=4, image_path=None, point_ids=np.array(ids))
+        return View(name=name, K=np.eye(3), cam_from_world=T, width=4, height=4, image_path=None,
+                    point_ids=np.array(ids))
 
     views = [view("a", [0, 1, 2, 3], 0.0), view("b", [0, 1, 2], 5.0), view("c", [3], 1.0), view("d", [], 0.5)]
     nbr = covisible_neighbors(views, 2)
@@ -146,7 +147,8 @@ def refined(blob_scene):
 @pytest.mark.slow
 def test_refinement_removes_smooth_warp(blob_scene, refined):
     """GT × (1 + 0.02 sin(low-frequency field)) × (1 + 0.5 % noise): measured mean relative error
-    1.33 % → 0.79 % (−41 %; 0.69 % with refine.occlusion_tol_behind=0.05, −52 % before the keep_if_more_consistent gate); asserted: at least −30 % and the median halved."""
+    1.33 % → 0.79 % (−41 %; 0.69 % with refine.occlusion_tol_behind=0.05, −52 % before the keep_if_more_consistent
+    gate); asserted: at least −30 % and the median halved."""
     _, _, gts, _ = blob_scene
     init, maps, log = refined["warp"]
     before, after = _mean_error(init, gts), _mean_error(maps, gts)
@@ -290,7 +292,8 @@ def test_run_stage_writes_views_and_log(blob_scene, tmp_path, monkeypatch):
 def _gt_maps(scene, gts) -> list[DepthMap]:
     """Ground-truth maps (refined = initial = GT) of every view."""
     return [DepthMap(name=v.name, depth=g.astype(np.float32), confidence=(g > 0).astype(np.float32), valid=g > 0, K=v.K,
-                     cam_from_world=v.cam_from_world, depth_init=g.astype(np.float32), stats=dict(CHECKED)) for v, g in zip(scene.views, gts)]
+                     cam_from_world=v.cam_from_world, depth_init=g.astype(np.float32), stats=dict(CHECKED))
+            for v, g in zip(scene.views, gts)]
 
 
 def test_keep_more_consistent_keeps_whichever_depth_the_neighbours_support(blob_scene):
@@ -307,7 +310,8 @@ def test_keep_more_consistent_keeps_whichever_depth_the_neighbours_support(blob_
     maps[0] = replace(maps[0], depth=refined0.astype(np.float32), depth_init=init0.astype(np.float32))
     out, stats = keep_more_consistent(scene.views, maps, RefineConfig(), torch.device("cpu"))
     v0 = out[0].valid
-    # refined kept where neighbours see the band (measured: 88.5 % of it; the rest no neighbour sees, so the initial depth stays)
+    # refined kept where neighbours see the band (measured: 88.5 % of it; the rest no neighbour sees, so the initial
+    # depth stays)
     assert np.mean(np.isclose(out[0].depth[left & v0], g0[left & v0], rtol=1e-6)) > 0.8
     # refined rejected, initial kept (measured: all but 3 of 9600 pixels, at depth edges)
     assert np.mean(np.isclose(out[0].depth[right & v0], g0[right & v0], rtol=1e-6)) > 0.995
@@ -317,16 +321,19 @@ def test_keep_more_consistent_keeps_whichever_depth_the_neighbours_support(blob_
 
 
 def test_photometric_costs_prefer_the_true_depth(blob_scene):
-    """The depth-stage matching cost (1 - NCC, best neighbour) of view 0: ground truth beats GT x 1.05 on most pixels."""
+    """The depth-stage matching cost (1 - NCC, best neighbour) of view 0: ground truth beats GT x 1.05 on most
+    pixels."""
     from pipeline.depth.plane_sweep import OUTSIDE_COST as mvs_outside
 
     _, scene, gts, images = blob_scene
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     g0 = gts[0]
     h, w = g0.shape
-    sources = [(t(scene_mod._gray(images[j], h, w))[None, None], t(scene.views[j].K), scene.views[j].cam_from_world) for j in (1, 2, 9)]
-    costs = gate_mod.photometric_costs(t(scene_mod._gray(images[0], h, w))[None, None], t(scene.views[0].K), scene.views[0].cam_from_world,
-                                         sources, torch.stack([t(g0), t(g0 * 1.05)])).numpy()
+    sources = [(t(scene_mod._gray(images[j], h, w))[None, None], t(scene.views[j].K), scene.views[j].cam_from_world)
+               for j in (1, 2, 9)]
+    costs = gate_mod.photometric_costs(t(scene_mod._gray(images[0], h, w))[None, None], t(scene.views[0].K),
+                                       scene.views[0].cam_from_world, sources,
+                                       torch.stack([t(g0), t(g0 * 1.05)])).numpy()
     assert costs.shape == (2, h, w) and np.isfinite(costs).all()
     v = (g0 > 0) & (costs.max(0) < mvs_outside)
     # measured: median cost 0.010 at the true depth, 0.69 at +5 %; the true depth is cheaper on 94 % of the pixels
@@ -351,18 +358,23 @@ def test_photo_check_rejects_a_wrong_depth_the_neighbours_maps_repeat(blob_scene
     only_band = t(np.where(band, wrong0, 0.0))
     for j in range(1, len(maps)):
         dj = maps[j]
-        inv = splat_depth(only_band, t(maps[0].K), t(dj.K), t(dj.cam_from_world @ invert_pose(maps[0].cam_from_world)), *dj.depth.shape).numpy()
-        maps[j] = replace(dj, depth=np.where((inv > 0) & dj.valid, 1.0 / np.maximum(inv, 1e-9), dj.depth).astype(np.float32))
+        inv = splat_depth(only_band, t(maps[0].K), t(dj.K), t(dj.cam_from_world @ invert_pose(maps[0].cam_from_world)),
+                          *dj.depth.shape).numpy()
+        maps[j] = replace(dj, depth=np.where((inv > 0) & dj.valid, 1.0 / np.maximum(inv, 1e-9),
+                                             dj.depth).astype(np.float32))
     v0 = band & maps[0].valid
     cfg = RefineConfig()
     geometric, _ = keep_more_consistent(scene.views, maps, cfg, torch.device("cpu"))
     photo, stats = keep_more_consistent(scene.views, maps, cfg, torch.device("cpu"), images=images)
-    off, _ = keep_more_consistent(scene.views, maps, replace(cfg, keep_if_photo_consistent=False), torch.device("cpu"), images=images)
+    off, _ = keep_more_consistent(scene.views, maps, replace(cfg, keep_if_photo_consistent=False), torch.device("cpu"),
+                                  images=images)
     kept = lambda out: float(np.mean(np.isclose(out[0].depth[v0], wrong0[v0], rtol=1e-6)))  # noqa: E731
-    # measured: the consistency test keeps 29 % of the band (where the splatted neighbours see it), with the photometric check 0.4 %
+    # measured: the consistency test keeps 29 % of the band (where the splatted neighbours see it), with the photometric
+    # check 0.4 %
     assert kept(geometric) > 0.2 and kept(off) == kept(geometric)
     assert kept(photo) < 0.05
-    np.testing.assert_allclose(photo[0].depth[v0 & ~np.isclose(photo[0].depth, wrong0)], g0[v0 & ~np.isclose(photo[0].depth, wrong0)], rtol=1e-6)
+    np.testing.assert_allclose(photo[0].depth[v0 & ~np.isclose(photo[0].depth, wrong0)],
+                               g0[v0 & ~np.isclose(photo[0].depth, wrong0)], rtol=1e-6)
 
 
 def test_cuda_out_of_memory_falls_back_to_the_cpu(blob_scene, tmp_path, monkeypatch, caplog):
@@ -416,8 +428,10 @@ def test_max_correction_keeps_the_initial_depth_of_large_moves(blob_scene):
 
 @pytest.fixture(scope="module")
 def small_scene(tmp_path_factory):
-    """12 views 160x120 of the blob scene with warp-corrupted initial maps: (scene_dir, SfmScene, GT depth, images, init)."""
-    scene_dir, scene, gts, images = _render_blob(tmp_path_factory.mktemp("refine_small"), n_views=12, width=160, height=120)
+    """12 views 160x120 of the blob scene with warp-corrupted initial maps: (scene_dir, SfmScene, GT depth, images,
+    init)."""
+    scene_dir, scene, gts, images = _render_blob(tmp_path_factory.mktemp("refine_small"), n_views=12, width=160,
+                                                 height=120)
     return scene_dir, scene, gts, images, _initial_maps(scene, gts, "warp")
 
 
@@ -441,7 +455,8 @@ def test_offloaded_groups_give_the_same_maps(small_scene, tmp_path, caplog, max_
     cfg = RefineConfig(steps=20, views_per_batch=4)
     resident, log_resident = refine_depth_maps(scene.views, init, scene.points, cfg, "cpu", images=images)
     with caplog.at_level(logging.INFO, logger="pipeline.refine.stage"):
-        offloaded, log_offloaded = refine_depth_maps(scene.views, init, scene.points, replace(cfg, max_resident_views=max_resident_views), "cpu",
+        offloaded, log_offloaded = refine_depth_maps(scene.views, init, scene.points,
+                                                     replace(cfg, max_resident_views=max_resident_views), "cpu",
                                                      images=images, scratch_dir=tmp_path)
     assert "wait in scratch files" in caplog.text and "group turns read from scratch files" in caplog.text
     _assert_same_maps(offloaded, resident)
@@ -490,7 +505,8 @@ def test_lazy_inputs_and_sink(small_scene):
     assert out == [] and sorted(got) == list(range(len(init)))
     _assert_same_maps([got[i] for i in range(len(init))], plain)
     assert _without_seconds(log) == _without_seconds(log_plain)
-    # each image once for the groups (built once when all are resident), once for L_photo's image table, once for the gate
+    # each image once for the groups (built once when all are resident), once for L_photo's image table, once for the
+    # gate
     assert loads["image"] == 3 * len(images)
     assert loads["init"] <= 4 * len(init)  # sizes, current maps, group tensors, final maps
 
@@ -544,7 +560,8 @@ def test_scratch_files_are_removed_after_the_stage_and_after_a_failure(small_sce
     assert any(name.endswith(".state") for name in seen[0]) and any(name.startswith("ungated") for name in seen[0])
     assert not ws.refine_scratch.exists() and all(ws.refine_view(v.name).exists() for v in scene.views)
 
-    ws, ctx = _stage(scene_dir, scene, init, tmp_path / "failing", monkeypatch, steps=6, views_per_batch=4, max_resident_views=4)
+    ws, ctx = _stage(scene_dir, scene, init, tmp_path / "failing", monkeypatch, steps=6, views_per_batch=4,
+                     max_resident_views=4)
 
     def failing_gate(views, load, cfg, device, emit, images=None):
         emit(0, load(0))  # one map final, then a failure
@@ -571,7 +588,8 @@ def test_sample_views_decode_reads_compact_maps(device):
 
 def test_gate_restores_what_a_neighbour_confirms_and_drops_a_floater_others_see_through(blob_scene):
     """View 0 holds two restored candidates (pixels the depth stage dropped): a true-surface patch the neighbours'
-    maps confirm is kept; a patch at 60 % of the true depth, through which the neighbours see the surface behind, is not."""
+    maps confirm is kept; a patch at 60 % of the true depth, through which the neighbours see the surface behind, is
+    not."""
     _, scene, gts, images = blob_scene
     maps = _gt_maps(scene, gts)
     g0 = gts[0]
@@ -583,14 +601,16 @@ def test_gate_restores_what_a_neighbour_confirms_and_drops_a_floater_others_see_
     maps[0] = replace(maps[0], depth=depth, depth_init=depth, restored=true_patch | floater)
     out, stats = keep_more_consistent(scene.views, maps, RefineConfig(), torch.device("cpu"), images=images)
     v0 = out[0].valid
-    assert v0[true_patch].mean() > 0.8 and out[0].restored[true_patch].mean() > 0.8  # measured: see the numbers in the assertion message
+    # measured: see the numbers in the assertion message
+    assert v0[true_patch].mean() > 0.8 and out[0].restored[true_patch].mean() > 0.8
     assert v0[floater].mean() < 0.05, v0[floater].mean()
     assert (v0 | ~maps[0].valid | true_patch | floater).all()  # the checked pixels all stay
     assert stats[scene.views[0].name]["restored_fraction"] > 0
 
 
 def test_gate_keeps_only_supported_pixels_of_an_unchecked_prior(blob_scene):
-    """A map the depth stage did not check (a prior): pixels no neighbour agrees with and whose photos do not match go."""
+    """A map the depth stage did not check (a prior): pixels no neighbour agrees with and whose photos do not match
+    go."""
     _, scene, gts, images = blob_scene
     maps = _gt_maps(scene, gts)
     wrong = np.zeros_like(maps[0].valid)
@@ -602,7 +622,8 @@ def test_gate_keeps_only_supported_pixels_of_an_unchecked_prior(blob_scene):
     maps[0] = replace(maps[0], depth=d, depth_init=d)
     out, _ = keep_more_consistent(scene.views, maps, RefineConfig(), torch.device("cpu"), images=images)
     assert out[0].valid[wrong].mean() < 0.1
-    # Elsewhere the pixels a neighbour sees are kept, as they are for the unmodified GT prior (floor seen by view 0 alone goes).
+    # Elsewhere the pixels a neighbour sees are kept, as they are for the unmodified GT prior (floor seen by view 0
+    # alone goes).
     right = maps[0].valid & ~wrong
     assert exact[0].valid[right].mean() > 0.5
     assert out[0].valid[right].mean() > exact[0].valid[right].mean() - 0.02

@@ -40,7 +40,8 @@ def finished_run(tmp_path_factory) -> Workspace:
     """A finished ``recon run`` on a rendered 10-view 240x180 scene (about 10 s), then ``recon eval`` on it."""
     from pipeline.synthetic.render import render_scene
 
-    scene = render_scene(tmp_path_factory.mktemp("report") / "blob", shape="blob", n_views=10, width=240, height=180, seed=0)
+    scene = render_scene(tmp_path_factory.mktemp("report") / "blob", shape="blob", n_views=10, width=240, height=180,
+                         seed=0)
     result = CliRunner().invoke(cli.main, ["run", str(scene), *FAST])
     assert result.exit_code == 0, result.output
     return Workspace.create(scene)
@@ -49,7 +50,8 @@ def finished_run(tmp_path_factory) -> Workspace:
 @pytest.fixture(scope="module")
 def evaluated_report(finished_run) -> Path:
     """The report rebuilt after the run was scored against its ground truth (OUT/eval.json)."""
-    result = CliRunner().invoke(cli.main, ["eval", str(finished_run.out_dir), "--gt", str(finished_run.scene_dir / "gt")])
+    result = CliRunner().invoke(cli.main,
+                                ["eval", str(finished_run.out_dir), "--gt", str(finished_run.scene_dir / "gt")])
     assert result.exit_code == 0, result.output
     assert (finished_run.out_dir / "eval.json").is_file()
     return build_report(finished_run)
@@ -97,12 +99,14 @@ def test_eval_metrics_appear_after_recon_eval(finished_run, evaluated_report):
 
 
 def instrumented_copy(report: Path, dest: Path) -> Path:
-    """``report`` with a first script that records errors and, on load, writes a JSON summary into ``<pre id=__check>``."""
+    """``report`` with a first script that records errors and, on load, writes a JSON summary into
+    ``<pre id=__check>``."""
     probe = """<script>
 window.__errors = [];
 window.addEventListener('error', function (e) {
   var t = e.target;
-  if (t && t !== window && (t.src || t.href)) { window.__errors.push('failed to load ' + (t.tagName || '?') + ' ' + String(t.src || t.href).slice(0, 80)); }
+  if (t && t !== window && (t.src || t.href)) { window.__errors.push('failed to load ' + (t.tagName || '?') + ' ' \
++ String(t.src || t.href).slice(0, 80)); }
   else { window.__errors.push('js error: ' + e.message); }
 }, true);
 window.addEventListener('load', function () {
@@ -139,7 +143,8 @@ def test_report_renders_in_headless_chromium(finished_run, evaluated_report, tmp
     if binary is None:
         pytest.skip("chromium is not installed (Debian package `chromium`; .ci/install.sh installs it)")
     page = instrumented_copy(evaluated_report, tmp_path / "report_checked.html")
-    res = run_chromium(binary, ["--virtual-time-budget=10000", "--window-size=1400,900", "--dump-dom", page.as_uri()], tmp_path)
+    res = run_chromium(binary, ["--virtual-time-budget=10000", "--window-size=1400,900", "--dump-dom", page.as_uri()],
+                       tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     found = re.search(r'<pre id="__check">(.*?)</pre>', res.stdout, flags=re.S)
     assert found, "the page's load handler did not run: " + res.stdout[-500:]
@@ -154,12 +159,15 @@ def test_report_renders_in_headless_chromium(finished_run, evaluated_report, tmp
         assert s["heading"] and s["height"] > 40 and s["width"] > 300 and s["text"] > 60, (sid, s)
     from pipeline.core.io import load_depth_map
 
-    restored = sum(bool(load_depth_map(f).restored.any()) for f in sorted(finished_run.stage_dir("refine").joinpath("views").glob("*.npz")))
-    assert secs["views"]["images"] == 50 + restored and secs["renders"]["images"] == 9  # 5 per view, + restored pixels where any
+    restored = sum(bool(load_depth_map(f).restored.any())
+                   for f in sorted(finished_run.stage_dir("refine").joinpath("views").glob("*.npz")))
+    # 5 per view, + restored pixels where any
+    assert secs["views"]["images"] == 50 + restored and secs["renders"]["images"] == 9
     assert secs["curves"]["lines"] >= 6  # loss, L_mv, L_anchor, L_edge, L_surf (+ L_mag), dz_mean, dz_std
     # the page draws: a screenshot is not blank
     shot = tmp_path / "shot.png"
-    res = run_chromium(binary, ["--hide-scrollbars", "--window-size=1200,2400", f"--screenshot={shot}", evaluated_report.as_uri()], tmp_path)
+    res = run_chromium(binary, ["--hide-scrollbars", "--window-size=1200,2400", f"--screenshot={shot}",
+                                evaluated_report.as_uri()], tmp_path)
     assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
     from PIL import Image
 
@@ -194,7 +202,8 @@ def test_report_without_refine_and_without_anything(finished_run, tmp_path):
     secs = sections_of(build_report(ws).read_text())
     assert list(secs) == list(SECTIONS)
     assert "refine did not run" in secs["curves"]
-    assert secs["views"].count("<figcaption>initial depth") == 10 and "refined depth" not in secs["views"].split("</p>", 1)[1]
+    assert (secs["views"].count("<figcaption>initial depth") == 10
+            and "refined depth" not in secs["views"].split("</p>", 1)[1])
     empty = Workspace(scene_dir=tmp_path, out_dir=tmp_path / "empty")
     empty.out_dir.mkdir()
     secs = sections_of(build_report(empty).read_text())
@@ -205,7 +214,8 @@ def test_report_without_refine_and_without_anything(finished_run, tmp_path):
 def test_colorize_and_curves():
     v = np.array([[-1.0, 0.0, 1.0, np.nan]])
     rgb = colorize(v, symmetric=True)
-    assert rgb[0, 0].tolist() == [0, 0, 255] and rgb[0, 1].tolist() == [255, 255, 255] and rgb[0, 2].tolist() == [255, 0, 0]
+    assert (rgb[0, 0].tolist() == [0, 0, 255] and rgb[0, 1].tolist() == [255, 255, 255]
+            and rgb[0, 2].tolist() == [255, 0, 0])
     assert rgb[0, 3].tolist() == [0, 0, 0]  # invalid → black
     ramp = colorize(np.array([[0.0, 10.0]]), vrange=(0.0, 10.0))
     assert ramp[0, 0, 2] > ramp[0, 0, 0] and ramp[0, 1, 0] > ramp[0, 1, 2]  # low blue, high red
@@ -215,8 +225,9 @@ def test_colorize_and_curves():
 
 
 def test_refine_caption_shows_the_gate_evidence_before_and_after():
-    text = refine_caption({"photo_cost_init": 0.25, "photo_cost_refined": 0.2, "consistent_init": 0.8, "consistent_refined": 0.9,
-                           "refined_fraction": 0.3, "restored_fraction": 0.02, "dropped_fraction": 0.01})
+    text = refine_caption({"photo_cost_init": 0.25, "photo_cost_refined": 0.2, "consistent_init": 0.8,
+                           "consistent_refined": 0.9, "refined_fraction": 0.3, "restored_fraction": 0.02,
+                           "dropped_fraction": 0.01})
     assert "photometric residual 0.250 → 0.200" in html.unescape(text)
     assert "80.0% → 90.0%" in html.unescape(text) and "restored 2.0%" in text
     assert refine_caption({"photo_cost_init": float("nan"), "photo_cost_refined": 0.2}) == ""

@@ -68,11 +68,13 @@ def _run(ws: Workspace, *overrides: str) -> RunResult:
 @pytest.fixture(scope="session")
 def sfm_run(tmp_path_factory) -> SfmRun:
     """The rendered blob scene plus a corrupt JPEG, reconstructed once by the sfm stage."""
-    scene = render_scene(tmp_path_factory.mktemp("sfm") / "blob", shape="blob", n_views=N_VIEWS, width=320, height=240, seed=0)
+    scene = render_scene(tmp_path_factory.mktemp("sfm") / "blob", shape="blob", n_views=N_VIEWS, width=320, height=240,
+                         seed=0)
     (scene / "images" / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     ws = Workspace.create(scene)
     collect = _Collect()
-    log = logging.getLogger("pipeline.sfm")  # the stage, its modules (pipeline.sfm.inputs: skipped photos) and ctx.logger
+    # the stage, its modules (pipeline.sfm.inputs: skipped photos) and ctx.logger
+    log = logging.getLogger("pipeline.sfm")
     log.addHandler(collect)
     try:
         result = _run(ws)
@@ -87,7 +89,8 @@ def _gt_centers(scene_dir: Path, names: list[str]) -> np.ndarray:
 
 
 def _observation_depths(scene) -> np.ndarray:
-    return np.concatenate([scene.points[v.point_ids] @ v.cam_from_world[2, :3] + v.cam_from_world[2, 3] for v in scene.views])
+    return np.concatenate([scene.points[v.point_ids] @ v.cam_from_world[2, :3] + v.cam_from_world[2, 3]
+                           for v in scene.views])
 
 
 # ---- the SfM run ------------------------------------------------------------------------------
@@ -374,13 +377,18 @@ def test_sfm_is_repeatable_in_another_process(sfm_run, tmp_path):
 
 
 def test_photo_discovery_leaves_out_every_recon_folder_and_matches_any_case(tmp_path):
-    """Photos directly in the scene folder, beside earlier runs' outputs wherever they sit (issue: 10 photos became 30, then 90)."""
+    """Photos directly in the scene folder, beside earlier runs' outputs wherever they sit (issue: 10 photos became 30,
+    then 90)."""
     for rel in ("a.png", "b.JPG", "c.jPeg", "sub/d.Png", "run1/sfm/input/a.png", "elsewhere/deep/run2/mesh.png",
                 "elsewhere/deep/run2/depth/x.png", "stage_copy/sfm/images/a.png", ".hidden/e.png", "notes.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8)).save(tmp_path / rel, format="PNG") if rel.lower().endswith((".png", ".jpg", ".jpeg")) else (tmp_path / rel).write_text("x")
-    (tmp_path / "run1" / "manifest.json").write_text(json.dumps({"tool": "recon", "version": 1, "updated": 0, "stages": {}}))
-    (tmp_path / "elsewhere" / "deep" / "run2" / "manifest.json").write_text(json.dumps({"version": 1, "updated": 0, "stages": {}}))  # before the marker
+        (Image.new("RGB", (8, 8)).save(tmp_path / rel, format="PNG") if rel.lower().endswith((".png", ".jpg", ".jpeg"))
+         else (tmp_path / rel).write_text("x"))
+    (tmp_path / "run1" / "manifest.json").write_text(json.dumps({"tool": "recon", "version": 1, "updated": 0,
+                                                                 "stages": {}}))
+    # before the marker
+    (tmp_path / "elsewhere" / "deep" / "run2" / "manifest.json").write_text(json.dumps({"version": 1, "updated": 0,
+                                                                                        "stages": {}}))
     (tmp_path / "stage_copy" / "sfm" / "_fingerprint.txt").write_text("abc")
     files = scene_images(Workspace.create(tmp_path, tmp_path / "run3"))
     assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.png", "b.JPG", "c.jPeg", "sub/d.Png"]
@@ -408,7 +416,8 @@ def test_too_small_photos_are_skipped_by_name(tmp_path, caplog):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(3):
-        Image.fromarray((np.random.default_rng(i).random((60, 80, 3)) * 255).astype(np.uint8)).save(images / f"good_{i}.png")
+        Image.fromarray((np.random.default_rng(i).random((60, 80, 3)) * 255).astype(np.uint8)).save(
+            images / f"good_{i}.png")
     Image.new("RGB", (15, 15), "gray").save(images / "tiny.png")
     Image.new("RGB", (2000, 8), "gray").save(images / "strip.png")
     files = sorted(images.iterdir())
@@ -430,8 +439,9 @@ def test_a_native_crash_in_feature_extraction_names_the_photo(tmp_path):
     Image.fromarray((np.random.default_rng(0).random((12, 12, 3)) * 255).astype(np.uint8)).save(folder / "tiny one.png")
     cfg = load_config(overrides=["sfm.estimate_affine_shape=true"]).sfm
     try:
-        run_step("extract_features", log_path=tmp_path / "colmap.log", what="feature extraction", database=str(tmp_path / "db.db"),
-                 input_dir=str(folder), groups=[["tiny one.png"]], cfg=cfg, shared=True)
+        run_step("extract_features", log_path=tmp_path / "colmap.log", what="feature extraction",
+                 database=str(tmp_path / "db.db"), input_dir=str(folder), groups=[["tiny one.png"]], cfg=cfg,
+                 shared=True)
     except ColmapCrashed as exc:
         assert "tiny one.png" in str(exc) and "SIGSEGV" in str(exc) and "\n" not in str(exc)
         assert str(tmp_path / "colmap.log") in str(exc)
@@ -445,7 +455,8 @@ def test_colmap_steps_give_the_same_features_as_in_process(tmp_path):
 
     folder = tmp_path / "input"
     folder.mkdir()
-    Image.fromarray((np.random.default_rng(1).random((24, 32, 3)) * 255).astype(np.uint8)).resize((160, 120), Image.Resampling.BICUBIC).save(folder / "a.png")
+    Image.fromarray((np.random.default_rng(1).random((24, 32, 3)) * 255).astype(np.uint8)).resize(
+        (160, 120), Image.Resampling.BICUBIC).save(folder / "a.png")
     cfg = load_config().sfm
     events = []
     run_step("extract_features", log_path=tmp_path / "colmap.log", what="feature extraction", on_event=events.append,
@@ -456,8 +467,9 @@ def test_colmap_steps_give_the_same_features_as_in_process(tmp_path):
     options.sift.max_num_features, options.sift.estimate_affine_shape = cfg.max_num_features, cfg.estimate_affine_shape
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = cfg.camera_model
-    pycolmap.extract_features(tmp_path / "here.db", folder, image_names=["a.png"], camera_mode=pycolmap.CameraMode.SINGLE,
-                              reader_options=reader, extraction_options=options, device=pycolmap.Device.cpu)
+    pycolmap.extract_features(tmp_path / "here.db", folder, image_names=["a.png"],
+                              camera_mode=pycolmap.CameraMode.SINGLE, reader_options=reader, extraction_options=options,
+                              device=pycolmap.Device.cpu)
 
     def keypoints(db_path: Path) -> np.ndarray:
         db = pycolmap.Database.open(db_path)
@@ -501,7 +513,8 @@ def test_too_few_registered_photos_retry_with_more_features_and_keep_the_best(tm
             return FakeModel(n) if n else None
 
         monkeypatch.setattr(sfm, "map_once", fake_map_once)
-        ctx = StageContext(ws=ws, config=load_config(overrides=overrides), name="sfm", fingerprint="x", show_progress=False)
+        ctx = StageContext(ws=ws, config=load_config(overrides=overrides), name="sfm", fingerprint="x",
+                           show_progress=False)
         best = sfm._map(ctx, images, {})
         assert [name for name, _ in built] == expect_built, overrides
         assert all(factor == (1.0 if name == "database.db" else 1 / 3) for name, factor in built)
@@ -516,7 +529,8 @@ def test_a_corrupt_exif_warning_names_the_photo(tmp_path, caplog):
 
     rgb = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
     buf = io.BytesIO()
-    truncated_ifd = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\xff\xff"
+    truncated_ifd = (b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01"
+                     b"\x00\x06\x00\x00\xff\xff")
     rgb.save(buf, "JPEG", exif=truncated_ifd)
     src = tmp_path / "odd exif.jpg"
     src.write_bytes(buf.getvalue())
