@@ -58,10 +58,11 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ReconConfig
 
 _MVS_MOVED = (
     "num_neighbors", "neighbor_angle_deg", "max_neighbor_angle_deg", "num_hypotheses", "pyramid_levels", "edge_radius",
-    "propagation_shifts", "polish_hypotheses", "polish_iterations", "smooth_radius", "offset_penalty", "ncc_window", "best_k",
-    "cost_truncation", "min_ncc", "range_percentile", "range_margin", "plane_candidates", "plane_max_gap", "plane_distance",
-    "plane_min_inliers", "cross_view_candidates", "geometric_filter", "geo_neighbors", "geo_min_consistent", "geo_max_reproj_px",
-    "geo_max_rel_depth", "geo_free_space_margin", "geo_unverified_min_confidence", "geo_average", "chunk_pixels",
+    "propagation_shifts", "polish_hypotheses", "polish_iterations", "smooth_radius", "offset_penalty", "ncc_window",
+    "best_k", "cost_truncation", "min_ncc", "range_percentile", "range_margin", "plane_candidates", "plane_max_gap",
+    "plane_distance", "plane_min_inliers", "cross_view_candidates", "geometric_filter", "geo_neighbors",
+    "geo_min_consistent", "geo_max_reproj_px", "geo_max_rel_depth", "geo_free_space_margin",
+    "geo_unverified_min_confidence", "geo_average", "chunk_pixels",
 )
 RENAMED: dict[str, str] = {
     **{f"depth.{name}": f"mvs.{name}" for name in _MVS_MOVED},
@@ -73,7 +74,8 @@ RENAMED: dict[str, str] = {
 for their own section ``mvs``); :func:`set_value` names the new key when given an old one."""
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "mv-only": {"refine.weight_edge": 0.0, "refine.weight_surf": 0.0, "refine.weight_mag": 0.0, "refine.weight_anchor": 0.0, "refine.weight_photo": 0.0},
+    "mv-only": {"refine.weight_edge": 0.0, "refine.weight_surf": 0.0, "refine.weight_mag": 0.0,
+                "refine.weight_anchor": 0.0, "refine.weight_photo": 0.0},
 }
 """Named bundles of overrides (``--preset NAME``). ``mv-only``: refinement with L_mv alone (the ablation)."""
 
@@ -165,7 +167,8 @@ def apply_mapping(cfg: ReconConfig, data: Any, source: str) -> None:
     if data is None:
         return
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), "
+                          f"got {type(data).__name__}")
     for sec, values in data.items():
         if sec not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {sec!r}; sections: {', '.join(SECTIONS)}")
@@ -198,7 +201,8 @@ def load_config(
     *,
     on_this_machine: bool = True,
 ) -> ReconConfig:
-    """Build the effective config from defaults (or a copy of ``base``), YAML files (in order), presets and ``--set`` overrides.
+    """Build the effective config from defaults (or a copy of ``base``), YAML files (in order), presets and ``--set``
+    overrides.
 
     Args:
         on_this_machine: the config is for a run on this machine: devices it asks for must exist here

@@ -133,4 +133,5 @@ def stage_settings(cfg: ReconConfig, name: str) -> dict[str, Any]:
 def stage_fingerprint(name: str, cfg: ReconConfig, upstream_digests: dict[str, str]) -> str:
     """Hash of (stage, version, output-affecting settings, upstream output digests)."""
     spec = BY_NAME[name]
-    return fingerprint({"stage": name, "version": spec.version, "settings": stage_settings(cfg, name), "upstream": upstream_digests})
+    return fingerprint({"stage": name, "version": spec.version, "settings": stage_settings(cfg, name),
+                        "upstream": upstream_digests})

@@ -50,7 +50,8 @@ def parse_variant(text: str) -> Variant:
     if "=" not in text.split(" ", 1)[0]:
         if text in BUILTIN_VARIANTS:
             return BUILTIN_VARIANTS[text]
-        raise ReconError(f"unknown variant {text!r}; built in: {', '.join(BUILTIN_VARIANTS)}; or write NAME='--set section.key=value ...'")
+        raise ReconError(f"unknown variant {text!r}; built in: {', '.join(BUILTIN_VARIANTS)}; "
+                         "or write NAME='--set section.key=value ...'")
     name, spec = text.split("=", 1)
     tokens = shlex.split(spec)
     overrides, presets, skip = [], [], []
@@ -66,7 +67,8 @@ def parse_variant(text: str) -> Variant:
             elif "=" in tok and "." in tok.split("=", 1)[0]:
                 overrides.append(tok)
             else:
-                raise ReconError(f"variant {name!r}: cannot read {tok!r}; use --set section.key=value, --preset NAME or --skip STAGE")
+                raise ReconError(f"variant {name!r}: cannot read {tok!r}; use --set section.key=value, "
+                                 "--preset NAME or --skip STAGE")
         except StopIteration:
             raise ReconError(f"variant {name!r}: {tok} needs a value") from None
     return Variant(name.strip(), tuple(overrides), tuple(presets), tuple(skip))
@@ -166,6 +168,7 @@ def format_table(results: list[VariantResult]) -> str:
         keys += [k for k in r.metrics if k not in keys]
     lines = ["| variant | status | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
     for r in results:
-        cells = [f"{r.metrics[k]:.4g}" if isinstance(r.metrics.get(k), float) else str(r.metrics.get(k, "")) for k in keys]
+        cells = [f"{r.metrics[k]:.4g}" if isinstance(r.metrics.get(k), float) else str(r.metrics.get(k, ""))
+                 for k in keys]
         lines.append(f"| {r.name} | {r.status} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

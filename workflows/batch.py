@@ -123,11 +123,13 @@ def table_cells(row: SceneRow) -> list[str]:
             _fmt(row.vertices), _fmt(row.faces), _fmt(f, ".4f"), f"{row.seconds:.1f}"]
 
 
-TABLE_HEADER = ["scene", "status", "registered", *(f"{n} s" for n in STAGE_NAMES), "vertices", "faces", f"F@{FSCORE_KEY}", "total s"]
+TABLE_HEADER = ["scene", "status", "registered", *(f"{n} s" for n in STAGE_NAMES), "vertices", "faces",
+                f"F@{FSCORE_KEY}", "total s"]
 
 
 def format_table(rows: Sequence[SceneRow]) -> str:
-    """The batch table: one line per scene (stage cells: seconds of this run, ``cached`` or ``skipped``), then each failure's message."""
+    """The batch table: one line per scene (stage cells: seconds of this run, ``cached`` or ``skipped``), then each
+    failure's message."""
     cells = [TABLE_HEADER] + [table_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
@@ -143,14 +145,16 @@ def format_table(rows: Sequence[SceneRow]) -> str:
 
 CSV_COLUMNS = ["scene", "status", "registered", "images",
                *(f"{n}_{k}" for n in STAGE_NAMES for k in ("status", "seconds")),
-               "vertices", "faces", "fscore_0.5%", "fscore_1%", "chamfer_rel", "seconds", "depth_tasks", "out_dir", "scene_dir", "error"]
+               "vertices", "faces", "fscore_0.5%", "fscore_1%", "chamfer_rel", "seconds", "depth_tasks", "out_dir",
+               "scene_dir", "error"]
 
 
 def csv_record(row: SceneRow) -> dict[str, Any]:
     """A row as a flat CSV record (:data:`CSV_COLUMNS`)."""
     rec: dict[str, Any] = {"scene": row.scene, "status": row.status, "registered": row.registered, "images": row.images,
-                           "vertices": row.vertices, "faces": row.faces, "chamfer_rel": row.chamfer_rel, "seconds": row.seconds,
-                           "depth_tasks": row.depth_tasks, "out_dir": row.out_dir, "scene_dir": row.scene_dir,
+                           "vertices": row.vertices, "faces": row.faces, "chamfer_rel": row.chamfer_rel,
+                           "seconds": row.seconds, "depth_tasks": row.depth_tasks, "out_dir": row.out_dir,
+                           "scene_dir": row.scene_dir,
                            "error": "; ".join([*([row.error] if row.error else []), *row.notes]) or None}
     for n in STAGE_NAMES:
         st = row.stages.get(n, {})
@@ -196,9 +200,11 @@ def make_jobs(scene_dirs: Sequence[str | Path], *, out_root: str | Path | None =
         out = Path(out_root).expanduser().resolve() / scene.name if out_root is not None else None
         if out is not None:
             if out in seen_out:
-                raise ReconError(f"{seen_out[out]} and {scene} would both write to {out}; rename one scene folder or leave out --out")
+                raise ReconError(f"{seen_out[out]} and {scene} would both write to {out}; rename one scene folder or "
+                                 "leave out --out")
             seen_out[out] = scene
-        jobs.append(SceneJob(scene_dir=str(scene), out_dir=str(out) if out else None, config_files=tuple(str(Path(p).resolve()) for p in config_files),
+        jobs.append(SceneJob(scene_dir=str(scene), out_dir=str(out) if out else None,
+                             config_files=tuple(str(Path(p).resolve()) for p in config_files),
                              overrides=tuple(overrides), presets=tuple(presets), skip=tuple(skip), force_out=force_out))
     return jobs
 
@@ -206,7 +212,8 @@ def make_jobs(scene_dirs: Sequence[str | Path], *, out_root: str | Path | None =
 # ---- Ray ----------------------------------------------------------------------------------------------
 
 def _import_ray(loopback: bool) -> Any:
-    """Import Ray (the ``ray`` extra); ``loopback``: a local instance binds to 127.0.0.1 only (when Ray is not imported yet)."""
+    """Import Ray (the ``ray`` extra); ``loopback``: a local instance binds to 127.0.0.1 only (when Ray is not imported
+    yet)."""
     if loopback and "ray" not in sys.modules:
         os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
@@ -231,11 +238,13 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise ReconError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
-                         "`ray start --head` and pass the address it prints, or leave out --address to run on this machine") from None
+                         "`ray start --head` and pass the address it prints, "
+                         "or leave out --address to run on this machine") from None
 
 
 def start_ray(address: str | None, *, num_cpus: int | None = None) -> Any:
-    """Start Ray on this machine (``address`` None: loopback only, gone when the batch ends) or join the cluster at ``address``.
+    """Start Ray on this machine (``address`` None: loopback only, gone when the batch ends) or join the cluster at
+    ``address``.
 
     Raises:
         ReconError: Ray is not installed, or no cluster answers at ``address``.
@@ -254,7 +263,8 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> Any:
         where = f"at {address}" if address else "on this machine"
         first = (str(exc).strip().splitlines() or [""])[0]
         hint = ("start a cluster with `ray start --head` and pass its address (with token authentication, also set "
-                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN), or leave out --address to run on this machine") if address else "see Ray's message above"
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN), or leave out --address to run on this machine"
+                if address else "see Ray's message above")
         raise ReconError(f"cannot start or reach Ray {where}: {first}; {hint}") from exc
     return ray
 
@@ -302,7 +312,8 @@ def run_batch(
     ray = start_ray(address, num_cpus=num_cpus)
     try:
         cpus, gpus = cluster_resources(ray)
-        res = Resources(cluster_gpus=gpus, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, views_per_task=views_per_task)
+        res = Resources(cluster_gpus=gpus, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task,
+                        views_per_task=views_per_task)
         if cpus < cpus_per_task:
             raise ReconError(f"--cpus-per-task {cpus_per_task:g}: the Ray cluster has only {cpus:g} CPU(s)")
         limit = parallel or max(1, int(cpus))
@@ -323,10 +334,12 @@ def run_batch(
                     outcome = ray.get(ref)
                 except ray.exceptions.RayError as exc:
                     first = (str(exc).strip().splitlines() or [""])[-1]
-                    outcome = SceneOutcome(job=jobs[i], out_dir=jobs[i].out_dir or str(Path(jobs[i].scene_dir) / "recon"),
+                    outcome = SceneOutcome(job=jobs[i],
+                                           out_dir=jobs[i].out_dir or str(Path(jobs[i].scene_dir) / "recon"),
                                            error=f"Ray task failed ({type(exc).__name__}): {first}")
                 rows[i] = scene_row(outcome)
-                logger.info("%s: %s in %.1f s%s", rows[i].scene, rows[i].status, rows[i].seconds, f" ({rows[i].error})" if rows[i].error else "")
+                logger.info("%s: %s in %.1f s%s", rows[i].scene, rows[i].status, rows[i].seconds,
+                            f" ({rows[i].error})" if rows[i].error else "")
                 if on_scene_done is not None:
                     on_scene_done(rows[i])
         info = {"address": address or "local", "cluster_cpus": cpus, "cluster_gpus": gpus, "parallel": limit,

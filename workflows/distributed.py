@@ -67,7 +67,8 @@ class SceneJob:
         """The scene's workspace; raises ReconError when the scene folder does not exist."""
         ws = Workspace.create(self.scene_dir, self.out_dir)
         if not ws.scene_dir.is_dir():
-            raise ReconError(f"{ws.scene_dir}: scene folder not found; pass a folder that holds images/ (on a cluster: at the same path on every node)")
+            raise ReconError(f"{ws.scene_dir}: scene folder not found; pass a folder that holds images/ (on a cluster: "
+                             "at the same path on every node)")
         return ws
 
     def config(self, ws: Workspace) -> ReconConfig:
@@ -203,7 +204,8 @@ def run_stages_task(job: SceneJob, until: str | None) -> TaskOutcome:
 
 
 def estimate_chunk_task(job: SceneJob, indices: list[int]) -> TaskOutcome:
-    """Pass 1 of the depth stage for the views ``indices`` into its prepared building folder (``OUT/.building/depth``)."""
+    """Pass 1 of the depth stage for the views ``indices`` into its prepared building folder
+    (``OUT/.building/depth``)."""
     from pipeline.core.io import load_sfm_scene
     from pipeline.depth.stage import estimate_views
 
@@ -211,14 +213,17 @@ def estimate_chunk_task(job: SceneJob, indices: list[int]) -> TaskOutcome:
         log = logging.getLogger("pipeline.depth.stage")
         res = estimate_views(load_sfm_scene(ws), ws.building_stage("depth"), cfg.depth, cfg.mvs, indices, log=log)
         log.info("depth: pass 1 of views %d..%d in a Ray task: %d estimated, %d already there, %d left out",
-                 indices[0], indices[-1], len(res.seconds), len(indices) - len(res.seconds) - len(res.failed), len(res.failed))
-        outcome.extra = {"views": len(indices), "estimated": len(res.seconds), "failed": dict(res.failed), "seconds": list(res.seconds)}
+                 indices[0], indices[-1], len(res.seconds), len(indices) - len(res.seconds) - len(res.failed),
+                 len(res.failed))
+        outcome.extra = {"views": len(indices), "estimated": len(res.seconds), "failed": dict(res.failed),
+                         "seconds": list(res.seconds)}
 
     return _guarded(job, body)
 
 
 def prepare_depth_task(job: SceneJob, views_per_task: int) -> TaskOutcome:
-    """Mark the depth stage's building folder with its fingerprint and return its view chunks (none when the stage is cached)."""
+    """Mark the depth stage's building folder with its fingerprint and return its view chunks (none when the stage is
+    cached)."""
     from pipeline.core.io import load_sfm_scene
     from workflows.local import prepare_stage
 
@@ -226,7 +231,8 @@ def prepare_depth_task(job: SceneJob, views_per_task: int) -> TaskOutcome:
         fp = prepare_stage(ws, cfg, "depth", skip=job.skip)
         outcome.extra["chunks"] = [] if fp is None else view_chunks(len(load_sfm_scene(ws).views), views_per_task)
         if fp is not None:
-            logger.info("depth: folder ready for fingerprint %s; pass 1 of the views goes to %d Ray task(s)", fp, len(outcome.extra["chunks"]))
+            logger.info("depth: folder ready for fingerprint %s; pass 1 of the views goes to %d Ray task(s)", fp,
+                        len(outcome.extra["chunks"]))
 
     return _guarded(job, body)
 
@@ -268,12 +274,14 @@ def evaluate_scene(ws: Workspace) -> dict[str, Any] | None:
     if cached.is_file() and cached.stat().st_mtime_ns >= ws.mesh_path.stat().st_mtime_ns:
         with contextlib.suppress(OSError, ValueError):
             result = json.loads(cached.read_text())
-        if result is not None and not set(threshold_table(1.0, DEFAULT_THRESHOLDS_REL, None)) <= set(result.get("thresholds", {})):
+        if (result is not None
+                and not set(threshold_table(1.0, DEFAULT_THRESHOLDS_REL, None)) <= set(result.get("thresholds", {}))):
             result = None  # scored by `recon eval` with other thresholds
     try:
         if result is None:
             result = evaluate_reconstruction(ws.out_dir, gt)
-        return {"fscore": {k: v["fscore"] for k, v in result["thresholds"].items()}, "chamfer_rel": result["chamfer_rel"]}
+        return {"fscore": {k: v["fscore"] for k, v in result["thresholds"].items()},
+                "chamfer_rel": result["chamfer_rel"]}
     except Exception as exc:  # noqa: BLE001 - a score that cannot be computed is reported, not fatal
         logger.warning("%s: evaluation against %s failed: %s", ws.out_dir, gt, exc)
         return {"error": one_line_error(exc, None)}
@@ -346,7 +354,8 @@ def run_scene(job: SceneJob, res: Resources) -> SceneOutcome:
             opts = task_options(("depth",), res)
             for chunk in _get([_ray_call(estimate_chunk_task, opts, job, c) for c in chunks]):
                 if chunk.error:  # the rest task computes the views this chunk left, and fails as clearly if it must
-                    logger.warning("%s: a per-view depth task failed (%s); its views are done by the next task", job.scene_dir, chunk.error)
+                    logger.warning("%s: a per-view depth task failed (%s); its views are done by the next task",
+                                   job.scene_dir, chunk.error)
             fanout_seconds = time.perf_counter() - t1 if chunks else 0.0
         rest_stages = tuple(s for s in REST_STAGES if s not in job.skip)
         (rest,) = _get([_ray_call(run_stages_task, task_options(rest_stages, res), job, None)])

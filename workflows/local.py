@@ -94,7 +94,8 @@ def _selected(until: str | None, skip: frozenset[str]) -> list[str]:
     return names
 
 
-def _upstream_digests(ws: Workspace, cfg: ReconConfig, name: str, manifest: Manifest, skipped: frozenset[str]) -> dict[str, str] | None:
+def _upstream_digests(ws: Workspace, cfg: ReconConfig, name: str, manifest: Manifest,
+                      skipped: frozenset[str]) -> dict[str, str] | None:
     """Output digests of the stages ``name`` reads (and of its scene inputs); None if one of them is not done."""
     digests = {}
     spec = BY_NAME[name]
@@ -161,7 +162,8 @@ def stage_state(ws: Workspace, cfg: ReconConfig, manifest: Manifest, name: str, 
     settings = stage_settings(cfg, name)
     if entry.get("settings") != settings:
         changed = sorted(k for k in settings if entry.get("settings", {}).get(k) != settings[k])
-        return StageStatus(name, "stale", "settings changed: " + ", ".join(k if "." in k else f"{name}.{k}" for k in changed))
+        return StageStatus(name, "stale",
+                           "settings changed: " + ", ".join(k if "." in k else f"{name}.{k}" for k in changed))
     broken = _outputs_intact(ws, name, entry)
     if broken:
         return StageStatus(name, "stale", broken)
@@ -176,7 +178,8 @@ def pipeline_status(ws: Workspace, cfg: ReconConfig, skip: tuple[str, ...] = ())
     for s in STAGES:
         st = stage_state(ws, cfg, manifest, s.name, skipped)
         # A stage is only as good as the stages it reads.
-        if st.state == "done" and any(o.state in ("stale", "missing") for o in out if o.name in effective_deps(s.name, skipped)):
+        if st.state == "done" and any(o.state in ("stale", "missing")
+                                      for o in out if o.name in effective_deps(s.name, skipped)):
             st = StageStatus(s.name, "stale", "an upstream stage must re-run")
         out.append(st)
     return out
@@ -253,7 +256,8 @@ def prepare_stage(ws: Workspace, cfg: ReconConfig, name: str, *, skip: tuple[str
             return None
         upstream = _upstream_digests(ws, cfg, name, manifest, skipped)
         if upstream is None:
-            raise ReconError(f"{ws.out_dir}: stage {name} cannot start, a stage it reads ({', '.join(effective_deps(name, skipped))}) is not done")
+            raise ReconError(f"{ws.out_dir}: stage {name} cannot start, "
+                             f"a stage it reads ({', '.join(effective_deps(name, skipped))}) is not done")
         fp = stage_fingerprint(name, cfg, upstream)
         _prepare_building_dir(ws, name, fp, fresh=False)
         return fp
@@ -310,7 +314,8 @@ def run_pipeline(
                 results.append(StageResult(name, "cached", entry.get("seconds", 0.0), entry.get("summary", {})))
                 continue
             if require_upstream and name != until:
-                raise ReconError(f"stage {name} is {state.state} ({state.why}); run `recon run {ws.scene_dir} --until {until}` first or drop --no-upstream")
+                raise ReconError(f"stage {name} is {state.state} ({state.why}); "
+                                 f"run `recon run {ws.scene_dir} --until {until}` first or drop --no-upstream")
             upstream = _upstream_digests(ws, cfg, name, manifest, skipped)
             assert upstream is not None, f"{name}: upstream not done"
             fp = stage_fingerprint(name, cfg, upstream)
@@ -324,7 +329,8 @@ def run_pipeline(
                     damaged = remove_changed_outputs(ws.building_dir(name), previous.get("outputs", {}))
                     if damaged:
                         logger.info("%s: recomputing damaged output(s): %s", name, ", ".join(damaged[:5]))
-            ctx = StageContext(ws=ws.building_stage(name), config=cfg, name=name, fingerprint=fp, skipped=skipped, show_progress=show_progress)
+            ctx = StageContext(ws=ws.building_stage(name), config=cfg, name=name, fingerprint=fp, skipped=skipped,
+                               show_progress=show_progress)
             t0 = time.perf_counter()
             BY_NAME[name].run(ctx)
             manifest.forget(name)  # the recorded outputs are about to be replaced

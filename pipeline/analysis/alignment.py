@@ -45,8 +45,9 @@ class Similarity:
         return self.scale * np.asarray(points) @ self.rotation.T + self.translation
 
 
-def align_from_cameras(est_centers: np.ndarray, gt_centers: np.ndarray, *, inlier_tol_rel: float = DEFAULT_INLIER_TOL_REL,
-                       max_trials: int = 2000, seed: int = 0) -> Similarity:
+def align_from_cameras(est_centers: np.ndarray, gt_centers: np.ndarray, *,
+                       inlier_tol_rel: float = DEFAULT_INLIER_TOL_REL, max_trials: int = 2000,
+                       seed: int = 0) -> Similarity:
     """Robust similarity taking estimated camera centres onto GT ones.
 
     RANSAC over camera triples (all of them when there are at most
@@ -66,7 +67,8 @@ def align_from_cameras(est_centers: np.ndarray, gt_centers: np.ndarray, *, inlie
         raise ValueError(f"need corresponding centres, got {len(est)} and {len(gt)}")
     n = len(gt)
     if n < 3:
-        raise ReconError(f"only {n} camera(s) shared by the reconstruction and the ground truth; alignment needs 3 or more")
+        raise ReconError(f"only {n} camera(s) shared by the reconstruction and the ground truth; "
+                         "alignment needs 3 or more")
     spread = float(np.sqrt(((gt - gt.mean(0)) ** 2).sum(1).mean()))
     if spread <= 0:
         raise ReconError("the ground-truth cameras all sit at one point; cannot align")
@@ -88,7 +90,8 @@ def align_from_cameras(est_centers: np.ndarray, gt_centers: np.ndarray, *, inlie
         if best is None or key > (best[0], best[1]):
             best = (key[0], key[1], inl)
     if best is None or best[0] < 3:
-        raise ReconError("cameras could not be aligned to the ground truth (no 3 consistent, non-collinear cameras); check that OUT and GT are the same scene")
+        raise ReconError("cameras could not be aligned to the ground truth (no 3 consistent, non-collinear cameras); "
+                         "check that OUT and GT are the same scene")
     inl = best[2]
     for _ in range(10):
         if not _well_spread(gt[inl]):
@@ -124,7 +127,8 @@ def read_colmap_poses(sparse_dir: Path) -> dict[str, np.ndarray]:
 
     sparse_dir = Path(sparse_dir)
     if not any((sparse_dir / f"images{ext}").exists() for ext in (".bin", ".txt")):
-        raise ReconError(f"{sparse_dir}: no COLMAP model (images.bin) to read the cameras from; pass the recon output folder or --no-align")
+        raise ReconError(f"{sparse_dir}: no COLMAP model (images.bin) to read the cameras from; "
+                         "pass the recon output folder or --no-align")
     try:
         rec = pycolmap.Reconstruction(str(sparse_dir))
     except Exception as exc:  # noqa: BLE001 - pycolmap raises plain RuntimeErrors
@@ -147,7 +151,8 @@ def match_cameras(est: dict[str, np.ndarray], gt: dict[str, np.ndarray]) -> list
     return [(n, by_stem[Path(n).stem]) for n in sorted(est) if Path(n).stem in by_stem]
 
 
-def refine_icp(est_points: np.ndarray, gt_points: np.ndarray, gt_normals: np.ndarray, max_dist: float, *, iterations: int = 50) -> np.ndarray:
+def refine_icp(est_points: np.ndarray, gt_points: np.ndarray, gt_normals: np.ndarray, max_dist: float, *,
+               iterations: int = 50) -> np.ndarray:
     """Rigid 4x4 (point-to-plane ICP, Open3D) moving ``est_points`` onto the GT samples."""
     import open3d as o3d
 
@@ -175,7 +180,8 @@ def align_to_gt_cameras(est_poses: dict[str, np.ndarray], gt_views: GtViews, *, 
     gt_poses = {n: T for n, (_, T) in gt_views.cameras.items()}
     pairs = match_cameras(est_poses, gt_poses)
     if len(pairs) < 3:
-        raise ReconError(f"{source}: only {len(pairs)} image name(s) shared with {gt_views.gt_dir / 'cameras.json'}; alignment needs 3 or more")
+        raise ReconError(f"{source}: only {len(pairs)} image name(s) shared with {gt_views.gt_dir / 'cameras.json'}; "
+                         "alignment needs 3 or more")
     est_c = np.stack([camera_center(est_poses[a]) for a, _ in pairs])
     gt_c = np.stack([camera_center(gt_poses[b]) for _, b in pairs])
     return align_from_cameras(est_c, gt_c, seed=seed), pairs

@@ -34,7 +34,8 @@ OVERSMOOTH_REL_STD = 1e-4
 REFINED_FRACTION_WARN = 0.01
 """Share of pixels that kept their refined depth (median over views) below which refinement changed (almost) nothing."""
 CONSISTENCY_DROP_WARN = 0.02
-"""Drop in the share of pixels a neighbour map agrees with (initial → refined, mean over views) that flags less consistent views."""
+"""Drop in the share of pixels a neighbour map agrees with (initial → refined, mean over views) that flags less
+consistent views."""
 """Δz std relative to the mean depth below which refinement did (almost) nothing."""
 FACING_FRACTION_OK = 0.9
 """Share of cameras whose optical axis must point towards the sparse points."""
@@ -79,7 +80,8 @@ def points_in_front_fraction(scene: SfmScene, *, inverted: bool = False) -> floa
     return front / total if total else float("nan")
 
 
-def reprojection_errors(points: np.ndarray, point_ids: np.ndarray, uv: np.ndarray, K: np.ndarray, cam_from_world: np.ndarray) -> np.ndarray:
+def reprojection_errors(points: np.ndarray, point_ids: np.ndarray, uv: np.ndarray, K: np.ndarray,
+                        cam_from_world: np.ndarray) -> np.ndarray:
     """Pixel distance between observed keypoints ``uv`` (N, 2) and the projections of their 3D points.
 
     Points behind the camera get an infinite error: a pose with the wrong
@@ -149,11 +151,13 @@ def cameras_outside_mesh_fraction(scene: SfmScene, mesh_path: Path) -> float:
     outside = 0
     for v in scene.views:
         us, vs = np.meshgrid(np.linspace(0.5, v.width - 0.5, 16), np.linspace(0.5, v.height - 0.5, 12))
-        d_cam = np.stack([(us - v.K[0, 2]) / v.K[0, 0], (vs - v.K[1, 2]) / v.K[1, 1], np.ones_like(us)], -1).reshape(-1, 3)
+        d_cam = np.stack([(us - v.K[0, 2]) / v.K[0, 0], (vs - v.K[1, 2]) / v.K[1, 1], np.ones_like(us)],
+                         -1).reshape(-1, 3)
         d_world = d_cam @ v.cam_from_world[:3, :3]  # R^T d
         d_world /= np.linalg.norm(d_world, axis=1, keepdims=True)
         origin = np.broadcast_to(v.center, d_world.shape)
-        rays = np.concatenate([np.concatenate([origin, d_world], 1), np.concatenate([origin, -d_world], 1)]).astype(np.float32)
+        rays = np.concatenate([np.concatenate([origin, d_world], 1),
+                               np.concatenate([origin, -d_world], 1)]).astype(np.float32)
         hits = np.isfinite(rc.cast_rays(o3d.core.Tensor(rays))["t_hit"].numpy())
         ahead, behind = hits[: len(d_world)].mean(), hits[len(d_world):].mean()
         outside += int(ahead > 0.2 and behind < 0.9)
@@ -190,23 +194,27 @@ def _finite(stats: list[dict[str, Any]], key: str) -> np.ndarray:
 
 
 def refine_gate_checks(stats: list[dict[str, Any]]) -> list[Check]:
-    """Checks on the refine gate's per-view statistics: did refinement change anything, did the views agree more or less."""
+    """Checks on the refine gate's per-view statistics: did refinement change anything, did the views agree more or
+    less."""
     checks: list[Check] = []
     refined, restored = _finite(stats, "refined_fraction"), _finite(stats, "restored_fraction")
     if len(refined):
         med, rest = float(np.median(refined)), float(np.mean(restored)) if len(restored) else 0.0
         if med < REFINED_FRACTION_WARN and rest < REFINED_FRACTION_WARN:
             checks.append(Check("refinement changed the depth", "warn",
-                                f"only {med:.1%} of pixels kept their refined depth (median over views) and {rest:.1%} were restored: refinement "
-                                "changed almost nothing (the regularizers or the gate win; try refine.weight_photo or a higher refine.lr)"))
+                                f"only {med:.1%} of pixels kept their refined depth (median over views) and {rest:.1%} "
+                                "were restored: refinement changed almost nothing (the regularizers or the gate win; "
+                                "try refine.weight_photo or a higher refine.lr)"))
         else:
-            checks.append(Check("refinement changed the depth", "ok", f"{med:.1%} of pixels kept their refined depth (median), {rest:.1%} restored"))
+            checks.append(Check("refinement changed the depth", "ok",
+                                f"{med:.1%} of pixels kept their refined depth (median), {rest:.1%} restored"))
     before, after = _finite(stats, "consistent_init"), _finite(stats, "consistent_refined")
     if len(before) and len(after):
         b, a = float(np.mean(before)), float(np.mean(after))
         detail = f"pixels a neighbour map agrees with: {b:.1%} initial → {a:.1%} refined (mean over views)"
         if a < b - CONSISTENCY_DROP_WARN:
-            checks.append(Check("view consistency after refinement", "warn", detail + ": refinement made the views less consistent"))
+            checks.append(Check("view consistency after refinement", "warn",
+                                detail + ": refinement made the views less consistent"))
         else:
             checks.append(Check("view consistency after refinement", "ok", detail))
     return checks
@@ -223,26 +231,33 @@ def diagnose(ws: Workspace) -> dict[str, Any]:
     facing = cameras_facing_scene_fraction(scene)
     where = f"{ws.sfm_model_dir}"
     if not np.isfinite(front):
-        checks.append(Check("extrinsic convention", "warn", f"{where}: no sparse observations to check the poses against"))
+        checks.append(Check("extrinsic convention", "warn",
+                            f"{where}: no sparse observations to check the poses against"))
     elif front >= FRONT_FRACTION_OK and facing >= FACING_FRACTION_OK:
-        checks.append(Check("extrinsic convention", "ok", f"{front:.1%} of sparse observations in front of their camera, {facing:.0%} of cameras "
-                            "face the sparse points: poses are world→camera (cam_from_world)"))
+        checks.append(Check("extrinsic convention", "ok",
+                            f"{front:.1%} of sparse observations in front of their camera, "
+                            f"{facing:.0%} of cameras face the sparse points: poses are world→camera (cam_from_world)"))
     else:
-        hint = (f"; with every pose inverted {front_inv:.1%} would be: the poses are camera→world where world→camera is expected "
-                "(invert them: R' = Rᵀ, t' = −Rᵀt)" if front_inv >= FRONT_FRACTION_OK else "; the poses are wrong or the model is broken")
+        hint = (f"; with every pose inverted {front_inv:.1%} would be: the poses are camera→world where world→camera "
+                "is expected (invert them: R' = Rᵀ, t' = −Rᵀt)"
+                if front_inv >= FRONT_FRACTION_OK else "; the poses are wrong or the model is broken")
         checks.append(Check("extrinsic convention", "fail",
-                            f"{where}: only {front:.1%} of sparse observations lie in front of their camera and {facing:.0%} of cameras "
-                            f"face the sparse points{hint}"))
+                            f"{where}: only {front:.1%} of sparse observations lie in front of their camera and "
+                            f"{facing:.0%} of cameras face the sparse points{hint}"))
     if ws.sparse_dir.exists():
         err = model_reprojection_error(ws.sparse_dir)
         if np.isnan(err):
-            checks.append(Check("reprojection with stored poses", "warn", f"{ws.sparse_dir}: no 3D points with observations to check the poses"))
+            checks.append(Check("reprojection with stored poses", "warn",
+                                f"{ws.sparse_dir}: no 3D points with observations to check the poses"))
         else:
             verdict = "ok" if err < REPROJECTION_OK_PX else "fail"
-            detail = (f"{ws.sparse_dir}: median reprojection error {err:.2f} px with the poses as written" if np.isfinite(err) else
-                      f"{ws.sparse_dir}: most sparse points lie behind the cameras that observe them with the poses as written")
+            detail = (f"{ws.sparse_dir}: median reprojection error {err:.2f} px with the poses as written"
+                      if np.isfinite(err) else
+                      f"{ws.sparse_dir}: most sparse points lie behind the cameras that observe them "
+                      "with the poses as written")
             if verdict == "fail":
-                detail += ": the poses do not explain the keypoints (wrong extrinsic convention, e.g. camera→world written as world→camera)"
+                detail += (": the poses do not explain the keypoints (wrong extrinsic convention, e.g. camera→world "
+                           "written as world→camera)")
             checks.append(Check("reprojection with stored poses", verdict, detail))
     if ws.mesh_path.exists():
         outside = cameras_outside_mesh_fraction(scene, ws.mesh_path)
@@ -267,7 +282,8 @@ def diagnose(ws: Workspace) -> dict[str, Any]:
             residuals["INIT"].append(r)
             anchor_row["INIT"] = {"points": int(len(r)), "median_rel": float(np.median(r)) if len(r) else float("nan")}
             if isinstance(init.stats.get("anchoring"), dict):
-                anchor_row["depth_stage"] = {k: init.stats["anchoring"].get(k) for k in ("scale", "shift", "n_points", "residual_after", "applied")}
+                anchor_row["depth_stage"] = {k: init.stats["anchoring"].get(k)
+                                             for k in ("scale", "shift", "n_points", "residual_after", "applied")}
         if ws.refine_view(v.name).exists():
             ref = load_depth_map(ws.refine_view(v.name))
             row["PRED"] = depth_stats(np.where(ref.valid, ref.depth, np.nan))
@@ -287,19 +303,25 @@ def diagnose(ws: Workspace) -> dict[str, Any]:
     if deltas_rel:
         med = float(np.median(deltas_rel))
         if med < OVERSMOOTH_REL_STD:
-            checks.append(Check("over-smoothing", "warn", f"Δz std is {med:.1e} of the depth: refinement barely moved the depth (regularizers dominate, or lr too small)"))
+            checks.append(Check("over-smoothing", "warn",
+                                f"Δz std is {med:.1e} of the depth: refinement barely moved the depth (regularizers "
+                                "dominate, or lr too small)"))
         else:
             checks.append(Check("over-smoothing", "ok", f"median Δz std = {med:.2e} of the depth"))
     checks.extend(refine_gate_checks(gate_stats))
     med = {k: float(np.median(np.concatenate(r))) for k, r in residuals.items() if r and sum(len(x) for x in r)}
     if med:
         n = {k: int(sum(len(x) for x in residuals[k])) for k in med}
-        detail = "; ".join(f"{k} depth vs sparse points: median |d − z|/z = {m:.2%} over {n[k]} points" for k, m in med.items())
+        detail = "; ".join(f"{k} depth vs sparse points: median |d − z|/z = {m:.2%} over {n[k]} points"
+                           for k, m in med.items())
         worst = max(med.values())
         if worst > ANCHOR_RESIDUAL_WARN:
-            checks.append(Check("anchoring residuals", "warn", detail + ": the depth maps disagree with the scale anchors"))
+            checks.append(Check("anchoring residuals", "warn",
+                                detail + ": the depth maps disagree with the scale anchors"))
         elif "PRED" in med and "INIT" in med and med["PRED"] > 2 * med["INIT"] + 1e-3:
-            checks.append(Check("anchoring residuals", "warn", detail + ": refinement drifted away from the scale anchors (raise refine.weight_anchor)"))
+            checks.append(Check("anchoring residuals", "warn",
+                                detail + ": refinement drifted away from the scale anchors "
+                                         "(raise refine.weight_anchor)"))
         else:
             checks.append(Check("anchoring residuals", "ok", detail))
     elif views and any(views.values()):

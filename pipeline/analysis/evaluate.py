@@ -137,7 +137,8 @@ def evaluate_meshes(
     started = time.perf_counter()
     est, gt = as_mesh(est_mesh), as_mesh(gt_mesh)
     T = np.eye(4) if gt_from_est is None else np.asarray(gt_from_est, dtype=np.float64)
-    lo, hi = (np.asarray(crop_box[0], np.float64), np.asarray(crop_box[1], np.float64)) if crop_box is not None else gt.bounds()
+    lo, hi = ((np.asarray(crop_box[0], np.float64), np.asarray(crop_box[1], np.float64)) if crop_box is not None
+              else gt.bounds())
     if np.any(hi < lo):
         raise ReconError(f"empty crop box {lo.tolist()} .. {hi.tolist()}")
     diagonal = float(diagonal) if diagonal is not None else float(np.linalg.norm(hi - lo))
@@ -168,12 +169,14 @@ def evaluate_meshes(
         T_icp = refine_icp(est_surf.points[e_in], gt_surf.points[g_in], gt_surf.normals[g_in], icp_dist)
         T = np.linalg.inv(shift) @ T_icp @ shift @ T
         est_surf = _Surface.build(est.transformed(shift @ T), g_lo, g_hi, spacing, max_points, rng)
-        icp_info = {"max_dist": icp_dist, "rotation_deg": float(np.degrees(np.arccos(np.clip((np.trace(T_icp[:3, :3]) - 1) / 2, -1, 1)))),
+        icp_info = {"max_dist": icp_dist,
+                    "rotation_deg": float(np.degrees(np.arccos(np.clip((np.trace(T_icp[:3, :3]) - 1) / 2, -1, 1)))),
                     "translation": float(np.linalg.norm(T_icp[:3, 3]))}
 
     est_src = est_surf.points[inside_box(est_surf.points, b_lo, b_hi)]
     if len(est_src) == 0:
-        raise ReconError("no reconstructed surface inside the GT object's box (after alignment); check the alignment, or --no-align only for meshes in the GT frame")
+        raise ReconError("no reconstructed surface inside the GT object's box (after alignment); check the alignment, "
+                         "or --no-align only for meshes in the GT frame")
     gt_in = gt_surf.points[inside_box(gt_surf.points, b_lo, b_hi)]
     visible_fraction = 1.0
     if gt_views is not None:
@@ -193,7 +196,8 @@ def evaluate_meshes(
         "max_dist": cap,
         "capped": {"accuracy": float(np.mean(d_acc >= cap)), "completeness": float(np.mean(d_comp >= cap))},
         "samples": {"est": int(len(est_src)), "gt": int(len(gt_in)), "gt_visible_fraction": visible_fraction,
-                    "spacing_est": est_surf.spacing, "spacing_gt": gt_surf.spacing, "visibility_filter": gt_views is not None},
+                    "spacing_est": est_surf.spacing, "spacing_gt": gt_surf.spacing,
+                    "visibility_filter": gt_views is not None},
         "gt_from_est": T.tolist(),
         "icp": icp_info,
         "seconds": round(time.perf_counter() - started, 3),
@@ -203,11 +207,15 @@ def evaluate_meshes(
 
 # ---- depth maps ----------------------------------------------------------------------------
 
-def _depth_in_gt(uv_n2: np.ndarray, depth_n: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray, gt_from_est: np.ndarray,
-                 depth_gt: np.ndarray, K_gt: np.ndarray, gt_cam_from_world: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(z (N,), g (N,), paired (N,) bool): estimated points' depth in the GT camera (GT units) and the GT depth there."""
-    gtcam_from_estcam = np.asarray(gt_cam_from_world) @ np.asarray(gt_from_est) @ invert_pose(np.asarray(est_cam_from_world, dtype=np.float64))
-    pts = backproject(torch.from_numpy(uv_n2)[None], torch.from_numpy(depth_n)[None], torch.as_tensor(K_est, dtype=torch.float64)[None])
+def _depth_in_gt(uv_n2: np.ndarray, depth_n: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray,
+                 gt_from_est: np.ndarray, depth_gt: np.ndarray, K_gt: np.ndarray,
+                 gt_cam_from_world: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z (N,), g (N,), paired (N,) bool): estimated points' depth in the GT camera (GT units) and the GT depth
+    there."""
+    gtcam_from_estcam = (np.asarray(gt_cam_from_world) @ np.asarray(gt_from_est)
+                         @ invert_pose(np.asarray(est_cam_from_world, dtype=np.float64)))
+    pts = backproject(torch.from_numpy(uv_n2)[None], torch.from_numpy(depth_n)[None],
+                      torch.as_tensor(K_est, dtype=torch.float64)[None])
     pts_gt = transform_points(torch.as_tensor(gtcam_from_estcam, dtype=torch.float64)[None], pts)
     uv_gt, z = project(pts_gt, torch.as_tensor(K_gt, dtype=torch.float64)[None])
     hg, wg = depth_gt.shape
@@ -217,8 +225,9 @@ def _depth_in_gt(uv_n2: np.ndarray, depth_n: np.ndarray, K_est: np.ndarray, est_
     return z, g, keep.numpy() & (g > 0)
 
 
-def depth_pairs(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray, gt_from_est: np.ndarray,
-                depth_gt: np.ndarray, K_gt: np.ndarray, gt_cam_from_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def depth_pairs(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray,
+                gt_from_est: np.ndarray, depth_gt: np.ndarray, K_gt: np.ndarray,
+                gt_cam_from_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel (estimated depth, GT depth), both GT units, for the valid pixels of one map.
 
     Each valid pixel centre is back-projected with its depth and camera (est
@@ -240,13 +249,16 @@ def depth_pairs(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.ndarray,
     if not ok.any():
         return np.zeros(0), np.zeros(0)
     uv = pixel_grid(h, w, dtype=torch.float64).numpy()[ok]
-    z, g, paired = _depth_in_gt(uv, depth_est[ok].astype(np.float64), K_est, est_cam_from_world, gt_from_est, depth_gt, K_gt, gt_cam_from_world)
+    z, g, paired = _depth_in_gt(uv, depth_est[ok].astype(np.float64), K_est, est_cam_from_world, gt_from_est, depth_gt,
+                                K_gt, gt_cam_from_world)
     return z[paired], g[paired]
 
 
-def depth_error_image(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray, gt_from_est: np.ndarray,
-                      depth_gt: np.ndarray, K_gt: np.ndarray, gt_cam_from_world: np.ndarray) -> np.ndarray:
-    """(H, W) signed relative depth error ``(z − g) / g`` of each valid pixel (> 0: too far), NaN where :func:`depth_pairs` has no pair.
+def depth_error_image(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.ndarray, est_cam_from_world: np.ndarray,
+                      gt_from_est: np.ndarray, depth_gt: np.ndarray, K_gt: np.ndarray,
+                      gt_cam_from_world: np.ndarray) -> np.ndarray:
+    """(H, W) signed relative depth error ``(z − g) / g`` of each valid pixel (> 0: too far), NaN where
+    :func:`depth_pairs` has no pair.
 
     The pixel-wise form of :func:`depth_pairs` (same arguments and pairing).
     """
@@ -256,7 +268,8 @@ def depth_error_image(depth_est: np.ndarray, valid_est: np.ndarray, K_est: np.nd
     if not ok.any():
         return out
     uv = pixel_grid(h, w, dtype=torch.float64).numpy()[ok]
-    z, g, paired = _depth_in_gt(uv, depth_est[ok].astype(np.float64), K_est, est_cam_from_world, gt_from_est, depth_gt, K_gt, gt_cam_from_world)
+    z, g, paired = _depth_in_gt(uv, depth_est[ok].astype(np.float64), K_est, est_cam_from_world, gt_from_est, depth_gt,
+                                K_gt, gt_cam_from_world)
     err = np.full(len(z), np.nan)
     err[paired] = (z[paired] - g[paired]) / g[paired]
     out[ok] = err
@@ -279,7 +292,8 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     return out
 
 
-def evaluate_depth_stage(paths: dict[str, Path], gt_views: GtViews, gt_names: dict[str, str], gt_from_est: np.ndarray) -> dict[str, Any] | None:
+def evaluate_depth_stage(paths: dict[str, Path], gt_views: GtViews, gt_names: dict[str, str],
+                         gt_from_est: np.ndarray) -> dict[str, Any] | None:
     """Depth metrics over the cached maps ``paths`` (image name → ``.npz``) that exist; None when none do.
 
     ``gt_names`` maps the estimated image names to GT names.
@@ -331,7 +345,8 @@ def resolve_ground_truth(gt: Path) -> GroundTruthInput:
         gt = gt / "gt"
     mesh = gt / "mesh.ply"
     if not mesh.is_file():
-        raise ReconError(f"{gt}: no mesh.ply; pass a scene's gt/ folder (as written by `recon synth`) or a GT mesh file")
+        raise ReconError(f"{gt}: no mesh.ply; pass a scene's gt/ folder (as written by `recon synth`) "
+                         "or a GT mesh file")
     box, diagonal = None, None
     scene_json = gt / "scene.json"
     if scene_json.is_file():
@@ -412,25 +427,31 @@ def evaluate_reconstruction(
     alignment: dict[str, Any]
     if align:
         if gt_views is None:
-            raise ReconError(f"{gt}: no GT cameras (cameras.json) to align with; pass the scene's gt/ folder, or --no-align for a mesh already in the GT frame")
+            raise ReconError(f"{gt}: no GT cameras (cameras.json) to align with; pass the scene's gt/ folder, "
+                             "or --no-align for a mesh already in the GT frame")
         if sparse is None:
-            raise ReconError(f"{out_dir}: no cameras (sparse/ COLMAP model) to align with; pass --no-align for a mesh already in the GT frame")
+            raise ReconError(f"{out_dir}: no cameras (sparse/ COLMAP model) to align with; pass --no-align for a mesh "
+                             "already in the GT frame")
         sim, pairs = align_to_gt_cameras(est_poses, gt_views, source=sparse, seed=seed)
         T = sim.matrix()
-        alignment = {"method": "cameras", "scale": sim.scale, "cameras_common": len(pairs), "cameras_inliers": int(sim.inliers.sum()),
-                     "outlier_cameras": [a for (a, _), ok in zip(pairs, sim.inliers) if not ok], "rms_camera_error": sim.rms}
+        alignment = {"method": "cameras", "scale": sim.scale, "cameras_common": len(pairs),
+                     "cameras_inliers": int(sim.inliers.sum()),
+                     "outlier_cameras": [a for (a, _), ok in zip(pairs, sim.inliers) if not ok],
+                     "rms_camera_error": sim.rms}
         if sim.inliers.mean() < 0.5:
-            logger.warning("only %d of %d cameras agree with the alignment; the scores may be meaningless", int(sim.inliers.sum()), len(pairs))
+            logger.warning("only %d of %d cameras agree with the alignment; the scores may be meaningless",
+                           int(sim.inliers.sum()), len(pairs))
     else:
         T = np.eye(4)
         alignment = {"method": "none"}
         if gt_views is not None and est_poses:
             pairs = match_cameras(est_poses, {n: c[1] for n, c in gt_views.cameras.items()})
 
-    result: dict[str, Any] = {"est_mesh": str(est_mesh), "gt_mesh": str(gt_in.mesh), "gt_dir": str(gt_in.gt_dir) if gt_in.gt_dir else None}
+    result: dict[str, Any] = {"est_mesh": str(est_mesh), "gt_mesh": str(gt_in.mesh),
+                              "gt_dir": str(gt_in.gt_dir) if gt_in.gt_dir else None}
     result.update(evaluate_meshes(est_mesh, gt_in.mesh, gt_from_est=T, crop_box=gt_in.crop_box, diagonal=gt_in.diagonal,
-                                  thresholds_rel=thresholds_rel, threshold_abs=threshold_abs, margin=margin, gt_views=gt_views,
-                                  icp=icp, max_points=max_points, seed=seed))
+                                  thresholds_rel=thresholds_rel, threshold_abs=threshold_abs, margin=margin,
+                                  gt_views=gt_views, icp=icp, max_points=max_points, seed=seed))
     if "rms_camera_error" in alignment:
         alignment["rms_camera_error_rel"] = alignment["rms_camera_error"] / result["diagonal"]
     alignment["gt_from_est"] = result.pop("gt_from_est")
@@ -442,7 +463,8 @@ def evaluate_reconstruction(
         ws = Workspace(scene_dir=out_dir, out_dir=out_dir)
         names = dict(pairs)
         for stage, path_of in (("depth", ws.depth_view), ("refine", ws.refine_view)):
-            stats = evaluate_depth_stage({n: path_of(n) for n in names}, gt_views, names, np.asarray(alignment["gt_from_est"]))
+            stats = evaluate_depth_stage({n: path_of(n) for n in names}, gt_views, names,
+                                         np.asarray(alignment["gt_from_est"]))
             if stats is not None:
                 depth[stage] = stats
     result["depth"] = depth
@@ -460,12 +482,15 @@ def format_summary(result: dict[str, Any]) -> str:
                      f"rms camera error {al['rms_camera_error']:.3g}" + (", ICP" if al.get("icp") else ""))
     acc, comp = result["accuracy"], result["completeness"]
     lines.append(f"  accuracy     mean {acc['mean']:.4g} ({100 * acc['mean_rel']:.3f} %)  median {acc['median']:.4g}")
-    lines.append(f"  completeness mean {comp['mean']:.4g} ({100 * comp['mean_rel']:.3f} %)  median {comp['median']:.4g}")
+    lines.append(f"  completeness mean {comp['mean']:.4g} ({100 * comp['mean_rel']:.3f} %)  median "
+                 f"{comp['median']:.4g}")
     lines.append(f"  chamfer      {result['chamfer']:.4g} ({100 * result['chamfer_rel']:.3f} %)")
     for label, t in result["thresholds"].items():
-        lines.append(f"  F@{label:<8} {t['fscore']:.4f}  (precision {t['precision']:.4f}, recall {t['recall']:.4f}, τ = {t['threshold']:.4g})")
+        lines.append(f"  F@{label:<8} {t['fscore']:.4f}  (precision {t['precision']:.4f}, recall {t['recall']:.4f}, "
+                     f"τ = {t['threshold']:.4g})")
     for stage, d in result.get("depth", {}).items():
         if d.get("pixels"):
-            lines.append(f"  depth[{stage}] AbsRel {d['abs_rel']:.4f}  RMSE {d['rmse']:.4g}  δ<1.01 {d['delta_1.01']:.3f}  "
-                         f"δ<1.05 {d['delta_1.05']:.3f}  δ<1.25 {d['delta_1.25']:.3f}  ({d['views']} views)")
+            lines.append(f"  depth[{stage}] AbsRel {d['abs_rel']:.4f}  RMSE {d['rmse']:.4g}  δ<1.01 "
+                         f"{d['delta_1.01']:.3f}  δ<1.05 {d['delta_1.05']:.3f}  δ<1.25 {d['delta_1.25']:.3f}  "
+                         f"({d['views']} views)")
     return "\n".join(lines)

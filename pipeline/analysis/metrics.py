@@ -60,7 +60,8 @@ def as_mesh(mesh: Any) -> Mesh:
     faces = getattr(mesh, "triangles", None)
     if faces is None:
         faces = getattr(mesh, "faces")
-    return Mesh(np.asarray(mesh.vertices, dtype=np.float64).reshape(-1, 3), np.asarray(faces, dtype=np.int64).reshape(-1, 3))
+    return Mesh(np.asarray(mesh.vertices, dtype=np.float64).reshape(-1, 3),
+                np.asarray(faces, dtype=np.int64).reshape(-1, 3))
 
 
 def load_mesh(path: Path) -> Mesh:
@@ -72,7 +73,8 @@ def load_mesh(path: Path) -> Mesh:
         raise ReconError(f"{path}: mesh file not found")
     with quiet_native():
         mesh = o3d.io.read_triangle_mesh(str(path))
-    out = Mesh(np.asarray(mesh.vertices, dtype=np.float64).reshape(-1, 3), np.asarray(mesh.triangles, dtype=np.int64).reshape(-1, 3))
+    out = Mesh(np.asarray(mesh.vertices, dtype=np.float64).reshape(-1, 3),
+               np.asarray(mesh.triangles, dtype=np.int64).reshape(-1, 3))
     if len(out.triangles) == 0:
         raise ReconError(f"{path}: no triangles (empty or unreadable mesh); check the file or re-run the fuse stage")
     return out
@@ -124,7 +126,8 @@ class _Surface:
     _scene: Any = None
 
     @classmethod
-    def build(cls, mesh: Mesh, lo: np.ndarray, hi: np.ndarray, spacing: float, max_points: int, rng: np.random.Generator) -> "_Surface":
+    def build(cls, mesh: Mesh, lo: np.ndarray, hi: np.ndarray, spacing: float, max_points: int,
+              rng: np.random.Generator) -> "_Surface":
         near = crop_triangles(mesh, lo, hi)
         area = float(triangle_areas(near).sum())
         n = int(min(max_points, math.ceil(area / spacing**2))) if area > 0 else 0
@@ -151,7 +154,8 @@ class _Surface:
 
         if self._scene is None:
             self._scene = o3d.t.geometry.RaycastingScene()
-            self._scene.add_triangles(o3d.core.Tensor(self.mesh.vertices.astype(np.float32)), o3d.core.Tensor(self.mesh.triangles.astype(np.uint32)))
+            self._scene.add_triangles(o3d.core.Tensor(self.mesh.vertices.astype(np.float32)),
+                                      o3d.core.Tensor(self.mesh.triangles.astype(np.uint32)))
         return self._scene.compute_distance(o3d.core.Tensor(query.astype(np.float32))).numpy().astype(np.float64)
 
 
@@ -229,7 +233,8 @@ def visible_count(points: np.ndarray, views: GtViews, tol_rel: float = VISIBILIT
 
 # ---- metrics -----------------------------------------------------------------------------
 
-def surface_metrics(d_acc: np.ndarray, d_comp: np.ndarray, thresholds: dict[str, float], diagonal: float) -> dict[str, Any]:
+def surface_metrics(d_acc: np.ndarray, d_comp: np.ndarray, thresholds: dict[str, float],
+                    diagonal: float) -> dict[str, Any]:
     """Accuracy, completeness, Chamfer and precision/recall/F at each threshold (lengths in GT units).
 
     Args:
@@ -255,12 +260,14 @@ def surface_metrics(d_acc: np.ndarray, d_comp: np.ndarray, thresholds: dict[str,
     return out
 
 
-def threshold_table(diagonal: float, thresholds_rel: Sequence[float] | None, threshold_abs: float | Sequence[float] | None) -> dict[str, float]:
+def threshold_table(diagonal: float, thresholds_rel: Sequence[float] | None,
+                    threshold_abs: float | Sequence[float] | None) -> dict[str, float]:
     """label → absolute threshold: ``"0.5%"`` for relative ones, ``"abs:0.002"`` for absolute ones (GT units)."""
     out: dict[str, float] = {}
     for r in thresholds_rel or ():
         if not r > 0:
-            raise ReconError(f"threshold {r}: relative thresholds must be positive fractions of the diagonal (e.g. 0.005)")
+            raise ReconError(f"threshold {r}: relative thresholds must be positive fractions of the diagonal "
+                             "(e.g. 0.005)")
         out[f"{100 * r:g}%"] = float(r) * diagonal
     if threshold_abs is not None:
         for a in np.atleast_1d(np.asarray(threshold_abs, dtype=np.float64)):

@@ -69,7 +69,8 @@ def _thumb(rgb: np.ndarray, width: int = THUMB_WIDTH) -> np.ndarray:
     return np.asarray(im)
 
 
-def depth_range(values: np.ndarray, valid: np.ndarray | None = None, percentiles: tuple[float, float] = (2, 98)) -> tuple[float, float] | None:
+def depth_range(values: np.ndarray, valid: np.ndarray | None = None,
+                percentiles: tuple[float, float] = (2, 98)) -> tuple[float, float] | None:
     """Robust (lo, hi) of the valid finite values (None when there are none)."""
     v = np.asarray(values, dtype=np.float64)
     ok = np.isfinite(v) if valid is None else (valid & np.isfinite(v))
@@ -100,7 +101,8 @@ def colorize(values: np.ndarray, valid: np.ndarray | None = None, *, symmetric: 
     else:
         lo, hi = vrange if vrange is not None else depth_range(v, ok)
         t = np.clip((np.where(ok, v, lo) - lo) / max(hi - lo, 1e-12), 0, 1)
-        rgb = np.stack([np.clip(1.5 - np.abs(4 * t - 3), 0, 1), np.clip(1.5 - np.abs(4 * t - 2), 0, 1), np.clip(1.5 - np.abs(4 * t - 1), 0, 1)], -1)
+        rgb = np.stack([np.clip(1.5 - np.abs(4 * t - 3), 0, 1), np.clip(1.5 - np.abs(4 * t - 2), 0, 1),
+                        np.clip(1.5 - np.abs(4 * t - 1), 0, 1)], -1)
     out[ok] = (rgb[ok] * 255).astype(np.uint8)
     return out
 
@@ -128,16 +130,19 @@ def svg_curves(series: dict[str, list[float]], width: int = 560, height: int = 2
     n_steps = max(len(v) for v in series.values())
     left, right, top, bottom = 48, 8, 8, 22
     pw, ph = width - left - right, height - top - bottom
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" '
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             'xmlns="http://www.w3.org/2000/svg" '
              f'style="background:#fff;border:1px solid #ccc">']
     for frac in (0.0, 0.5, 1.0):  # y ticks
         y = top + ph * (1 - frac)
         val = lo + frac * (hi - lo)
         label = f"{10 ** val:.2g}" if log else f"{val:.3g}"
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end" fill="#666">{label}</text>')
+                     f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end" fill="#666">'
+                     f'{label}</text>')
     parts.append(f'<text x="{left}" y="{height - 6}" font-size="10" fill="#666">step 0</text>'
-                 f'<text x="{width - right}" y="{height - 6}" font-size="10" text-anchor="end" fill="#666">logged step {n_steps - 1}</text>')
+                 f'<text x="{width - right}" y="{height - 6}" font-size="10" text-anchor="end" fill="#666">'
+                 f'logged step {n_steps - 1}</text>')
     legend = []
     for i, (name, y) in enumerate(series.items()):
         x = left + (np.arange(len(y)) / max(n_steps - 1, 1)) * pw
@@ -159,12 +164,14 @@ def svg_curves(series: dict[str, list[float]], width: int = 560, height: int = 2
         legend.append(f"<span style='color:{color}'>&#9632; {html.escape(name)}"
                       f"{' (last ' + format(float(last[-1]), '.3g') + ')' if last.size else ''}</span>")
     parts.append("</svg>")
-    return "<div>" + "".join(parts) + f"<div class='legend'>{''.join(legend)}{' · log scale' if log else ''}</div></div>"
+    return ("<div>" + "".join(parts)
+            + f"<div class='legend'>{''.join(legend)}{' · log scale' if log else ''}</div></div>")
 
 
 # ---- mesh renders --------------------------------------------------------------------------
 
-def render_mesh_views(mesh_path: Path, scene: SfmScene, count: int = 3, width: int = RENDER_WIDTH) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+def render_mesh_views(mesh_path: Path, scene: SfmScene, count: int = 3,
+                      width: int = RENDER_WIDTH) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Ray-cast the mesh from ``count`` input cameras spread over the views (headless, CPU).
 
     Returns (image name, photo, coloured render, shaded render) RGB uint8
@@ -188,7 +195,8 @@ def render_mesh_views(mesh_path: Path, scene: SfmScene, count: int = 3, width: i
         s = width / v.width
         h = max(1, round(v.height * s))
         us, vs = np.meshgrid((np.arange(width) + 0.5) / s, (np.arange(h) + 0.5) / s)
-        d_cam = np.stack([(us - v.K[0, 2]) / v.K[0, 0], (vs - v.K[1, 2]) / v.K[1, 1], np.ones_like(us)], -1).reshape(-1, 3)
+        d_cam = np.stack([(us - v.K[0, 2]) / v.K[0, 0], (vs - v.K[1, 2]) / v.K[1, 1], np.ones_like(us)],
+                         -1).reshape(-1, 3)
         d_world = d_cam @ v.cam_from_world[:3, :3]  # R^T d
         d_world /= np.linalg.norm(d_world, axis=1, keepdims=True)
         rays = np.concatenate([np.broadcast_to(v.center, d_world.shape), d_world], 1).astype(np.float32)
@@ -225,12 +233,14 @@ def _fmt(x: Any) -> str:
 def _table(rows: list[list[Any]], header: list[str] | None = None, *, raw_cols: tuple[int, ...] = ()) -> str:
     """An HTML table; cells are escaped except in ``raw_cols`` (already HTML)."""
     th = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{c if j in raw_cols else html.escape(_fmt(c))}</td>" for j, c in enumerate(r)) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{c if j in raw_cols else html.escape(_fmt(c))}</td>" for j, c in enumerate(r))
+                   + "</tr>" for r in rows)
     return f"<table>{th}{body}</table>"
 
 
 def _figure(uri: str, caption: str) -> str:
-    return f"<figure><img src='{uri}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+    return (f"<figure><img src='{uri}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _section(sid: str, title: str, body: str) -> str:
@@ -242,7 +252,8 @@ def _section(sid: str, title: str, body: str) -> str:
 def _timings_section(stages: dict[str, Any]) -> str:
     if not stages:
         return "<p class='note'>no stage has finished yet (no manifest.json)</p>"
-    rows = [[name, e.get("seconds", ""), ", ".join(f"{k}={_fmt(v)}" for k, v in e.get("summary", {}).items() if not isinstance(v, (dict, list)))]
+    rows = [[name, e.get("seconds", ""),
+             ", ".join(f"{k}={_fmt(v)}" for k, v in e.get("summary", {}).items() if not isinstance(v, (dict, list)))]
             for name, e in stages.items()]
     total = sum(float(e.get("seconds", 0.0) or 0.0) for e in stages.values())
     rows.append(["total", round(total, 3), ""])
@@ -276,11 +287,14 @@ def _sfm_section(scene: SfmScene | None, summary: dict[str, Any]) -> str:
             ["reprojection error, median (px)", st["reproj_error_median_px"]],
             ["track length, mean (observations per point)", st["track_length_mean"]],
             ["observations per image, mean", st["observations_per_image_mean"]]]
-    rows += [[k, v] for k, v in summary.items() if k in ("source", "unreadable", "duplicates", "mapper") and not isinstance(v, (dict, list))]
-    return "".join(f"<p class='warn'>{html.escape(line)}</p>" for line in left_out_lines(summary)) + _table(rows, ["SfM", "value"])
+    rows += [[k, v] for k, v in summary.items()
+             if k in ("source", "unreadable", "duplicates", "mapper") and not isinstance(v, (dict, list))]
+    return ("".join(f"<p class='warn'>{html.escape(line)}</p>" for line in left_out_lines(summary))
+            + _table(rows, ["SfM", "value"]))
 
 
-def left_out_lines(sfm_summary: dict[str, Any], limit: int = 20, kinds: tuple[str, ...] = ("not_registered", "skipped", "duplicate_of")) -> list[str]:
+def left_out_lines(sfm_summary: dict[str, Any], limit: int = 20,
+                   kinds: tuple[str, ...] = ("not_registered", "skipped", "duplicate_of")) -> list[str]:
     """One line per kind of photo the reconstruction does not use, naming them; none when every photo is used.
 
     Kinds (keys of the sfm stage's summary): ``not_registered`` (SfM could not place them), ``skipped``
@@ -297,17 +311,21 @@ def left_out_lines(sfm_summary: dict[str, Any], limit: int = 20, kinds: tuple[st
         if kind == "not_registered":
             lines.append(f"{len(found)} photo(s) did not register and are left out of the mesh: {names(list(found))}")
         elif kind == "skipped":
-            lines.append(f"{len(found)} file(s) could not be used as photos (unreadable or too small, see the log): {names(list(found))}")
+            lines.append(f"{len(found)} file(s) could not be used as photos (unreadable or too small, see the log): "
+                         f"{names(list(found))}")
         elif kind == "duplicate_of":
-            lines.append(f"{len(found)} photo(s) are duplicates of others and used once: {names([f'{a} (= {b})' for a, b in found.items()])}")
+            lines.append(f"{len(found)} photo(s) are duplicates of others and used once: "
+                         f"{names([f'{a} (= {b})' for a, b in found.items()])}")
     return lines
 
 
 def refine_caption(stats: dict) -> str:
-    """One line of a view's refine-gate evidence (matching cost 1 − NCC and neighbour agreement, before → after), or ''."""
+    """One line of a view's refine-gate evidence (matching cost 1 − NCC and neighbour agreement, before → after), or
+    ''."""
     def pair(a: str, b: str, fmt: str) -> str | None:
         x, y = stats.get(a), stats.get(b)
-        if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or not (np.isfinite(x) and np.isfinite(y)):
+        if (not isinstance(x, (int, float)) or not isinstance(y, (int, float))
+                or not (np.isfinite(x) and np.isfinite(y))):
             return None
         return f"{x:{fmt}} → {y:{fmt}}"
     bits = []
@@ -315,7 +333,8 @@ def refine_caption(stats: dict) -> str:
         bits.append(f"photometric residual {p}")
     if (c := pair("consistent_init", "consistent_refined", ".1%")) is not None:
         bits.append(f"pixels a neighbour agrees with {c}")
-    for key, label in (("refined_fraction", "refined"), ("restored_fraction", "restored"), ("dropped_fraction", "dropped")):
+    for key, label in (("refined_fraction", "refined"), ("restored_fraction", "restored"),
+                       ("dropped_fraction", "dropped")):
         if isinstance(stats.get(key), (int, float)):
             bits.append(f"{label} {stats[key]:.1%}")
     return f" <small>{html.escape(' · '.join(bits))}</small>" if bits else ""
@@ -324,10 +343,12 @@ def refine_caption(stats: dict) -> str:
 def _views_section(ws: Workspace, scene: SfmScene | None, max_views: int) -> str:
     if scene is None:
         return "<p class='note'>no views yet</p>"
-    picks = np.unique(np.linspace(0, len(scene.views) - 1, min(max_views, len(scene.views))).round().astype(int)) if scene.views else []
+    picks = (np.unique(np.linspace(0, len(scene.views) - 1, min(max_views, len(scene.views))).round().astype(int))
+             if scene.views else [])
     parts = ["<p>image · initial depth · refined depth (same colour range as the initial one) · Δz = refined − initial "
              "(blue −, white 0, red +) · confidence of the initial depth [0, 1]; black = no depth."
-             + (f" Showing {len(picks)} of {len(scene.views)} views." if len(picks) < len(scene.views) else "") + "</p>"]
+             + (f" Showing {len(picks)} of {len(scene.views)} views." if len(picks) < len(scene.views) else "")
+             + "</p>"]
     for i in picks:
         v = scene.views[i]
         figs = []
@@ -337,22 +358,27 @@ def _views_section(ws: Workspace, scene: SfmScene | None, max_views: int) -> str
             logger.debug("no image for %s: %s", v.name, exc)
         init = load_depth_map(ws.depth_view(v.name)) if ws.depth_view(v.name).exists() else None
         ref = load_depth_map(ws.refine_view(v.name)) if ws.refine_view(v.name).exists() else None
-        rng = depth_range(init.depth, init.valid) if init is not None else (depth_range(ref.depth, ref.valid) if ref is not None else None)
+        rng = (depth_range(init.depth, init.valid) if init is not None
+               else (depth_range(ref.depth, ref.valid) if ref is not None else None))
         rtxt = f" [{rng[0]:.3g}, {rng[1]:.3g}]" if rng else ""
         if init is not None:
-            figs.append(_figure(_png_data_uri(_thumb(colorize(init.depth, init.valid, vrange=rng))), f"initial depth{rtxt}"))
+            figs.append(_figure(_png_data_uri(_thumb(colorize(init.depth, init.valid, vrange=rng))),
+                                f"initial depth{rtxt}"))
         if ref is not None:
-            figs.append(_figure(_png_data_uri(_thumb(colorize(ref.depth, ref.valid, vrange=rng))), f"refined depth{rtxt}"))
+            figs.append(_figure(_png_data_uri(_thumb(colorize(ref.depth, ref.valid, vrange=rng))),
+                                f"refined depth{rtxt}"))
             if ref.depth_init is not None:
                 dz = np.where(ref.valid, ref.depth - ref.depth_init, np.nan)
                 m = depth_range(np.abs(dz), None, (98, 98))
                 figs.append(_figure(_png_data_uri(_thumb(colorize(dz, ref.valid, symmetric=True, vrange=m))),
                                     f"Δz (±{m[1]:.2g})" if m else "Δz"))
             if ref.restored is not None and ref.restored.any():
-                figs.append(_figure(_png_data_uri(_thumb(colorize(ref.restored.astype(np.float32), ref.valid, vrange=(0.0, 1.0)))),
+                figs.append(_figure(_png_data_uri(_thumb(colorize(ref.restored.astype(np.float32), ref.valid,
+                                                                  vrange=(0.0, 1.0)))),
                                     f"restored pixels (bright, {ref.restored.sum() / max(1, ref.valid.sum()):.1%})"))
         if init is not None:
-            figs.append(_figure(_png_data_uri(_thumb(colorize(init.confidence, init.valid, vrange=(0.0, 1.0)))), "confidence"))
+            figs.append(_figure(_png_data_uri(_thumb(colorize(init.confidence, init.valid, vrange=(0.0, 1.0)))),
+                                "confidence"))
         caption = refine_caption(ref.stats) if ref is not None else ""
         parts.append(f"<div class='view'><b>{html.escape(v.name)}</b>{caption}<br>{''.join(figs)}</div>")
     return "".join(parts)
@@ -371,17 +397,20 @@ def _curves_section(ws: Workspace) -> str:
     dz = {k: col(k) for k in keys if k.lower().startswith(("dz", "δz", "Δz", "delta"))}
     first, last = steps[0].get("step", 0), steps[-1].get("step", len(steps) - 1)
     return (f"<p>{len(steps)} logged steps (optimizer steps {first}…{last}).</p>"
-            "<h3>losses: weighted total <code>loss</code> and each term before its weight</h3>" + svg_curves(losses, log=True)
+            "<h3>losses: weighted total <code>loss</code> and each term before its weight</h3>"
+            + svg_curves(losses, log=True)
             + "<h3>Δz mean and std (normalized units)</h3>" + svg_curves(dz, log=False))
 
 
 def _renders_section(ws: Workspace, scene: SfmScene | None) -> str:
     if scene is None or not ws.mesh_path.exists():
         return "<p class='note'>no mesh yet</p>"
-    parts = ["<p>The final mesh ray-cast from input cameras: photo · mesh with its colours · mesh shaded (geometry only).</p>"]
+    parts = ["<p>The final mesh ray-cast from input cameras: photo · mesh with its colours · "
+             "mesh shaded (geometry only).</p>"]
     for name, photo, coloured, shaded in render_mesh_views(ws.mesh_path, scene):
         parts.append(f"<div class='view'><b>{html.escape(name)}</b><br>" + _figure(_data_uri(photo, "JPEG"), "photo")
-                     + _figure(_data_uri(coloured, "JPEG"), "mesh (colour)") + _figure(_data_uri(shaded, "JPEG"), "mesh (shaded)") + "</div>")
+                     + _figure(_data_uri(coloured, "JPEG"), "mesh (colour)")
+                     + _figure(_data_uri(shaded, "JPEG"), "mesh (shaded)") + "</div>")
     if len(parts) == 1:
         return "<p class='note'>the mesh has no triangles</p>"
     return "".join(parts)
@@ -390,7 +419,8 @@ def _renders_section(ws: Workspace, scene: SfmScene | None) -> str:
 def _diagnose_section(report: dict[str, Any] | None) -> str:
     if not report:
         return "<p class='note'>not available</p>"
-    rows = [[f"<span class='{html.escape(c['verdict'])}'>{html.escape(c['verdict'].upper())}</span>", c["name"], c["detail"]] for c in report["checks"]]
+    rows = [[f"<span class='{html.escape(c['verdict'])}'>{html.escape(c['verdict'].upper())}</span>", c["name"],
+             c["detail"]] for c in report["checks"]]
     parts = [_table(rows, ["verdict", "check", "detail"], raw_cols=(0,))]
     views = report.get("views", {})
     vrows = []
@@ -400,16 +430,20 @@ def _diagnose_section(report: dict[str, Any] | None) -> str:
                 s = row[kind]
                 vrows.append([name, kind, s["mean"], s["std"], s["min"], s["max"]])
     if vrows:
-        parts.append("<h3>per-view depth statistics (normalized units)</h3>" + _table(vrows, ["view", "map", "mean", "std", "min", "max"]))
+        parts.append("<h3>per-view depth statistics (normalized units)</h3>"
+                     + _table(vrows, ["view", "map", "mean", "std", "min", "max"]))
     return "".join(parts)
 
 
 def _eval_section(ev: dict[str, Any] | None) -> str:
     if ev is None:
-        return "<p class='note'>no OUT/eval.json: run <code>recon eval OUT --gt GT</code> to score the mesh against ground truth</p>"
+        return ("<p class='note'>no OUT/eval.json: run <code>recon eval OUT --gt GT</code> to score the mesh against "
+                "ground truth</p>")
     diag = ev.get("diagonal")
-    rows = [[f"F@{label}", t["threshold"], t["precision"], t["recall"], t["fscore"]] for label, t in ev.get("thresholds", {}).items()]
-    parts = [f"<p>against <code>{html.escape(str(ev.get('gt_mesh', '?')))}</code>; GT object diagonal {_fmt(diag)} (GT units).</p>",
+    rows = [[f"F@{label}", t["threshold"], t["precision"], t["recall"], t["fscore"]]
+            for label, t in ev.get("thresholds", {}).items()]
+    parts = [f"<p>against <code>{html.escape(str(ev.get('gt_mesh', '?')))}</code>; "
+             f"GT object diagonal {_fmt(diag)} (GT units).</p>",
              _table(rows, ["score", "τ (GT units)", "precision", "recall", "F-score"])]
     lengths = []
     for key, label in (("accuracy", "accuracy (est → GT)"), ("completeness", "completeness (GT → est)")):
@@ -426,10 +460,12 @@ def _eval_section(ev: dict[str, Any] | None) -> str:
             arows.append(["outlier cameras", ", ".join(al["outlier_cameras"])])
         parts.append("<h3>alignment</h3>" + _table(arows, ["", ""]))
     depth = ev.get("depth") or {}
-    drows = [[stage, d.get("views"), d.get("abs_rel"), d.get("rmse"), d.get("delta_1.01"), d.get("delta_1.05"), d.get("delta_1.25")]
+    drows = [[stage, d.get("views"), d.get("abs_rel"), d.get("rmse"), d.get("delta_1.01"), d.get("delta_1.05"),
+              d.get("delta_1.25")]
              for stage, d in depth.items() if d.get("pixels")]
     if drows:
-        parts.append("<h3>depth maps vs GT depth</h3>" + _table(drows, ["stage", "views", "AbsRel", "RMSE (GT units)", "δ<1.01", "δ<1.05", "δ<1.25"]))
+        parts.append("<h3>depth maps vs GT depth</h3>"
+                     + _table(drows, ["stage", "views", "AbsRel", "RMSE (GT units)", "δ<1.01", "δ<1.05", "δ<1.25"]))
     return "".join(parts)
 
 
@@ -477,8 +513,10 @@ def build_report(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | 
         "eval": ("Evaluation against ground truth", _eval_section(ev)),
     }
     nav = " · ".join(f"<a href='#{sid}'>{html.escape(body[sid][0])}</a>" for sid in SECTIONS)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>recon report</title><style>{_CSS}</style></head><body>",
-             f"<h1>recon report</h1><p>scene <code>{html.escape(str(ws.scene_dir))}</code> → <code>{html.escape(str(ws.out_dir))}</code></p>",
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>recon report</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>recon report</h1><p>scene <code>{html.escape(str(ws.scene_dir))}</code> → "
+             f"<code>{html.escape(str(ws.out_dir))}</code></p>",
              f"<nav>{nav}</nav>"]
     parts += [_section(sid, *body[sid]) for sid in SECTIONS]
     parts.append("</body></html>")

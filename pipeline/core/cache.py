@@ -43,7 +43,8 @@ FINGERPRINT_FILE = "_fingerprint.txt"
 def write_error(path: Path | str, exc: OSError) -> OutputError:
     """The one-line error for an OSError raised while writing ``path`` (disk full, read-only, no permission)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutputError(f"no space left on the device while writing {path}; free some space or choose another --out folder")
+        return OutputError(f"no space left on the device while writing {path}; "
+                           "free some space or choose another --out folder")
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return OutputError(f"{path}: cannot write here ({exc.strerror}); choose a writable --out folder")
     return OutputError(f"{path}: cannot write ({exc.strerror or exc}); check the output folder")
@@ -263,7 +264,8 @@ def remove_stale_temp_files(folder: Path) -> None:
 
 
 _TEMP_NAME = re.compile(r"^\.[^/]+\.(?:[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?|old\.\d+)$")
-"""Names :func:`atomic_path` / :func:`atomic_dir` give their temporaries (``.mesh.k2j4x9_a.ply``, ``.sparse.ab12cd34``, ``.sparse.old.123``)."""
+"""Names :func:`atomic_path` / :func:`atomic_dir` give their temporaries (``.mesh.k2j4x9_a.ply``, ``.sparse.ab12cd34``,
+``.sparse.old.123``)."""
 
 
 def remove_stale_output_temps(folder: Path) -> list[str]:
@@ -359,7 +361,8 @@ class Manifest:
             self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"tool": MANIFEST_TOOL, "version": MANIFEST_VERSION, "updated": time.time(), "stages": self.stages})
+        write_json_atomic(self.path, {"tool": MANIFEST_TOOL, "version": MANIFEST_VERSION, "updated": time.time(),
+                                      "stages": self.stages})
 
 
 def is_recon_output(folder: Path) -> bool:
@@ -381,7 +384,8 @@ def is_recon_folder(folder: Path) -> bool:
 
 
 def is_recon_temporary(name: str) -> bool:
-    """True for the name of a temporary that :func:`atomic_path` / :func:`atomic_dir` leave when a write is interrupted."""
+    """True for the name of a temporary that :func:`atomic_path` / :func:`atomic_dir` leave when a write is
+    interrupted."""
     return _TEMP_NAME.match(name) is not None
 
 

@@ -53,8 +53,10 @@ class StageContext:
 
     def progress(self, iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
         """A tqdm bar on stderr (silent when progress is off)."""
-        return iter(tqdm(iterable, desc=f"{self.name}: {desc}", total=total, unit=unit, disable=not self.show_progress, leave=False, dynamic_ncols=True))
+        return iter(tqdm(iterable, desc=f"{self.name}: {desc}", total=total, unit=unit, disable=not self.show_progress,
+                         leave=False, dynamic_ncols=True))
 
     def bar(self, *, desc: str, total: int | None = None, unit: str = "it") -> tqdm:
         """A manually updated tqdm bar (``bar.update()``, ``bar.set_postfix()``)."""
-        return tqdm(desc=f"{self.name}: {desc}", total=total, unit=unit, disable=not self.show_progress, leave=False, dynamic_ncols=True)
+        return tqdm(desc=f"{self.name}: {desc}", total=total, unit=unit, disable=not self.show_progress, leave=False,
+                    dynamic_ncols=True)

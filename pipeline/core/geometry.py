@@ -94,7 +94,8 @@ def transform_pose_by_similarity(cam_from_world: np.ndarray, s: float, R: np.nda
 
 # ---- torch helpers ---------------------------------------------------------------------
 
-def pixel_grid(height: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def pixel_grid(height: int, width: int, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Pixel-centre coordinates ``(u + 0.5, v + 0.5)`` as a (H, W, 2) tensor (x, y)."""
     v, u = torch.meshgrid(
         torch.arange(height, device=device, dtype=dtype),
@@ -143,7 +144,8 @@ def inside_image(uv: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def sample_image(image_bchw: torch.Tensor, uv_bn2: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Read an image at pixel coordinates: returns (B, C, N). Outside reads the border value (mask with :func:`inside_image`)."""
+    """Read an image at pixel coordinates: returns (B, C, N). Outside reads the border value (mask with
+    :func:`inside_image`)."""
     h, w = image_bchw.shape[-2:]
     grid = to_grid_coords(uv_bn2, h, w)[:, None]  # B,1,N,2
     out = torch.nn.functional.grid_sample(image_bchw, grid, mode=mode, padding_mode="border", align_corners=False)

@@ -55,7 +55,8 @@ def split_image_files(folder: Path, exclude: Sequence[Path] = ()) -> tuple[list[
     images, others = [], []
     for root, dirs, files in os.walk(folder):
         here = Path(root)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and here / d not in excluded and not is_recon_folder(here / d)]
+        dirs[:] = [d for d in dirs
+                   if not d.startswith(".") and here / d not in excluded and not is_recon_folder(here / d)]
         for name in files:
             if not name.startswith("."):
                 (images if is_image_name(name) else others).append(here / name)
@@ -137,7 +138,8 @@ def find_masks(masks_dir: Path, image_names: Sequence[str]) -> tuple[dict[str, P
     """
     if not masks_dir.is_dir():
         return {}, [], []
-    files = sorted(p for p in masks_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(masks_dir).parts))
+    files = sorted(p for p in masks_dir.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(masks_dir).parts))
     by_key = {p.relative_to(masks_dir).as_posix().lower(): p for p in files if p.suffix.lower() in MASK_SUFFIXES}
     wanted = {name: [by_key[c.lower()] for c in mask_candidates(name) if c.lower() in by_key] for name in image_names}
     owned = claim_files(wanted)
@@ -158,7 +160,8 @@ def read_mask(path: Path, shape_hw: tuple[int, int]) -> np.ndarray:
             im = ImageOps.exif_transpose(im).convert("L").resize((shape_hw[1], shape_hw[0]), Image.Resampling.NEAREST)
             return np.asarray(im) > 127
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ReconError(f"{path}: cannot read mask ({exc}); replace it (8-bit image, white = keep) or remove it") from exc
+        raise ReconError(f"{path}: cannot read mask ({exc}); "
+                         "replace it (8-bit image, white = keep) or remove it") from exc
 
 
 def displayed_size(path: Path) -> tuple[int, int]:

@@ -10,7 +10,8 @@ from typing import Any
 def lazy_attributes(package: str, where: Mapping[str, str]) -> Callable[[str], Any]:
     """A module-level ``__getattr__`` for ``package`` that imports ``where[name]`` (a module path) on first use.
 
-    Example, in a stage package's ``__init__``: ``__getattr__ = lazy_attributes(__name__, {"run": "pipeline.fuse.stage"})``.
+    Example, in a stage package's ``__init__``:
+    ``__getattr__ = lazy_attributes(__name__, {"run": "pipeline.fuse.stage"})``.
     """
 
     def __getattr__(name: str) -> Any:

@@ -42,7 +42,8 @@ _CPU_OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "not eno
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a torch allocation failure: ``torch.cuda.OutOfMemoryError`` (CUDA), or the RuntimeError/MemoryError of a CPU allocation."""
+    """True for a torch allocation failure: ``torch.cuda.OutOfMemoryError`` (CUDA), or the RuntimeError/MemoryError of a
+    CPU allocation."""
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CPU_OOM_MESSAGES)
@@ -110,11 +111,13 @@ def call_with_oom_fallback(
         release_device_memory(device)
         if current > min_batch:
             smaller = max(min_batch, current // 2)
-            log.warning("%s: out of memory on %s with batch %d (%s); retrying with batch %d", what, device, current, failure, smaller)
+            log.warning("%s: out of memory on %s with batch %d (%s); retrying with batch %d",
+                        what, device, current, failure, smaller)
             current = smaller
             continue
         if device.type != "cpu" and cpu_fallback:
-            log.warning("%s: out of memory on %s even with batch %d; falling back to the CPU (slower)", what, device, current)
+            log.warning("%s: out of memory on %s even with batch %d; falling back to the CPU (slower)",
+                        what, device, current)
             device, current = torch.device("cpu"), first_batch
             continue
         raise ReconError(

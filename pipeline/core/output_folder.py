@@ -42,15 +42,18 @@ def check_output_location(ws: Workspace) -> None:
     out, scene = ws.out_dir, ws.scene_dir
     suggestion = f"pass a folder of its own, e.g. --out {scene / 'recon'}"
     if out == scene:
-        raise ReconError(f"--out {out} is the scene folder itself, where recon's files would mix with the photos; {suggestion}")
+        raise ReconError(f"--out {out} is the scene folder itself, where recon's files would mix with the photos; "
+                         f"{suggestion}")
     if out in scene.parents:
         raise ReconError(f"--out {out} contains the scene folder {scene}; {suggestion}")
-    inputs = [(ws.masks_dir, "mask folder"), (ws.depth_prior_dir, "depth-prior folder"), (scene / "sparse", "COLMAP model folder")]
+    inputs = [(ws.masks_dir, "mask folder"), (ws.depth_prior_dir, "depth-prior folder"),
+              (scene / "sparse", "COLMAP model folder")]
     if ws.images_dir != scene:
         inputs.insert(0, (ws.images_dir, "photo folder"))
     for folder, what in inputs:
         if _inside(out, folder):
-            raise ReconError(f"--out {out} is inside the scene's {what} {folder}, where its files would be read as inputs; {suggestion}")
+            raise ReconError(f"--out {out} is inside the scene's {what} {folder}, where its files would be read as "
+                             f"inputs; {suggestion}")
 
 
 RECON_NAMES = frozenset({
@@ -99,11 +102,12 @@ def adopt_output_dir(ws: Workspace, *, force: bool = False) -> None:
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ReconError(
-            f"{out}: this folder holds files recon did not write ({shown}); recon writes only into a new or empty folder "
-            f"or one of its own outputs; pass another --out, or {FORCE_FLAG} to use this one anyway"
+            f"{out}: this folder holds files recon did not write ({shown}); recon writes only into a new or empty "
+            f"folder or one of its own outputs; pass another --out, or {FORCE_FLAG} to use this one anyway"
         )
     if foreign:
-        logger.warning("%s: using a folder that holds other files (%s); recon replaces only its own (mesh.ply, mesh.glb, "
-                       "sparse/, config.yaml, log.txt, report.html, the stage folders)", out, ", ".join(foreign[:5]))
+        logger.warning("%s: using a folder that holds other files (%s); recon replaces only its own (mesh.ply, "
+                       "mesh.glb, sparse/, config.yaml, log.txt, report.html, the stage folders)", out,
+                       ", ".join(foreign[:5]))
     ensure_output_dir(out)
     Manifest(ws.manifest_path).save()

@@ -81,7 +81,8 @@ def each(check: Check) -> Check:
 
 
 def increasing_positive() -> Check:
-    return Check("increasing positive integers, e.g. 1,2,4,8", lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])))
+    return Check("increasing positive integers, e.g. 1,2,4,8",
+                 lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])))
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -116,7 +117,8 @@ def _open3d_cuda_problem(value: str) -> str | None:
 def device_choice(library: str) -> Check:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device must exist for ``library`` (``torch`` or ``open3d``)."""
     on_this_machine = _torch_cuda_problem if library == "torch" else _open3d_cuda_problem
-    return Check("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None, on_this_machine)
+    return Check("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None,
+                 on_this_machine)
 
 
 def setting(default: Any, help: str, *, affects_output: bool = True, check: Check | None = None) -> Any:

@@ -37,7 +37,8 @@ def view_stem(image_name: str) -> str:
 
 
 MAX_KEY_BYTES = 200
-"""Longest cache key (UTF-8 bytes): with ``.npz`` and a temporary's prefix and suffix it stays under the 255 bytes of a file name."""
+"""Longest cache key (UTF-8 bytes): with ``.npz`` and a temporary's prefix and suffix it stays under the 255 bytes of a
+file name."""
 
 
 def view_key(image_name: str) -> str:

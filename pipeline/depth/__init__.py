@@ -1,6 +1,8 @@
-"""The depth stage: an initial depth map per view (plane sweep, user priors or a TorchScript model), anchored to the sparse points.
+"""The depth stage: an initial depth map per view (plane sweep, user priors or a TorchScript model), anchored to the
+sparse points.
 
-``DepthConfig`` and ``MvsConfig`` (settings), ``run`` (the stage), ``compute_depth_maps`` (the work, without the stage plumbing).
+``DepthConfig`` and ``MvsConfig`` (settings), ``run`` (the stage), ``compute_depth_maps`` (the work, without the stage
+plumbing).
 """
 
 from __future__ import annotations

@@ -52,12 +52,14 @@ class AnchorResult:
         return asdict(self)
 
 
-def project_points(points_n3: np.ndarray, K: np.ndarray, cam_from_world: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def project_points(points_n3: np.ndarray, K: np.ndarray, cam_from_world: np.ndarray, height: int,
+                   width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Project world points into a view: (uv (N, 2) pixels, z (N,), ok (N,) in front and inside)."""
     Xc = np.asarray(points_n3, np.float64) @ cam_from_world[:3, :3].T + cam_from_world[:3, 3]
     z = Xc[:, 2]
     zc = np.maximum(z, 1e-12)
-    uv = np.stack([K[0, 0] * Xc[:, 0] / zc + K[0, 1] * Xc[:, 1] / zc + K[0, 2], K[1, 1] * Xc[:, 1] / zc + K[1, 2]], axis=1)
+    uv = np.stack([K[0, 0] * Xc[:, 0] / zc + K[0, 1] * Xc[:, 1] / zc + K[0, 2], K[1, 1] * Xc[:, 1] / zc + K[1, 2]],
+                  axis=1)
     ok = (z > 1e-9) & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
     return uv, z, ok
 
@@ -96,7 +98,8 @@ def fit_scale(x: np.ndarray, target: np.ndarray, *, iters: int = 10, min_sigma: 
     return float(np.exp(log_s))
 
 
-def fit_scale_shift(x: np.ndarray, target: np.ndarray, *, iters: int = 20, min_sigma: float = 1e-6) -> tuple[float, float]:
+def fit_scale_shift(x: np.ndarray, target: np.ndarray, *, iters: int = 20,
+                    min_sigma: float = 1e-6) -> tuple[float, float]:
     """Robust ``(a, b)`` with ``target ≈ a · x + b``: start from robust spreads and medians, then Huber IRLS."""
     x = np.asarray(x, np.float64)
     target = np.asarray(target, np.float64)
@@ -173,7 +176,8 @@ def anchor(values_hw: np.ndarray, valid_hw: np.ndarray, uv: np.ndarray, z: np.nd
     before = _median_rel_error(to_depth(x, domain), zs)
     if _rank_correlation(x, target) < -0.2:
         other = INVERSE_DEPTH if domain == DEPTH else DEPTH
-        raise AnchorError(f"the map decreases where the sparse depths increase (wrong sign: is it {other.replace('_', ' ')}?)")
+        raise AnchorError("the map decreases where the sparse depths increase (wrong sign: "
+                          f"is it {other.replace('_', ' ')}?)")
     if affine:
         scale, shift = fit_scale_shift(x, target)
     else:

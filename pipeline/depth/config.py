@@ -75,7 +75,8 @@ class DepthConfig:
         """Rules between settings, checked when the config is loaded."""
         if self.estimator == DepthEstimator.torchscript and not Path(self.torchscript_path).expanduser().is_file():
             shown = self.torchscript_path or "(empty)"
-            return [f"depth.estimator=torchscript needs depth.torchscript_path set to a TorchScript model file (got {shown}, not a file)"]
+            return ["depth.estimator=torchscript needs depth.torchscript_path set to a TorchScript model file (got "
+                    f"{shown}, not a file)"]
         return []
 
 

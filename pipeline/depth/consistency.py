@@ -1,4 +1,5 @@
-"""Cross-view work on finished depth maps: a view tries the surfaces its neighbours found, and a pixel is checked against them.
+"""Cross-view work on finished depth maps: a view tries the surfaces its neighbours found, and a pixel is checked
+against them.
 
 * :func:`splat_depth` renders a neighbour's map into the reference camera (z-buffer);
   :func:`adopt_candidates` lets each pixel take such a surface where it matches better
@@ -23,8 +24,8 @@ from pipeline.depth.plane_sweep import _EPS, OUTSIDE_COST, sweep_cost
 
 # ---- cross-view candidates ---------------------------------------------------------------------
 
-def splat_depth(depth_src_hw: torch.Tensor, K_src_33: torch.Tensor, K_ref_33: torch.Tensor, ref_from_src_44: torch.Tensor,
-                height: int, width: int, fill_radius: int = 1) -> torch.Tensor:
+def splat_depth(depth_src_hw: torch.Tensor, K_src_33: torch.Tensor, K_ref_33: torch.Tensor,
+                ref_from_src_44: torch.Tensor, height: int, width: int, fill_radius: int = 1) -> torch.Tensor:
     """A neighbour's depth map seen from the reference camera: inverse depth (H, W), 0 where none.
 
     Every valid source pixel is back-projected, moved into the reference
@@ -98,7 +99,8 @@ class Consistency:
     count: torch.Tensor
     """int32: neighbour maps that agree with the pixel."""
     violations: torch.Tensor
-    """int32: neighbour maps that see a surface clearly *behind* the pixel's point (it would float in their free space)."""
+    """int32: neighbour maps that see a surface clearly *behind* the pixel's point (it would float in their free
+    space)."""
     mean_depth: torch.Tensor
     """Mean of the pixel's depth and the agreeing round-trip depths (0 where invalid)."""
 

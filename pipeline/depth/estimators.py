@@ -51,7 +51,8 @@ def prior_candidates(ws: Workspace, image_name: str) -> list[Path]:
 
 def unambiguous_prior_candidates(ws: Workspace, names: Sequence[str]) -> dict[str, list[Path]]:
     """:func:`prior_candidates` of every image, less the files two images would share (``a.npy`` for ``a.jpg``
-    and ``a.png``, see :func:`pipeline.core.io.claim_files`), so one photo's depth is never fused with another's colours."""
+    and ``a.png``, see :func:`pipeline.core.io.claim_files`), so one photo's depth is never fused with another's
+    colours."""
     return claim_files({name: prior_candidates(ws, name) for name in names})
 
 
@@ -123,14 +124,16 @@ class MvsEstimator:
         self.sizes = [working_size(v.width, v.height, cfg.max_image_side) for v in scene.views]
         self.planes = fit_scene_planes(scene.points, mvs_cfg.plane_candidates, mvs_cfg.plane_distance,
                                        mvs_cfg.plane_min_inliers)
-        self.images = _LRU(cfg.cache_images, lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
+        self.images = _LRU(cfg.cache_images,
+                           lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
         self.settings = coarse_to_fine.SweepSettings(
-            num_hypotheses=mvs_cfg.num_hypotheses, levels=mvs_cfg.pyramid_levels, refine_hypotheses=mvs_cfg.fine_hypotheses,
-            refine_radius=mvs_cfg.fine_radius, edge_radius=mvs_cfg.edge_radius, propagation_shifts=tuple(mvs_cfg.propagation_shifts),
+            num_hypotheses=mvs_cfg.num_hypotheses, levels=mvs_cfg.pyramid_levels,
+            refine_hypotheses=mvs_cfg.fine_hypotheses, refine_radius=mvs_cfg.fine_radius,
+            edge_radius=mvs_cfg.edge_radius, propagation_shifts=tuple(mvs_cfg.propagation_shifts),
             polish_hypotheses=mvs_cfg.polish_hypotheses, polish_iterations=mvs_cfg.polish_iterations,
             smooth_radius=mvs_cfg.smooth_radius, offset_penalty=mvs_cfg.offset_penalty, window=mvs_cfg.ncc_window,
-            plane_max_gap=mvs_cfg.plane_max_gap, best_k=mvs_cfg.best_k, truncation=mvs_cfg.cost_truncation, min_ncc=mvs_cfg.min_ncc,
-            chunk_pixels=max(1, mvs_cfg.chunk_pixels),
+            plane_max_gap=mvs_cfg.plane_max_gap, best_k=mvs_cfg.best_k, truncation=mvs_cfg.cost_truncation,
+            min_ncc=mvs_cfg.min_ncc, chunk_pixels=max(1, mvs_cfg.chunk_pixels),
         )
 
     def sources(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -166,8 +169,9 @@ class MvsEstimator:
                                                      settings, planes_cam=[to(x) for x in planes_cam])
 
         # chunk_pixels only bounds memory (same result): on out-of-memory, smaller chunks, then the CPU.
-        res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device, what=f"depth of {view.name}",
-                                     setting="mvs.chunk_pixels", min_batch=min(self.settings.chunk_pixels, 1 << 14)).value
+        res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device,
+                                     what=f"depth of {view.name}", setting="mvs.chunk_pixels",
+                                     min_batch=min(self.settings.chunk_pixels, 1 << 14)).value
         valid = res.valid.cpu().numpy()
         stats = {
             "near": near,
@@ -211,7 +215,8 @@ def read_prior_file(path: Path) -> np.ndarray:
 
 
 def resize_map(values_hw: np.ndarray, valid_hw: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear resize of a map with a validity mask to (width, height); a pixel stays valid only if all its taps were."""
+    """Bilinear resize of a map with a validity mask to (width, height); a pixel stays valid only if all its taps
+    were."""
     w, h = size
     if values_hw.shape == (h, w):
         return values_hw.astype(np.float32), valid_hw.astype(bool)
@@ -226,8 +231,8 @@ def resize_map(values_hw: np.ndarray, valid_hw: np.ndarray, size: tuple[int, int
 def _check_aspect(shape_hw: tuple[int, int], view: View, what: str) -> None:
     h, w = shape_hw
     if abs(w / h - view.width / view.height) > 0.01 * view.width / view.height:
-        raise ViewFailure(f"{what}: shape {h}x{w} (HxW) does not match the image {view.name} ({view.height}x{view.width}); "
-                          "supply a map of the image's size or aspect ratio")
+        raise ViewFailure(f"{what}: shape {h}x{w} (HxW) does not match the image {view.name} "
+                          f"({view.height}x{view.width}); supply a map of the image's size or aspect ratio")
 
 
 class PriorEstimator:
@@ -236,26 +241,29 @@ class PriorEstimator:
     def __init__(self, scene: SfmScene, ws: Workspace, cfg: DepthConfig):
         self.scene, self.ws, self.cfg = scene, ws, cfg
         if not ws.depth_prior_dir.is_dir():
-            raise ReconError(f"{ws.depth_prior_dir}: folder of depth priors not found; add <image stem>.npy files there or set depth.estimator=mvs")
+            raise ReconError(f"{ws.depth_prior_dir}: folder of depth priors not found; add <image stem>.npy files "
+                             "there or set depth.estimator=mvs")
         self.candidates = unambiguous_prior_candidates(ws, [v.name for v in scene.views])
 
     def estimate(self, index: int) -> Estimate:
         view = self.scene.views[index]
         path = next((p for p in self.candidates[view.name] if p.is_file()), None)
         if path is None:
-            shared = [p for p in prior_candidates(self.ws, view.name) if p.is_file() and p not in self.candidates[view.name]]
+            shared = [p for p in prior_candidates(self.ws, view.name)
+                      if p.is_file() and p not in self.candidates[view.name]]
             if shared:
                 raise ViewFailure(f"{shared[0]}: this prior fits more than one image ({view.name} among them); "
                                   f"name it {self.ws.depth_prior_dir / view.name}.npy")
             flat = self.ws.depth_prior_dir / view_stem(view.name)
-            raise ViewFailure(f"{flat}.npy: no prior for image {view.name} (.npy or 16-bit .png, named {view_stem(view.name)}, "
-                              f"or {view.name} plus the suffix)")
+            raise ViewFailure(f"{flat}.npy: no prior for image {view.name} (.npy or 16-bit .png, "
+                              f"named {view_stem(view.name)}, or {view.name} plus the suffix)")
         arr = read_prior_file(path)
         _check_aspect(arr.shape, view, str(path))
         size = working_size(view.width, view.height, self.cfg.max_image_side)
         values, valid = resize_map(arr, arr > 0, size)
-        return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32), K=working_intrinsics(view, size),
-                        domain=self.cfg.prior_kind.value, affine=self.cfg.prior_affine, stats={"source": str(path)})
+        return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32),
+                        K=working_intrinsics(view, size), domain=self.cfg.prior_kind.value,
+                        affine=self.cfg.prior_affine, stats={"source": str(path)})
 
 
 class TorchScriptEstimator:
@@ -265,13 +273,16 @@ class TorchScriptEstimator:
         self.scene, self.cfg, self.device = scene, cfg, device
         path = Path(cfg.torchscript_path).expanduser()
         if not cfg.torchscript_path or not path.is_file():
-            raise ReconError(f"{path if cfg.torchscript_path else '(empty)'}: TorchScript model not found; set depth.torchscript_path to a model file")
+            raise ReconError(f"{path if cfg.torchscript_path else '(empty)'}: TorchScript model not found; "
+                             "set depth.torchscript_path to a model file")
         try:
-            with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it is what this estimator reads
+            # torch >= 2.9 marks TorchScript deprecated; it is what this estimator reads
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.model = torch.jit.load(str(path), map_location=device).eval()
         except (RuntimeError, ValueError) as exc:
-            raise ReconError(f"{path}: not a TorchScript model ({str(exc).splitlines()[0]}); export one with torch.jit.script/trace and save()") from exc
+            raise ReconError(f"{path}: not a TorchScript model ({str(exc).splitlines()[0]}); "
+                             "export one with torch.jit.script/trace and save()") from exc
         self.path = path
 
     def estimate(self, index: int) -> Estimate:
@@ -282,23 +293,28 @@ class TorchScriptEstimator:
             with torch.no_grad():
                 out = self.model(image)
         except Exception as exc:  # a user model can raise anything
-            raise ViewFailure(f"{self.path}: the model failed on {view.name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            raise ViewFailure(f"{self.path}: the model failed on {view.name} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
         if not isinstance(out, torch.Tensor):
-            raise ViewFailure(f"{self.path}: the model returned {type(out).__name__} for {view.name}; expected a tensor")
+            raise ViewFailure(f"{self.path}: the model returned {type(out).__name__} for {view.name}; "
+                              "expected a tensor")
         arr = out.detach().float().cpu().numpy()
         arr = np.squeeze(arr)
         if arr.ndim != 2:
-            raise ViewFailure(f"{self.path}: output of shape {tuple(out.shape)} for {view.name}; expected (1, 1, H, W), (1, H, W) or (H, W)")
+            raise ViewFailure(f"{self.path}: output of shape {tuple(out.shape)} for {view.name}; "
+                              "expected (1, 1, H, W), (1, H, W) or (H, W)")
         bad = int((~np.isfinite(arr)).sum())
         if bad:
             raise ViewFailure(f"{self.path}: output for {view.name} holds {bad} NaN/inf value(s)")
         _check_aspect(arr.shape, view, f"{self.path} output")
         values, valid = resize_map(arr.astype(np.float64), arr > 0, size)
-        return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32), K=working_intrinsics(view, size),
-                        domain=self.cfg.prior_kind.value, affine=self.cfg.prior_affine, stats={"source": str(self.path)})
+        return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32),
+                        K=working_intrinsics(view, size), domain=self.cfg.prior_kind.value,
+                        affine=self.cfg.prior_affine, stats={"source": str(self.path)})
 
 
-def make_estimator(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, device: torch.device) -> Estimator:
+def make_estimator(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig,
+                   device: torch.device) -> Estimator:
     if cfg.estimator == DepthEstimator.mvs:
         return MvsEstimator(scene, cfg, mvs_cfg, device)
     if cfg.estimator == DepthEstimator.prior:

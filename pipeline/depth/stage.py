@@ -93,7 +93,8 @@ def anchor_estimate(est: Estimate, scene: SfmScene, view: View, cfg: DepthConfig
     uv, z = sparse_in_view(scene, view, est.K, (w, h))
     is_mvs = cfg.estimator == DepthEstimator.mvs
     try:
-        res = anchoring.anchor(est.values, est.valid, uv, z, domain=est.domain, affine=est.affine, min_points=cfg.min_anchor_points)
+        res = anchoring.anchor(est.values, est.valid, uv, z, domain=est.domain, affine=est.affine,
+                               min_points=cfg.min_anchor_points)
     except anchoring.AnchorError as exc:
         if is_mvs:
             log.warning("%s: depth map not checked against the sparse points (%s); kept unscaled", view.name, exc)
@@ -105,7 +106,8 @@ def anchor_estimate(est: Estimate, scene: SfmScene, view: View, cfg: DepthConfig
     if is_mvs:
         apply = abs(res.scale - 1.0) > mvs_cfg.rescale_tolerance
         if apply:
-            log.warning("%s: mvs depth is off the sparse points by scale %.3f (median error %.1f %%); rescaled — check the SfM poses",
+            log.warning("%s: mvs depth is off the sparse points by scale %.3f (median error %.1f %%); "
+                        "rescaled — check the SfM poses",
                         view.name, res.scale, 100 * res.residual_before)
         else:
             stats["residual_after"] = stats["residual_before"]
@@ -156,7 +158,8 @@ class DepthRunResult:
 
 
 def uses_two_passes(cfg: DepthConfig, mvs_cfg: MvsConfig) -> bool:
-    """True when pass 1 writes raw maps that later passes (cross-view candidates, geometric filter) turn into the final ones."""
+    """True when pass 1 writes raw maps that later passes (cross-view candidates, geometric filter) turn into the final
+    ones."""
     return cfg.estimator == DepthEstimator.mvs and (mvs_cfg.geometric_filter or mvs_cfg.cross_view_candidates)
 
 
@@ -170,8 +173,9 @@ def first_pass_path(ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, image_n
     return raw_depth_path(ws, image_name) if uses_two_passes(cfg, mvs_cfg) else ws.depth_view(image_name)
 
 
-def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, indices: list[int] | None = None,
-                   *, bar: BarFactory = _no_bar, log: logging.Logger = logger) -> DepthRunResult:
+def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig,
+                   indices: list[int] | None = None, *, bar: BarFactory = _no_bar,
+                   log: logging.Logger = logger) -> DepthRunResult:
     """Pass 1 for the views ``indices`` of ``scene`` (all when None): estimate and anchor, one file per view.
 
     Views whose pass-1 file exists are skipped, so this is resumable and can be
@@ -213,7 +217,8 @@ def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: Mv
                                     K=est.K, cam_from_world=view.cam_from_world, stats=stats))
             result.seconds.append(seconds)
             result.cpu_seconds.append(cpu)
-            pbar.set_postfix(valid=f"{valid.mean():.2f}", s_per_view=f"{np.mean(result.seconds):.2f}", scale=f"{anchor_stats.get('scale', 1.0):.3f}")
+            pbar.set_postfix(valid=f"{valid.mean():.2f}", s_per_view=f"{np.mean(result.seconds):.2f}",
+                             scale=f"{anchor_stats.get('scale', 1.0):.3f}")
             pbar.update(1)
     return result
 
@@ -253,13 +258,15 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg
                 result.cpu_seconds.append(float(stats.get("cpu_seconds", stats["seconds"])))
     if not result.written:
         reasons = "; ".join(list(result.failed.values())[:3])
-        raise ReconError(f"no view got a depth map ({len(result.failed)} failed: {reasons}); fix the inputs or choose another depth.estimator")
+        raise ReconError(f"no view got a depth map ({len(result.failed)} failed: {reasons}); "
+                         "fix the inputs or choose another depth.estimator")
     return result
 
 
 def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: MvsConfig, device: torch.device,
                      bar: BarFactory, out_path: Callable[[str], Path]) -> None:
-    """Pass 1b: raw maps → maps that also tried the neighbours' surfaces (:func:`pipeline.depth.consistency.adopt_candidates`).
+    """Pass 1b: raw maps → maps that also tried the neighbours' surfaces
+    (:func:`pipeline.depth.consistency.adopt_candidates`).
 
     Candidates come from the ``geo_neighbors`` views' raw maps splatted into
     the view; the matching cost uses the view's usual matching neighbours.
@@ -285,18 +292,22 @@ def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: 
                 for j in geo_neighbors[i]:
                     if have_raw[j]:
                         dj = maps.get(j)
-                        candidates.append(consistency.splat_depth(t(dj.depth), t(dj.K), t(dm.K), t(dm.cam_from_world @ invert_pose(dj.cam_from_world)), h, w))
+                        candidates.append(consistency.splat_depth(
+                            t(dj.depth), t(dj.K), t(dm.K), t(dm.cam_from_world @ invert_pose(dj.cam_from_world)), h, w))
                 src_images, K_srcs, poses = estimator.sources(i)
-                depth, ncc, adopted = consistency.adopt_candidates(estimator.images.get(i), t(dm.K), src_images, K_srcs, poses,
-                                                           t(dm.depth), candidates, estimator.settings)
+                depth, ncc, adopted = consistency.adopt_candidates(estimator.images.get(i), t(dm.K), src_images, K_srcs,
+                                                                   poses, t(dm.depth), candidates, estimator.settings)
             valid = (depth > 0).cpu().numpy()
-            confidence = np.where(valid, np.minimum(dm.confidence, ncc.clamp(0.0, 1.0).cpu().numpy()), 0.0).astype(np.float32)
+            confidence = np.where(valid, np.minimum(dm.confidence, ncc.clamp(0.0, 1.0).cpu().numpy()),
+                                  0.0).astype(np.float32)
             stats = dict(dm.stats)
             stats["pass1_valid_fraction"] = stats.get("valid_fraction", 0.0)
             stats["valid_fraction"] = float(valid.mean())
-            stats["cross_view"] = {"candidate_views": len(candidates), "adopted_fraction": float(adopted.float().mean())}
-            save_depth_map(out_path(dm.name), DepthMap(name=dm.name, depth=depth.cpu().numpy(), confidence=confidence, valid=valid,
-                                                       K=dm.K, cam_from_world=dm.cam_from_world, stats=stats))
+            stats["cross_view"] = {"candidate_views": len(candidates),
+                                   "adopted_fraction": float(adopted.float().mean())}
+            save_depth_map(out_path(dm.name), DepthMap(name=dm.name, depth=depth.cpu().numpy(), confidence=confidence,
+                                                       valid=valid, K=dm.K, cam_from_world=dm.cam_from_world,
+                                                       stats=stats))
             pbar.set_postfix(adopted=f"{float(adopted.float().mean()):.2f}")
             pbar.update(1)
 
@@ -333,10 +344,12 @@ def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs
             stats = dict(dm.stats)
             stats["raw_valid_fraction"] = stats.get("valid_fraction", 0.0)
             stats["valid_fraction"] = float(keep.mean())
-            stats["geometric_filter"] = {"neighbors_checked": len(neighbours), "kept_of_valid": float(keep.sum() / max(1, dm.valid.sum())),
+            stats["geometric_filter"] = {"neighbors_checked": len(neighbours),
+                                         "kept_of_valid": float(keep.sum() / max(1, dm.valid.sum())),
                                          "unverified_of_kept": float((unverified & keep).sum() / max(1, keep.sum()))}
-            save_depth_map(ws.depth_view(dm.name), DepthMap(name=dm.name, depth=depth, confidence=np.where(keep, dm.confidence, 0.0),
-                                                            valid=keep, K=dm.K, cam_from_world=dm.cam_from_world, stats=stats))
+            save_depth_map(ws.depth_view(dm.name), DepthMap(name=dm.name, depth=depth,
+                                                            confidence=np.where(keep, dm.confidence, 0.0), valid=keep,
+                                                            K=dm.K, cam_from_world=dm.cam_from_world, stats=stats))
             pbar.set_postfix(kept=f"{keep.mean():.2f}")
             pbar.update(1)
 
@@ -351,4 +364,5 @@ def run(ctx: StageContext) -> None:
     if res.failed:
         ctx.summary["left_out"] = sorted(res.failed)
     ctx.logger.info("depth maps of %d view(s) (%d left out), mean valid fraction %s, %s s per view",
-                    len(res.written), len(res.failed), ctx.summary["mean_valid_fraction"], ctx.summary["seconds_per_view"])
+                    len(res.written), len(res.failed), ctx.summary["mean_valid_fraction"],
+                    ctx.summary["seconds_per_view"])

@@ -1,4 +1,5 @@
-"""What the depth stage needs to know about each view: working size and intrinsics, stereo neighbours, depth range, scene planes.
+"""What the depth stage needs to know about each view: working size and intrinsics, stereo neighbours, depth range,
+scene planes.
 
 Used by the estimators (:mod:`pipeline.depth.estimators`) and the stage's passes (:mod:`pipeline.depth.stage`).
 """
@@ -72,7 +73,8 @@ def depth_range(scene: SfmScene, view: View, percentile: float, margin: float) -
     z = X @ view.cam_from_world[2, :3] + view.cam_from_world[2, 3]
     z = z[np.isfinite(z) & (z > 0)]
     if len(z) < 2:
-        raise ViewFailure(f"{view.name}: sees {len(z)} sparse point(s) in front of the camera; cannot set a depth range")
+        raise ViewFailure(f"{view.name}: sees {len(z)} sparse point(s) in front of the camera; "
+                          "cannot set a depth range")
     near, far = np.percentile(z, [percentile, 100.0 - percentile])
     return float(near / (1.0 + margin)), float(max(far, near * 1.01) * (1.0 + margin))
 
@@ -97,7 +99,8 @@ def fit_scene_planes(points: np.ndarray, max_planes: int, distance_fraction: flo
     distance = distance_fraction * float(np.linalg.norm(hi - lo))
     if distance <= 0:
         return []
-    import open3d as o3d  # here, not at import: the stage's other passes (and a GPU machine without Open3D) do not need it
+    # here, not at import: the stage's other passes (and a GPU machine without Open3D) do not need it
+    import open3d as o3d
 
     o3d.utility.random.seed(seed)
     remaining = points
@@ -115,7 +118,8 @@ def fit_scene_planes(points: np.ndarray, max_planes: int, distance_fraction: flo
     return planes
 
 
-def refit_plane(points: np.ndarray, plane: np.ndarray, distance: float, max_iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def refit_plane(points: np.ndarray, plane: np.ndarray, distance: float,
+                max_iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares plane (4,) through the points within ``distance`` of ``plane``, repeated until the inliers settle.
 
     Returns the plane (unit normal, sign fixed so that its largest component is positive) and the inlier mask (N,).

@@ -164,7 +164,8 @@ def write_mesh(mesh, path: Path, fmt: MeshFormat | str) -> None:
 
 
 def write_cameras(model_dir: Path, dest: Path, sfm_from_normalized: np.ndarray | None) -> bool:
-    """Copy the COLMAP model at ``model_dir`` to ``dest`` (atomically), mapped to the SfM frame when a transform is given.
+    """Copy the COLMAP model at ``model_dir`` to ``dest`` (atomically), mapped to the SfM frame when a transform is
+    given.
 
     Returns False (and writes nothing) when there is no model.
     """
@@ -222,7 +223,8 @@ def export_mesh_files(
     sfm_from_normalized = None
     if frame is ExportFrame.sfm:
         if normalized_from_sfm is None:
-            raise ReconError("--frame sfm needs the normalization transform (OUT/sfm/normalization.json); re-run `recon stage sfm`")
+            raise ReconError("--frame sfm needs the normalization transform (OUT/sfm/normalization.json); "
+                             "re-run `recon stage sfm`")
         sfm_from_normalized = invert_similarity(normalized_from_sfm)
         mesh = transformed(mesh, sfm_from_normalized)
     files = {}
@@ -249,7 +251,8 @@ def run(ctx: StageContext) -> None:
     """Write ``OUT/export/mesh.glb`` (+ the configured formats), the cameras and the transform."""
     cfg: ExportConfig = ctx.settings
     ws = ctx.ws
-    norm = read_normalized_from_sfm(ws.sfm_normalization) if (ExportFrame(cfg.frame) is ExportFrame.sfm or ws.sfm_normalization.exists()) else None
+    norm = (read_normalized_from_sfm(ws.sfm_normalization)
+            if (ExportFrame(cfg.frame) is ExportFrame.sfm or ws.sfm_normalization.exists()) else None)
     result = export_mesh_files(
         ws.fuse_mesh, ctx.stage_dir, formats=[MeshFormat.glb, *cfg.formats], target_faces=cfg.decimate,
         frame=cfg.frame, normalized_from_sfm=norm, model_dir=ws.sfm_model_dir,
@@ -288,7 +291,8 @@ def export_outputs(
         frame_ = ExportFrame(frame)
     except ValueError:
         raise ReconError(f"--frame {frame!r}: expected one of {', '.join(f.value for f in ExportFrame)}") from None
-    norm = read_normalized_from_sfm(ws.sfm_normalization) if (frame_ is ExportFrame.sfm or ws.sfm_normalization.exists()) else None
+    norm = (read_normalized_from_sfm(ws.sfm_normalization)
+            if (frame_ is ExportFrame.sfm or ws.sfm_normalization.exists()) else None)
     return export_mesh_files(
         ws.mesh_path, Path(dest) if dest is not None else cli_exports_dir(ws), formats=formats,
         target_faces=decimate_faces, frame=frame_, normalized_from_sfm=norm, model_dir=ws.sparse_dir,

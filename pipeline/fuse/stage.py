@@ -103,12 +103,14 @@ def check_poses(z_obs: np.ndarray, min_front_fraction: float = 0.5) -> None:
         ReconError: no observations, or too few in front of their cameras.
     """
     if len(z_obs) == 0:
-        raise ReconError("the SfM model has no sparse points observed by the cameras; fusion sizes its grid from them — re-run sfm")
+        raise ReconError("the SfM model has no sparse points observed by the cameras; "
+                         "fusion sizes its grid from them — re-run sfm")
     front = float(np.mean(z_obs > 0))
     if front < min_front_fraction:
         raise ReconError(
-            f"only {100 * front:.0f} % of the sparse observations lie in front of their cameras: the poses look camera→world, "
-            "but recon expects world→camera (cam_from_world); fix the supplied model or re-run sfm"
+            f"only {100 * front:.0f} % of the sparse observations lie in front of their cameras: "
+            "the poses look camera→world, but recon expects world→camera (cam_from_world); "
+            "fix the supplied model or re-run sfm"
         )
 
 
@@ -152,7 +154,8 @@ def track_lengths(scene: SfmScene) -> np.ndarray:
     return counts
 
 
-def camera_roi(scene: SfmScene, depth_max: float, *, view_fraction: float, percentile: float, margin: float) -> tuple[np.ndarray, np.ndarray]:
+def camera_roi(scene: SfmScene, depth_max: float, *, view_fraction: float, percentile: float,
+               margin: float) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned box (min (3,), max (3,)) of the region the cameras look at (see the module docstring)."""
     pts = scene.points
     tracks = track_lengths(scene)
@@ -186,17 +189,20 @@ def resolve_params(cfg: FuseConfig, scene: SfmScene, focal_scale: float = 1.0) -
     """
     z_obs, f_obs = observed_depths_and_focals(scene)
     check_poses(z_obs)
-    voxel = cfg.voxel_size if cfg.voxel_size is not None else auto_voxel_size(z_obs, f_obs, focal_scale, cfg.voxel_factor)
+    voxel = (cfg.voxel_size if cfg.voxel_size is not None
+             else auto_voxel_size(z_obs, f_obs, focal_scale, cfg.voxel_factor))
     trunc = cfg.sdf_trunc if cfg.sdf_trunc is not None else cfg.trunc_voxels * voxel
     depth_max = cfg.depth_max if cfg.depth_max is not None else auto_depth_max(z_obs, cfg.depth_max_factor)
     if not (voxel > 0 and trunc > 0 and depth_max > 0 and np.isfinite([voxel, trunc, depth_max]).all()):
-        raise ReconError(f"fusion sizes must be positive (voxel {voxel}, truncation {trunc}, depth_max {depth_max}); check the fuse.* settings")
+        raise ReconError(f"fusion sizes must be positive (voxel {voxel}, truncation {trunc}, depth_max {depth_max}); "
+                         "check the fuse.* settings")
     if cfg.block_resolution < 2 or cfg.min_views < 1:
         raise ReconError("fuse.block_resolution must be >= 2 and fuse.min_views >= 1")
     check_section(cfg, "fuse", runtime=False)
     roi_min = roi_max = None
     if cfg.crop:
-        lo, hi = camera_roi(scene, depth_max, view_fraction=cfg.crop_view_fraction, percentile=cfg.crop_percentile, margin=cfg.crop_margin)
+        lo, hi = camera_roi(scene, depth_max, view_fraction=cfg.crop_view_fraction, percentile=cfg.crop_percentile,
+                            margin=cfg.crop_margin)
         roi_min, roi_max = tuple(float(x) for x in lo), tuple(float(x) for x in hi)
     return FusionParams(
         voxel_size=float(voxel), sdf_trunc=float(trunc), depth_max=float(depth_max),
@@ -225,17 +231,21 @@ def check_masks(ws: Workspace, cfg: FuseConfig) -> None:
     photos = {p.relative_to(ws.images_dir).as_posix(): p for p in scene_images(ws)}
     found, unmatched, shared = find_masks(ws.masks_dir, list(photos))
     if unmatched:
-        logger.warning("%s: %d mask file(s) match no photo and are not used (a mask is named <photo name>.png or <photo stem>.png): %s",
-                       ws.masks_dir, len(unmatched), ", ".join(p.relative_to(ws.masks_dir).as_posix() for p in unmatched[:8]))
+        logger.warning("%s: %d mask file(s) match no photo and are not used "
+                       "(a mask is named <photo name>.png or <photo stem>.png): %s",
+                       ws.masks_dir, len(unmatched),
+                       ", ".join(p.relative_to(ws.masks_dir).as_posix() for p in unmatched[:8]))
     if shared:
-        logger.warning("%s: mask file(s) that fit two photos are not used (name them <photo name>.png, e.g. a.jpg.png): %s",
+        logger.warning("%s: mask file(s) that fit two photos are not used (name them <photo name>.png, "
+                       "e.g. a.jpg.png): %s",
                        ws.masks_dir, ", ".join(p.relative_to(ws.masks_dir).as_posix() for p in shared[:8]))
     for name, mask in found.items():
         read_mask(mask, (2, 2))  # decodes the file: a corrupt mask fails now, not after SfM and depth
         size, photo_size = displayed_size(mask), displayed_size(photos[name])
         if size != photo_size and not cfg.resize_masks:
-            raise ReconError(f"{mask}: the mask is {size[0]}x{size[1]} but its photo {name} is {photo_size[0]}x{photo_size[1]}; "
-                             "save the mask at the photo's size, or set fuse.resize_masks=true to stretch it")
+            raise ReconError(f"{mask}: the mask is {size[0]}x{size[1]} but its photo {name} is "
+                             f"{photo_size[0]}x{photo_size[1]}; save the mask at the photo's size, "
+                             "or set fuse.resize_masks=true to stretch it")
 
 
 
@@ -250,10 +260,12 @@ def run(ctx: StageContext) -> None:
     views = [(v, path_of(v.name)) for v in scene.views]
     present = [(v, p) for v, p in views if p.exists()]
     if not present:
-        raise ReconError(f"{ws.stage_dir(source)}: no depth maps to fuse; run `recon stage {source} {ws.scene_dir}` first")
+        raise ReconError(f"{ws.stage_dir(source)}: no depth maps to fuse; "
+                         f"run `recon stage {source} {ws.scene_dir}` first")
     if len(present) < len(views):
         missing = [v.name for v, p in views if not p.exists()]
-        ctx.logger.warning("fusing %d of %d views; no %s depth map for: %s", len(present), len(views), source, ", ".join(missing[:8]))
+        ctx.logger.warning("fusing %d of %d views; no %s depth map for: %s", len(present), len(views), source,
+                           ", ".join(missing[:8]))
 
     first_view, first_path = present[0]
     first = load_depth_map(first_path)
@@ -261,7 +273,8 @@ def run(ctx: StageContext) -> None:
     ctx.logger.info(
         "fusing %d depth maps (%s stage): voxel %.4g, truncation %.4g, depth_max %.3g%s",
         len(present), source, params.voxel_size, params.sdf_trunc, params.depth_max,
-        "" if params.roi is None else f", region {np.round(params.roi[0], 3).tolist()} .. {np.round(params.roi[1], 3).tolist()}",
+        "" if params.roi is None else f", region {np.round(params.roi[0], 3).tolist()} .. "
+                                      f"{np.round(params.roi[1], 3).tolist()}",
     )
 
     masks, _, _ = find_masks(ws.masks_dir, [v.name for v, _ in present])
@@ -289,4 +302,5 @@ def run(ctx: StageContext) -> None:
         seconds=round(time.perf_counter() - t0, 2),
         params={k: v for k, v in asdict(params).items()},
     )
-    ctx.logger.info("fused mesh: %d vertices, %d faces (%s)", len(result.mesh.vertices), len(result.mesh.triangles), ws.fuse_mesh)
+    ctx.logger.info("fused mesh: %d vertices, %d faces (%s)", len(result.mesh.vertices), len(result.mesh.triangles),
+                    ws.fuse_mesh)

@@ -78,7 +78,8 @@ class FusionFrame:
 
     depth_map: DepthMap
     rgb: np.ndarray | Callable[[], np.ndarray]
-    """(H', W', 3) uint8 (resized to the depth map's resolution), or a function loading it (read only when integrating)."""
+    """(H', W', 3) uint8 (resized to the depth map's resolution), or a function loading it (read only when
+    integrating)."""
     mask: np.ndarray | None = None
     """(H, W) bool at the depth map's resolution, or None."""
 
@@ -123,7 +124,8 @@ def open3d_device(preference: str = "auto"):
 
 def fusion_depth(dm: DepthMap, *, min_confidence: float, depth_max: float,
                  mask: np.ndarray | None = None) -> np.ndarray:
-    """(H, W) float32 depth to integrate: 0 where invalid, low-confidence, masked out, non-finite or beyond ``depth_max``."""
+    """(H, W) float32 depth to integrate: 0 where invalid, low-confidence, masked out, non-finite or beyond
+    ``depth_max``."""
     depth = np.asarray(dm.depth, dtype=np.float32)
     keep = np.asarray(dm.valid, dtype=bool) & np.isfinite(depth) & (depth > 0) & (depth <= depth_max)
     keep &= np.asarray(dm.confidence) >= min_confidence

@@ -34,7 +34,8 @@ def value_stats(values: np.ndarray) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
 
 
-def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], Ks: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+                     Ks: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
                      cam_from_world: Mapping[int, np.ndarray] | Sequence[np.ndarray], index: int,
                      neighbors: Sequence[int], *, reproj_px: float, rel_depth: float) -> np.ndarray:
     """Per pixel of view ``index``: how many ``neighbors`` agree with its depth (int (H, W)).
@@ -49,7 +50,8 @@ def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
     from pipeline.depth.consistency import geometric_consistency
 
     world_from_ref = invert_pose(cam_from_world[index])
-    others = [(depths[j], Ks[j], torch.as_tensor(cam_from_world[j] @ world_from_ref, dtype=torch.float32, device=depths[j].device))
+    others = [(depths[j], Ks[j],
+               torch.as_tensor(cam_from_world[j] @ world_from_ref, dtype=torch.float32, device=depths[j].device))
               for j in neighbors]
     with torch.no_grad():
         cons = geometric_consistency(depths[index], Ks[index], others, reproj_px, rel_depth)
@@ -73,7 +75,8 @@ def photometric_costs(ref_gray_11hw: torch.Tensor, K_ref_33: torch.Tensor, cam_f
     H, W = depths_dhw.shape[-2:]
     ref = mvs.reference_stats(ref_gray_11hw, window)
     world_from_ref = invert_pose(cam_from_world_ref)
-    prepared = [mvs.make_source(g, K_ref_33, K_j, torch.as_tensor(pose_j @ world_from_ref, dtype=torch.float32, device=g.device), H, W)
+    prepared = [mvs.make_source(g, K_ref_33, K_j,
+                                torch.as_tensor(pose_j @ world_from_ref, dtype=torch.float32, device=g.device), H, W)
                 for g, K_j, pose_j in sources]
     inv = torch.where(depths_dhw > 0, depths_dhw.clamp(min=1e-6).reciprocal(), torch.full_like(depths_dhw, 1e-6))
     with torch.no_grad():
@@ -82,12 +85,14 @@ def photometric_costs(ref_gray_11hw: torch.Tensor, K_ref_33: torch.Tensor, cam_f
 
 def change_stats(depth_init: np.ndarray, depth: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
     """INIT / PRED / DELTA statistics (mean, std, min, max) over the valid pixels, and the valid fraction."""
-    return {"INIT": value_stats(depth_init[valid]), "PRED": value_stats(depth[valid]), "DELTA": value_stats((depth - depth_init)[valid]),
-            "valid_fraction": float(valid.mean())}
+    return {"INIT": value_stats(depth_init[valid]), "PRED": value_stats(depth[valid]),
+            "DELTA": value_stats((depth - depth_init)[valid]), "valid_fraction": float(valid.mean())}
 
 
-def keep_more_consistent(views: Sequence[View], maps: Sequence[DepthMap], cfg: RefineConfig, device: torch.device,
-                         images: Sequence[np.ndarray | None] | None = None) -> tuple[list[DepthMap], dict[str, dict[str, Any]]]:
+def keep_more_consistent(
+    views: Sequence[View], maps: Sequence[DepthMap], cfg: RefineConfig, device: torch.device,
+    images: Sequence[np.ndarray | None] | None = None,
+) -> tuple[list[DepthMap], dict[str, dict[str, Any]]]:
     """Refined depth where more neighbours agree with it than with the initial depth, initial depth elsewhere.
 
     With ``images`` (one per view) and ``cfg.keep_if_photo_consistent``, the
@@ -102,15 +107,18 @@ def keep_more_consistent(views: Sequence[View], maps: Sequence[DepthMap], cfg: R
     return out, stats  # type: ignore[return-value]
 
 
-def supported(count: np.ndarray, violations: np.ndarray, photo_cost: np.ndarray | None, max_photo_cost: float) -> np.ndarray:
+def supported(count: np.ndarray, violations: np.ndarray, photo_cost: np.ndarray | None,
+              max_photo_cost: float) -> np.ndarray:
     """Pixels whose depth the evidence supports: a neighbour map agrees, or the photos match (``photo_cost``
-    at most ``max_photo_cost``; None: no photos) and no neighbour sees through the point ("keep unless contradicted")."""
+    at most ``max_photo_cost``; None: no photos) and no neighbour sees through the point ("keep unless
+    contradicted")."""
     photo_ok = np.zeros_like(count, dtype=bool) if photo_cost is None else photo_cost <= max_photo_cost
     return (count >= 1) | ((violations == 0) & photo_ok)
 
 
-def gate_choice(trusted: np.ndarray, restored: np.ndarray, count_ref: np.ndarray, count_init: np.ndarray, supported_ref: np.ndarray,
-                photo_ref: np.ndarray | None, photo_init: np.ndarray | None, margin: float) -> tuple[np.ndarray, np.ndarray]:
+def gate_choice(trusted: np.ndarray, restored: np.ndarray, count_ref: np.ndarray, count_init: np.ndarray,
+                supported_ref: np.ndarray, photo_ref: np.ndarray | None, photo_init: np.ndarray | None,
+                margin: float) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel, which depth the gate keeps: (take the refined depth, keep the pixel at all), both bool (H, W).
 
     * A pixel of a *trusted* initial map (the depth stage checked it against its
@@ -125,15 +133,17 @@ def gate_choice(trusted: np.ndarray, restored: np.ndarray, count_ref: np.ndarray
     if photo_ref is None or photo_init is None:
         better = count_ref > count_init
     else:
-        better = ((count_ref > count_init) & (photo_ref <= photo_init)) | ((count_ref >= count_init) & (photo_ref < photo_init - margin))
+        better = (((count_ref > count_init) & (photo_ref <= photo_init))
+                  | ((count_ref >= count_init) & (photo_ref < photo_init - margin)))
     checked = trusted & ~restored
     take = np.where(checked, better, supported_ref)
     keep = checked | supported_ref
     return take & keep, keep
 
 
-def evidence_stats(init_valid: np.ndarray, keep: np.ndarray, take: np.ndarray, count_init: np.ndarray, count_ref: np.ndarray,
-                   photo_init: np.ndarray | None, photo_ref: np.ndarray | None) -> dict[str, float]:
+def evidence_stats(init_valid: np.ndarray, keep: np.ndarray, take: np.ndarray, count_init: np.ndarray,
+                   count_ref: np.ndarray, photo_init: np.ndarray | None,
+                   photo_ref: np.ndarray | None) -> dict[str, float]:
     """Before/after evidence of one view for the report and ``recon diagnose``.
 
     ``consistent_init`` / ``consistent_refined``: share of the initial valid
@@ -155,7 +165,8 @@ def evidence_stats(init_valid: np.ndarray, keep: np.ndarray, take: np.ndarray, c
 
 
 def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineConfig, device: torch.device,
-          emit: Callable[[int, DepthMap], None], images: Sequence[np.ndarray | None] | None = None) -> dict[str, dict[str, Any]]:
+          emit: Callable[[int, DepthMap], None],
+          images: Sequence[np.ndarray | None] | None = None) -> dict[str, dict[str, Any]]:
     """:func:`keep_more_consistent` one view at a time: ``load(i)`` gives view i's refined map (with
     ``depth_init`` and ``restored``), ``emit(i, map)`` takes the gated one; only a few views' maps are held at once.
 
@@ -182,7 +193,8 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
             return cache[j]
         dm = load(j) if dm is None else dm
         ev = evidence(dm)
-        cache[j] = (t(np.where(ev, dm.depth_init, 0.0)), t(np.where(ev, dm.depth, 0.0)), t(dm.K), np.asarray(dm.cam_from_world, np.float64))
+        cache[j] = (t(np.where(ev, dm.depth_init, 0.0)), t(np.where(ev, dm.depth, 0.0)), t(dm.K),
+                    np.asarray(dm.cam_from_world, np.float64))
         while len(cache) > capacity:
             cache.popitem(last=False)
         return cache[j]
@@ -201,11 +213,13 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
         return grays[j]
 
     def consistency(i: int, depth: np.ndarray, which: int, nb: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(agreeing neighbours, neighbours that see through) of ``depth`` in view i against the neighbours' initial (0) or refined (1) evidence."""
+        """(agreeing neighbours, neighbours that see through) of ``depth`` in view i against the neighbours' initial (0)
+        or refined (1) evidence."""
         pose_i = entries[i][3]
         others = [(entries[j][which], entries[j][2], t(entries[j][3] @ invert_pose(pose_i))) for j in nb]
         with torch.no_grad():
-            c = geometric_consistency(t(depth), entries[i][2], others, cfg.accept_reproj_px, cfg.accept_rel_depth, cfg.accept_free_space_margin)
+            c = geometric_consistency(t(depth), entries[i][2], others, cfg.accept_reproj_px, cfg.accept_rel_depth,
+                                      cfg.accept_free_space_margin)
         return c.count.cpu().numpy(), c.violations.cpu().numpy()
 
     stats: dict[str, dict[str, Any]] = {}
@@ -225,22 +239,28 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
             src = [(gray(j, tuple(entries[j][0].shape)), entries[j][2], entries[j][3]) for j in nb]
             src = [s_ for s_ in src if s_[0] is not None]
             if ref_gray is not None and src:
-                costs = photometric_costs(ref_gray, entries[i][2], entries[i][3], src, torch.stack([t(init_depth), t(ref_depth)])).cpu().numpy()
+                costs = photometric_costs(ref_gray, entries[i][2], entries[i][3], src,
+                                          torch.stack([t(init_depth), t(ref_depth)])).cpu().numpy()
                 photo_init, photo_ref = costs[0], costs[1]
-        # An unchecked prior's pixel needs a neighbour map that agrees; photos alone only restore pixels the depth stage dropped.
-        sup = (supported(count_ref, violations_ref, photo_ref, cfg.restore_max_photo_cost) if trusted else count_ref >= 1) & dm.valid
-        take, keep = gate_choice(np.full(dm.valid.shape, trusted), restored, count_ref, count_init, sup, photo_ref, photo_init,
-                                 cfg.accept_photo_margin)
+        # An unchecked prior's pixel needs a neighbour map that agrees; photos alone only restore pixels the
+        # depth stage dropped.
+        sup = (supported(count_ref, violations_ref, photo_ref, cfg.restore_max_photo_cost)
+               if trusted else count_ref >= 1) & dm.valid
+        take, keep = gate_choice(np.full(dm.valid.shape, trusted), restored, count_ref, count_init, sup, photo_ref,
+                                 photo_init, cfg.accept_photo_margin)
         keep &= dm.valid
         if cfg.max_correction > 0:
             take &= np.abs(dm.depth - dm.depth_init) <= cfg.max_correction * dm.depth_init
             keep &= take | (trusted & ~restored)
         depth = np.where(keep, np.where(take, dm.depth, dm.depth_init), 0.0).astype(np.float32)
         kept_restored = keep & restored
-        s = {**change_stats(dm.depth_init, depth, keep), "refined_fraction": float((take & keep & ~restored).sum() / max(1, (dm.valid & ~restored).sum())),
-             "restored_fraction": float(kept_restored.sum() / max(1, keep.sum())), "dropped_fraction": float((dm.valid & ~keep).sum() / max(1, dm.valid.sum())),
+        s = {**change_stats(dm.depth_init, depth, keep),
+             "refined_fraction": float((take & keep & ~restored).sum() / max(1, (dm.valid & ~restored).sum())),
+             "restored_fraction": float(kept_restored.sum() / max(1, keep.sum())),
+             "dropped_fraction": float((dm.valid & ~keep).sum() / max(1, dm.valid.sum())),
              **evidence_stats(dm.valid & ~restored, keep, take, count_init, count_ref, photo_init, photo_ref)}
         stats[views[i].name] = s
         emit(i, replace(dm, depth=depth, valid=keep, confidence=np.where(keep, dm.confidence, 0.0).astype(np.float32),
-                        depth_init=np.where(keep, dm.depth_init, 0.0).astype(np.float32), restored=kept_restored, stats={**dm.stats, **s}))
+                        depth_init=np.where(keep, dm.depth_init, 0.0).astype(np.float32), restored=kept_restored,
+                        stats={**dm.stats, **s}))
     return stats

@@ -71,7 +71,8 @@ def reproject(
     return project(transform_points(dst_from_src_b44, points_src), K_dst_b33)
 
 
-def occlusion_mask(z_sel: torch.Tensor, sampled2: torch.Tensor, tol: float, behind_tol: float | None = None) -> torch.Tensor:
+def occlusion_mask(z_sel: torch.Tensor, sampled2: torch.Tensor, tol: float,
+                   behind_tol: float | None = None) -> torch.Tensor:
     """Z-buffer test of docs/conventions.md: which reprojected samples see the same surface in the neighbour.
 
     A sample counts only if ``sampled2 > 1e-5`` (the neighbour has a depth
@@ -140,7 +141,8 @@ def multiview_loss(
 
 # ---- sparse-point anchoring (L_anchor) ---------------------------------------------------
 
-def anchor_loss(depth_at_points: torch.Tensor, point_depth: torch.Tensor, mask: torch.Tensor, *, delta: float) -> torch.Tensor:
+def anchor_loss(depth_at_points: torch.Tensor, point_depth: torch.Tensor, mask: torch.Tensor, *,
+                delta: float) -> torch.Tensor:
     """L_anchor: Huber of ``(depth_pred − z_point) / z_point`` at the sparse points a view sees.
 
     Args:
@@ -172,7 +174,8 @@ def image_edge_weights(image_bchw: torch.Tensor, alpha: float) -> tuple[torch.Te
     return torch.exp(-alpha * gx), torch.exp(-alpha * gy)
 
 
-def depth_edge_weights(depth_b1hw: torch.Tensor, w_x: torch.Tensor, w_y: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def depth_edge_weights(depth_b1hw: torch.Tensor, w_x: torch.Tensor, w_y: torch.Tensor,
+                       tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero the pair weights across depth edges of ``depth`` (relative jump ``|Δd| / min(d) >= tol``).
 
     Returns:
@@ -286,13 +289,15 @@ def magnitude_loss(delta_z_b1hw: torch.Tensor, depth_init_b1hw: torch.Tensor, va
 # ---- photometric (L_photo) ---------------------------------------------------------------
 
 def window_offsets(radius: int) -> torch.Tensor:
-    """Integer pixel offsets ``(dx, dy)`` of a ``(2r+1)^2`` window, row by row: (T, 2) float32, the centre at index T // 2."""
+    """Integer pixel offsets ``(dx, dy)`` of a ``(2r+1)^2`` window, row by row: (T, 2) float32, the centre at index
+    T // 2."""
     r = torch.arange(-radius, radius + 1, dtype=torch.float32)
     dy, dx = torch.meshgrid(r, r, indexing="ij")
     return torch.stack([dx.reshape(-1), dy.reshape(-1)], -1)
 
 
-def bilateral_weights(ref_taps_bnt: torch.Tensor, offsets_t2: torch.Tensor, *, sigma_color: float, sigma_space: float) -> torch.Tensor:
+def bilateral_weights(ref_taps_bnt: torch.Tensor, offsets_t2: torch.Tensor, *, sigma_color: float,
+                      sigma_space: float) -> torch.Tensor:
     """Adaptive support weights of a window: ``exp(−|I(q) − I(p)| / σ_c) · exp(−|q − p|² / 2σ_s²)`` (B, N, T).
 
     ``p`` is the window's centre tap (index T // 2). Taps whose grey level
@@ -309,7 +314,8 @@ def bilateral_weights(ref_taps_bnt: torch.Tensor, offsets_t2: torch.Tensor, *, s
     return torch.exp(-(ref_taps_bnt - centre).abs() / sigma_color) * space
 
 
-def weighted_zncc(a_bnt: torch.Tensor, b_bnt: torch.Tensor, w_bnt: torch.Tensor, eps: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_zncc(a_bnt: torch.Tensor, b_bnt: torch.Tensor, w_bnt: torch.Tensor,
+                  eps: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted zero-mean normalized cross-correlation of windows ``a`` and ``b`` over their last axis.
 
     ``ZNCC = cov_w(a, b) / sqrt(var_w(a) var_w(b) + eps⁴)``: 1 for ``b = g a + o``
@@ -397,9 +403,11 @@ def photometric_loss(
     """
     B, S, T = ref_taps_bst.shape
     k = K_src_b33.shape[0] // B
-    w = bilateral_weights(ref_taps_bst, offsets_t2, sigma_color=sigma_color, sigma_space=float(offsets_t2.abs().max().clamp(min=1.0))) * tap_ok_bst
+    w = bilateral_weights(ref_taps_bst, offsets_t2, sigma_color=sigma_color,
+                          sigma_space=float(offsets_t2.abs().max().clamp(min=1.0))) * tap_ok_bst
     uv_dst, z_sel = reproject(uv_taps_bst2.reshape(B, S * T, 2).repeat_interleave(k, 0),
-                              depth_taps_bst.reshape(B, S * T).clamp(min=MIN_DEPTH).repeat_interleave(k, 0), K_src_b33, K_dst_b33, dst_from_src_b44)
+                              depth_taps_bst.reshape(B, S * T).clamp(min=MIN_DEPTH).repeat_interleave(k, 0), K_src_b33,
+                              K_dst_b33, dst_from_src_b44)
     src = read_image(uv_dst).reshape(B * k, S, T)
     seen = (inside_image(uv_dst, height, width) & (z_sel > MIN_DEPTH)).reshape(B * k, S, T)
     wk = w.repeat_interleave(k, 0) * seen

@@ -33,10 +33,10 @@ from pipeline.refine.scene import _decode_current
 
 logger = logging.getLogger(__name__)
 
-LOG_COLUMNS: tuple[str, ...] = ("loss", "L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo", "dz_mean", "dz_std", "mv_kept",
-                                 "photo_kept", "lr", "finite")
-"""Per-step values in ``log.json`` (``dz_*`` in normalized-frame depth units, ``mv_kept`` / ``photo_kept`` = share of the
-L_mv / L_photo samples used)."""
+LOG_COLUMNS: tuple[str, ...] = ("loss", "L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo", "dz_mean", "dz_std",
+                                "mv_kept", "photo_kept", "lr", "finite")
+"""Per-step values in ``log.json`` (``dz_*`` in normalized-frame depth units, ``mv_kept`` / ``photo_kept`` = share of
+the L_mv / L_photo samples used)."""
 
 
 # ---- one step: losses of a group, Adam ---------------------------------------------------
@@ -44,9 +44,10 @@ L_mv / L_photo samples used)."""
 LOSS_TERMS: tuple[str, ...] = ("L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo")
 
 
-def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: torch.Tensor, channel: int, cfg: RefineConfig,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_photo of one group (:func:`pipeline.refine.losses.photometric_loss`): (loss, share of the sampled windows it used).
+def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: torch.Tensor, channel: int,
+                cfg: RefineConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_photo of one group (:func:`pipeline.refine.losses.photometric_loss`): (loss, share of the sampled windows it
+    used).
 
     ``photo_samples_per_view`` windows per view are centred on random valid
     pixels; their taps read the predicted depth, the view's own grey image
@@ -56,7 +57,8 @@ def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: t
     S = cfg.photo_samples_per_view
     offsets = losses.window_offsets(cfg.photo_radius).to(pred.device)
     T = offsets.shape[0]
-    pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(), (gr.pix_count - 1).clamp(min=0).long())
+    pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(),
+                         (gr.pix_count - 1).clamp(min=0).long())
     flat = torch.gather(gr.pix_index, 1, pick).long()  # (B, S)
     tx = (flat % W)[..., None] + offsets[:, 0].long()
     ty = torch.div(flat, W, rounding_mode="floor")[..., None] + offsets[:, 1].long()  # (B, S, T)
@@ -75,12 +77,14 @@ def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: t
         read = sample_views(current, gr.nbr[:, None].expand(*uv_c.shape[:2]), uv_c, _decode_current)
         return read[:, 0], read[:, 1] > 0.999
 
-    return losses.photometric_loss(ref_taps, d_taps, uv, tap_ok, gr.K_src, gr.K_dst, gr.dst_from_src, read_image, read_depth, offsets,
-                                   height=H, width=W, sigma_color=cfg.photo_sigma_color, best_k=cfg.photo_best_k,
-                                   behind_tol=cfg.photo_occlusion_tol, min_texture=cfg.photo_min_texture)
+    return losses.photometric_loss(ref_taps, d_taps, uv, tap_ok, gr.K_src, gr.K_dst, gr.dst_from_src, read_image,
+                                   read_depth, offsets, height=H, width=W, sigma_color=cfg.photo_sigma_color,
+                                   best_k=cfg.photo_best_k, behind_tol=cfg.photo_occlusion_tol,
+                                   min_texture=cfg.photo_min_texture)
 
 
-def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: torch.Generator, images: torch.Tensor | None = None,
+def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: torch.Generator,
+                  images: torch.Tensor | None = None,
                   image_channel: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss terms of one group at its current grids; returns (terms, depth_pred (B,1,H,W), share of L_mv samples kept,
     share of L_photo samples used). ``images``: every view's grey images (V, H, W, 2: sharp, blurred) for L_photo."""
@@ -95,21 +99,27 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
         # L_mv: valid pixels → back-project at depth_pred → neighbours → their current depth there.
         S = cfg.samples_per_view
         # (a view without valid pixels samples pixel 0: invalid, so its confidence weight is 0)
-        pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(), (gr.pix_count - 1).clamp(min=0).long())
+        pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(),
+                             (gr.pix_count - 1).clamp(min=0).long())
         flat = torch.gather(gr.pix_index, 1, pick).long()  # (B, S)
-        uv_src = torch.stack([(flat % W).to(pred.dtype) + 0.5, torch.div(flat, W, rounding_mode="floor").to(pred.dtype) + 0.5], -1)
+        uv_src = torch.stack([(flat % W).to(pred.dtype) + 0.5,
+                              torch.div(flat, W, rounding_mode="floor").to(pred.dtype) + 0.5], -1)
         d_src = torch.gather(pred.reshape(B, -1), 1, flat)
         c_src = torch.gather(gr.confidence.reshape(B, -1), 1, flat)
-        uv_dst, z_sel = losses.reproject(uv_src.repeat_interleave(k, 0), d_src.repeat_interleave(k, 0), gr.K_src, gr.K_dst, gr.dst_from_src)
+        uv_dst, z_sel = losses.reproject(uv_src.repeat_interleave(k, 0), d_src.repeat_interleave(k, 0), gr.K_src,
+                                         gr.K_dst, gr.dst_from_src)
         # The neighbour's current depth is this step's target: read as a constant, at a constant location.
-        read = sample_views(current, gr.nbr[:, None].expand(B * k, S), uv_dst.detach(), _decode_current)  # (B*k, 3, S): depth, valid, weight
+        # (B*k, 3, S): depth, valid, weight
+        read = sample_views(current, gr.nbr[:, None].expand(B * k, S), uv_dst.detach(), _decode_current)
         inside = inside_image(uv_dst, H, W) & (read[:, 1] > 0.999)
         weight = c_src.repeat_interleave(k, 0) * read[:, 2]
-        terms["L_mv"], keep = losses.multiview_loss(z_sel, read[:, 0], inside, delta=cfg.huber_delta, tol=cfg.occlusion_tol,
-                                                    behind_tol=cfg.occlusion_tol_behind, weight=weight)
+        terms["L_mv"], keep = losses.multiview_loss(z_sel, read[:, 0], inside, delta=cfg.huber_delta,
+                                                    tol=cfg.occlusion_tol, behind_tol=cfg.occlusion_tol_behind,
+                                                    weight=weight)
         kept = keep.to(pred.dtype).mean()
     if cfg.weight_anchor > 0:
-        terms["L_anchor"] = losses.anchor_loss(sample_image(pred, gr.anchor_uv)[:, 0], gr.anchor_z, gr.anchor_mask, delta=cfg.huber_delta)
+        terms["L_anchor"] = losses.anchor_loss(sample_image(pred, gr.anchor_uv)[:, 0], gr.anchor_z, gr.anchor_mask,
+                                               delta=cfg.huber_delta)
     if cfg.weight_edge > 0:
         terms["L_edge"] = losses.edge_aware_smoothness(pred, *gr.edge_w)
     if cfg.weight_surf > 0:
@@ -166,12 +176,13 @@ def _lr_at(cfg: RefineConfig, step: int) -> float:
 
 def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, device: torch.device, bar: Any,
               images: torch.Tensor | None = None) -> np.ndarray:
-    """The optimization loop (updates the groups' grids and ``current`` in place); returns the per-step log (steps, LOG_COLUMNS)."""
+    """The optimization loop (updates the groups' grids and ``current`` in place); returns the per-step log (steps,
+    LOG_COLUMNS)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     history = torch.zeros(max(cfg.steps, 1), len(LOG_COLUMNS), device=device)
-    weights = {"L_mv": cfg.weight_mv, "L_anchor": cfg.weight_anchor, "L_edge": cfg.weight_edge, "L_surf": cfg.weight_surf, "L_mag": cfg.weight_mag,
-               "L_photo": cfg.weight_photo}
+    weights = {"L_mv": cfg.weight_mv, "L_anchor": cfg.weight_anchor, "L_edge": cfg.weight_edge,
+               "L_surf": cfg.weight_surf, "L_mag": cfg.weight_mag, "L_photo": cfg.weight_photo}
     lr_scale = torch.ones((), device=device)
     skipped_seen = 0
 
@@ -201,26 +212,29 @@ def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, devi
             n = gr.valid_count.clamp(min=1.0)
             dz_mean = dz.sum() / n
             dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
-            history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, photo_kept, lr, finite.to(pred.dtype)])
-        del gr, g, terms, pred, kept, photo_kept, loss, grads, cur, m, dz  # this step's tensors go before the next group's arrive
+            history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, photo_kept, lr,
+                                         finite.to(pred.dtype)])
+        # this step's tensors go before the next group's arrive
+        del gr, g, terms, pred, kept, photo_kept, loss, grads, cur, m, dz
         if bar is not None:
             bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
             values = dict(zip(LOG_COLUMNS, history[step].tolist()))
             skipped_now = int((history[: step + 1, -1] == 0).sum().item())
             if skipped_now > skipped_seen:
-                logger.warning("refine: %d step(s) with a non-finite loss or gradient skipped so far; learning rate halved each time (now %.2e)",
-                               skipped_now, values["lr"])
+                logger.warning("refine: %d step(s) with a non-finite loss or gradient skipped so far; "
+                               "learning rate halved each time (now %.2e)", skipped_now, values["lr"])
                 skipped_seen = skipped_now
             if bar is not None:
                 shown = [k for k in LOSS_TERMS if weights[k] > 0]
-                bar.set_postfix({k: f"{values[k]:.2e}" for k in shown} | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
+                bar.set_postfix({k: f"{values[k]:.2e}" for k in shown}
+                                | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
                                 refresh=False)
     return history[: cfg.steps].cpu().numpy()
 
 
-def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap], emit: Callable[[int, DepthMap], None],
-              keep_restored: bool = True) -> dict[str, dict[str, Any]]:
+def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap],
+              emit: Callable[[int, DepthMap], None], keep_restored: bool = True) -> dict[str, dict[str, Any]]:
     """Full-resolution refined maps, one group at a time, handed to ``emit(storage index, map)``; never NaN.
 
     Without ``keep_restored`` (no gate to check them) the restored candidates are left out.
@@ -243,7 +257,8 @@ def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap
                 d_pred = pred[j, 0, :h, :w]
                 bad = valid & ~(np.isfinite(d_pred) & (d_pred > 0))
                 if bad.any():
-                    logger.warning("refine: %s: %d non-finite refined depths replaced by the initial depth", views[i].name, int(bad.sum()))
+                    logger.warning("refine: %s: %d non-finite refined depths replaced by the initial depth",
+                                   views[i].name, int(bad.sum()))
                     d_pred = np.where(bad, d_init, d_pred)
                 d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
                 s = change_stats(d_init, d_pred, valid)
@@ -252,8 +267,10 @@ def _finalize(store: _GroupStore, views: Sequence[View], init: Sequence[DepthMap
                 if not keep_restored:
                     valid = valid & ~restored
                     d_pred = np.where(valid, d_pred, 0.0).astype(np.float32)
-                emit(i, replace(dm, depth=d_pred, valid=valid.copy(), confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
-                                depth_init=np.where(valid, d_init, 0.0).astype(np.float32), restored=restored & valid, stats={**dm.stats, **s}))
+                emit(i, replace(dm, depth=d_pred, valid=valid.copy(),
+                                confidence=np.where(valid, dm.confidence, 0.0).astype(np.float32),
+                                depth_init=np.where(valid, d_init, 0.0).astype(np.float32), restored=restored & valid,
+                                stats={**dm.stats, **s}))
             del gr, pred, d0, valid_all
     store.release()
     return stats

@@ -139,8 +139,8 @@ class _Group:
     exp_avg_sq: list[torch.Tensor]
     adam_steps: torch.Tensor  # () device step count (skipped steps do not count)
 
-    _FIXED = ("depth_init", "valid", "valid_count", "confidence", "pix_index", "pix_count", "K_src", "K_dst", "nbr", "dst_from_src",
-              "anchor_uv", "anchor_z", "anchor_mask")
+    _FIXED = ("depth_init", "valid", "valid_count", "confidence", "pix_index", "pix_count", "K_src", "K_dst", "nbr",
+              "dst_from_src", "anchor_uv", "anchor_z", "anchor_mask")
 
     def fixed_tensors(self) -> list[torch.Tensor]:
         """The tensors that do not change while optimizing, in a fixed order (see :meth:`from_tensors`)."""
@@ -151,11 +151,13 @@ class _Group:
         return [*self.grids, *self.exp_avg, *self.exp_avg_sq, self.adam_steps]
 
     @classmethod
-    def from_tensors(cls, start: int, stop: int, fixed: Sequence[torch.Tensor], state: Sequence[torch.Tensor]) -> "_Group":
+    def from_tensors(cls, start: int, stop: int, fixed: Sequence[torch.Tensor],
+                     state: Sequence[torch.Tensor]) -> "_Group":
         n = len(cls._FIXED)
         levels = (len(state) - 1) // 3
-        return cls(start=start, stop=stop, **dict(zip(cls._FIXED, fixed[:n])), edge_w=(fixed[n], fixed[n + 1]), surf_w=(fixed[n + 2], fixed[n + 3]),
-                   grids=list(state[:levels]), exp_avg=list(state[levels:2 * levels]), exp_avg_sq=list(state[2 * levels:3 * levels]),
+        return cls(start=start, stop=stop, **dict(zip(cls._FIXED, fixed[:n])), edge_w=(fixed[n], fixed[n + 1]),
+                   surf_w=(fixed[n + 2], fixed[n + 3]), grids=list(state[:levels]),
+                   exp_avg=list(state[levels:2 * levels]), exp_avg_sq=list(state[2 * levels:3 * levels]),
                    adam_steps=state[-1])
 
 
@@ -165,7 +167,8 @@ _ALIGN = 64
 
 
 def _save_tensors(path: Path, tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Write the tensors' raw bytes one after another (each padded to 64 bytes); returns their (shape, dtype) for :func:`_load_tensors`."""
+    """Write the tensors' raw bytes one after another (each padded to 64 bytes); returns their (shape, dtype) for
+    :func:`_load_tensors`."""
     layout = []
     with open(path, "wb") as fh:
         for x in tensors:
@@ -176,8 +179,10 @@ def _save_tensors(path: Path, tensors: Sequence[torch.Tensor]) -> list[tuple[tup
     return layout
 
 
-def _load_tensors(path: Path, layout: Sequence[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> list[torch.Tensor]:
-    """Read back what :func:`_save_tensors` wrote: the same values, bit for bit (one read; on the CPU the tensors share its buffer)."""
+def _load_tensors(path: Path, layout: Sequence[tuple[tuple[int, ...], torch.dtype]],
+                  device: torch.device) -> list[torch.Tensor]:
+    """Read back what :func:`_save_tensors` wrote: the same values, bit for bit (one read; on the CPU the tensors share
+    its buffer)."""
     buf = np.fromfile(path, dtype=np.uint8)
     out, offset = [], 0
     for shape, dtype in layout:
@@ -257,7 +262,8 @@ class _GroupStore:
             return self._build(*self.spans[g])
         fixed, state = self._paths(g)
         layout_fixed, layout_state = self._layouts[g]
-        return _Group.from_tensors(*self.spans[g], _load_tensors(fixed, layout_fixed, self._device), _load_tensors(state, layout_state, self._device))
+        return _Group.from_tensors(*self.spans[g], _load_tensors(fixed, layout_fixed, self._device),
+                                   _load_tensors(state, layout_state, self._device))
 
     def release(self) -> None:
         """Drop every group's tensors (the scratch files stay until the scratch folder goes)."""

@@ -81,9 +81,11 @@ def gaussian_blur(x_bchw: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def _check_map(view: View, dm: DepthMap) -> None:
     h, w = dm.depth.shape
-    if dm.valid.shape != (h, w) or dm.confidence.shape != (h, w) or np.shape(dm.K) != (3, 3) or np.shape(dm.cam_from_world) != (4, 4):
-        raise ReconError(f"depth map of {view.name}: inconsistent shapes (depth {dm.depth.shape}, valid {dm.valid.shape}, "
-                         f"confidence {dm.confidence.shape}); delete it and re-run the depth stage")
+    if (dm.valid.shape != (h, w) or dm.confidence.shape != (h, w) or np.shape(dm.K) != (3, 3)
+            or np.shape(dm.cam_from_world) != (4, 4)):
+        raise ReconError(f"depth map of {view.name}: inconsistent shapes (depth {dm.depth.shape}, "
+                         f"valid {dm.valid.shape}, confidence {dm.confidence.shape}); "
+                         "delete it and re-run the depth stage")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class _ViewCamera:
 
 def _anchor_projections(views: Sequence[View], cameras: Sequence[_ViewCamera], points: np.ndarray, max_points: int,
                         seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each view's sparse points projected with its depth map's K and pose, padded: (uv (V,P,2), z (V,P), in-image mask (V,P))."""
+    """Each view's sparse points projected with its depth map's K and pose, padded: (uv (V,P,2), z (V,P), in-image mask
+    (V,P))."""
     rng = np.random.default_rng([seed, 1])
     rows = []
     for v, cam in zip(views, cameras):
@@ -124,12 +127,14 @@ def _anchor_projections(views: Sequence[View], cameras: Sequence[_ViewCamera], p
 def _pyramid_shapes(height: int, width: int, strides: Sequence[int]) -> list[tuple[int, int]]:
     """Grid sizes, fine to coarse, of the pyramid levels (``ceil(size / stride)``)."""
     if not strides or any(int(s) < 1 for s in strides) or list(strides) != sorted(set(strides)):
-        raise ReconError(f"refine.pyramid_strides must be increasing positive integers, e.g. 1,2,4,8; got {tuple(strides)}")
+        raise ReconError("refine.pyramid_strides must be increasing positive integers, e.g. 1,2,4,8; "
+                         f"got {tuple(strides)}")
     return [(max(1, math.ceil(height / s)), max(1, math.ceil(width / s))) for s in strides]
 
 
 def _input_arrays(dm: DepthMap, cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An initial map as optimized: (depth float32, 0 where invalid; valid; L_mv weight float32, 0 where invalid), (h, w) each."""
+    """An initial map as optimized: (depth float32, 0 where invalid; valid; L_mv weight float32, 0 where invalid),
+    (h, w) each."""
     d = np.asarray(dm.depth, np.float32)
     ok = np.asarray(dm.valid, bool) & np.isfinite(d) & (d > losses.MIN_DEPTH)
     c = np.nan_to_num(np.asarray(dm.confidence, np.float32), nan=0.0)
@@ -170,14 +175,16 @@ def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.nd
     cameras = []
     for v, dm in zip(views, init):
         _check_map(v, dm)
-        cameras.append(_ViewCamera(dm.depth.shape, np.asarray(dm.K, np.float64), np.asarray(dm.cam_from_world, np.float64)))
+        cameras.append(_ViewCamera(dm.depth.shape, np.asarray(dm.K, np.float64),
+                                   np.asarray(dm.cam_from_world, np.float64)))
     H = max(c.shape[0] for c in cameras)
     W = max(c.shape[1] for c in cameras)
     pyramid = _pyramid_shapes(H, W, cfg.pyramid_strides)
     poses = np.stack([c.cam_from_world for c in cameras])
     nbr = covisible_neighbors(views, cfg.num_neighbors)
     k = nbr.shape[1]
-    dst_from_src = np.array([[poses[j] @ np.linalg.inv(poses[i]) for j in nbr[i]] for i in range(n)]).reshape(n, k, 4, 4)
+    dst_from_src = np.array([[poses[j] @ np.linalg.inv(poses[i]) for j in nbr[i]]
+                             for i in range(n)]).reshape(n, k, 4, 4)
     a_uv, a_z, a_ok = _anchor_projections(views, cameras, points, cfg.max_anchor_points, cfg.seed)
     current = torch.empty((n, H, W, 2), dtype=torch.float32, device=device)
     for i, dm in enumerate(init):
@@ -189,14 +196,16 @@ def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.nd
         block[:h, :w, 1] = np.where(ok, conf, -1.0)
         current[i] = torch.from_numpy(block)
     tables = _SceneTables(height=H, width=W, Ks=np.stack([c.K for c in cameras]), nbr=nbr, dst_from_src=dst_from_src,
-                          anchor_uv=a_uv, anchor_z=a_z, anchor_ok=a_ok, pyramid=pyramid, shapes=[c.shape for c in cameras])
+                          anchor_uv=a_uv, anchor_z=a_z, anchor_ok=a_ok, pyramid=pyramid,
+                          shapes=[c.shape for c in cameras])
     return tables, current
 
 
-def _scene_images(images: Sequence[np.ndarray | None], shapes: Sequence[tuple[int, int]], height: int, width: int, blur: float,
-                  device: torch.device) -> torch.Tensor | None:
+def _scene_images(images: Sequence[np.ndarray | None], shapes: Sequence[tuple[int, int]], height: int, width: int,
+                  blur: float, device: torch.device) -> torch.Tensor | None:
     """Every view's grey image at its map's resolution, padded to (height, width): (V, H, W, 2) float16, sharp and
-    Gaussian-blurred by ``blur`` pixels (L_photo reads the neighbours'; 1.4 MiB per view at 480x360). None if a view has no image."""
+    Gaussian-blurred by ``blur`` pixels (L_photo reads the neighbours'; 1.4 MiB per view at 480x360). None if a view has
+    no image."""
     out = torch.zeros((len(shapes), height, width, 2), dtype=torch.float16, device=device)
     for i, (h, w) in enumerate(shapes):
         g = _gray(images[i], h, w)
@@ -208,9 +217,10 @@ def _scene_images(images: Sequence[np.ndarray | None], shapes: Sequence[tuple[in
     return out
 
 
-def _build_group(start: int, stop: int, init: Sequence[DepthMap], images: Sequence[np.ndarray | None] | None, tables: _SceneTables,
-                 cfg: RefineConfig, device: torch.device) -> _Group:
-    """The device tensors of the views ``start:stop`` (storage order), read from their initial maps and images; δz = 0."""
+def _build_group(start: int, stop: int, init: Sequence[DepthMap], images: Sequence[np.ndarray | None] | None,
+                 tables: _SceneTables, cfg: RefineConfig, device: torch.device) -> _Group:
+    """The device tensors of the views ``start:stop`` (storage order), read from their initial maps and images;
+    δz = 0."""
     B, H, W = stop - start, tables.height, tables.width
     depth = np.zeros((B, 1, H, W), np.float32)
     valid = np.zeros((B, 1, H, W), bool)
@@ -247,10 +257,11 @@ def _build_group(start: int, stop: int, init: Sequence[DepthMap], images: Sequen
     return _Group(
         start=start, stop=stop, depth_init=d0, valid=ok, valid_count=ok.sum().float(), confidence=cf,
         pix_index=t(pix_index, torch.int32), pix_count=t(counts[:, None]),
-        K_src=t(tables.Ks[sl]).repeat_interleave(k, 0), K_dst=t(tables.Ks[nbr[sl].reshape(-1)]), nbr=t(nbr[sl].reshape(-1), torch.long),
-        dst_from_src=t(tables.dst_from_src[sl].reshape(-1, 4, 4)),
-        edge_w=losses.edge_smoothness_weights(ok, d0, w_x, w_y), surf_w=losses.surface_smoothness_weights(ok, d0, w_x, w_y),
-        anchor_uv=anchor_uv, anchor_z=t(tables.anchor_z[sl]), anchor_mask=anchor_ok,
-        grids=grids, exp_avg=[torch.zeros_like(g) for g in grids], exp_avg_sq=[torch.zeros_like(g) for g in grids],
+        K_src=t(tables.Ks[sl]).repeat_interleave(k, 0), K_dst=t(tables.Ks[nbr[sl].reshape(-1)]),
+        nbr=t(nbr[sl].reshape(-1), torch.long), dst_from_src=t(tables.dst_from_src[sl].reshape(-1, 4, 4)),
+        edge_w=losses.edge_smoothness_weights(ok, d0, w_x, w_y),
+        surf_w=losses.surface_smoothness_weights(ok, d0, w_x, w_y), anchor_uv=anchor_uv,
+        anchor_z=t(tables.anchor_z[sl]), anchor_mask=anchor_ok, grids=grids,
+        exp_avg=[torch.zeros_like(g) for g in grids], exp_avg_sq=[torch.zeros_like(g) for g in grids],
         adam_steps=torch.zeros((), device=device),
     )

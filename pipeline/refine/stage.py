@@ -185,10 +185,13 @@ def _refine(
 
     with _scratch_folder(scratch_dir) as scratch:
         tables, current = _scene_tables(views_s, init_s, np.asarray(points, np.float64).reshape(-1, 3), cfg, device)
-        store = _GroupStore(spans, lambda a, b: _build_group(a, b, init_s, images_s, tables, cfg, device), cfg.max_resident_views, scratch, device)
+        store = _GroupStore(spans, lambda a, b: _build_group(a, b, init_s, images_s, tables, cfg, device),
+                            cfg.max_resident_views, scratch, device)
         if store.offloading:
-            logger.info("refine: %d views, %d in memory at once (refine.max_resident_views=%d): %d of %d groups wait in scratch files between turns",
-                        len(views), sum(b - a for a, b in spans[: store.kept]) + max(b - a for a, b in spans[store.kept:]),
+            logger.info("refine: %d views, %d in memory at once (refine.max_resident_views=%d): "
+                        "%d of %d groups wait in scratch files between turns",
+                        len(views),
+                        sum(b - a for a, b in spans[: store.kept]) + max(b - a for a, b in spans[store.kept:]),
                         cfg.max_resident_views, len(spans) - store.kept, len(spans))
         photo_images = None
         if cfg.weight_photo > 0 and images_s is not None:
@@ -241,13 +244,15 @@ def run(ctx: StageContext) -> None:
     if missing:
         ctx.logger.warning("refine: %d view(s) have no initial depth map and are left out", missing)
     if not views:
-        raise ReconError(f"{ws.stage_dir('depth')}: no depth maps to refine; run `recon stage depth {ws.scene_dir}` first")
+        raise ReconError(f"{ws.stage_dir('depth')}: no depth maps to refine; "
+                         f"run `recon stage depth {ws.scene_dir}` first")
     if all(ws.refine_view(v.name).exists() for v in views) and ws.refine_log.exists():
         ctx.logger.info("refine: all %d views already refined", len(views))
         return
     for v in views:
         if not v.image_path.exists():
-            raise ReconError(f"{v.image_path}: undistorted image missing from the sfm cache; re-run `recon run {ws.scene_dir} --force sfm`")
+            raise ReconError(f"{v.image_path}: undistorted image missing from the sfm cache; "
+                             f"re-run `recon run {ws.scene_dir} --force sfm`")
     shapes: dict[int, tuple[int, int]] = {}
 
     def load_init(i: int) -> DepthMap:
@@ -283,8 +288,8 @@ def run(ctx: StageContext) -> None:
     try:
         # views_per_batch changes the result, so an out-of-memory GPU goes straight to the CPU (same settings).
         _, log = call_with_oom_fallback(
-            lambda _batch, dev: refine_depth_maps(views, init, scene.points, cfg, dev, images=images, bar=bar, sink=write, scratch_dir=scratch,
-                                                  candidates=candidates),
+            lambda _batch, dev: refine_depth_maps(views, init, scene.points, cfg, dev, images=images, bar=bar,
+                                                  sink=write, scratch_dir=scratch, candidates=candidates),
             batch=cfg.views_per_batch, min_batch=cfg.views_per_batch, device=device, what="refinement",
             setting="refine.views_per_batch", log=ctx.logger).value
         ws.refine_view(views[0].name).parent.mkdir(parents=True, exist_ok=True)

@@ -68,8 +68,8 @@ RETRY_PEAK_THRESHOLD_FACTOR = 1 / 3
 weakly textured photos (see :data:`RELAXED_INCREMENTAL`)."""
 
 
-def extract_features(*, database: str, input_dir: str, groups: Sequence[Sequence[str]], cfg: SfmConfig, shared: bool, emit: Emit,
-                     peak_threshold_factor: float = 1.0) -> None:
+def extract_features(*, database: str, input_dir: str, groups: Sequence[Sequence[str]], cfg: SfmConfig, shared: bool,
+                     emit: Emit, peak_threshold_factor: float = 1.0) -> None:
     """SIFT features (CPU) of every image in ``groups`` into ``database``.
 
     Single-threaded, one image per COLMAP call (a crash names its photo);
@@ -123,10 +123,11 @@ def match_features(*, database: str, cfg: SfmConfig, emit: Emit) -> None:
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = cfg.sequential_overlap
         pairing.num_threads = n
-        pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing, verification_options=verification,
-                                  device=pycolmap.Device.cpu)
+        pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing,
+                                  verification_options=verification, device=pycolmap.Device.cpu)
     else:
-        pycolmap.match_exhaustive(database, matching_options=matching, verification_options=verification, device=pycolmap.Device.cpu)
+        pycolmap.match_exhaustive(database, matching_options=matching, verification_options=verification,
+                                  device=pycolmap.Device.cpu)
     emit({"event": "done"})
 
 
@@ -140,7 +141,8 @@ def _write_largest(models: dict, out_dir: str) -> dict[str, Any] | None:
     return {"registered": best.num_reg_images(), "points": best.num_points3D(), "models": len(models)}
 
 
-def map_incremental(*, database: str, input_dir: str, work_dir: str, out_dir: str, cfg: SfmConfig, relaxed: bool, emit: Emit) -> dict | None:
+def map_incremental(*, database: str, input_dir: str, work_dir: str, out_dir: str, cfg: SfmConfig, relaxed: bool,
+                    emit: Emit) -> dict | None:
     """Incremental mapping (seeded); the largest model goes to ``out_dir``. Emits ``registered`` counts.
 
     ``relaxed``: the options of the second attempt when too few images
@@ -205,8 +207,8 @@ def _signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def run_step(function: str, *, log_path: Path, on_event: Callable[[dict[str, Any]], None] = lambda event: None, what: str,
-             **kwargs: Any) -> Any:
+def run_step(function: str, *, log_path: Path, on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+             what: str, **kwargs: Any) -> Any:
     """Run step ``function`` (a name in :data:`STEPS`, called with ``kwargs`` and ``emit``) in a child process.
 
     Args:
@@ -229,8 +231,8 @@ def run_step(function: str, *, log_path: Path, on_event: Callable[[dict[str, Any
     with open(log_path, "ab") as log:
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.sfm.colmap_steps", str(write_fd)], stdin=subprocess.PIPE, stdout=log, stderr=log,
-                pass_fds=(write_fd,), close_fds=True,
+                [sys.executable, "-m", "pipeline.sfm.colmap_steps", str(write_fd)], stdin=subprocess.PIPE, stdout=log,
+                stderr=log, pass_fds=(write_fd,), close_fds=True,
             )
         finally:
             os.close(write_fd)
@@ -274,8 +276,10 @@ def run_step(function: str, *, log_path: Path, on_event: Callable[[dict[str, Any
     if returncode < 0:
         names = last.get("names", []) if last.get("event") == "images" else []
         photo = f" on {names[0]}" if len(names) == 1 else f" on one of {', '.join(names)}" if names else ""
-        advice = ("remove or replace that photo" if len(names) == 1 else "set sfm.num_threads=1 to find the photo") if names else "see the log"
-        raise ColmapCrashed(f"COLMAP's {what} crashed ({_signal_name(returncode)}){photo}; {advice} (details in {log_path})")
+        advice = (("remove or replace that photo" if len(names) == 1 else "set sfm.num_threads=1 to find the photo")
+                  if names else "see the log")
+        raise ColmapCrashed(f"COLMAP's {what} crashed ({_signal_name(returncode)}){photo}; "
+                            f"{advice} (details in {log_path})")
     if "error" in outcome:
         raise ColmapStepError(f"COLMAP's {what} failed: {outcome['error']} (details in {log_path})")
     if returncode != 0 or "result" not in outcome:

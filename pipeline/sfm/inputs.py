@@ -44,7 +44,8 @@ class InputImage:
     width: int
     height: int
     camera_key: tuple
-    """Images with equal keys share intrinsics in ``camera_mode=auto``: (width, height, make, model, focal mm, focal 35 mm)."""
+    """Images with equal keys share intrinsics in ``camera_mode=auto``: (width, height, make, model, focal mm,
+    focal 35 mm)."""
     digest: str = ""
     """:func:`pixel_digest` of the prepared image (equal pictures, equal digests)."""
 
@@ -103,11 +104,13 @@ def _camera_key(path: Path) -> tuple:
     with warnings_named(path), Image.open(path) as im:
         exif = im.getexif()
         ifd = exif.get_ifd(_EXIF_IFD)
-        return (im.width, im.height, str(exif.get(0x010F, "")), str(exif.get(0x0110, "")), str(ifd.get(0x920A, "")), str(ifd.get(0xA405, "")))
+        return (im.width, im.height, str(exif.get(0x010F, "")), str(exif.get(0x0110, "")), str(ifd.get(0x920A, "")),
+                str(ifd.get(0xA405, "")))
 
 
 def scene_files(ws: Workspace) -> tuple[list[Path], list[Path]]:
-    """(input image files, other files) of the scene (``pipeline.core.io.split_image_files``), never files of recon's own folders.
+    """(input image files, other files) of the scene (``pipeline.core.io.split_image_files``), never files of recon's
+    own folders.
 
     Recon outputs are left out wherever they sit (the output folder, other runs' outputs, stage folders);
     when the photos sit directly in ``SCENE_DIR``, ``masks/``, ``depth_prior/``, ``sparse/`` and ``gt/``
@@ -139,7 +142,8 @@ def pixel_digest(path: Path) -> str:
 
 
 def prepare_inputs(
-    files: Sequence[Path], images_dir: Path, input_dir: Path, cfg: SfmConfig, on_image: Callable[[], None] = lambda: None
+    files: Sequence[Path], images_dir: Path, input_dir: Path, cfg: SfmConfig,
+    on_image: Callable[[], None] = lambda: None
 ) -> list[InputImage]:
     """Phase 1: convert every readable image of ``files`` into ``input_dir`` (files already there are kept).
 
@@ -180,7 +184,8 @@ def prepare_inputs(
     if len(out) < 3:
         extra = f" ({len(unreadable)} unreadable or too small: {_names(list(unreadable))})" if unreadable else ""
         raise ReconError(
-            f"{images_dir}: only {len(out)} readable image(s){extra}; SfM needs at least 3 overlapping photos; add more to this folder"
+            f"{images_dir}: only {len(out)} readable image(s){extra}; SfM needs at least 3 overlapping photos; "
+            "add more to this folder"
         )
     for reason in unreadable.values():
         logger.warning("skipping %s", reason)
@@ -200,7 +205,8 @@ def drop_duplicates(images: Sequence[InputImage], images_dir: Path) -> tuple[lis
         first = kept.setdefault(im.digest, im)
         if first is not im:
             duplicates[im.name] = first.name
-            logger.warning("skipping %s: the same picture as %s (identical pixels); it is used once", images_dir / im.name, first.name)
+            logger.warning("skipping %s: the same picture as %s (identical pixels); it is used once",
+                           images_dir / im.name, first.name)
     return [im for im in images if im.name not in duplicates], duplicates
 
 

@@ -71,7 +71,8 @@ def _textured(patch: np.ndarray | None) -> bool:
 
 
 def bilinear(gray: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
-    """``gray`` sampled at continuous COLMAP coordinates ``xy`` (..., 2) (pixel centres at +0.5); None if any falls outside."""
+    """``gray`` sampled at continuous COLMAP coordinates ``xy`` (..., 2) (pixel centres at +0.5); None if any falls
+    outside."""
     u, v = xy[..., 0] - 0.5, xy[..., 1] - 0.5
     h, w = gray.shape
     if u.min() < 0 or v.min() < 0 or u.max() > w - 1 or v.max() > h - 1:
@@ -84,7 +85,8 @@ def bilinear(gray: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
 
 
 def local_affine(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least-squares affine map ``dst ≈ [src, 1] @ A`` (A: 3x2) of point pairs (N, 2) each, and its RMS residual in pixels."""
+    """Least-squares affine map ``dst ≈ [src, 1] @ A`` (A: 3x2) of point pairs (N, 2) each, and its RMS residual in
+    pixels."""
     X = np.hstack([src, np.ones((len(src), 1))])
     A, *_ = np.linalg.lstsq(X, dst, rcond=None)
     rms = float(np.sqrt(np.mean(np.sum((X @ A - dst) ** 2, axis=1))))
@@ -127,7 +129,8 @@ def track_agreement(
                     shared.setdefault((na, nb), []).append((xa, xb))
                     shared.setdefault((nb, na), []).append((xb, xa))
     arrays = {k: (np.array([p[0] for p in v]), np.array([p[1] for p in v])) for k, v in shared.items()}
-    grid = np.stack(np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1)), -1).reshape(-1, 2).astype(np.float64)
+    grid = np.stack(np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1)),
+                    -1).reshape(-1, 2).astype(np.float64)
     matched: dict[str, list[float]] = {}
     control: dict[str, list[float]] = {}
     for track in tracks:
@@ -158,11 +161,13 @@ def track_agreement(
                 matched.setdefault(name, []).append(m)
                 control.setdefault(name, []).append(c)
     return {
-        name: ImageAgreement(pairs=len(values), matched=float(np.median(values)), control=float(np.median(control[name])))
+        name: ImageAgreement(pairs=len(values), matched=float(np.median(values)),
+                             control=float(np.median(control[name])))
         for name, values in matched.items()
     }
 
 
-def mismatched_images(agreement: dict[str, ImageAgreement], *, min_pairs: int = MIN_PAIRS, min_gain: float = MIN_GAIN) -> list[str]:
+def mismatched_images(agreement: dict[str, ImageAgreement], *, min_pairs: int = MIN_PAIRS,
+                      min_gain: float = MIN_GAIN) -> list[str]:
     """Images (sorted) with enough evidence whose keypoint patches agree no better than unrelated ones."""
     return sorted(name for name, a in agreement.items() if a.pairs >= min_pairs and a.gain < min_gain)

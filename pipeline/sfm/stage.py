@@ -89,7 +89,8 @@ class SfmPaths:
 
     @property
     def retry_database(self) -> Path:
-        """Features of the second attempt (:data:`pipeline.sfm.colmap_steps.RETRY_PEAK_THRESHOLD_FACTOR`) and their matches."""
+        """Features of the second attempt (:data:`pipeline.sfm.colmap_steps.RETRY_PEAK_THRESHOLD_FACTOR`) and their
+        matches."""
         return self.stage_dir / "database_more_features.db"
 
     @staticmethod
@@ -162,11 +163,13 @@ def check_registration(
     missing = [n for n in inputs if n not in reg]
     if len(reg) < max(cfg.min_registered, 2):
         if source == "sfm":
-            hints = ["take photos with more overlap (every part seen from 3+ views a few steps apart) of textured, static surfaces"]
+            hints = ["take photos with more overlap (every part seen from 3+ views a few steps apart) of textured, "
+                     "static surfaces"]
             if not cfg.estimate_affine_shape:
                 hints.append("set sfm.estimate_affine_shape=true for views far apart")
             if cfg.matcher == Matcher.sequential:
-                hints.append(f"raise sfm.sequential_overlap (now {cfg.sequential_overlap}) or use sfm.matcher=exhaustive")
+                hints.append(f"raise sfm.sequential_overlap (now {cfg.sequential_overlap}) or use "
+                             "sfm.matcher=exhaustive")
             hint = ", or ".join(hints)
         else:
             hint = "check the model or set sfm.use_existing_model=false to run SfM"
@@ -176,7 +179,8 @@ def check_registration(
         )
     if missing:
         logger.warning(
-            "only %d of %d photos registered; left out of the reconstruction: %s", len(reg), len(inputs), _names(missing, limit=20),
+            "only %d of %d photos registered; left out of the reconstruction: %s", len(reg), len(inputs),
+            _names(missing, limit=20),
         )
     return missing
 
@@ -196,7 +200,8 @@ def observed_points_and_depths(rec: pycolmap.Reconstruction) -> tuple[np.ndarray
     depths = []
     for image_id in rec.reg_image_ids():
         image = rec.images[image_id]
-        obs = np.unique([index[p.point3D_id] for p in image.get_observation_points2D() if p.point3D_id in index]).astype(np.int64)
+        obs = np.unique([index[p.point3D_id] for p in image.get_observation_points2D()
+                         if p.point3D_id in index]).astype(np.int64)
         if len(obs) == 0:
             continue
         cam_from_world = image.cam_from_world().matrix()  # (3, 4)
@@ -218,7 +223,8 @@ def normalize_model(rec: pycolmap.Reconstruction) -> tuple[float, np.ndarray, np
     try:
         s, c = normalizing_similarity(points, depths)
     except ValueError as exc:
-        raise ReconError(f"the SfM model has no sparse points in front of its cameras ({exc}); the later stages need them as scale anchors") from exc
+        raise ReconError(f"the SfM model has no sparse points in front of its cameras ({exc}); "
+                         "the later stages need them as scale anchors") from exc
     rec.transform(pycolmap.Sim3d(s, pycolmap.Rotation3d(), -s * c))
     return s, c, similarity_matrix(s, np.eye(3), -s * c)
 
@@ -264,7 +270,8 @@ def undistort_and_normalize(paths: SfmPaths, cfg: SfmConfig) -> pycolmap.Reconst
 
 def _features_and_matches(ctx: StageContext, images: Sequence[InputImage], database: Path, seconds: dict[str, float], *,
                           peak_threshold_factor: float = 1.0, what: str = "") -> None:
-    """SIFT features and verified matches into ``database`` (kept from an interrupted run when it holds these images)."""
+    """SIFT features and verified matches into ``database`` (kept from an interrupted run when it holds these
+    images)."""
     cfg: SfmConfig = ctx.settings
     paths = sfm_paths(ctx.ws)
     names = [im.name for im in images]
@@ -293,8 +300,8 @@ def _features_and_matches(ctx: StageContext, images: Sequence[InputImage], datab
 
 
 def map_once(ctx: StageContext, database: Path, n_images: int, *, relaxed: bool) -> pycolmap.Reconstruction | None:
-    """Incremental mapping of ``database`` (with :data:`pipeline.sfm.colmap_steps.RELAXED_INCREMENTAL` when ``relaxed``);
-    its largest model or None."""
+    """Incremental mapping of ``database`` (with :data:`pipeline.sfm.colmap_steps.RELAXED_INCREMENTAL` when
+    ``relaxed``); its largest model or None."""
     import pycolmap
 
     cfg: SfmConfig = ctx.settings
@@ -331,13 +338,15 @@ def _map(ctx: StageContext, images: Sequence[InputImage], seconds: dict[str, flo
     attempts = [{"strategy": "incremental", "registered": best_n, "seconds": round(time.perf_counter() - t0, 2)}]
     ctx.summary["mapper"] = "incremental"
     if best_n < cfg.retry_registered_fraction * n:
-        ctx.logger.info("%d of %d photos registered; trying again with more SIFT features and relaxed registration thresholds", best_n, n)
+        ctx.logger.info("%d of %d photos registered; trying again with more SIFT features and relaxed registration "
+                        "thresholds", best_n, n)
         t0 = time.perf_counter()
-        _features_and_matches(ctx, images, paths.retry_database, seconds, peak_threshold_factor=RETRY_PEAK_THRESHOLD_FACTOR,
-                              what=" (more features)")
+        _features_and_matches(ctx, images, paths.retry_database, seconds,
+                              peak_threshold_factor=RETRY_PEAK_THRESHOLD_FACTOR, what=" (more features)")
         retry = map_once(ctx, paths.retry_database, n, relaxed=True)
         retry_n = retry.num_reg_images() if retry is not None else 0
-        attempts.append({"strategy": "more features, relaxed", "registered": retry_n, "seconds": round(time.perf_counter() - t0, 2)})
+        attempts.append({"strategy": "more features, relaxed", "registered": retry_n,
+                         "seconds": round(time.perf_counter() - t0, 2)})
         if retry_n > best_n:
             best, best_n = retry, retry_n
             ctx.summary["mapper"] = "more features, relaxed"
@@ -346,7 +355,8 @@ def _map(ctx: StageContext, images: Sequence[InputImage], seconds: dict[str, flo
     return best
 
 
-def _run_sfm(ctx: StageContext, paths: SfmPaths, images: Sequence[InputImage], seconds: dict[str, float]) -> pycolmap.Reconstruction:
+def _run_sfm(ctx: StageContext, paths: SfmPaths, images: Sequence[InputImage],
+             seconds: dict[str, float]) -> pycolmap.Reconstruction:
     """Phases 2-3 (reusing a finished database or model of an interrupted run); returns the mapped model."""
     import pycolmap
 
@@ -362,8 +372,10 @@ def _run_sfm(ctx: StageContext, paths: SfmPaths, images: Sequence[InputImage], s
     detail = ""
     if rec is None:
         pairs = num_verified_pairs(paths.database)
-        detail = ": no image pair shares enough matching features" if pairs == 0 else f": no model could be started from the {pairs} matched image pair(s)"
-    check_registration(registered_names(rec) if rec is not None else [], names, cfg, ctx.ws.images_dir, source="sfm", detail=detail)
+        detail = (": no image pair shares enough matching features" if pairs == 0
+                  else f": no model could be started from the {pairs} matched image pair(s)")
+    check_registration(registered_names(rec) if rec is not None else [], names, cfg, ctx.ws.images_dir, source="sfm",
+                       detail=detail)
     assert rec is not None  # check_registration raised otherwise
     with atomic_dir(paths.mapped_dir) as tmp:
         rec.write_binary(str(tmp))
@@ -424,5 +436,6 @@ def run(ctx: StageContext) -> None:
     })
     ctx.logger.info(
         "registered %d of %d images, %d sparse points (mean reprojection error %.2f px, track length %.2f)",
-        ctx.summary["registered"], len(images), ctx.summary["points3D"], ctx.summary["reproj_error_px"], ctx.summary["track_length"],
+        ctx.summary["registered"], len(images), ctx.summary["points3D"], ctx.summary["reproj_error_px"],
+        ctx.summary["track_length"],
     )

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     import pycolmap
 
 
-def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: Path, input_dir: Path) -> pycolmap.Reconstruction:
+def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: Path,
+                    input_dir: Path) -> pycolmap.Reconstruction:
     """The user's COLMAP model, with cameras rescaled to the prepared images' sizes (in ``input_dir``).
 
     Raises:
@@ -36,16 +37,18 @@ def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: P
     try:
         rec = pycolmap.Reconstruction(str(model_dir))
     except Exception as exc:  # pycolmap raises ValueError/RuntimeError for malformed files
-        raise ReconError(f"{model_dir}: cannot read the COLMAP model ({exc}); fix it or set sfm.use_existing_model=false") from exc
+        raise ReconError(f"{model_dir}: cannot read the COLMAP model ({exc}); "
+                         "fix it or set sfm.use_existing_model=false") from exc
     by_name = {im.name: im for im in images}
     reg = [rec.images[i] for i in rec.reg_image_ids()]
     if not reg:
-        raise ReconError(f"{model_dir}: the COLMAP model has no registered images; fix it or set sfm.use_existing_model=false")
+        raise ReconError(f"{model_dir}: the COLMAP model has no registered images; "
+                         "fix it or set sfm.use_existing_model=false")
     missing = sorted(im.name for im in reg if im.name not in by_name)
     if missing:
         raise ReconError(
-            f"{model_dir}: {len(missing)} image(s) of the model are not readable images in {images_dir}: {_names(missing)}; "
-            "add them (same names) or set sfm.use_existing_model=false"
+            f"{model_dir}: {len(missing)} image(s) of the model are not readable images in {images_dir}: "
+            f"{_names(missing)}; add them (same names) or set sfm.use_existing_model=false"
         )
     sizes: dict[int, set[tuple[int, int]]] = {}
     for im in reg:
@@ -53,7 +56,8 @@ def read_user_model(model_dir: Path, images: Sequence[InputImage], images_dir: P
     for camera_id, wh in sizes.items():
         cam = rec.cameras[camera_id]
         if len(wh) > 1:
-            raise ReconError(f"{model_dir}: images of camera {camera_id} have different sizes ({sorted(wh)}); the model does not fit these images")
+            raise ReconError(f"{model_dir}: images of camera {camera_id} have different sizes ({sorted(wh)}); "
+                             "the model does not fit these images")
         (w, h), = wh
         if (w, h) == (cam.width, cam.height):
             continue
@@ -98,7 +102,8 @@ def check_model_fits_photos(rec: pycolmap.Reconstruction, input_dir: Path, model
             f = min(1.0, MODEL_CHECK_SIDE / max(pil.size))
             gray = pil.convert("L")
             if f < 1.0:
-                gray = gray.resize((max(1, round(pil.width * f)), max(1, round(pil.height * f))), Image.Resampling.BILINEAR)
+                gray = gray.resize((max(1, round(pil.width * f)), max(1, round(pil.height * f))),
+                                   Image.Resampling.BILINEAR)
             grays[im.name] = np.asarray(gray, dtype=np.float32)
             scale[im.name] = gray.width / pil.width
     rng = np.random.default_rng(0)
@@ -119,9 +124,11 @@ def check_model_fits_photos(rec: pycolmap.Reconstruction, input_dir: Path, model
         judged = sum(1 for a in agreement.values() if a.pairs >= MIN_PAIRS)
         detail = ", ".join(f"{n} ({agreement[n].matched:.2f} vs {agreement[n].control:.2f})" for n in bad[:5])
         raise ReconError(
-            f"{model_dir}: the model does not fit the photos in {images_dir}: in {len(bad)} of {judged} images its keypoints "
-            f"do not show the same surface as in the other photos (patch correlation, keypoints vs elsewhere: {detail}); "
-            "the model was built from other photos or its image names are mixed up; supply the matching model or set sfm.use_existing_model=false"
+            f"{model_dir}: the model does not fit the photos in {images_dir}: in {len(bad)} of {judged} images "
+            "its keypoints do not show the same surface as in the other photos "
+            f"(patch correlation, keypoints vs elsewhere: {detail}); "
+            "the model was built from other photos or its image names are mixed up; "
+            "supply the matching model or set sfm.use_existing_model=false"
         )
 
 
@@ -136,6 +143,7 @@ def check_pose_convention(rec: pycolmap.Reconstruction, model_dir: Path) -> None
     err = reconstruction_reprojection_error(rec)
     if not np.isnan(err) and err > MAX_USER_MODEL_REPROJECTION_PX:
         raise ReconError(
-            f"{model_dir}: the poses do not reproject the model's points onto its keypoints (median error {err:.0f} px); "
-            "COLMAP models store world→camera poses — if yours holds camera→world, invert them"
+            f"{model_dir}: the poses do not reproject the model's points onto its keypoints "
+            f"(median error {err:.0f} px); COLMAP models store world→camera poses — "
+            "if yours holds camera→world, invert them"
         )

@@ -24,8 +24,9 @@ def ground_truth_depths(scene_dir, views: Sequence[View], normalized_from_sfm: n
     return [(load_gt_depth(Path(scene_dir) / "gt", v.name) * scale).astype(np.float32) for v in views]
 
 
-def corrupt_depth(depth_gt: np.ndarray, kind: str, rng: np.random.Generator, *, warp: float = 0.02, noise: float = 0.005,
-                  outliers: float = 0.03, holes: float = 0.03) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def corrupt_depth(depth_gt: np.ndarray, kind: str, rng: np.random.Generator, *, warp: float = 0.02,
+                  noise: float = 0.005, outliers: float = 0.03,
+                  holes: float = 0.03) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A synthetic initial depth map from GT: (depth, valid, confidence).
 
     ``kind``:
@@ -44,7 +45,8 @@ def corrupt_depth(depth_gt: np.ndarray, kind: str, rng: np.random.Generator, *, 
         v, u = np.mgrid[0:h, 0:w] / max(h, w)
         theta = rng.uniform(0, 2 * np.pi)
         freq = rng.uniform(0.7, 1.3)
-        field = 1.0 + warp * np.sin(2 * np.pi * freq * (np.cos(theta) * u + np.sin(theta) * v) + rng.uniform(0, 2 * np.pi))
+        field = 1.0 + warp * np.sin(2 * np.pi * freq * (np.cos(theta) * u + np.sin(theta) * v)
+                                    + rng.uniform(0, 2 * np.pi))
         d = d * field * (1.0 + noise * rng.standard_normal((h, w)))
         conf = np.ones((h, w))
     elif kind == "mvs":
@@ -70,4 +72,5 @@ def depth_error(depth: np.ndarray, depth_gt: np.ndarray, valid: np.ndarray) -> d
     if not m.any():
         return {"mean": float("nan"), "median": float("nan"), "within_1pct": float("nan"), "pixels": 0}
     e = np.abs(depth[m].astype(np.float64) - depth_gt[m]) / depth_gt[m]
-    return {"mean": float(e.mean()), "median": float(np.median(e)), "within_1pct": float((e < 0.01).mean()), "pixels": int(m.sum())}
+    return {"mean": float(e.mean()), "median": float(np.median(e)), "within_1pct": float((e < 0.01).mean()),
+            "pixels": int(m.sum())}

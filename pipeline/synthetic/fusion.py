@@ -1,4 +1,5 @@
-"""Ground-truth depth fused by the fuse stage's code, for tests and benchmarks (the upper bound of docs/conventions.md)."""
+"""Ground-truth depth fused by the fuse stage's code, for tests and benchmarks (the upper bound of
+docs/conventions.md)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from pipeline.core.io import SfmScene, View
 def load_gt_cameras(gt_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, int]:
     """``gt/cameras.json`` → ({name: (K, cam_from_world)}, width, height)."""
     data = json.loads((Path(gt_dir) / "cameras.json").read_text())
-    cams = {c["name"]: (np.asarray(c["K"], dtype=np.float64), np.asarray(c["cam_from_world"], dtype=np.float64)) for c in data["images"]}
+    cams = {c["name"]: (np.asarray(c["K"], dtype=np.float64), np.asarray(c["cam_from_world"], dtype=np.float64))
+            for c in data["images"]}
     return cams, int(data["width"]), int(data["height"])
 
 
@@ -38,7 +39,8 @@ def load_gt_depth(gt_dir: Path, name: str) -> np.ndarray:
         return data[data.files[0]]
 
 
-def scene_from_ground_truth(scene_dir: Path, *, n_points: int = 3000, seed: int = 0, normalize: bool = True) -> SfmScene:
+def scene_from_ground_truth(scene_dir: Path, *, n_points: int = 3000, seed: int = 0,
+                            normalize: bool = True) -> SfmScene:
     """An SfmScene from ``scene_dir/gt``: true cameras, sparse points sampled from the GT depth.
 
     Each point is observed by every view where it projects inside the image
@@ -140,7 +142,8 @@ def write_gt_model(scene_dir: Path, model_dir: Path, *, n_points: int = 300, see
         uv = pc[:, :2] / pc[:, 2:] * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
         pose = invert_pose(T) if invert_poses else T
         rec.add_image_with_trivial_frame(
-            pycolmap.Image(name=name, keypoints=uv.reshape(-1, 2), camera_id=1, image_id=image_id), pycolmap.Rigid3d(pose[:3, :4])
+            pycolmap.Image(name=name, keypoints=uv.reshape(-1, 2), camera_id=1, image_id=image_id),
+            pycolmap.Rigid3d(pose[:3, :4])
         )
         for idx, pid in enumerate(point_ids):
             tracks.setdefault(int(pid), []).append((image_id, idx))

@@ -26,7 +26,8 @@ class PriorStrength:
     warp: float
     """Amplitude of the smooth multiplicative warp of the inverse depth (0.1 = ±10 %)."""
     gamma: float
-    """The inverse depth is raised to a power drawn in [1 − gamma, 1 + gamma] per view (a compressed or stretched depth range)."""
+    """The inverse depth is raised to a power drawn in [1 − gamma, 1 + gamma] per view (a compressed or stretched depth
+    range)."""
     noise: float = 0.002
     """Relative per-pixel noise."""
 
@@ -39,7 +40,8 @@ STRENGTHS: dict[str, PriorStrength] = {
 
 
 def smooth_field(height: int, width: int, rng: np.random.Generator, waves: int = 3) -> np.ndarray:
-    """A random low-frequency field in [-1, 1] (H, W): a sum of ``waves`` plane waves of about one period across the image."""
+    """A random low-frequency field in [-1, 1] (H, W): a sum of ``waves`` plane waves of about one period across the
+    image."""
     v, u = np.mgrid[0:height, 0:width] / max(height, width)
     field = np.zeros((height, width))
     for _ in range(waves):

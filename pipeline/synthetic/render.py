@@ -216,7 +216,8 @@ def render_scene(out_dir: Path, *, shape: str = "blob", n_views: int = 12, width
                  compress_depth: bool = False) -> Path:
     """Render a synthetic scene with ground truth into ``out_dir`` (layout in the module docstring).
 
-    ``shape`` is one of :data:`pipeline.synthetic.shapes.SHAPES` (ignored when ``object_mesh``, an OBJ/PLY assumed +y up, is given);
+    ``shape`` is one of :data:`pipeline.synthetic.shapes.SHAPES` (ignored when ``object_mesh``,
+    an OBJ/PLY assumed +y up, is given);
     ``seed`` sets textures and camera jitter; ``scale`` multiplies all world coordinates (object
     diagonal = ``scale``); ``rings`` rings of cameras share the ``n_views`` views; ``compress_depth``
     writes ``gt/depth/NAME.npz`` (key ``depth``, ~4x smaller) instead of ``NAME.npy``. Returns ``out_dir``.
@@ -327,7 +328,8 @@ def load_ground_truth(gt_dir: Path) -> GroundTruth:
                        scale=float(info["scale"]), root=gt_dir)
 
 
-def render_or_reuse(scenes_dir: Path, shape: str, *, n_views: int, width: int, height: int, seed: int = 0) -> tuple[Path, bool]:
+def render_or_reuse(scenes_dir: Path, shape: str, *, n_views: int, width: int, height: int,
+                    seed: int = 0) -> tuple[Path, bool]:
     """``scenes_dir/<shape>_<views>v_<W>x<H>_s<seed>``, rendered unless a scene with these parameters is there.
 
     Returns (scene folder, whether it was rendered now). Used by the benchmarks.
@@ -337,7 +339,8 @@ def render_or_reuse(scenes_dir: Path, shape: str, *, n_views: int, width: int, h
     if info.is_file():
         meta = json.loads(info.read_text())
         cams = json.loads((scene / "gt" / "cameras.json").read_text())
-        if meta.get("n_views") == n_views and (cams.get("width"), cams.get("height")) == (width, height) and meta.get("seed") == seed:
+        if (meta.get("n_views") == n_views and (cams.get("width"), cams.get("height")) == (width, height)
+                and meta.get("seed") == seed):
             return scene, False
     render_scene(scene, shape=shape, n_views=n_views, width=width, height=height, seed=seed, rings=2)
     return scene, True
