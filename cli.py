@@ -112,10 +112,14 @@ def config_options(fn):
         return command(args, **kwargs)
 
     fn = gathered
-    fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting (repeatable); `recon config` lists them.")(fn)
-    fn = click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)), help="Named bundle of settings, e.g. mv-only (refine with L_mv alone).")(fn)
-    fn = click.option("--config", "config_file", multiple=True, type=click.Path(dir_okay=False), help="YAML config file (SCENE_DIR/recon.yaml is read first when present).")(fn)
-    fn = click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: SCENE_DIR/recon].")(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                      help="Override one setting (repeatable); `recon config` lists them.")(fn)
+    fn = click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)),
+                      help="Named bundle of settings, e.g. mv-only (refine with L_mv alone).")(fn)
+    fn = click.option("--config", "config_file", multiple=True, type=click.Path(dir_okay=False),
+                      help="YAML config file (SCENE_DIR/recon.yaml is read first when present).")(fn)
+    fn = click.option("--out", type=click.Path(file_okay=False), default=None,
+                      help="Output folder [default: SCENE_DIR/recon].")(fn)
     fn = click.option("-v", "--verbose", is_flag=True, help="Debug logging on the console.")(fn)
     fn = click.option("--no-progress", is_flag=True, help="Hide progress bars.")(fn)
     return fn
@@ -123,7 +127,8 @@ def config_options(fn):
 
 def force_out_option(fn):
     return click.option(FORCE_FLAG, "force_out", is_flag=True,
-                        help="Write into --out even if it holds files recon did not write (recon replaces only its own).")(fn)
+                        help="Write into --out even if it holds files recon did not write "
+                             "(recon replaces only its own).")(fn)
 
 
 class _OneLineErrors(click.Group):
@@ -169,8 +174,10 @@ def main() -> None:
 @click.option("--force", multiple=True, type=STAGE_CHOICE, help="Re-run this stage even if cached (repeatable).")
 @click.option("--from", "start_from", type=STAGE_CHOICE, help="Re-run this stage and every stage after it.")
 @click.option("--until", type=STAGE_CHOICE, help="Stop after this stage.")
-@click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable stage (refine: fuse the initial depth maps).")
-@click.option("--strict", is_flag=True, help="Exit non-zero when a photo is left out (not registered, unreadable, a duplicate).")
+@click.option("--skip", multiple=True, type=STAGE_CHOICE,
+              help="Leave out a skippable stage (refine: fuse the initial depth maps).")
+@click.option("--strict", is_flag=True,
+              help="Exit non-zero when a photo is left out (not registered, unreadable, a duplicate).")
 def run(args: SceneArgs, force_out, force, start_from, until, skip, strict) -> None:
     """Run every stage on SCENE_DIR that is not already cached and up to date."""
 
@@ -243,7 +250,8 @@ def config_cmd(section: str | None) -> None:
 @main.command()
 @click.argument("shape")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--object-mesh", type=click.Path(exists=True, dir_okay=False), default=None, help="Render this OBJ/PLY as the object instead.")
+@click.option("--object-mesh", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Render this OBJ/PLY as the object instead.")
 @click.option("--views", "n_views", default=12, show_default=True, help="Number of views.")
 @click.option("--width", default=320, show_default=True)
 @click.option("--height", default=240, show_default=True)
@@ -270,9 +278,12 @@ def synth(shape, out_dir, object_mesh, n_views, width, height, seed, scale, ring
 
 @main.command("export")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "formats", multiple=True, type=click.Choice(["ply", "obj", "glb", "stl"]), default=("glb",), show_default=True, help="Mesh format (repeatable).")
-@click.option("--decimate", type=click.IntRange(min=0), default=0, show_default=True, help="Target triangle count (0: keep every triangle).")
-@click.option("--frame", type=click.Choice(["normalized", "sfm"]), default="normalized", show_default=True, help="normalized: frame of OUT/mesh.ply and OUT/sparse; sfm: the original SfM frame.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["ply", "obj", "glb", "stl"]), default=("glb",),
+              show_default=True, help="Mesh format (repeatable).")
+@click.option("--decimate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Target triangle count (0: keep every triangle).")
+@click.option("--frame", type=click.Choice(["normalized", "sfm"]), default="normalized", show_default=True,
+              help="normalized: frame of OUT/mesh.ply and OUT/sparse; sfm: the original SfM frame.")
 @click.option("--dest", type=click.Path(file_okay=False), default=None, help="Output folder [default: OUT/exports].")
 def export_cmd(out_dir, formats, decimate, frame, dest) -> None:
     """Export OUT/mesh.ply as PLY/OBJ/GLB/STL (optionally decimated, optionally in the SfM frame), with the cameras."""
@@ -280,7 +291,8 @@ def export_cmd(out_dir, formats, decimate, frame, dest) -> None:
         _setup_logging(False)
         from pipeline.export.stage import export_outputs
 
-        result = export_outputs(Path(out_dir), formats, decimate_faces=decimate, frame=frame, dest=Path(dest) if dest else None)
+        result = export_outputs(Path(out_dir), formats, decimate_faces=decimate, frame=frame,
+                                dest=Path(dest) if dest else None)
         for p in [*result.files.values(), *([result.cameras] if result.cameras else [])]:
             click.echo(f"wrote {p}")
     except Exception as exc:  # noqa: BLE001
@@ -289,13 +301,17 @@ def export_cmd(out_dir, formats, decimate, frame, dest) -> None:
 
 @main.command("eval")
 @click.argument("out", type=click.Path(exists=True))
-@click.option("--gt", required=True, type=click.Path(exists=True), help="Ground truth: a scene's gt/ folder, the scene folder, or a mesh file.")
-@click.option("--threshold", "thresholds", multiple=True, type=float, help="F-score threshold as a fraction of the GT object diagonal (repeatable) [default: 0.005 and 0.01].")
+@click.option("--gt", required=True, type=click.Path(exists=True),
+              help="Ground truth: a scene's gt/ folder, the scene folder, or a mesh file.")
+@click.option("--threshold", "thresholds", multiple=True, type=float,
+              help="F-score threshold as a fraction of the GT object diagonal (repeatable) [default: 0.005 and 0.01].")
 @click.option("--threshold-abs", type=float, default=None, help="Also score at this absolute distance (GT units).")
 @click.option("--no-align", is_flag=True, help="The mesh is already in the ground-truth frame.")
 @click.option("--icp", is_flag=True, help="Refine the camera alignment with point-to-plane ICP.")
-@click.option("--cameras", type=click.Path(exists=True, file_okay=False), default=None, help="COLMAP model of the mesh's cameras (default: OUT/sparse, or sparse/ beside a mesh file).")
-@click.option("--margin", type=float, default=0.05, show_default=True, help="Crop box growth per side, as a fraction of the GT object diagonal.")
+@click.option("--cameras", type=click.Path(exists=True, file_okay=False), default=None,
+              help="COLMAP model of the mesh's cameras (default: OUT/sparse, or sparse/ beside a mesh file).")
+@click.option("--margin", type=float, default=0.05, show_default=True,
+              help="Crop box growth per side, as a fraction of the GT object diagonal.")
 def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp, cameras, margin) -> None:
     """Score OUT (a recon output folder or a mesh) against ground truth; writes OUT/eval.json."""
     try:
@@ -318,7 +334,8 @@ def eval_cmd(out, gt, thresholds, threshold_abs, no_align, icp, cameras, margin)
 
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
-@click.option("--scene", type=click.Path(exists=True, file_okay=False), default=None, help="Scene folder [default: the parent of OUT].")
+@click.option("--scene", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Scene folder [default: the parent of OUT].")
 def diagnose(out, scene) -> None:
     """Check a run: depth statistics, camera convention, over-smoothing, anchoring."""
     try:
@@ -330,7 +347,8 @@ def diagnose(out, scene) -> None:
         ws = Workspace.create(scene or out_path.parent, out_path)
         report = run_diagnose(ws)
         for name, row in report["views"].items():
-            cells = "  ".join(f"{k} mean {v['mean']:.4g} std {v['std']:.3g} min {v['min']:.4g} max {v['max']:.4g}" for k, v in row.items())
+            cells = "  ".join(f"{k} mean {v['mean']:.4g} std {v['std']:.3g} min {v['min']:.4g} max {v['max']:.4g}"
+                              for k, v in row.items())
             click.echo(f"{name}: {cells}")
         for c in report["checks"]:
             click.echo(f"[{c['verdict'].upper():4}] {c['name']}: {c['detail']}")
@@ -344,8 +362,10 @@ def diagnose(out, scene) -> None:
 @click.argument("scene_dir", type=click.Path())
 @config_options
 @force_out_option
-@click.option("--variant", "variants", multiple=True, help="NAME (built in: default, mv-only, no-refine) or NAME='--set section.key=value ...' (repeatable).")
-@click.option("--gt", type=click.Path(exists=True), default=None, help="Ground truth to score each variant against (default: SCENE_DIR/gt when present).")
+@click.option("--variant", "variants", multiple=True,
+              help="NAME (built in: default, mv-only, no-refine) or NAME='--set section.key=value ...' (repeatable).")
+@click.option("--gt", type=click.Path(exists=True), default=None,
+              help="Ground truth to score each variant against (default: SCENE_DIR/gt when present).")
 def ablate(args: SceneArgs, force_out, variants, gt) -> None:
     """Run refine/fuse variants over shared sfm and depth caches and print one table."""
 
@@ -362,23 +382,36 @@ def ablate(args: SceneArgs, force_out, variants, gt) -> None:
 
 @main.command()
 @click.argument("scene_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--address", default=None, help="Ray cluster to join: HOST:PORT of its head (as `ray start --head` prints it) or 'auto' [default: start Ray on this machine, loopback only].")
-@click.option("--parallel", type=click.IntRange(min=1), default=None, help="Most scenes processed at once [default: the cluster's CPU count].")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder for the batch table: recon_batch.csv and recon_batch.json.")
-@click.option("--out", "out_root", type=click.Path(file_okay=False), default=None, help="Output root: each scene's output goes to OUT/<scene folder name> [default: SCENE_DIR/recon].")
-@click.option("--views-per-task", type=click.IntRange(min=0), default=8, show_default=True, help="Views per Ray task of the depth stage (0: the stage runs in one task).")
-@click.option("--cpus-per-task", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="CPUs each Ray task asks for (also its OMP_NUM_THREADS).")
-@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=1.0, show_default=True, help="GPUs a depth/refine/fuse task asks for when the cluster has GPUs (a fraction shares one).")
-@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the Ray started on this machine (without --address) [default: all].")
-@click.option("--skip", multiple=True, type=STAGE_CHOICE, help="Leave out a skippable stage in every scene (refine: fuse the initial depth maps).")
+@click.option("--address", default=None,
+              help="Ray cluster to join: HOST:PORT of its head (as `ray start --head` prints it) or 'auto' "
+                   "[default: start Ray on this machine, loopback only].")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="Most scenes processed at once [default: the cluster's CPU count].")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder for the batch table: recon_batch.csv and recon_batch.json.")
+@click.option("--out", "out_root", type=click.Path(file_okay=False), default=None,
+              help="Output root: each scene's output goes to OUT/<scene folder name> [default: SCENE_DIR/recon].")
+@click.option("--views-per-task", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Views per Ray task of the depth stage (0: the stage runs in one task).")
+@click.option("--cpus-per-task", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="CPUs each Ray task asks for (also its OMP_NUM_THREADS).")
+@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="GPUs a depth/refine/fuse task asks for when the cluster has GPUs (a fraction shares one).")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs of the Ray started on this machine (without --address) [default: all].")
+@click.option("--skip", multiple=True, type=STAGE_CHOICE,
+              help="Leave out a skippable stage in every scene (refine: fuse the initial depth maps).")
 @force_out_option
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one setting for every scene (repeatable); `recon config` lists them.")
-@click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)), help="Named bundle of settings, e.g. mv-only.")
-@click.option("--config", "config_file", multiple=True, type=click.Path(dir_okay=False), help="YAML config file (each SCENE_DIR/recon.yaml is read first when present).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one setting for every scene (repeatable); `recon config` lists them.")
+@click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)),
+              help="Named bundle of settings, e.g. mv-only.")
+@click.option("--config", "config_file", multiple=True, type=click.Path(dir_okay=False),
+              help="YAML config file (each SCENE_DIR/recon.yaml is read first when present).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on the console.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, cpus_per_task, gpus_per_task, num_cpus, skip, force_out,
-          overrides, presets, config_file, verbose, no_progress) -> None:
+def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, cpus_per_task, gpus_per_task, num_cpus,
+          skip, force_out, overrides, presets, config_file, verbose, no_progress) -> None:
     """Run the pipeline on every SCENE_DIR as Ray tasks (this machine, or a cluster with --address) and print one table.
 
     Caches are those of `recon run`: a second batch, or `recon run` on one of
@@ -395,9 +428,10 @@ def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, c
         # A bad --set fails here, once, not in every scene; devices are checked where the tasks run.
         load_config(list(config_file), overrides, presets, on_this_machine=False)
         _stop_on_sigterm()
-        jobs = make_jobs(scene_dirs, out_root=out_root, config_files=config_file, overrides=overrides, presets=presets, skip=skip,
-                         force_out=force_out)
-        with tqdm(total=len(jobs), desc="batch: scenes", unit="scene", disable=no_progress, leave=False, dynamic_ncols=True) as bar:
+        jobs = make_jobs(scene_dirs, out_root=out_root, config_files=config_file, overrides=overrides, presets=presets,
+                         skip=skip, force_out=force_out)
+        with tqdm(total=len(jobs), desc="batch: scenes", unit="scene", disable=no_progress, leave=False,
+                  dynamic_ncols=True) as bar:
             def done(row) -> None:
                 bar.set_postfix_str(f"{row.scene} {row.status}")
                 bar.update(1)
@@ -409,7 +443,8 @@ def batch(scene_dirs, address, parallel, report_dir, out_root, views_per_task, c
         click.echo(f"wrote {csv_path}\nwrote {json_path}")
         if result.failed:
             names = ", ".join(r.scene for r in result.failed)
-            raise ReconError(f"{len(result.failed)} of {len(result.rows)} scene(s) failed ({names}); see the table above or {csv_path}")
+            raise ReconError(f"{len(result.failed)} of {len(result.rows)} scene(s) failed ({names}); "
+                             f"see the table above or {csv_path}")
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
         _fail(exc, log_file)
 

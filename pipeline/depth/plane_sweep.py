@@ -77,7 +77,8 @@ def scale_K(K_33: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
 
 # ---- warping ---------------------------------------------------------------------------------
 
-def plane_homographies(K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor, depth_d: torch.Tensor) -> torch.Tensor:
+def plane_homographies(K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor,
+                       depth_d: torch.Tensor) -> torch.Tensor:
     """Homographies of fronto-parallel planes ``z_ref = d``: reference pixel → source pixel.
 
     ``H_d = K_src (R + t n^T / d) K_ref^-1`` with ``n = (0, 0, 1)``, where
@@ -95,7 +96,8 @@ def plane_homographies(K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_
     return K_src_33[None] @ M @ torch.linalg.inv(K_ref_33)[None]
 
 
-def warp_by_homography(src_11hw: torch.Tensor, H_d33: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def warp_by_homography(src_11hw: torch.Tensor, H_d33: torch.Tensor, height: int,
+                       width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Read ``src`` through each homography at every pixel of a (height, width) reference image.
 
     Returns:
@@ -109,7 +111,8 @@ def warp_by_homography(src_11hw: torch.Tensor, H_d33: torch.Tensor, height: int,
     return _sample_warped(src_11hw, uv.reshape(-1, height, width, 2), z.reshape(-1, height, width) > _EPS)
 
 
-def ray_field(K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ray_field(K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor, height: int,
+              width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``A (3, H, W)`` and ``b (3,)`` such that a reference pixel at depth ``d`` lands at ``x_src ~ d * A + b``.
 
     ``A(p) = K_src R K_ref^-1 p~`` (pixel centres), ``b = K_src t``.
@@ -122,7 +125,8 @@ def ray_field(K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: t
     return A, b
 
 
-def warp_by_depth(src_11hw: torch.Tensor, A_3hw: torch.Tensor, b_3: torch.Tensor, depth_dhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def warp_by_depth(src_11hw: torch.Tensor, A_3hw: torch.Tensor, b_3: torch.Tensor,
+                  depth_dhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Read ``src`` where each reference pixel lands at per-pixel depth hypotheses.
 
     Args:
@@ -140,7 +144,8 @@ def warp_by_depth(src_11hw: torch.Tensor, A_3hw: torch.Tensor, b_3: torch.Tensor
     return _sample_warped(src_11hw, uv, z > _EPS)
 
 
-def _sample_warped(src_11hw: torch.Tensor, uv_dhw2: torch.Tensor, front_dhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_warped(src_11hw: torch.Tensor, uv_dhw2: torch.Tensor,
+                   front_dhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d, h, w, _ = uv_dhw2.shape
     hs, ws = src_11hw.shape[-2:]
     grid = to_grid_coords(uv_dhw2, hs, ws).reshape(1, d * h, w, 2)
@@ -262,7 +267,8 @@ class Source:
     bz: float
 
 
-def make_source(image_11hw: torch.Tensor, K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor, height: int, width: int) -> Source:
+def make_source(image_11hw: torch.Tensor, K_ref_33: torch.Tensor, K_src_33: torch.Tensor, src_from_ref_44: torch.Tensor,
+                height: int, width: int) -> Source:
     A, b = ray_field(K_ref_33, K_src_33, src_from_ref_44, height, width)
     hs, ws = image_11hw.shape[-2:]
     # grid = 2 * uv / size - 1  →  numerator (2/size · x - z).
@@ -276,8 +282,10 @@ def warp_source(src: Source, depth_dhw: torch.Tensor) -> tuple[torch.Tensor, tor
     d, h, w = depth_dhw.shape
     z = depth_dhw * src.Az + src.bz
     inv_z = z.clamp(min=_EPS).reciprocal_()
-    grid = torch.stack([(depth_dhw * src.Ax).add_(src.bx).mul_(inv_z), (depth_dhw * src.Ay).add_(src.by).mul_(inv_z)], dim=-1)
-    warped = F.grid_sample(src.image, grid.view(1, d * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = torch.stack([(depth_dhw * src.Ax).add_(src.bx).mul_(inv_z),
+                        (depth_dhw * src.Ay).add_(src.by).mul_(inv_z)], dim=-1)
+    warped = F.grid_sample(src.image, grid.view(1, d * h, w, 2), mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
     inside = (grid.abs().amax(-1) <= 1.0) & (z > _EPS)
     return warped.view(d, 1, h, w), inside[:, None]
 
