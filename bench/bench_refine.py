@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, nargs="*", default=None,
                     help="learning rates to compare (default: the RefineConfig default)")
     ap.add_argument("--steps", type=int, default=None, help="override refine.steps")
-    ap.add_argument("--threads", type=int, default=None, help="override refine.cpu_threads (0 = torch default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="override refine.cpu_threads (>= 1; --set cpu_threads=null: torch's default)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override any RefineConfig field")
     ap.add_argument("--device", default="auto")

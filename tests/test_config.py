@@ -145,6 +145,8 @@ def test_every_number_declares_its_rule():
      "fuse.voxel_size must be > 0, or null for automatic (got 0.0; 0 meant automatic before 2026-12)"),
     ("fuse.block_count=0",
      "fuse.block_count must be >= 1, or null for automatic (got 0; 0 meant automatic before 2026-12)"),
+    ("refine.cpu_threads=0",
+     "refine.cpu_threads must be >= 1, or null for automatic (got 0; 0 meant automatic before 2026-12)"),
     ("refine.weight_edge=.nan", "refine.weight_edge: expected a finite number"),
     ("fuse.min_confidence=nan", "fuse.min_confidence: expected a finite number"),
     ("fuse.min_confidence=1.5", "fuse.min_confidence must be >= 0 and <= 1 (got 1.5)"),
@@ -197,6 +199,22 @@ def test_null_means_automatic(tmp_path: Path):
     g = tmp_path / "effective.yaml"
     g.write_text(config_to_yaml(cfg))
     assert load_config([g]) == cfg
+
+
+def test_refine_cpu_threads_null_is_torchs_default():
+    from pipeline.graph import stage_fingerprint
+
+    assert ReconConfig().refine.cpu_threads == 1  # one thread by default: docs/help-history.md
+    assert load_config(overrides=["refine.cpu_threads=null"]).refine.cpu_threads is None
+    assert load_config(overrides=["refine.cpu_threads=2"]).refine.cpu_threads == 2
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["refine.cpu_threads=0"])
+    assert str(info.value) == ("refine.cpu_threads must be >= 1, or null for automatic "
+                               "(got 0; 0 meant automatic before 2026-12)")
+    # Threads change how refine runs, not what it writes: its cache stays valid.
+    fingerprints = {stage_fingerprint("refine", load_config(overrides=[f"refine.cpu_threads={n}"]), {"depth": "x"})
+                    for n in ("null", "1", "2")}
+    assert len(fingerprints) == 1
 
 
 def test_an_old_zero_for_automatic_fails_in_one_line(tmp_path: Path):

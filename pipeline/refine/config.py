@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.settings import at_least, between, device_choice, greater_than, increasing_positive, setting
+from pipeline.core.settings import (
+    at_least,
+    between,
+    device_choice,
+    greater_than,
+    increasing_positive,
+    or_automatic,
+    setting,
+)
 
 
 @dataclass(kw_only=True)
@@ -113,8 +121,9 @@ class RefineConfig:
     max_anchor_points: int = setting(
         4096, "At most this many sparse points per view for L_anchor (random subset, seeded).", check=at_least(1))
     seed: int = setting(0, "Random seed (pixel sampling, anchor subsets).", check=at_least(0))
-    cpu_threads: int = setting(
-        1, "Torch CPU threads while refining (0 = torch's default).", affects_output=False, check=at_least(0))
+    cpu_threads: int | None = setting(
+        1, "Torch CPU threads while refining on the CPU (null: torch's default thread count).",
+        affects_output=False, check=or_automatic(at_least(1)))
     log_every: int = setting(
         10, "Refresh the progress bar (one device sync) every N steps; every step is still logged.",
         affects_output=False, check=at_least(1))

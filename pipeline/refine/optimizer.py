@@ -154,15 +154,15 @@ def _adam_step(gr: _Group, grads: Sequence[torch.Tensor], finite: torch.Tensor, 
 
 
 @contextlib.contextmanager
-def torch_threads(n: int):
-    """Run the block with ``n`` torch CPU threads (``n <= 0``: leave torch's setting), then restore it."""
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch CPU threads (None: leave torch's setting), then restore it."""
     old = torch.get_num_threads()
-    if n > 0:
+    if n is not None:
         torch.set_num_threads(n)
     try:
         yield
     finally:
-        if n > 0:
+        if n is not None:
             torch.set_num_threads(old)
 
 

@@ -125,11 +125,12 @@ def refine_depth_maps(
         invalid, ``depth_init`` set, ``stats`` with INIT/PRED/DELTA mean/std/min/max —
         or ``[]`` with ``sink``; and the log dict).
     """
+    check_section(cfg, "refine")  # before cpu_threads is used
     if candidates is not None and cfg.restore_dropped:
         merged = LazySequence(len(init), lambda i: with_candidates(init[i], candidates[i]))
     else:
         merged = LazySequence(len(init), lambda i: with_candidates(init[i], None))
-    with torch_threads(cfg.cpu_threads if torch.device(device).type == "cpu" else 0):
+    with torch_threads(cfg.cpu_threads if torch.device(device).type == "cpu" else None):
         return _refine(views, merged, points, cfg, device, images=images, bar=bar, sink=sink, scratch_dir=scratch_dir)
 
 
@@ -162,7 +163,6 @@ def _refine(
     sink: Callable[[int, DepthMap], None] | None = None,
     scratch_dir: Path | None = None,
 ) -> tuple[list[DepthMap], dict[str, Any]]:
-    check_section(cfg, "refine")
     if len(views) != len(init) or not views:
         raise ValueError(f"need one depth map per view, got {len(views)} views and {len(init)} maps")
     device = torch.device(device)
