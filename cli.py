@@ -23,6 +23,7 @@ from pipeline.core.errors import ReconError
 from pipeline.core.native_output import native_output_to
 from pipeline.core.output_folder import FORCE_FLAG, adopt_output_dir
 from pipeline.core.workspace import Workspace
+from pipeline.export.config import DecimationMethod, ExportConfig, TextureFormat
 from pipeline.graph import STAGE_NAMES
 from workflows.summary import _print_summary, _write_report
 
@@ -280,21 +281,49 @@ def synth(shape, out_dir, object_mesh, n_views, width, height, seed, scale, ring
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "formats", multiple=True, type=click.Choice(["ply", "obj", "glb", "stl"]), default=("glb",),
               show_default=True, help="Mesh format (repeatable).")
-@click.option("--decimate", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Target triangle count (0: keep every triangle).")
+@click.option("--target-faces", type=click.IntRange(min=1), default=ExportConfig().target_faces, show_default=True,
+              help="Decimate to this many triangles.")
+@click.option("--target-ratio", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Decimate to this fraction of the triangles (with --target-faces the smaller count wins).")
+@click.option("--full", is_flag=True, help="Keep every triangle of OUT/mesh.ply (no decimation).")
+@click.option("--decimation", type=click.Choice([m.value for m in DecimationMethod]), default="fast",
+              show_default=True, help="Decimation library.")
+@click.option("--textured/--no-textured", default=True, show_default=True,
+              help="Bake a texture from the photos into GLB and OBJ (else per-vertex colours).")
+@click.option("--texture-size", type=click.IntRange(256, 16384), default=None,
+              help="Texture side in texels, a multiple of 64 [default: from the photos' resolution].")
+@click.option("--texture-format", type=click.Choice([f.value for f in TextureFormat]), default="png",
+              show_default=True, help="Texture image format.")
 @click.option("--frame", type=click.Choice(["normalized", "sfm"]), default="normalized", show_default=True,
               help="normalized: frame of OUT/mesh.ply and OUT/sparse; sfm: the original SfM frame.")
 @click.option("--dest", type=click.Path(file_okay=False), default=None, help="Output folder [default: OUT/exports].")
-def export_cmd(out_dir, formats, decimate, frame, dest) -> None:
-    """Export OUT/mesh.ply as PLY/OBJ/GLB/STL (optionally decimated, optionally in the SfM frame), with the cameras."""
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--decimate", type=int, default=None, hidden=True)
+def export_cmd(out_dir, formats, target_faces, target_ratio, full, decimation, textured, texture_size,
+               texture_format, frame, dest, no_progress, decimate) -> None:
+    """Export OUT/mesh.ply as GLB/OBJ (textured) or PLY/STL, decimated, optionally in the SfM frame, with cameras."""
     try:
         _setup_logging(False)
-        from pipeline.export.stage import export_outputs
+        if decimate is not None:
+            raise ReconError("--decimate is now --target-faces (and --full keeps every triangle)")
+        from tqdm import tqdm
 
-        result = export_outputs(Path(out_dir), formats, decimate_faces=decimate, frame=frame,
-                                dest=Path(dest) if dest else None)
+        from pipeline.export.stage import ExportOptions, export_outputs
+
+        overrides = {"target_faces": None if full else target_faces, "target_ratio": None if full else target_ratio,
+                     "decimation": decimation, "textured": textured, "texture_size": texture_size,
+                     "texture_format": texture_format, "frame": frame}
+        cfg = load_config(overrides=[f"export.{k}={'null' if v is None else str(v).lower()}"
+                                     for k, v in overrides.items()])
+        show = _show_progress(no_progress)
+        result = export_outputs(
+            Path(out_dir), ExportOptions.from_config(cfg.export, formats=formats), dest=Path(dest) if dest else None,
+            progress=lambda it, desc, total: tqdm(it, desc=f"export: {desc}", total=total, unit="view",
+                                                  disable=not show, leave=False, dynamic_ncols=True))
         for p in [*result.files.values(), *([result.cameras] if result.cameras else [])]:
             click.echo(f"wrote {p}")
+        if result.textured:
+            click.echo(f"texture {result.texture_size[0]}x{result.texture_size[1]}, {result.faces} faces")
     except Exception as exc:  # noqa: BLE001
         _fail(exc, None)
 

@@ -69,9 +69,11 @@ RENAMED: dict[str, str] = {
     "depth.refine_hypotheses": "mvs.fine_hypotheses",
     "depth.refine_radius": "mvs.fine_radius",
     "depth.mvs_rescale_tolerance": "mvs.rescale_tolerance",
+    "export.decimate": "export.target_faces",
 }
 """Old key → new key of the settings that moved or were renamed (2026-12: the plane-sweep settings left ``depth``
-for their own section ``mvs``); :func:`set_value` names the new key when given an old one."""
+for their own section ``mvs``; ``export.decimate``, where 0 kept every triangle, became ``export.target_faces``,
+where null does); :func:`set_value` names the new key when given an old one."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mv-only": {"refine.weight_edge": 0.0, "refine.weight_surf": 0.0, "refine.weight_mag": 0.0,

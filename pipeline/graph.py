@@ -103,7 +103,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("refine", 3, ("depth", "sfm"), _run_of("refine"), skippable=True),
     StageSpec("fuse", 1, ("refine", "sfm"), _run_of("fuse"), publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs,
               precheck=check_fuse_inputs),
-    StageSpec("export", 1, ("fuse", "sfm"), _run_of("export"), skippable=True, publish=(("mesh.glb", "mesh.glb"),)),
+    StageSpec("export", 2, ("fuse", "sfm"), _run_of("export"), skippable=True, publish=(("mesh.glb", "mesh.glb"),)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}

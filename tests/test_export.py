@@ -1,4 +1,6 @@
-"""export stage: PLY / OBJ / GLB / STL through trimesh, decimation, the SfM frame.
+"""export stage: PLY / OBJ / GLB / STL through trimesh (vertex colours), decimation, the SfM frame.
+
+The textured exports are tested in tests/test_texture.py.
 
 What is compared on the way back: PLY, OBJ and GLB keep the vertex list as
 written (same count, order, positions and colours) in both trimesh and
@@ -25,7 +27,15 @@ from pipeline.core.errors import ReconError
 from pipeline.core.geometry import similarity_matrix
 from pipeline.core.workspace import Workspace
 from pipeline.export import stage as export
-from pipeline.export.stage import ExportFrame, MeshFormat, export_mesh_files, export_outputs, invert_similarity
+from pipeline.export.stage import (
+    ExportFrame,
+    ExportOptions,
+    MeshFormat,
+    export_mesh_files,
+    export_outputs,
+    invert_similarity,
+    parse_formats,
+)
 
 
 def rotation(seed: int) -> np.ndarray:
@@ -76,7 +86,7 @@ def match_vertices(read: np.ndarray, written: np.ndarray, tol: float = 1e-6) -> 
 @pytest.mark.parametrize("fmt", ["ply", "obj", "glb"])
 def test_colored_formats_round_trip(colored_mesh_path, tmp_path, fmt):
     vertices, triangles, colors = reference(colored_mesh_path)
-    result = export_mesh_files(colored_mesh_path, tmp_path / "out", formats=[fmt])
+    result = export_mesh_files(colored_mesh_path, tmp_path / "out", ExportOptions(formats=(MeshFormat(fmt),)))
     path = result.files[fmt]
     assert path == tmp_path / "out" / f"mesh.{fmt}" and path.is_file()
     written_faces = {tuple(sorted(t)) for t in triangles.tolist()}
@@ -94,7 +104,7 @@ def test_colored_formats_round_trip(colored_mesh_path, tmp_path, fmt):
 
 def test_stl_round_trip_keeps_the_geometry(colored_mesh_path, tmp_path):
     vertices, triangles, _ = reference(colored_mesh_path)
-    path = export_mesh_files(colored_mesh_path, tmp_path / "out", formats=["stl"]).files["stl"]
+    path = export_mesh_files(colored_mesh_path, tmp_path / "out", ExportOptions(formats=(MeshFormat.stl,))).files["stl"]
     merged = trimesh.load(str(path), force="mesh")  # process=True merges the per-triangle corners
     assert len(merged.vertices) == len(vertices) and len(merged.faces) == len(triangles)
     om = o3d.io.read_triangle_mesh(str(path)).remove_duplicated_vertices()
@@ -105,8 +115,8 @@ def test_stl_round_trip_keeps_the_geometry(colored_mesh_path, tmp_path):
 def test_sfm_frame_applies_the_inverse_normalization(colored_mesh_path, tmp_path):
     vertices, _, colors = reference(colored_mesh_path)
     normalized_from_sfm = similarity_matrix(0.25, rotation(1), np.array([0.3, -1.0, 2.0]))
-    result = export_mesh_files(colored_mesh_path, tmp_path / "out", formats=["ply"], frame="sfm",
-                               normalized_from_sfm=normalized_from_sfm)
+    options = ExportOptions(formats=(MeshFormat.ply,), frame=ExportFrame.sfm)
+    result = export_mesh_files(colored_mesh_path, tmp_path / "out", options, normalized_from_sfm=normalized_from_sfm)
     out = trimesh.load(str(result.files["ply"]), process=False)
     sfm = np.asarray(out.vertices)
     back = sfm @ normalized_from_sfm[:3, :3].T + normalized_from_sfm[:3, 3]
@@ -117,7 +127,7 @@ def test_sfm_frame_applies_the_inverse_normalization(colored_mesh_path, tmp_path
     assert info["frame"] == "sfm"
     np.testing.assert_allclose(np.asarray(info["sfm_from_normalized"]) @ normalized_from_sfm, np.eye(4), atol=1e-12)
     with pytest.raises(ReconError, match="normalization"):
-        export_mesh_files(colored_mesh_path, tmp_path / "out2", formats=["ply"], frame="sfm")
+        export_mesh_files(colored_mesh_path, tmp_path / "out2", options)
 
 
 def test_invert_similarity():
@@ -127,8 +137,9 @@ def test_invert_similarity():
 
 def test_decimation_reaches_the_target_and_keeps_colours(colored_mesh_path, tmp_path):
     _, triangles, _ = reference(colored_mesh_path)
-    result = export_mesh_files(colored_mesh_path, tmp_path / "out", formats=["glb"], target_faces=300)
+    result = export_mesh_files(colored_mesh_path, tmp_path / "out", ExportOptions(target_faces=300))
     assert 250 <= result.faces <= 300 < len(triangles)
+    assert not result.textured
     back = read_back(result.files["glb"])
     for reader, (v, faces, c) in back.items():
         assert len(faces) == result.faces and len(v) == result.vertices and c is not None, reader
@@ -179,7 +190,7 @@ def finished_out(colored_mesh_path, tmp_path) -> tuple[Workspace, np.ndarray]:
 
 def test_stage_writes_glb_and_configured_formats(finished_out):
     ws, _ = finished_out
-    cfg = load_config(overrides=["export.formats=ply,stl"])
+    cfg = load_config(overrides=["export.formats=ply,stl", "export.textured=false"])
     ctx = StageContext(ws=ws, config=cfg, name="export", fingerprint="test", show_progress=False)
     export.run(ctx)
     names = sorted(p.name for p in ws.export_dir.iterdir())
@@ -195,6 +206,7 @@ def test_stage_writes_glb_and_configured_formats(finished_out):
 def test_stage_in_the_sfm_frame_moves_mesh_and_cameras_together(finished_out):
     ws, normalized_from_sfm = finished_out
     cfg = ReconConfig()
+    cfg.export.textured = False
     cfg.export.frame = ExportFrame.sfm
     cfg.export.formats = (MeshFormat.ply,)
     export.run(StageContext(ws=ws, config=cfg, name="export", fingerprint="test", show_progress=False))
@@ -211,14 +223,13 @@ def test_stage_in_the_sfm_frame_moves_mesh_and_cameras_together(finished_out):
 
 def test_export_command(finished_out, tmp_path):
     ws, _ = finished_out
-    result = export_outputs(ws.out_dir, ["obj", "stl"], decimate_faces=200, frame="sfm")
+    options = ExportOptions(formats=(MeshFormat.obj, MeshFormat.stl), target_faces=200, frame=ExportFrame.sfm)
+    result = export_outputs(ws.out_dir, options)
     assert sorted(result.files) == ["obj", "stl"]
     assert all(p.parent == ws.out_dir / "exports" and p.is_file() for p in result.files.values())
     assert result.faces <= 200 and (ws.out_dir / "exports" / "sparse" / "images.bin").is_file()
     assert not (ws.export_dir).exists()  # the export stage's folder is left alone
-    with pytest.raises(ReconError, match="frame"):
-        export_outputs(ws.out_dir, ["obj"], frame="world")
     with pytest.raises(ReconError, match="format"):
-        export_outputs(ws.out_dir, ["fbx"])
+        parse_formats(["obj", "fbx"])
     with pytest.raises(ReconError, match="no mesh.ply"):
-        export_outputs(tmp_path / "empty")
+        export_outputs(tmp_path / "empty", ExportOptions())

@@ -1,24 +1,21 @@
-"""export stage: meshes for downstream tools through trimesh (PLY, OBJ, GLB, STL).
+"""export stage: meshes for downstream tools (PLY, OBJ, GLB, STL), decimated and textured, with the cameras.
 
-Reads the fused mesh (``OUT/fuse/mesh.ply``, normalized frame) and writes into
-``OUT/export/``:
+Reads the fused mesh (``OUT/fuse/mesh.ply``, normalized frame, every triangle,
+per-vertex colour) and the undistorted photos, and writes into ``OUT/export/``:
 
 * ``mesh.glb`` always (published as ``OUT/mesh.glb``), plus ``mesh.<format>``
-  for every format in ``formats``;
+  for every format in ``formats``; the meshes are decimated to
+  ``target_faces`` / ``target_ratio`` (:mod:`pipeline.export.decimate`) and, with
+  ``textured``, GLB and OBJ carry a texture baked from the photos
+  (:mod:`pipeline.export.texture`; OBJ with ``mesh.mtl`` and ``mesh_texture.png``);
+  PLY and STL stay vertex-coloured / geometry only (:mod:`pipeline.export.mesh_files`);
 * ``sparse/``: the cameras as a COLMAP binary model in the frame of the meshes;
-* ``transform.json``: which frame the files are in and the similarity
+* ``transform.json``: which frame the files are in, the similarity
   ``sfm_from_normalized`` (the inverse of ``normalized_from_sfm``) that takes
-  the normalized frame back to the original SfM frame.
+  the normalized frame back to the original SfM frame, and what was done
+  (decimation, texture size).
 
-Formats: PLY (binary, per-vertex RGB), GLB (glTF 2.0 binary, ``COLOR_0`` per
-vertex), OBJ (per-vertex colour as the ``v x y z r g b`` extension, read by
-trimesh, Open3D, MeshLab and Blender), STL (geometry only: the format has no
-colours, and it stores each triangle's corners separately, so readers see the
-vertices merged or split depending on the reader). Decimation (``decimate`` =
-target triangle count) uses Open3D's quadric error decimation, which keeps
-vertex colours.
-
-``recon export OUT [--format ...] [--decimate N] [--frame normalized|sfm]``
+``recon export OUT [--format ...] [--target-faces N] [--textured/--no-textured] [--frame normalized|sfm]``
 calls :func:`export_outputs`; it writes into ``OUT/exports/`` (not a stage
 folder, so the cached stages stay valid).
 """
@@ -27,18 +24,32 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.core.cache import atomic_dir, atomic_path, write_json_atomic
+from pipeline.core.cache import atomic_dir, write_json_atomic
 from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
+from pipeline.core.io import View, load_sfm_scene
 from pipeline.core.workspace import Workspace
-from pipeline.export.config import ExportConfig, ExportFrame, MeshFormat  # noqa: F401 - re-exported
+from pipeline.export.config import (
+    ChartMethod,
+    DecimationMethod,
+    ExportConfig,
+    ExportFrame,
+    MeshFormat,
+    TextureFormat,
+)
+from pipeline.export.decimate import decimate_arrays, target_face_count, transfer_vertex_colors
+from pipeline.export.mesh_files import write_colored_mesh, write_textured_mesh
+from pipeline.export.texture import Progress, TextureSettings, texture_mesh
+
+TEXTURED_FORMATS = (MeshFormat.glb, MeshFormat.obj)
+"""Formats that carry a texture; PLY and STL stay vertex-coloured / geometry only."""
 
 logger = logging.getLogger(__name__)
 
@@ -121,28 +132,16 @@ def vertex_colors_rgb(mesh) -> np.ndarray | None:
     return np.asarray(mesh.visual.vertex_colors)[:, :3].astype(np.uint8)
 
 
-def decimate(mesh, target_faces: int):
-    """Quadric-error decimation (Open3D) to about ``target_faces`` triangles; vertex colours kept.
-
-    A mesh already at or below the target is returned unchanged.
-    """
-    import open3d as o3d
+def decimated(mesh, target: int | None, method: DecimationMethod | str):
+    """``mesh`` (trimesh) decimated to ``target`` faces (None: unchanged), vertex colours from the nearest vertex."""
     import trimesh
 
-    if target_faces <= 0 or len(mesh.faces) <= target_faces:
+    if target is None or target >= len(mesh.faces):
         return mesh
-    o3 = o3d.geometry.TriangleMesh()
-    o3.vertices = o3d.utility.Vector3dVector(np.asarray(mesh.vertices, dtype=np.float64))
-    o3.triangles = o3d.utility.Vector3iVector(np.asarray(mesh.faces, dtype=np.int32))
+    vertices, faces = decimate_arrays(mesh.vertices, mesh.faces, target, method)
     colors = vertex_colors_rgb(mesh)
-    if colors is not None:
-        o3.vertex_colors = o3d.utility.Vector3dVector(colors / 255.0)
-    out = o3.simplify_quadric_decimation(int(target_faces))
-    out.remove_unreferenced_vertices()
-    new_colors = None
-    if out.has_vertex_colors():
-        new_colors = np.clip(np.round(np.asarray(out.vertex_colors) * 255.0), 0, 255).astype(np.uint8)
-    return trimesh.Trimesh(np.asarray(out.vertices), np.asarray(out.triangles), vertex_colors=new_colors, process=False)
+    new_colors = transfer_vertex_colors(mesh.vertices, colors, vertices) if colors is not None else None
+    return trimesh.Trimesh(vertices, faces, vertex_colors=new_colors, process=False)
 
 
 def transformed(mesh, T: np.ndarray):
@@ -150,17 +149,6 @@ def transformed(mesh, T: np.ndarray):
     out = mesh.copy()
     out.apply_transform(np.asarray(T, dtype=np.float64))
     return out
-
-
-def write_mesh(mesh, path: Path, fmt: MeshFormat | str) -> None:
-    """Write ``mesh`` (trimesh) as ``fmt`` to ``path`` atomically."""
-    fmt = MeshFormat(fmt)
-    with atomic_path(Path(path), suffix=f".{fmt.value}") as tmp:
-        if fmt is MeshFormat.obj:
-            data = mesh.export(file_type="obj", include_color=True, include_texture=False)
-        else:
-            data = mesh.export(file_type=fmt.value)
-        Path(tmp).write_bytes(data if isinstance(data, bytes) else data.encode())
 
 
 def write_cameras(model_dir: Path, dest: Path, sfm_from_normalized: np.ndarray | None) -> bool:
@@ -188,112 +176,166 @@ class ExportResult:
     cameras: Path | None
     vertices: int
     faces: int
+    textured: bool = False
+    texture_size: tuple[int, int] | None = None
+    texture_stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """What to export (the export settings, or ``recon export``'s options)."""
+
+    formats: tuple[MeshFormat, ...] = (MeshFormat.glb,)
+    target_faces: int | None = None
+    target_ratio: float | None = None
+    decimation: DecimationMethod = DecimationMethod.fast
+    texture: TextureSettings | None = None
+    """None: vertex colours only."""
+    texture_format: TextureFormat = TextureFormat.png
+    frame: ExportFrame = ExportFrame.normalized
+
+    @classmethod
+    def from_config(cls, cfg: ExportConfig, *, formats: Iterable[MeshFormat | str] | None = None) -> "ExportOptions":
+        texture = None
+        if cfg.textured:
+            texture = TextureSettings(size=cfg.texture_size, max_size=cfg.texture_max_size,
+                                      texels_per_pixel=cfg.texels_per_pixel, smoothness=cfg.texture_smoothness,
+                                      charts=ChartMethod(cfg.texture_charts).value, level_exposure=cfg.level_exposure)
+        return cls(formats=parse_formats(cfg.formats if formats is None else formats), target_faces=cfg.target_faces,
+                   target_ratio=cfg.target_ratio, decimation=DecimationMethod(cfg.decimation), texture=texture,
+                   texture_format=TextureFormat(cfg.texture_format), frame=ExportFrame(cfg.frame))
+
+
+def parse_formats(formats: Iterable[MeshFormat | str]) -> tuple[MeshFormat, ...]:
+    """Formats, deduplicated in order. Raises ReconError for an unknown one."""
+    try:
+        return tuple(dict.fromkeys(MeshFormat(f) for f in formats))
+    except ValueError as exc:
+        raise ReconError(f"unknown mesh format ({exc}); formats: {', '.join(m.value for m in MeshFormat)}") from None
 
 
 def export_mesh_files(
     mesh_path: Path,
     dest_dir: Path,
+    options: ExportOptions,
     *,
-    formats: Iterable[MeshFormat | str],
-    target_faces: int = 0,
-    frame: ExportFrame | str = ExportFrame.normalized,
+    views: Sequence[View] = (),
     normalized_from_sfm: np.ndarray | None = None,
     model_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> ExportResult:
-    """Read ``mesh_path`` (normalized frame), optionally decimate and map to the SfM frame, write every format.
+    """Read ``mesh_path`` (normalized frame), decimate, texture, map to the export frame, write every format.
 
     Args:
-        formats: mesh formats to write as ``dest_dir/mesh.<format>``.
-        target_faces: decimation target (0: none).
-        frame: ``normalized`` or ``sfm`` (then ``normalized_from_sfm`` is required).
-        model_dir: COLMAP model of the cameras (normalized frame), written to ``dest_dir/sparse`` in ``frame``.
+        options: formats, decimation target, texture settings (None: vertex colours), frame
+            (``sfm`` needs ``normalized_from_sfm``).
+        views: the registered views (cameras and undistorted photos, normalized frame) to texture from.
+        model_dir: COLMAP model of the cameras (normalized frame), written to ``dest_dir/sparse`` in the frame.
+        progress: wraps the texturing loops in progress bars.
     Raises:
-        ReconError: unreadable mesh, unknown format, ``sfm`` frame without a transform.
+        ReconError: unreadable mesh, ``sfm`` frame without a transform, no photo to texture from.
     """
-    frame = ExportFrame(frame)
-    try:
-        fmts = list(dict.fromkeys(MeshFormat(f) for f in formats))
-    except ValueError as exc:
-        raise ReconError(f"unknown mesh format ({exc}); formats: {', '.join(m.value for m in MeshFormat)}") from None
+    frame = ExportFrame(options.frame)
     mesh = load_trimesh(mesh_path)
-    if target_faces > 0:
-        before = len(mesh.faces)
-        mesh = decimate(mesh, target_faces)
-        logger.info("decimated %d → %d triangles", before, len(mesh.faces))
     sfm_from_normalized = None
     if frame is ExportFrame.sfm:
         if normalized_from_sfm is None:
             raise ReconError("--frame sfm needs the normalization transform (OUT/sfm/normalization.json); "
                              "re-run `recon stage sfm`")
         sfm_from_normalized = invert_similarity(normalized_from_sfm)
+    before = len(mesh.faces)
+    mesh = decimated(mesh, target_face_count(before, options.target_faces, options.target_ratio), options.decimation)
+    if len(mesh.faces) != before:
+        logger.info("decimated %d → %d triangles (%s)", before, len(mesh.faces),
+                    DecimationMethod(options.decimation).value)
+    textured = None
+    if options.texture is not None and any(f in TEXTURED_FORMATS for f in options.formats):
+        textured = texture_mesh(mesh.vertices, mesh.faces, views, options.texture,
+                                vertex_colors=vertex_colors_rgb(mesh), progress=progress)
+        logger.info("texture %dx%d from %d photos (%d of %d faces seen by none)", *textured.stats["texture_size"],
+                    textured.stats["views_used"], textured.stats["faces_unseen"], textured.stats["faces"])
+    if sfm_from_normalized is not None:
         mesh = transformed(mesh, sfm_from_normalized)
     files = {}
-    for fmt in fmts:
+    for fmt in options.formats:
         path = export_mesh_path(dest_dir, fmt)
-        write_mesh(mesh, path, fmt)
+        if textured is not None and fmt in TEXTURED_FORMATS:
+            vertices = textured.vertices
+            if sfm_from_normalized is not None:
+                vertices = vertices @ sfm_from_normalized[:3, :3].T + sfm_from_normalized[:3, 3]
+            write_textured_mesh(vertices, textured.faces, textured.uv, textured.texture, path, fmt,
+                                options.texture_format)
+        else:
+            write_colored_mesh(mesh, path, fmt)
         files[fmt.value] = path
     cameras = None
     if model_dir is not None and write_cameras(model_dir, export_sparse_dir(dest_dir), sfm_from_normalized):
         cameras = export_sparse_dir(dest_dir)
-    transform: dict[str, Any] = {"frame": frame.value, "files": sorted(p.name for p in files.values()),
-                                 "decimate": int(target_faces), "cameras": "sparse" if cameras is not None else None}
+    transform: dict[str, Any] = {
+        "frame": frame.value, "files": sorted(p.name for p in files.values()),
+        "faces": int(len(mesh.faces)), "faces_before": int(before),
+        "textured": sorted(f.value for f in options.formats if textured is not None and f in TEXTURED_FORMATS),
+        "texture": textured.stats if textured is not None else None,
+        "cameras": "sparse" if cameras is not None else None,
+    }
     if normalized_from_sfm is not None:
         transform["normalized_from_sfm"] = np.asarray(normalized_from_sfm).tolist()
         transform["sfm_from_normalized"] = invert_similarity(normalized_from_sfm).tolist()
     write_json_atomic(export_transform_path(dest_dir), transform)
-    return ExportResult(files=files, cameras=cameras, vertices=len(mesh.vertices), faces=len(mesh.faces))
+    return ExportResult(files=files, cameras=cameras, vertices=len(mesh.vertices), faces=len(mesh.faces),
+                        textured=textured is not None,
+                        texture_size=tuple(textured.stats["texture_size"]) if textured is not None else None,
+                        texture_stats=textured.stats if textured is not None else {})
 
 
 # ---- the stage and the command ------------------------------------------------------------------
+
+
+def _views_for_texture(ws: Workspace, options: ExportOptions) -> list[View]:
+    """The registered views of the sfm cache, when the export is textured (else none)."""
+    if options.texture is None or not any(f in TEXTURED_FORMATS for f in options.formats):
+        return []
+    return load_sfm_scene(ws).views
 
 
 def run(ctx: StageContext) -> None:
     """Write ``OUT/export/mesh.glb`` (+ the configured formats), the cameras and the transform."""
     cfg: ExportConfig = ctx.settings
     ws = ctx.ws
-    norm = (read_normalized_from_sfm(ws.sfm_normalization)
-            if (ExportFrame(cfg.frame) is ExportFrame.sfm or ws.sfm_normalization.exists()) else None)
+    options = ExportOptions.from_config(cfg, formats=[MeshFormat.glb, *cfg.formats])
+    norm = read_normalized_from_sfm(ws.sfm_normalization) if (
+        options.frame is ExportFrame.sfm or ws.sfm_normalization.exists()) else None
     result = export_mesh_files(
-        ws.fuse_mesh, ctx.stage_dir, formats=[MeshFormat.glb, *cfg.formats], target_faces=cfg.decimate,
-        frame=cfg.frame, normalized_from_sfm=norm, model_dir=ws.sfm_model_dir,
+        ws.fuse_mesh, ctx.stage_dir, options, views=_views_for_texture(ws, options), normalized_from_sfm=norm,
+        model_dir=ws.sfm_model_dir, progress=lambda it, desc, total: ctx.progress(it, desc=desc, total=total,
+                                                                                  unit="view"),
     )
-    ctx.summary.update(formats=",".join(sorted(result.files)), frame=ExportFrame(cfg.frame).value,
-                       vertices=result.vertices, faces=result.faces)
-    ctx.logger.info("exported %s (%d vertices, %d faces, %s frame)", ", ".join(p.name for p in result.files.values()),
-                    result.vertices, result.faces, ExportFrame(cfg.frame).value)
+    ctx.summary.update(formats=",".join(sorted(result.files)), frame=options.frame.value, vertices=result.vertices,
+                       faces=result.faces, textured=result.textured)
+    if result.texture_size is not None:
+        ctx.summary["texture"] = "x".join(str(n) for n in result.texture_size)
+    ctx.logger.info("exported %s (%d vertices, %d faces, %s, %s frame)",
+                    ", ".join(p.name for p in result.files.values()), result.vertices, result.faces,
+                    f"texture {ctx.summary['texture']}" if result.textured else "vertex colours", options.frame.value)
 
 
-def export_outputs(
-    out_dir: Path,
-    formats: Iterable[str] = ("glb",),
-    *,
-    decimate_faces: int = 0,
-    frame: str = "normalized",
-    dest: Path | None = None,
-) -> ExportResult:
+def export_outputs(out_dir: Path, options: ExportOptions, *, dest: Path | None = None,
+                   progress: Progress | None = None) -> ExportResult:
     """``recon export OUT``: export ``OUT/mesh.ply`` (and the cameras of ``OUT/sparse``) to ``dest``.
 
     Args:
-        out_dir: a finished recon output folder.
-        formats: any of ply, obj, glb, stl.
-        decimate_faces: target triangle count (0: none).
-        frame: ``normalized`` (that of OUT/mesh.ply) or ``sfm`` (the original SfM frame).
+        out_dir: a finished recon output folder (its ``sfm/`` cache holds the photos a texture is baked from).
+        options: formats, decimation, texture, frame.
         dest: output folder (default ``OUT/exports``).
     Raises:
-        ReconError: no mesh in ``out_dir``, bad options, missing transform for ``sfm``.
+        ReconError: no mesh in ``out_dir``, missing transform for ``sfm``, no photos for a texture.
     """
     ws = Workspace(scene_dir=Path(out_dir), out_dir=Path(out_dir).expanduser().resolve())
     if not ws.mesh_path.is_file():
         raise ReconError(f"{ws.out_dir}: no mesh.ply; run `recon run SCENE --out {ws.out_dir}` first")
-    if decimate_faces < 0:
-        raise ReconError(f"--decimate {decimate_faces}: expected a target triangle count >= 0")
-    try:
-        frame_ = ExportFrame(frame)
-    except ValueError:
-        raise ReconError(f"--frame {frame!r}: expected one of {', '.join(f.value for f in ExportFrame)}") from None
-    norm = (read_normalized_from_sfm(ws.sfm_normalization)
-            if (frame_ is ExportFrame.sfm or ws.sfm_normalization.exists()) else None)
+    norm = read_normalized_from_sfm(ws.sfm_normalization) if (
+        options.frame is ExportFrame.sfm or ws.sfm_normalization.exists()) else None
     return export_mesh_files(
-        ws.mesh_path, Path(dest) if dest is not None else cli_exports_dir(ws), formats=formats,
-        target_faces=decimate_faces, frame=frame_, normalized_from_sfm=norm, model_dir=ws.sparse_dir,
+        ws.mesh_path, Path(dest) if dest is not None else cli_exports_dir(ws), options,
+        views=_views_for_texture(ws, options), normalized_from_sfm=norm, model_dir=ws.sparse_dir, progress=progress,
     )
