@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,11 +19,6 @@ import numpy as np
 from pipeline.core.errors import ReconError
 from pipeline.core.io import View
 from pipeline.export.views import NO_VIEW, inside_image, project_points
-
-ATLAS_UTILIZATION = 0.8
-"""Fraction of an atlas that the padded bounding boxes of packed charts are expected to fill."""
-MIN_TEXTURE_SIZE = 256
-
 
 
 @dataclass
@@ -141,19 +135,6 @@ def xatlas_charts(vertices: np.ndarray, faces: np.ndarray) -> Charts:
                   faces=indices.astype(np.int64))
 
 
-def atlas_side(charts: Charts, padding: int, max_size: int) -> int:
-    """Side (a multiple of 64, at most ``max_size``) of a square atlas that holds the charts at their size.
-
-    The charts' bounding boxes grown by the padding, over :data:`ATLAS_UTILIZATION`:
-    many small charts (loose triangles) need more room than their area.
-    """
-    count, component = chart_components(len(charts.uv), charts.faces)
-    lo, hi = component_boxes(charts.uv.astype(np.float64), count, component)
-    boxes = float(np.prod(hi - lo + 2 * padding + 1, axis=1).sum())
-    side = math.sqrt(max(boxes, 1.0) / ATLAS_UTILIZATION)
-    return int(min(max(MIN_TEXTURE_SIZE, math.ceil(side / 64.0) * 64), max_size))
-
-
 def _generate(charts: Charts, side: int, texels_per_unit: float, padding: int):
     import xatlas
 
@@ -168,31 +149,38 @@ def _generate(charts: Charts, side: int, texels_per_unit: float, padding: int):
     return atlas
 
 
-def pack_charts(charts: Charts, side: int, padding: int, max_tries: int = 12) -> tuple[Charts, int, int]:
-    """Pack the charts into one atlas of at most ``side`` x ``side`` texels with xatlas (charts scaled to fit).
+def pack_charts(charts: Charts, side: int | None, padding: int, *, max_side: int = 8192,
+                max_tries: int = 12) -> tuple[Charts, int, int]:
+    """Pack the charts (UVs in texels) into one atlas with xatlas.
 
-    xatlas first estimates the chart scale for ``side``; when its atlas comes out
-    larger, the scale is lowered until every chart fits one ``side`` atlas.
+    With ``side=None`` the charts keep their size (1 texel per UV unit) and
+    xatlas sizes the atlas to them; an atlas larger than ``max_side`` (or a
+    given ``side``) is packed again at that side, the charts shrunk until they fit.
 
     Returns:
         (charts with UVs in [0, 1] (v up), atlas width, atlas height).
     Raises:
-        ReconError: the charts do not fit (too many charts for ``side``).
+        ReconError: the charts do not fit (their padding alone fills the atlas).
     """
-    atlas = _generate(charts, side, 0.0, padding)
-    scale = float(atlas.texels_per_unit)
+    if side is None:
+        atlas = _generate(charts, 0, 1.0, padding)
+        side = max_side
+        scale = min(1.0, 0.97 * side / max(atlas.width, atlas.height))
+    else:
+        atlas = _generate(charts, side, 0.0, padding)
+        scale = float(atlas.texels_per_unit) * min(1.0, 0.97 * side / max(atlas.width, atlas.height))
     tries = 0
     while atlas.atlas_count != 1 or max(atlas.width, atlas.height) > side:
         if tries >= max_tries or not scale > 0:
-            raise ReconError(f"texture: the {len(charts.faces)} faces' charts do not fit a {side}x{side} atlas; "
+            raise ReconError(f"texture: the charts of {len(charts.faces)} faces do not fit a {side}x{side} atlas; "
                              "set export.texture_size larger")
-        if atlas.atlas_count > 1:
-            scale *= 0.95 / np.sqrt(atlas.atlas_count)
-        else:
-            scale *= 0.97 * side / max(atlas.width, atlas.height)
         atlas = _generate(charts, side, scale, padding)
+        scale *= 0.95 / np.sqrt(max(atlas.atlas_count, 1))
         tries += 1
     vmapping, indices, uv = atlas.get_mesh(0)
+    if not (np.isfinite(uv).all() and uv.min() >= 0.0 and uv.max() <= 1.0):
+        raise ReconError(f"texture: xatlas returned UVs outside [0, 1] for a {side}x{side} atlas; "
+                         "set export.texture_size larger")
     packed = Charts(source_vertex=charts.source_vertex[vmapping.astype(np.int64)],
                     uv=uv.astype(np.float32), faces=indices.astype(np.int64))
     return packed, int(atlas.width), int(atlas.height)

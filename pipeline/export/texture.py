@@ -37,7 +37,7 @@ from pipeline.core.io import View, load_rgb
 from pipeline.core.raycast import MeshRaycaster
 from pipeline.core.sampling import sample_bilinear
 from pipeline.export.bake import fill_gutters, rasterize_uv
-from pipeline.export.charts import atlas_side, pack_charts, view_charts, xatlas_charts
+from pipeline.export.charts import pack_charts, view_charts, xatlas_charts
 from pipeline.export.views import (
     NO_VIEW,
     face_adjacency,
@@ -265,8 +265,7 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
     else:
         label_area = np.where(labels != NO_VIEW, scores.areas[np.arange(len(faces)), np.maximum(labels, 0)], 0.0)
         charts = view_charts(vertices, faces, labels, views, settings.texels_per_pixel, label_area)
-    side = settings.size or atlas_side(charts, settings.padding, settings.max_size)
-    packed, width, height = pack_charts(charts, side, settings.padding)
+    packed, width, height = pack_charts(charts, settings.size, settings.padding, max_side=settings.max_size)
     t2 = time.perf_counter()
     texture, bake_stats = bake_views(vertices, faces, vertex_colors, views, raycaster, labels, scores.scores, gains,
                                      packed.uv[packed.faces], width, height, progress)
