@@ -21,7 +21,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline.analysis.report import SECTIONS, build_report, colorize, refine_caption, render_mesh_views, svg_curves
+from pipeline.analysis.appearance import render_mesh_views
+from pipeline.analysis.report import SECTIONS, build_report, colorize, refine_caption, svg_curves
 from pipeline.core.workspace import Workspace
 
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30", "--no-progress"]

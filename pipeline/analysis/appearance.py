@@ -5,18 +5,27 @@ pixel centre, no lighting: the colour stored on the mesh, as a viewer shows it
 unlit) with vertex colours or a texture. :func:`photometric_scores` compares a
 render with the photo on a mask (e.g. where the object is): PSNR in dB and the
 mean SSIM (kornia, 11-pixel Gaussian window) over the mask.
+:func:`render_mesh_views` and :func:`render_textured_views` make the report's
+thumbnails (photo, mesh.glb with its texture, mesh.ply with its colours, shaded).
 
 Texture convention: :mod:`pipeline.core.sampling` (UV v up).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from pipeline.core.raycast import MeshRaycaster
+import numpy as np
+from PIL import Image
+
+from pipeline.core.geometry import scale_intrinsics
+from pipeline.core.io import SfmScene, load_rgb
+from pipeline.core.raycast import MeshRaycaster, pixel_rays
 from pipeline.core.sampling import sample_texture
 
 SSIM_WINDOW = 11
+RENDER_WIDTH = 320
+"""Width (px) of the report's mesh renders and the photos beside them."""
 
 
 def render_mesh_colors(raycaster: MeshRaycaster, faces: np.ndarray, K: np.ndarray, cam_from_world: np.ndarray,
@@ -71,3 +80,97 @@ def ssim(render: np.ndarray, photo: np.ndarray, mask: np.ndarray, window: int = 
 def photometric_scores(render: np.ndarray, photo: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """``{"psnr": dB, "ssim": mean SSIM, "pixels": count}`` of a render vs the photo (float [0, 1]) on ``mask``."""
     return {"psnr": psnr(render, photo, mask), "ssim": ssim(render, photo, mask), "pixels": int(mask.sum())}
+
+
+# ---- renders for the report ----------------------------------------------------------------------------
+
+BACKGROUND = 40.0
+"""Grey level of render pixels where the mesh is not hit."""
+
+
+def _thumbnail_camera(view, width: int) -> tuple[np.ndarray, int]:
+    """(K scaled to a ``width``-pixel-wide render, its height)."""
+    scale = width / view.width
+    return scale_intrinsics(view.K, scale), max(1, round(view.height * scale))
+
+
+def _shaded(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarray, view, K: np.ndarray, width: int,
+            height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(geometry-only render |n·d| (H, W, 3) uint8, hit mask) of the mesh from ``view``'s camera."""
+    hits = raycaster.cast_view(K, view.cam_from_world, width, height)
+    tri = vertices[faces[hits.face_id[hits.hit]]]
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-30)
+    _, dirs = pixel_rays(K, view.cam_from_world, width, height)
+    dirs = dirs.reshape(height, width, 3)[hits.hit]
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    image = np.full((height, width, 3), BACKGROUND)
+    image[hits.hit] = np.clip(np.abs((normals * dirs).sum(1)), 0.15, 1.0)[:, None] * np.array([210.0, 210.0, 220.0])
+    return image.astype(np.uint8), hits.hit
+
+
+def _as_uint8(render: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    out = np.where(hit[..., None], render * 255.0, BACKGROUND)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _picked_views(scene: SfmScene, count: int) -> list:
+    picks = np.unique(np.linspace(0, len(scene.views) - 1, min(count, len(scene.views))).round().astype(int))
+    return [scene.views[i] for i in picks]
+
+
+def render_mesh_views(mesh_path: Path, scene: SfmScene, count: int = 3,
+                      width: int = RENDER_WIDTH) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Ray-cast the mesh from ``count`` input cameras spread over the views (headless, CPU).
+
+    Returns (image name, photo, coloured render, shaded render) RGB uint8
+    images, each ``width`` pixels wide; background pixels are dark grey.
+    The coloured render uses the vertex colours, unlit (shaded when there are none);
+    the shaded one shows the geometry alone (|n·d| Lambertian-like shading).
+    """
+    import open3d as o3d
+
+    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
+    if len(mesh.triangles) == 0:
+        return []
+    vertices, faces = np.asarray(mesh.vertices), np.asarray(mesh.triangles)
+    colors = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else None
+    raycaster = MeshRaycaster(vertices, faces)
+    out = []
+    for view in _picked_views(scene, count):
+        K, height = _thumbnail_camera(view, width)
+        shaded, _ = _shaded(raycaster, vertices, faces, view, K, width, height)
+        coloured = shaded
+        if colors is not None and len(colors):
+            render, hit = render_mesh_colors(raycaster, faces, K, view.cam_from_world, width, height,
+                                             vertex_colors=colors)
+            coloured = _as_uint8(render, hit)
+        photo = np.asarray(Image.fromarray(load_rgb(view.image_path)).resize((width, height),
+                                                                             Image.Resampling.BILINEAR))
+        out.append((view.name, photo, coloured, shaded))
+    return out
+
+
+def render_textured_views(glb_path: Path, scene: SfmScene, count: int = 3,
+                          width: int = RENDER_WIDTH) -> list[tuple[str, np.ndarray]]:
+    """Unlit renders of a textured GLB (normalized frame) from the cameras of :func:`render_mesh_views`.
+
+    Returns (image name, render) pairs, or none when the GLB has no texture.
+    """
+    import trimesh
+
+    mesh = trimesh.load(str(glb_path), force="mesh", process=False)
+    material = getattr(mesh.visual, "material", None)
+    image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+    if getattr(mesh.visual, "uv", None) is None or image is None or len(mesh.faces) == 0:
+        return []
+    texture = np.asarray(image.convert("RGB"))
+    faces = np.asarray(mesh.faces)
+    raycaster = MeshRaycaster(np.asarray(mesh.vertices), faces)
+    out = []
+    for view in _picked_views(scene, count):
+        K, height = _thumbnail_camera(view, width)
+        render, hit = render_mesh_colors(raycaster, faces, K, view.cam_from_world, width, height,
+                                         uv=np.asarray(mesh.visual.uv), texture=texture)
+        out.append((view.name, _as_uint8(render, hit)))
+    return out

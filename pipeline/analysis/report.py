@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.analysis.appearance import render_mesh_views, render_textured_views
 from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.io import SfmScene, load_depth_map, load_rgb
 from pipeline.core.workspace import Workspace
@@ -29,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 THUMB_WIDTH = 200
 """Width (px) of the per-view thumbnails."""
-RENDER_WIDTH = 320
-"""Width (px) of the mesh renders and the photos beside them."""
 SECTIONS = ("timings", "sfm", "views", "curves", "renders", "diagnose", "eval")
 """Section element ids, in page order."""
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -169,56 +168,6 @@ def svg_curves(series: dict[str, list[float]], width: int = 560, height: int = 2
 
 
 # ---- mesh renders --------------------------------------------------------------------------
-
-def render_mesh_views(mesh_path: Path, scene: SfmScene, count: int = 3,
-                      width: int = RENDER_WIDTH) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Ray-cast the mesh from ``count`` input cameras spread over the views (headless, CPU).
-
-    Returns (image name, photo, coloured render, shaded render) RGB uint8
-    images, each ``width`` pixels wide; background pixels are dark grey.
-    The coloured render uses the vertex colours (shaded when there are none);
-    the shaded one shows the geometry alone (|n·d| Lambertian-like shading).
-    """
-    import open3d as o3d
-
-    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
-    if len(mesh.triangles) == 0:
-        return []
-    rc = o3d.t.geometry.RaycastingScene()
-    rc.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(mesh))
-    tris = np.asarray(mesh.triangles)
-    vcol = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else None
-    picks = np.unique(np.linspace(0, len(scene.views) - 1, min(count, len(scene.views))).round().astype(int))
-    out = []
-    for i in picks:
-        v = scene.views[i]
-        s = width / v.width
-        h = max(1, round(v.height * s))
-        us, vs = np.meshgrid((np.arange(width) + 0.5) / s, (np.arange(h) + 0.5) / s)
-        d_cam = np.stack([(us - v.K[0, 2]) / v.K[0, 0], (vs - v.K[1, 2]) / v.K[1, 1], np.ones_like(us)],
-                         -1).reshape(-1, 3)
-        d_world = d_cam @ v.cam_from_world[:3, :3]  # R^T d
-        d_world /= np.linalg.norm(d_world, axis=1, keepdims=True)
-        rays = np.concatenate([np.broadcast_to(v.center, d_world.shape), d_world], 1).astype(np.float32)
-        ans = rc.cast_rays(o3d.core.Tensor(rays))
-        hit = np.isfinite(ans["t_hit"].numpy())
-        prim = ans["primitive_ids"].numpy()
-        normals = ans["primitive_normals"].numpy()
-        shade = np.clip(np.abs((normals * d_world).sum(1)), 0.15, 1.0)
-        shaded = np.full((len(rays), 3), 40.0)
-        shaded[hit] = shade[hit, None] * np.array([210.0, 210.0, 220.0])
-        coloured = shaded.copy()
-        if vcol is not None and len(vcol):
-            uvw = ans["primitive_uvs"].numpy()
-            t = tris[np.where(hit, prim, 0)]
-            w = np.stack([1 - uvw[:, 0] - uvw[:, 1], uvw[:, 0], uvw[:, 1]], 1)
-            col = (vcol[t] * w[..., None]).sum(1) * 255
-            coloured[hit] = col[hit]
-        as_img = lambda a: a.reshape(h, width, 3).clip(0, 255).astype(np.uint8)  # noqa: E731
-        photo = np.asarray(Image.fromarray(load_rgb(v.image_path)).resize((width, h), Image.Resampling.BILINEAR))
-        out.append((v.name, photo, as_img(coloured), as_img(shaded)))
-    return out
-
 
 # ---- HTML helpers ------------------------------------------------------------------------
 
@@ -405,11 +354,15 @@ def _curves_section(ws: Workspace) -> str:
 def _renders_section(ws: Workspace, scene: SfmScene | None) -> str:
     if scene is None or not ws.mesh_path.exists():
         return "<p class='note'>no mesh yet</p>"
-    parts = ["<p>The final mesh ray-cast from input cameras: photo · mesh with its colours · "
-             "mesh shaded (geometry only).</p>"]
+    glb = ws.out_dir / "mesh.glb"
+    textured = dict(render_textured_views(glb, scene)) if glb.is_file() else {}
+    parts = ["<p>The final mesh ray-cast from input cameras: photo · "
+             + ("the exported GLB with its texture (unlit) · " if textured else "")
+             + "mesh.ply with its vertex colours (unlit) · mesh shaded (geometry only).</p>"]
     for name, photo, coloured, shaded in render_mesh_views(ws.mesh_path, scene):
+        texture_figure = _figure(_data_uri(textured[name], "JPEG"), "mesh.glb (texture)") if name in textured else ""
         parts.append(f"<div class='view'><b>{html.escape(name)}</b><br>" + _figure(_data_uri(photo, "JPEG"), "photo")
-                     + _figure(_data_uri(coloured, "JPEG"), "mesh (colour)")
+                     + texture_figure + _figure(_data_uri(coloured, "JPEG"), "mesh.ply (colour)")
                      + _figure(_data_uri(shaded, "JPEG"), "mesh (shaded)") + "</div>")
     if len(parts) == 1:
         return "<p class='note'>the mesh has no triangles</p>"

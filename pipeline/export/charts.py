@@ -20,6 +20,9 @@ from pipeline.core.errors import ReconError
 from pipeline.core.io import View
 from pipeline.export.views import NO_VIEW, inside_image, project_points
 
+MIN_CHART_AREA = 1e-3
+"""UV triangles smaller than this (texels^2) are laid out loose: xatlas drops faces of no area."""
+
 
 @dataclass
 class Charts:
@@ -87,11 +90,13 @@ def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, vie
     """Charts whose UVs are the label view's pixel coordinates (times ``texels_per_pixel``).
 
     A vertex is split once per view that labels faces around it, so each
-    connected patch of one view is one chart. Two kinds of faces are loose
-    flattened triangles instead: faces that reach outside their label's photo
-    (a large face seen in part), at the density of their visible area
-    ``label_area`` (pixels^2), and faces no view sees (``labels == NO_VIEW``;
-    they take the mesh's vertex colours), ``unseen_texels`` texels long.
+    connected patch of one view is one chart. Some faces are loose flattened
+    triangles instead: faces that reach outside their label's photo (a large
+    face seen in part), at the density of their visible area ``label_area``
+    (pixels^2); faces seen edge-on (no area in the photo; xatlas drops
+    zero-area faces); and faces no view sees (``labels == NO_VIEW``; they take
+    the mesh's vertex colours), ``unseen_texels`` texels long. A face that has
+    no area in 3-D either gets a small right triangle.
     """
     n_views = len(views)
     labelled = labels != NO_VIEW
@@ -103,7 +108,9 @@ def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, vie
             uv, _ = project_points(vertices[faces[sel]].reshape(-1, 3), view.K, view.cam_from_world)
             uv_label[sel] = uv.reshape(-1, 3, 2)
             outside[sel] = ~inside_image(uv, view.width, view.height, margin=0.0).reshape(-1, 3).all(1)
-    loose = ~labelled | outside
+    e1, e2 = uv_label[:, 1] - uv_label[:, 0], uv_label[:, 2] - uv_label[:, 0]
+    flat_in_photo = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]) * texels_per_pixel**2 < MIN_CHART_AREA
+    loose = ~labelled | outside | flat_in_photo
     keys = faces.astype(np.int64) * n_views + np.where(loose, 0, labels)[:, None]
     keys[loose] = -1 - (np.flatnonzero(loose)[:, None] * 3 + np.arange(3))  # every loose corner its own vertex
     unique, inverse = np.unique(keys.ravel(), return_inverse=True)
@@ -118,7 +125,10 @@ def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, vie
         longest = np.maximum(np.abs(flat).max(axis=(1, 2)), 1e-12)
         density = np.sqrt(np.asarray(label_area, dtype=np.float64)[loose] / np.maximum(area_3d, 1e-30))
         density = np.maximum(density * texels_per_pixel, unseen_texels / longest)  # texels per scene unit
-        uv[chart_faces[loose].ravel()] = (flat * density[:, None, None]).reshape(-1, 2)
+        flat = flat * density[:, None, None]
+        degenerate = 0.5 * flat[:, 1, 0] * flat[:, 2, 1] < MIN_CHART_AREA  # a sliver or a point in 3-D too
+        flat[degenerate] = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]) * unseen_texels
+        uv[chart_faces[loose].ravel()] = flat.reshape(-1, 2)
     uv = separate_components(uv, chart_faces)
     return Charts(source_vertex=source, uv=uv.astype(np.float32), faces=chart_faces)
 
@@ -178,6 +188,10 @@ def pack_charts(charts: Charts, side: int | None, padding: int, *, max_side: int
         scale *= 0.95 / np.sqrt(max(atlas.atlas_count, 1))
         tries += 1
     vmapping, indices, uv = atlas.get_mesh(0)
+    atlas_index, _ = atlas.get_mesh_vertex_assignment(0)
+    dropped = np.asarray(atlas_index).astype(np.int64) != 0  # vertices of faces xatlas left out (no UV area)
+    if dropped.any() and not dropped.all():
+        uv[dropped] = uv[np.flatnonzero(~dropped)[0]]  # zero-area faces: any texel will do
     if not (np.isfinite(uv).all() and uv.min() >= 0.0 and uv.max() <= 1.0):
         raise ReconError(f"texture: xatlas returned UVs outside [0, 1] for a {side}x{side} atlas; "
                          "set export.texture_size larger")
