@@ -16,9 +16,11 @@ this process:
 * **Appearance.** Unlit renders of the vertex-coloured full mesh, the
   vertex-coloured 200 k-face mesh and the textured 200 k-face mesh
   (:func:`pipeline.export.texture.texture_mesh`) from the held-back GT cameras
-  (mapped into the reconstruction's frame by the camera alignment) and from
-  the input cameras, compared with the photos on the object (GT object mesh
-  in front, per the GT depth): PSNR and SSIM (:mod:`pipeline.analysis.appearance`).
+  and from a sixth of the input cameras (GT cameras mapped into the
+  reconstruction's frame by the camera alignment; the original photos, not
+  COLMAP's undistorted crops), compared with the photos on the object (GT
+  object mesh in front, per the GT depth): PSNR and SSIM
+  (:mod:`pipeline.analysis.appearance`).
   A figure per scene (held-back photo | textured | vertex-coloured 1 M) goes to
   ``WORK/figures``.
 
@@ -114,6 +116,9 @@ def write_ply(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
 
 def decimation_rows(out: Path, gt_dir: Path, vertices: np.ndarray, faces: np.ndarray, work: Path) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
+    cached = work / "rows.json"
+    if cached.is_file() and cached.stat().st_mtime > (out / "mesh.ply").stat().st_mtime:
+        return json.loads(cached.read_text())
     rows = []
     base = evaluate_reconstruction(out / "mesh.ply", gt_dir, cameras=out / "sparse", json_path=work / "full.eval.json")
     rows.append({"method": "none", "ratio": 1, "faces": len(faces), "seconds": 0.0,
@@ -129,6 +134,7 @@ def decimation_rows(out: Path, gt_dir: Path, vertices: np.ndarray, faces: np.nda
             rows.append({"method": method, "ratio": ratio, "faces": len(f), "seconds": round(seconds, 2),
                          "f05": ev["thresholds"]["0.5%"]["fscore"], "chamfer": ev["chamfer_rel"],
                          "flipped": flipped_fraction(vertices, faces, v, f)})
+    cached.write_text(json.dumps(rows, indent=2))
     return rows
 
 
@@ -159,7 +165,7 @@ def appearance_rows(full: Path, out: Path, held: list[str], figures: Path, name:
 
     gt_obj = o3d.io.read_triangle_mesh(str(full / "gt" / "object.ply"))
     gt_object = MeshRaycaster(np.asarray(gt_obj.vertices), np.asarray(gt_obj.triangles))
-    sim = align_to_gt_cameras(read_colmap_poses(out / "sparse"), gt_views, source=out / "sparse")
+    sim, _ = align_to_gt_cameras(read_colmap_poses(out / "sparse"), gt_views, source=out / "sparse")
     s, R, t = 1.0 / sim.scale, sim.rotation.T, -(sim.rotation.T @ sim.translation) / sim.scale
     cameras = []  # (kind, name, K, pose in the reconstruction's frame, photo, mask)
     for n in held:
@@ -167,14 +173,11 @@ def appearance_rows(full: Path, out: Path, held: list[str], figures: Path, name:
         mask = object_mask(gt_object, load_gt_depth(full / "gt", n), K, pose_gt, gt_views.width, gt_views.height)
         cameras.append(("held-back", n, K, transform_pose_by_similarity(pose_gt, s, R, t),
                         load_rgb(full / "images" / n).astype(np.float32) / 255.0, mask))
-    for v in scene.views[:: max(1, len(scene.views) // 6)]:
-        K_gt, pose_gt = gt_views.cameras[v.name]
-        mask = object_mask(gt_object, load_gt_depth(full / "gt", v.name), K_gt, pose_gt, gt_views.width,
-                           gt_views.height)
-        if mask.shape != (v.height, v.width):
-            continue
-        cameras.append(("input", v.name, v.K, v.cam_from_world, load_rgb(v.image_path).astype(np.float32) / 255.0,
-                        mask))
+    for name in [v.name for v in scene.views][:: max(1, len(scene.views) // 6)]:
+        K, pose_gt = gt_views.cameras[name]
+        mask = object_mask(gt_object, load_gt_depth(full / "gt", name), K, pose_gt, gt_views.width, gt_views.height)
+        cameras.append(("input", name, K, transform_pose_by_similarity(pose_gt, s, R, t),
+                        load_rgb(full / "images" / name).astype(np.float32) / 255.0, mask))
     rows, figure = [], None
     for label, (caster, f, colour) in variants.items():
         for kind in ("held-back", "input"):
