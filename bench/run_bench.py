@@ -95,14 +95,17 @@ def _poll_peak_rss(pid: int, stop: threading.Event, peak_kib: list[int], interva
         stop.wait(interval_s)
 
 
-def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None) -> dict[str, Any]:
-    """Run ``cmd``; return rc, wall seconds, peak RSS (MiB, the process's ``VmHWM``) and the last error line."""
+def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None, *, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` in ``cwd`` (default: this checkout) with ``env`` (default: this process's environment); return
+    rc, wall seconds, peak RSS (MiB, the process's ``VmHWM``) and the last error line."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     import subprocess
 
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd or REPO, env=env,
+                                start_new_session=True)
         timer = None
         timed_out = threading.Event()
         if timeout_s:
