@@ -138,7 +138,8 @@ def decimation_rows(out: Path, gt_dir: Path, vertices: np.ndarray, faces: np.nda
     return rows
 
 
-def appearance_rows(full: Path, out: Path, held: list[str], figures: Path, name: str) -> tuple[list[dict], dict]:
+def appearance_rows(full: Path, out: Path, held: list[str], figures: Path, name: str,
+                    settings: TextureSettings) -> tuple[list[dict], dict]:
     import trimesh
     from PIL import Image
 
@@ -152,7 +153,7 @@ def appearance_rows(full: Path, out: Path, held: list[str], figures: Path, name:
     dcolors = transfer_vertex_colors(vertices, colors, dv)
     decimate_s = time.perf_counter() - started
     started = time.perf_counter()
-    textured = texture_mesh(dv, df, scene.views, TextureSettings())
+    textured = texture_mesh(dv, df, scene.views, settings)
     texture_s = time.perf_counter() - started
     variants = {
         "vertex colours, full": (MeshRaycaster(vertices, faces), faces, {"vertex_colors": colors}),
@@ -173,11 +174,12 @@ def appearance_rows(full: Path, out: Path, held: list[str], figures: Path, name:
         mask = object_mask(gt_object, load_gt_depth(full / "gt", n), K, pose_gt, gt_views.width, gt_views.height)
         cameras.append(("held-back", n, K, transform_pose_by_similarity(pose_gt, s, R, t),
                         load_rgb(full / "images" / n).astype(np.float32) / 255.0, mask))
-    for name in [v.name for v in scene.views][:: max(1, len(scene.views) // 6)]:
-        K, pose_gt = gt_views.cameras[name]
-        mask = object_mask(gt_object, load_gt_depth(full / "gt", name), K, pose_gt, gt_views.width, gt_views.height)
-        cameras.append(("input", name, K, transform_pose_by_similarity(pose_gt, s, R, t),
-                        load_rgb(full / "images" / name).astype(np.float32) / 255.0, mask))
+    for image in [v.name for v in scene.views][:: max(1, len(scene.views) // 6)]:
+        K, pose_gt = gt_views.cameras[image]
+        mask = object_mask(gt_object, load_gt_depth(full / "gt", image), K, pose_gt, gt_views.width,
+                           gt_views.height)
+        cameras.append(("input", image, K, transform_pose_by_similarity(pose_gt, s, R, t),
+                        load_rgb(full / "images" / image).astype(np.float32) / 255.0, mask))
     rows, figure = [], None
     for label, (caster, f, colour) in variants.items():
         for kind in ("held-back", "input"):
@@ -215,6 +217,8 @@ def main() -> None:
     p.add_argument("--height", type=int, default=360)
     p.add_argument("--work", type=Path, default=Path("/tmp/recon-bench-texture"))
     p.add_argument("--no-decimation", action="store_true", help="skip the decimation comparison")
+    p.add_argument("--texels-per-pixel", type=float, default=TextureSettings().texels_per_pixel,
+                   help="texture density (export.texels_per_pixel)")
     args = p.parse_args()
     scenes: list[tuple[str, str, Path | None]] = [(s, s, None) for s in args.shapes]
     for m in args.models:
@@ -241,7 +245,8 @@ def main() -> None:
             mesh = trimesh.load(out / "mesh.ply", process=False)
             results["decimation"][name] = decimation_rows(out, full / "gt", np.asarray(mesh.vertices),
                                                           np.asarray(mesh.faces), args.work / "dec" / name)
-        rows, timing = appearance_rows(full, out, held, args.work / "figures", name)
+        rows, timing = appearance_rows(full, out, held, args.work / "figures", name,
+                                       TextureSettings(texels_per_pixel=args.texels_per_pixel))
         results["appearance"] += rows
         results["timing"].append(timing)
         (args.work / "bench_texture.json").write_text(json.dumps(results, indent=2, default=float))

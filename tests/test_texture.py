@@ -351,8 +351,10 @@ def test_rerendering_the_textured_mesh_reproduces_the_photos(rendered_scene):
                                          view.height, uv=textured.uv, texture=textured.texture)
         photo = np.asarray(Image.open(view.image_path).convert("RGB"), np.float32) / 255.0
         scores.append(photometric_scores(render, photo, hit))
-    assert min(s["psnr"] for s in scores) > 25.0, scores  # measured 26.9-28.7 dB (1 texel per photo pixel)
-    assert min(s["ssim"] for s in scores) > 0.85, scores
+    # Measured 28.5-30.3 dB, SSIM 0.92-0.95 (1.5 texels per photo pixel; 26.9-28.7 dB at 1; 22.5 dB before
+    # large faces were scored by their ray hits).
+    assert min(s["psnr"] for s in scores) > 26.0, scores
+    assert min(s["ssim"] for s in scores) > 0.88, scores
     assert textured.stats["views_used"] == len(views)
 
 

@@ -66,7 +66,7 @@ class ExportConfig:
     texture_max_size: int = setting(
         8192, "Largest automatic texture atlas side in texels.", check=_atlas_side())
     texels_per_pixel: float = setting(
-        1.0, "Texel density of the automatic texture size, in texels per photo pixel (linear).",
+        1.5, "Texel density of the automatic texture size, in texels per photo pixel (linear).",
         check=between(0.25, 4.0))
     texture_smoothness: float = setting(
         1.0, "Cost of a neighbouring face textured from another photo, relative to the view-quality cost in [0, 1] "

@@ -68,7 +68,7 @@ class TextureSettings:
     size: int | None = None
     """Atlas side in texels; None: from the photos' resolution (``texels_per_pixel``) up to ``max_size``."""
     max_size: int = 8192
-    texels_per_pixel: float = 1.0
+    texels_per_pixel: float = 1.5
     """Texel density of the automatic size: texels per photo pixel (linear)."""
     smoothness: float = 1.0
     """Potts weight of a neighbouring face with another source view (data cost in [0, 1])."""
