@@ -191,7 +191,16 @@ BACKUP_WEIGHT = 1e-3
 
 
 def face_candidate_views(faces: np.ndarray, labels: np.ndarray, vertex_weights: sp.csr_matrix, scores: np.ndarray,
-                         max_views: int = 3) -> tuple[np.ndarray, np.ndarray]:
+                         max_views: int = 3, chunk_faces: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_face_candidate_views` in chunks of ``chunk_faces`` faces (memory: chunk x views, not faces x views)."""
+    parts = [_face_candidate_views(faces[i:i + chunk_faces], labels[i:i + chunk_faces], vertex_weights,
+                                   scores[i:i + chunk_faces], max_views)
+             for i in range(0, max(len(faces), 1), chunk_faces)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _face_candidate_views(faces: np.ndarray, labels: np.ndarray, vertex_weights: sp.csr_matrix, scores: np.ndarray,
+                          max_views: int) -> tuple[np.ndarray, np.ndarray]:
     """The views that paint each face and their weight at each corner.
 
     Returns:
