@@ -306,6 +306,9 @@ def export_cmd(out_dir, formats, target_faces, target_ratio, full, decimation, t
         _setup_logging(False)
         if decimate is not None:
             raise ReconError("--decimate is now --target-faces (and --full keeps every triangle)")
+        if texture_size is not None and texture_size % 64:
+            raise ReconError(f"--texture-size {texture_size}: expected a multiple of 64, "
+                             f"e.g. {texture_size // 64 * 64}")
         from tqdm import tqdm
 
         from pipeline.export.stage import ExportOptions, export_outputs
@@ -320,7 +323,7 @@ def export_cmd(out_dir, formats, target_faces, target_ratio, full, decimation, t
             Path(out_dir), ExportOptions.from_config(cfg.export, formats=formats), dest=Path(dest) if dest else None,
             progress=lambda it, desc, total: tqdm(it, desc=f"export: {desc}", total=total, unit="view",
                                                   disable=not show, leave=False, dynamic_ncols=True))
-        for p in [*result.files.values(), *([result.cameras] if result.cameras else [])]:
+        for p in [*result.files.values(), *result.extra_files, *([result.cameras] if result.cameras else [])]:
             click.echo(f"wrote {p}")
         if result.textured:
             click.echo(f"texture {result.texture_size[0]}x{result.texture_size[1]}, {result.faces} faces")

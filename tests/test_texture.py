@@ -110,13 +110,16 @@ def test_every_face_gets_uvs_in_one_atlas_without_overlapping_charts(occluded_pl
     np.testing.assert_array_equal(textured.source_vertex[textured.faces], faces)  # same faces, same order
     np.testing.assert_allclose(textured.vertices, vertices[textured.source_vertex])
     assert (textured.uv >= 0).all() and (textured.uv <= 1).all()
-    # Charts: connected components of faces sharing UV vertices; no texel is covered by two charts.
+    # Charts: connected components of faces sharing UV vertices; no texel centre lies inside two charts
+    # (triangles shrunk by 1 % towards their centroid: charts may touch at a rim, never overlap).
     adjacency = trimesh.graph.face_adjacency(textured.faces)
     chart = trimesh.graph.connected_component_labels(adjacency, node_count=len(faces))
     h, w = textured.texture.shape[:2]
     owner = np.full(h * w, -1)
+    face_uv = textured.uv[textured.faces]
+    face_uv = face_uv + 0.01 * (face_uv.mean(1, keepdims=True) - face_uv)
     for c in np.unique(chart):
-        texels = rasterize_uv(textured.uv[textured.faces[chart == c]], w, h).texel
+        texels = rasterize_uv(face_uv[chart == c], w, h).texel
         assert (owner[texels] == -1).all(), f"chart {c} overlaps another"
         owner[texels] = c
 
@@ -379,3 +382,61 @@ def test_decimating_a_fused_mesh_tenfold_keeps_its_f_score(rendered_root):
     f_full, f_small = full["thresholds"]["0.5%"]["fscore"], small["thresholds"]["0.5%"]["fscore"]
     assert len(small_f) <= len(faces) // 10 * 1.05 and len(faces) > 20_000
     assert f_full > 0.6 and f_full - f_small <= 0.01, (f_full, f_small, len(faces))
+
+
+def test_an_attached_occluder_keeps_its_own_colour(tmp_path):
+    """A wall standing on the floor (sharing its bottom edge) hides part of the floor from the only photo: the
+    hidden floor's faces must not share texels with the wall, so a render from that photo's camera shows the
+    wall in the photo's colour, not in the vertex colour of the floor behind it."""
+    floor_v, floor_f = grid_quad(-1, 1, -1, 1, 0.0, 20)
+    # The wall: the floor row y = 0 raised into a vertical strip x in [-0.5, 0.5], z in [0, 0.6], facing -y.
+    xs = np.linspace(-0.5, 0.5, 11)
+    zs = np.linspace(0.0, 0.6, 7)
+    wall_v = np.stack([np.repeat(xs[None], len(zs), 0).ravel(), np.zeros(xs.size * zs.size),
+                       np.repeat(zs[:, None], len(xs), 1).ravel()], 1)
+    idx = np.arange(wall_v.shape[0]).reshape(len(zs), len(xs)) + len(floor_v)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, 1:].ravel(), idx[1:, :-1].ravel()
+    wall_f = np.concatenate([np.stack([a, c, b], 1), np.stack([a, d, c], 1)])
+    vertices = np.concatenate([floor_v, wall_v])
+    faces = np.concatenate([floor_f, wall_f])
+    # Weld the wall's bottom row onto the floor's vertices at y = 0 (the wall is attached).
+    merged = trimesh.Trimesh(vertices, faces, process=False)
+    merged.merge_vertices()
+    vertices, faces = np.asarray(merged.vertices), np.asarray(merged.faces)
+    view = flat_view(tmp_path, "red.png", (255, 0, 0), (0.0, -2.0, 1.2))
+    blue = np.tile([0, 0, 255], (len(vertices), 1)).astype(np.uint8)
+    textured = texture_mesh(vertices, faces, [view], TextureSettings(size=512), vertex_colors=blue)
+    caster = MeshRaycaster(textured.vertices, textured.faces)
+    render, hit = render_mesh_colors(caster, textured.faces, view.K, view.cam_from_world, view.width, view.height,
+                                     uv=textured.uv, texture=textured.texture)
+    hits = caster.cast_view(view.K, view.cam_from_world, view.width, view.height)
+    tri = textured.vertices[textured.faces[hits.face_id[hits.hit]]]
+    on_wall = np.zeros(hit.shape, bool)
+    on_wall[hits.hit] = np.abs(tri[:, :, 1]).max(1) < 1e-9  # faces in the plane y = 0: the wall
+    assert on_wall.sum() > 200
+    wall_colours = render[on_wall]
+    assert (wall_colours[:, 2] < 0.2).all(), f"{(wall_colours[:, 2] >= 0.2).sum()} wall pixels show the floor's blue"
+
+
+def test_a_mesh_no_photo_sees_is_one_clear_error(occluded_plane, tmp_path):
+    vertices, faces, _, _ = occluded_plane
+    away = flat_view(tmp_path, "away.png", (255, 0, 0), (0.0, 0.0, -3.0))  # below the plane, looking up at nothing
+    away = View(name=away.name, K=away.K, cam_from_world=look_at((0.0, 0.0, 5.0), (0.0, 0.0, 10.0)),
+                width=away.width, height=away.height, image_path=away.image_path, point_ids=away.point_ids)
+    with pytest.raises(ReconError, match="none of the 1 photos sees the mesh"):
+        texture_mesh(vertices, faces, [away], TextureSettings())
+
+
+def test_smooth_labels_never_raises_the_energy():
+    vertices, faces = grid_quad(0, 1, 0, 1, 0.0, 30)
+    scores = np.random.default_rng(1).random((len(faces), 4)).astype(np.float32)
+    adjacency = face_adjacency(faces)
+    pairs = adjacency.tocoo()
+
+    def energy(labels):
+        data = 1.0 - scores[np.arange(len(faces)), labels] / scores.max(1)
+        return data.sum() + (labels[pairs.row] != labels[pairs.col]).sum() / 2
+
+    energies = [energy(smooth_labels(scores, adjacency, 1.0, iterations=n)) for n in (0, 1, 2, 4, 8, 16)]
+    assert all(b <= a + 1e-6 for a, b in zip(energies, energies[1:])), energies
+    assert energies[-1] < 0.7 * energies[0]

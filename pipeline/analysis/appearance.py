@@ -151,10 +151,13 @@ def render_mesh_views(mesh_path: Path, scene: SfmScene, count: int = 3,
     return out
 
 
-def render_textured_views(glb_path: Path, scene: SfmScene, count: int = 3,
-                          width: int = RENDER_WIDTH) -> list[tuple[str, np.ndarray]]:
-    """Unlit renders of a textured GLB (normalized frame) from the cameras of :func:`render_mesh_views`.
+def render_textured_views(glb_path: Path, scene: SfmScene, count: int = 3, width: int = RENDER_WIDTH,
+                          normalized_from_mesh: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
+    """Unlit renders of a textured GLB from the cameras of :func:`render_mesh_views` (normalized frame).
 
+    Args:
+        normalized_from_mesh: 4x4 similarity from the GLB's frame to the normalized frame
+            (the export's ``normalized_from_sfm`` for ``export.frame: sfm``; None: already normalized).
     Returns (image name, render) pairs, or none when the GLB has no texture.
     """
     import trimesh
@@ -166,7 +169,10 @@ def render_textured_views(glb_path: Path, scene: SfmScene, count: int = 3,
         return []
     texture = np.asarray(image.convert("RGB"))
     faces = np.asarray(mesh.faces)
-    raycaster = MeshRaycaster(np.asarray(mesh.vertices), faces)
+    vertices = np.asarray(mesh.vertices, dtype=np.float64)
+    if normalized_from_mesh is not None:
+        vertices = vertices @ normalized_from_mesh[:3, :3].T + normalized_from_mesh[:3, 3]
+    raycaster = MeshRaycaster(vertices, faces)
     out = []
     for view in _picked_views(scene, count):
         K, height = _thumbnail_camera(view, width)

@@ -351,11 +351,22 @@ def _curves_section(ws: Workspace) -> str:
             + "<h3>Δz mean and std (normalized units)</h3>" + svg_curves(dz, log=False))
 
 
+def _glb_frame(ws: Workspace) -> np.ndarray | None:
+    """``normalized_from_sfm`` when the export stage wrote its meshes in the SfM frame, else None."""
+    try:
+        info = json.loads((ws.export_dir / "transform.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("frame") != "sfm" or "normalized_from_sfm" not in info:
+        return None
+    return np.asarray(info["normalized_from_sfm"], dtype=np.float64)
+
+
 def _renders_section(ws: Workspace, scene: SfmScene | None) -> str:
     if scene is None or not ws.mesh_path.exists():
         return "<p class='note'>no mesh yet</p>"
     glb = ws.out_dir / "mesh.glb"
-    textured = dict(render_textured_views(glb, scene)) if glb.is_file() else {}
+    textured = dict(render_textured_views(glb, scene, normalized_from_mesh=_glb_frame(ws))) if glb.is_file() else {}
     parts = ["<p>The final mesh ray-cast from input cameras: photo · "
              + ("the exported GLB with its texture (unlit) · " if textured else "")
              + "mesh.ply with its vertex colours (unlit) · mesh shaded (geometry only).</p>"]

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ import numpy as np
 from pipeline.core.errors import ReconError
 from pipeline.core.io import View
 from pipeline.export.views import NO_VIEW, inside_image, project_points
+
+logger = logging.getLogger(__name__)
 
 MIN_CHART_AREA = 1e-3
 """UV triangles smaller than this (texels^2) are laid out loose: xatlas drops faces of no area."""
@@ -34,6 +37,8 @@ class Charts:
     """(N, 2) float32 chart coordinates in texels."""
     faces: np.ndarray
     """(F, 3) int64 chart-vertex indices, in the order of the input faces."""
+    dropped_faces: int = 0
+    """Faces xatlas left out when packing (no UV area): they sample one texel."""
 
 
 def _flattened_triangles(tri: np.ndarray, scale: float) -> np.ndarray:
@@ -86,7 +91,8 @@ def separate_components(uv: np.ndarray, faces: np.ndarray, margin: float = 8.0) 
 
 
 def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, views: Sequence[View],
-                texels_per_pixel: float, label_area: np.ndarray, unseen_texels: float = 4.0) -> Charts:
+                texels_per_pixel: float, label_area: np.ndarray, unseen_texels: float = 4.0,
+                loose: np.ndarray | None = None) -> Charts:
     """Charts whose UVs are the label view's pixel coordinates (times ``texels_per_pixel``).
 
     A vertex is split once per view that labels faces around it, so each
@@ -96,7 +102,9 @@ def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, vie
     (pixels^2); faces seen edge-on (no area in the photo; xatlas drops
     zero-area faces); and faces no view sees (``labels == NO_VIEW``; they take
     the mesh's vertex colours), ``unseen_texels`` texels long. A face that has
-    no area in 3-D either gets a small right triangle.
+    no area in 3-D either gets a small right triangle. ``loose`` (F,) adds more
+    faces to lay out loose (faces an occluder cuts in their photo: their
+    projection would overlap the occluder's in the same chart).
     """
     n_views = len(views)
     labelled = labels != NO_VIEW
@@ -110,7 +118,7 @@ def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, vie
             outside[sel] = ~inside_image(uv, view.width, view.height, margin=0.0).reshape(-1, 3).all(1)
     e1, e2 = uv_label[:, 1] - uv_label[:, 0], uv_label[:, 2] - uv_label[:, 0]
     flat_in_photo = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]) * texels_per_pixel**2 < MIN_CHART_AREA
-    loose = ~labelled | outside | flat_in_photo
+    loose = ~labelled | outside | flat_in_photo | (False if loose is None else np.asarray(loose, dtype=bool))
     keys = faces.astype(np.int64) * n_views + np.where(loose, 0, labels)[:, None]
     keys[loose] = -1 - (np.flatnonzero(loose)[:, None] * 3 + np.arange(3))  # every loose corner its own vertex
     unique, inverse = np.unique(keys.ravel(), return_inverse=True)
@@ -143,6 +151,13 @@ def xatlas_charts(vertices: np.ndarray, faces: np.ndarray) -> Charts:
     vmapping, indices, uv = atlas[0]
     return Charts(source_vertex=vmapping.astype(np.int64), uv=(uv * [atlas.width, atlas.height]).astype(np.float32),
                   faces=indices.astype(np.int64))
+
+
+def chart_side(charts: Charts) -> float:
+    """Side (texels) of a square holding the charts' total area: a lower bound of the atlas side."""
+    tri = charts.uv[charts.faces].astype(np.float64)
+    e1, e2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+    return float(np.sqrt(0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).sum()))
 
 
 def _generate(charts: Charts, side: int, texels_per_unit: float, padding: int):
@@ -190,11 +205,13 @@ def pack_charts(charts: Charts, side: int | None, padding: int, *, max_side: int
     vmapping, indices, uv = atlas.get_mesh(0)
     atlas_index, _ = atlas.get_mesh_vertex_assignment(0)
     dropped = np.asarray(atlas_index).astype(np.int64) != 0  # vertices of faces xatlas left out (no UV area)
+    dropped_faces = int(dropped[indices].any(1).sum())
     if dropped.any() and not dropped.all():
-        uv[dropped] = uv[np.flatnonzero(~dropped)[0]]  # zero-area faces: any texel will do
+        logger.info("texture: xatlas left out %d faces of no UV area; they take one texel's colour", dropped_faces)
+        uv[dropped] = uv[np.flatnonzero(~dropped)[0]]
     if not (np.isfinite(uv).all() and uv.min() >= 0.0 and uv.max() <= 1.0):
         raise ReconError(f"texture: xatlas returned UVs outside [0, 1] for a {side}x{side} atlas; "
                          "set export.texture_size larger")
     packed = Charts(source_vertex=charts.source_vertex[vmapping.astype(np.int64)],
-                    uv=uv.astype(np.float32), faces=indices.astype(np.int64))
+                    uv=uv.astype(np.float32), faces=indices.astype(np.int64), dropped_faces=dropped_faces)
     return packed, int(atlas.width), int(atlas.height)

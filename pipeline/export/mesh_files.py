@@ -41,18 +41,27 @@ def write_colored_mesh(mesh, path: Path, fmt: MeshFormat | str) -> None:
         Path(tmp).write_bytes(_encoded(data))
 
 
-def texture_image(texture: np.ndarray, fmt: TextureFormat | str):
-    """The texture as a PIL image that trimesh stores as PNG or JPEG (it keeps a decoded image's format)."""
+def encoded_texture(texture: np.ndarray, fmt: TextureFormat | str) -> bytes:
+    """The texture as PNG (fast compression) or JPEG (quality :data:`JPEG_QUALITY`) bytes."""
     from PIL import Image
 
-    image = Image.fromarray(np.asarray(texture, dtype=np.uint8))
     buf = io.BytesIO()
+    image = Image.fromarray(np.asarray(texture, dtype=np.uint8))
     if TextureFormat(fmt) is TextureFormat.jpeg:
         image.save(buf, format="JPEG", quality=JPEG_QUALITY)
     else:
         image.save(buf, format="PNG", compress_level=1)
-    buf.seek(0)
-    return Image.open(buf)
+    return buf.getvalue()
+
+
+def texture_image(texture: np.ndarray, fmt: TextureFormat | str):
+    """The texture as a PIL image whose format (PNG or JPEG) trimesh keeps when it writes a GLB
+    (trimesh encodes it again with PIL's default options)."""
+    from PIL import Image
+
+    image = Image.fromarray(np.asarray(texture, dtype=np.uint8))
+    image.format = "JPEG" if TextureFormat(fmt) is TextureFormat.jpeg else "PNG"
+    return image
 
 
 def textured_trimesh(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, texture: np.ndarray,
@@ -94,6 +103,11 @@ def write_textured_mesh(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray,
     mtl_name = path.with_suffix(".mtl").name
     text, extra = export_obj(mesh, include_texture=True, include_color=False, include_normals=False,
                              mtl_name=mtl_name, return_texture=True)
+    image_name = next(name for name in extra if name.startswith(TEXTURE_STEM + "."))
+    extra[image_name] = encoded_texture(texture, texture_format)  # trimesh re-encodes with PIL's defaults
+    for stale in path.parent.glob(TEXTURE_STEM + ".*"):  # a texture of another format from an earlier export
+        if stale.name != image_name and stale.suffix.lower() in (".png", ".jpeg", ".jpg"):
+            stale.unlink()
     written = []
     # The image and the MTL first, the OBJ that names them last: a reader never finds an OBJ without its texture.
     for name in sorted(extra, key=lambda n: n == mtl_name):

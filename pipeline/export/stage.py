@@ -139,6 +139,9 @@ def decimated(mesh, target: int | None, method: DecimationMethod | str):
     if target is None or target >= len(mesh.faces):
         return mesh
     vertices, faces = decimate_arrays(mesh.vertices, mesh.faces, target, method)
+    if len(faces) == 0:
+        raise ReconError(f"decimating {len(mesh.faces)} triangles to {target} left none; ask for more "
+                         "(export.target_faces / --target-faces, export.target_ratio / --target-ratio)")
     colors = vertex_colors_rgb(mesh)
     new_colors = transfer_vertex_colors(mesh.vertices, colors, vertices) if colors is not None else None
     return trimesh.Trimesh(vertices, faces, vertex_colors=new_colors, process=False)
@@ -173,6 +176,8 @@ def write_cameras(model_dir: Path, dest: Path, sfm_from_normalized: np.ndarray |
 class ExportResult:
     files: dict[str, Path]
     """format → written mesh file."""
+    extra_files: list[Path]
+    """Files that go with them (the OBJ's MTL and texture image)."""
     cameras: Path | None
     vertices: int
     faces: int
@@ -257,14 +262,16 @@ def export_mesh_files(
     if sfm_from_normalized is not None:
         mesh = transformed(mesh, sfm_from_normalized)
     files = {}
+    extra: list[Path] = []
     for fmt in options.formats:
         path = export_mesh_path(dest_dir, fmt)
         if textured is not None and fmt in TEXTURED_FORMATS:
             vertices = textured.vertices
             if sfm_from_normalized is not None:
                 vertices = vertices @ sfm_from_normalized[:3, :3].T + sfm_from_normalized[:3, 3]
-            write_textured_mesh(vertices, textured.faces, textured.uv, textured.texture, path, fmt,
-                                options.texture_format)
+            written = write_textured_mesh(vertices, textured.faces, textured.uv, textured.texture, path, fmt,
+                                          options.texture_format)
+            extra.extend(p for p in written if p != path)
         else:
             write_colored_mesh(mesh, path, fmt)
         files[fmt.value] = path
@@ -272,7 +279,7 @@ def export_mesh_files(
     if model_dir is not None and write_cameras(model_dir, export_sparse_dir(dest_dir), sfm_from_normalized):
         cameras = export_sparse_dir(dest_dir)
     transform: dict[str, Any] = {
-        "frame": frame.value, "files": sorted(p.name for p in files.values()),
+        "frame": frame.value, "files": sorted(p.name for p in [*files.values(), *extra]),
         "faces": int(len(mesh.faces)), "faces_before": int(before),
         "textured": sorted(f.value for f in options.formats if textured is not None and f in TEXTURED_FORMATS),
         "texture": textured.stats if textured is not None else None,
@@ -282,7 +289,8 @@ def export_mesh_files(
         transform["normalized_from_sfm"] = np.asarray(normalized_from_sfm).tolist()
         transform["sfm_from_normalized"] = invert_similarity(normalized_from_sfm).tolist()
     write_json_atomic(export_transform_path(dest_dir), transform)
-    return ExportResult(files=files, cameras=cameras, vertices=len(mesh.vertices), faces=len(mesh.faces),
+    return ExportResult(files=files, extra_files=extra, cameras=cameras, vertices=len(mesh.vertices),
+                        faces=len(mesh.faces),
                         textured=textured is not None,
                         texture_size=tuple(textured.stats["texture_size"]) if textured is not None else None,
                         texture_stats=textured.stats if textured is not None else {})
@@ -295,6 +303,9 @@ def _views_for_texture(ws: Workspace, options: ExportOptions) -> list[View]:
     """The registered views of the sfm cache, when the export is textured (else none)."""
     if options.texture is None or not any(f in TEXTURED_FORMATS for f in options.formats):
         return []
+    if not (ws.sfm_model_dir / "cameras.bin").exists():
+        raise ReconError(f"{ws.sfm_model_dir}: no SfM cache (cameras and undistorted photos) to bake a texture from; "
+                         "export with --no-textured (export.textured=false), or re-run the sfm stage")
     return load_sfm_scene(ws).views
 
 

@@ -4,9 +4,10 @@
 photo in memory at a time):
 
 1. **Scores.** Each view is ray-cast against the mesh (:class:`~pipeline.core.raycast.MeshRaycaster`);
-   a face's score in a view is its projected area times the viewing cosine where
-   the view sees its centroid (:mod:`pipeline.export.views`). Colours at the
-   centroids of a sample of faces feed the per-view exposure gains.
+   a face's score in a view is its visible area in pixels (the rays that hit it,
+   or its projected area where the view sees its centroid) times the viewing
+   cosine, either side of the face (:mod:`pipeline.export.views`). Colours at the
+   centroids of a sample of faces, where seen, feed the per-view exposure gains.
 2. **Labels and charts.** One source view per face, smoothed over neighbouring
    faces (Potts energy, ICM). With ``charts="views"`` (default) every connected
    patch of one view is a chart whose UVs are the photo's pixel coordinates
@@ -36,8 +37,8 @@ from pipeline.core.errors import ReconError
 from pipeline.core.io import View, load_rgb
 from pipeline.core.raycast import MeshRaycaster
 from pipeline.core.sampling import sample_bilinear
-from pipeline.export.bake import fill_gutters, rasterize_uv
-from pipeline.export.charts import pack_charts, view_charts, xatlas_charts
+from pipeline.export.bake import TexelSamples, fill_gutters, rasterize_uv
+from pipeline.export.charts import chart_side, pack_charts, view_charts, xatlas_charts
 from pipeline.export.views import (
     NO_VIEW,
     face_adjacency,
@@ -46,6 +47,7 @@ from pipeline.export.views import (
     project_points,
     smooth_labels,
     solve_view_gains,
+    triangle_areas_2d,
     vertex_view_weights,
     viewing_cosine,
     visible_points,
@@ -59,6 +61,12 @@ Progress = Callable[[Iterable[T], str, int], Iterable[T]]
 
 GAIN_SAMPLE_FACES = 20_000
 """Faces whose centroid colours (in every view that sees them) feed the exposure gains."""
+PARTLY_HIDDEN = 0.8
+"""A face whose rays hit less than this share of its projected area is cut by an occluder or the image border."""
+BAKE_CHUNK_TEXELS = 8_000_000
+"""Texels baked per pass over the photos (bounds the bake's memory at about 1.2 GB)."""
+TEXELS_FROM_PHOTOS_WARN = 0.5
+"""Warn when fewer of the texture's texels than this come from the photos (the rest: vertex colours)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +82,8 @@ class TextureSettings:
     """Potts weight of a neighbouring face with another source view (data cost in [0, 1])."""
     charts: str = "views"
     """``views`` (charts are photo patches, packed by xatlas) or ``xatlas`` (xatlas cuts and parameterizes)."""
-    padding: int = 2
-    """Texels between charts."""
+    padding: int | None = None
+    """Texels between charts (None: 2 up to a 2048 atlas, 4 up to 4096, 8 above, so mip levels bleed less)."""
     level_exposure: bool = True
     """Solve per-view colour gains so that seams between photos of different exposure vanish."""
 
@@ -97,6 +105,11 @@ class TexturedMesh:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def padding_for(side: float) -> int:
+    """Gutter width (texels) for an atlas of ``side`` texels: 2 up to 2048, 4 up to 4096, else 8."""
+    return 2 if side <= 2048 else 4 if side <= 4096 else 8
+
+
 def _no_progress(iterable: Iterable[T], desc: str, total: int) -> Iterable[T]:  # noqa: ARG001 - Progress signature
     return iterable
 
@@ -107,6 +120,17 @@ def _face_geometry(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray,
     normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-30)
     return tri.mean(1), normals
+
+
+def _label_cosines(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, views: Sequence[View]) -> np.ndarray:
+    """(F,) viewing cosine of each face in its label view (0 where unlabelled)."""
+    centroids, normals = _face_geometry(vertices, faces)
+    out = np.zeros(len(faces))
+    for k, view in enumerate(views):
+        sel = labels == k
+        if sel.any():
+            out[sel] = viewing_cosine(normals[sel], centroids[sel], view.center)
+    return out
 
 
 def _read_photo(view: View) -> np.ndarray | None:
@@ -127,12 +151,16 @@ def _read_photo(view: View) -> np.ndarray | None:
 class ViewScores:
     scores: np.ndarray
     """(F, L) float32 visible area (pixels^2) x viewing cosine, 0 where the view does not see the face."""
-    areas: np.ndarray
-    """(F, L) float32 visible area (pixels^2)."""
+    partly_hidden: np.ndarray
+    """(F, L) bool: the view sees the face but not all of it: a corner fails the depth test, or (faces of 8 pixels
+    and more) its rays hit less than :data:`PARTLY_HIDDEN` of its projected area. An occluder or the image border
+    cuts it, and its projection would overlap the occluder's in a photo chart."""
     gain_faces: np.ndarray
     """(P,) int64 faces sampled for the exposure gains."""
     gain_colours: np.ndarray
     """(P, L, 3) float32 centroid colour of those faces in each view."""
+    gain_weights: np.ndarray
+    """(P, L) bool: the view sees that centroid (so its colour is the face's)."""
     readable: np.ndarray
     """(L,) bool: the photo could be read."""
 
@@ -145,8 +173,9 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
     rng = np.random.default_rng(0)
     gain_faces = np.sort(rng.choice(n_faces, size=min(GAIN_SAMPLE_FACES, n_faces), replace=False))
     scores = np.zeros((n_faces, n_views), np.float32)
-    areas = np.zeros((n_faces, n_views), np.float32)
+    partly_hidden = np.zeros((n_faces, n_views), dtype=bool)
     gain_colours = np.zeros((len(gain_faces), n_views, 3), np.float32)
+    gain_weights = np.zeros((len(gain_faces), n_views), dtype=bool)
     readable = np.zeros(n_views, dtype=bool)
     for k, view in enumerate(progress(views, "scoring views", n_views)):
         photo = _read_photo(view)
@@ -158,75 +187,96 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
         seen_c = visible_points(uv_c, z_c, hits.depth, view.K)
         uv_corners, z_corners = project_points(vertices[faces].reshape(-1, 3), view.K, view.cam_from_world)
         pixel_hits = np.bincount(hits.face_id[hits.hit], minlength=n_faces).astype(np.float32)
-        area = face_view_score(uv_corners.reshape(-1, 3, 2), z_corners.reshape(-1, 3), seen_c, pixel_hits,
-                               view.width, view.height)
-        cosine = np.abs(viewing_cosine(normals, centroids, view.center))
-        areas[:, k] = area
-        scores[:, k] = area * cosine
+        corners_uv = uv_corners.reshape(-1, 3, 2)
+        area = face_view_score(corners_uv, z_corners.reshape(-1, 3), seen_c, pixel_hits, view.width, view.height)
+        scores[:, k] = area * np.abs(viewing_cosine(normals, centroids, view.center))
+        projected = triangle_areas_2d(corners_uv)
+        corners_seen = visible_points(uv_corners, z_corners, hits.depth, view.K).reshape(-1, 3).all(1)
+        cut = ~corners_seen | ((projected >= 8.0) & (pixel_hits < PARTLY_HIDDEN * projected))
+        partly_hidden[:, k] = (area > 0) & cut
         gain_colours[:, k] = sample_bilinear(photo, uv_c[gain_faces])
-    return ViewScores(scores=scores, areas=areas, gain_faces=gain_faces, gain_colours=gain_colours, readable=readable)
+        gain_weights[:, k] = seen_c[gain_faces]
+    return ViewScores(scores=scores, partly_hidden=partly_hidden, gain_faces=gain_faces, gain_colours=gain_colours,
+                      gain_weights=gain_weights, readable=readable)
 
 
 
-def bake_views(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None, views: Sequence[View],
-               raycaster: MeshRaycaster, labels: np.ndarray, scores: np.ndarray, gains: np.ndarray,
-               face_uv: np.ndarray,
-               width: int, height: int, progress: Progress) -> tuple[np.ndarray, dict[str, Any]]:
-    """Pass 2: the texture (H, W, 3) uint8 of faces with UVs ``face_uv`` (F, 3, 2) in [0, 1].
-
-    Every covered texel takes the gain-levelled, occlusion-tested colours of the
-    views of its face (:func:`~pipeline.export.views.face_candidate_views`);
-    texels that no view paints take the interpolated vertex colours (grey
-    without them); gutters take the nearest chart texel.
-    """
-    samples = rasterize_uv(face_uv, width, height)
-    tri = vertices[faces[samples.face]]
-    points = (tri * samples.barycentric[..., None]).sum(1)
-    weights = vertex_view_weights(faces, labels, len(vertices), len(views))
-    cand_views, cand_corner = face_candidate_views(faces, labels, weights, scores)
-    n_slots = cand_views.shape[1]
-    slot_view = cand_views[samples.face]  # (T, K)
-    slot_weight = (cand_corner[samples.face] * samples.barycentric[:, None, :]).sum(-1)  # (T, K)
-    accum = np.zeros((len(samples.texel), 3), np.float32)
-    total = np.zeros(len(samples.texel), np.float32)
-    order = np.argsort(slot_view, axis=0, kind="stable")
-    sorted_views = np.take_along_axis(slot_view, order, 0)
+def _bake_chunk(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None,
+                views: Sequence[View], raycaster: MeshRaycaster, cand_views: np.ndarray, cand_corner: np.ndarray,
+                gains: np.ndarray, samples, progress: Progress, desc: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Colours (T, 3) uint8 of the texels ``samples`` (faces indexed in ``faces``), texels painted from photos
+    (T,) bool, occluded samples: one pass over the photos."""
+    face = samples.face
+    bary = samples.barycentric
+    points = np.einsum("tc,tcd->td", bary, vertices[faces[face]].astype(np.float32))
+    slot_view = cand_views[face]  # (T, K)
+    slot_weight = np.einsum("tkc,tc->tk", cand_corner[face], bary)  # (T, K)
+    accum = np.zeros((len(face), 3), np.float32)
+    total = np.zeros(len(face), np.float32)
     occluded = 0
-    for k, view in enumerate(progress(views, "baking the texture", len(views))):
-        spans = [(np.searchsorted(sorted_views[:, j], k), np.searchsorted(sorted_views[:, j], k, side="right"))
-                 for j in range(n_slots)]
-        if all(a == b for a, b in spans):
+    for k, view in enumerate(progress(views, desc, len(views))):
+        slot_t, slot_j = np.nonzero((slot_view == k) & (slot_weight > 0))
+        if len(slot_t) == 0:
             continue
         photo = _read_photo(view)
         if photo is None:
             continue
         hits = raycaster.cast_view(view.K, view.cam_from_world, view.width, view.height)
-        for j, (a, b) in enumerate(spans):
-            idx = order[a:b, j]
-            idx = idx[slot_weight[idx, j] > 0]
-            if len(idx) == 0:
-                continue
-            uv, z = project_points(points[idx], view.K, view.cam_from_world)
-            seen = visible_points(uv, z, hits.depth, view.K)
-            occluded += int((~seen).sum())
-            idx, uv = idx[seen], uv[seen]
-            w = slot_weight[idx, j]
-            accum[idx] += w[:, None] * sample_bilinear(photo, uv) * gains[k]
-            total[idx] += w
+        uv, z = project_points(points[slot_t], view.K, view.cam_from_world)
+        seen = visible_points(uv, z, hits.depth, view.K)
+        occluded += int((~seen).sum())
+        slot_t, slot_j, uv = slot_t[seen], slot_j[seen], uv[seen]
+        w = slot_weight[slot_t, slot_j]
+        colour = sample_bilinear(photo, uv) * gains[k]
+        for channel in range(3):
+            accum[:, channel] += np.bincount(slot_t, weights=w * colour[:, channel], minlength=len(face))
+        total += np.bincount(slot_t, weights=w, minlength=len(face)).astype(np.float32)
+        del photo, hits
     painted = total > 0
-    colours = np.full((len(samples.texel), 3), 0.5, np.float32)
+    colours = np.full((len(face), 3), 0.5, np.float32)
     colours[painted] = accum[painted] / total[painted, None]
     if vertex_colors is not None and (~painted).any():
-        corner = vertex_colors[faces[samples.face[~painted]]].astype(np.float32) / 255.0
-        colours[~painted] = (corner * samples.barycentric[~painted, :, None]).sum(1)
-    texture = np.zeros((height * width, 3), np.float32)
+        corner = vertex_colors[faces[face[~painted]]].astype(np.float32) / 255.0
+        colours[~painted] = (corner * bary[~painted, :, None]).sum(1)
+    return np.clip(np.round(colours * 255.0), 0, 255).astype(np.uint8), painted, occluded
+
+
+def bake_views(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None, views: Sequence[View],
+               raycaster: MeshRaycaster, labels: np.ndarray, scores: np.ndarray, gains: np.ndarray,
+               face_uv: np.ndarray, width: int, height: int, progress: Progress,
+               chunk_texels: int = BAKE_CHUNK_TEXELS) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pass 2: the texture (H, W, 3) uint8 of faces with UVs ``face_uv`` (F, 3, 2) in [0, 1].
+
+    Every covered texel takes the gain-levelled, occlusion-tested colours of the
+    views of its face (:func:`~pipeline.export.views.face_candidate_views`);
+    texels that no view paints take the interpolated vertex colours (grey
+    without them); gutters take the nearest chart texel. Faces are baked in
+    chunks of about ``chunk_texels`` texels (one pass over the photos each), so
+    memory stays bounded for large atlases (about 150 bytes per texel of a chunk).
+    """
+    weights = vertex_view_weights(faces, labels, len(vertices), len(views))
+    cand_views, cand_corner = face_candidate_views(faces, labels, weights, scores)
+    texel_area = triangle_areas_2d(face_uv.astype(np.float64) * [width, height])
+    cum = np.cumsum(texel_area + 1.0)
+    cuts = np.searchsorted(cum, np.arange(chunk_texels, cum[-1], chunk_texels))
+    bounds = np.unique(np.concatenate([[0], cuts, [len(faces)]]))
+    texture = np.zeros((height * width, 3), np.uint8)
     covered = np.zeros(height * width, dtype=bool)
-    texture[samples.texel] = colours
-    covered[samples.texel] = True
+    texels = from_photos = occluded = 0
+    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        samples = rasterize_uv(face_uv[start:stop], width, height)
+        samples = TexelSamples(texel=samples.texel, face=samples.face + start, barycentric=samples.barycentric)
+        desc = "baking the texture" + (f" ({i + 1}/{len(bounds) - 1})" if len(bounds) > 2 else "")
+        colours, painted, hidden = _bake_chunk(vertices, faces, vertex_colors, views, raycaster, cand_views,
+                                               cand_corner, gains, samples, progress, desc)
+        texture[samples.texel] = colours
+        covered[samples.texel] = True
+        texels += len(samples.texel)
+        from_photos += int(painted.sum())
+        occluded += hidden
     texture = fill_gutters(texture.reshape(height, width, 3), covered.reshape(height, width))
-    stats = {"texels": int(len(samples.texel)), "texels_from_photos": int(painted.sum()),
-             "occluded_samples": occluded}
-    return np.clip(np.round(texture * 255.0), 0, 255).astype(np.uint8), stats
+    stats = {"texels": int(texels), "texels_from_photos": int(from_photos), "occluded_samples": int(occluded)}
+    return texture, stats
 
 
 def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View], settings: TextureSettings,
@@ -253,26 +303,41 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
         raise ReconError(f"texture: none of the {len(views)} photos could be read (e.g. {views[0].image_path}); "
                          "re-run `recon stage sfm`")
     labels = smooth_labels(scores.scores, face_adjacency(faces), settings.smoothness)
+    labelled = labels != NO_VIEW
+    if not labelled.any():
+        raise ReconError(f"texture: none of the {len(views)} photos sees the mesh; are the mesh and the cameras in "
+                         "the same frame (re-run `recon stage fuse`)? `--no-textured` exports vertex colours")
     seen_by = (scores.scores > 0).sum(0)
     for k in np.flatnonzero(scores.readable & (seen_by == 0)):
-        logger.info("texture: %s sees none of the mesh", views[k].name)
+        logger.warning("texture: %s sees none of the mesh; it paints nothing", views[k].name)
     gains = np.ones((len(views), 3), np.float32)
     if settings.level_exposure:
-        gains = solve_view_gains(scores.gain_colours, scores.scores[scores.gain_faces])
+        gains = solve_view_gains(scores.gain_colours, scores.scores[scores.gain_faces] * scores.gain_weights)
     t1 = time.perf_counter()
+    rows = np.flatnonzero(labelled)
     if settings.charts == "xatlas":
         charts = xatlas_charts(vertices, faces)
     else:
-        label_area = np.where(labels != NO_VIEW, scores.areas[np.arange(len(faces)), np.maximum(labels, 0)], 0.0)
-        charts = view_charts(vertices, faces, labels, views, settings.texels_per_pixel, label_area)
-    packed, width, height = pack_charts(charts, settings.size, settings.padding, max_side=settings.max_size)
+        label_area = np.zeros(len(faces))
+        label_area[rows] = scores.scores[rows, labels[rows]] / np.maximum(
+            np.abs(_label_cosines(vertices, faces, labels, views)[rows]), 1e-3)
+        loose = np.zeros(len(faces), dtype=bool)
+        loose[rows] = scores.partly_hidden[rows, labels[rows]]
+        charts = view_charts(vertices, faces, labels, views, settings.texels_per_pixel, label_area, loose=loose)
+    padding = settings.padding or padding_for(settings.size or chart_side(charts))
+    packed, width, height = pack_charts(charts, settings.size, padding, max_side=settings.max_size)
     t2 = time.perf_counter()
     texture, bake_stats = bake_views(vertices, faces, vertex_colors, views, raycaster, labels, scores.scores, gains,
                                      packed.uv[packed.faces], width, height, progress)
+    share = bake_stats["texels_from_photos"] / max(bake_stats["texels"], 1)
+    if share < TEXELS_FROM_PHOTOS_WARN:
+        logger.warning("texture: only %.0f %% of the texture comes from the photos (the rest from the vertex "
+                       "colours); check that the mesh and the cameras belong together", 100 * share)
     t3 = time.perf_counter()
     stats = {
         "faces": int(len(faces)),
-        "faces_unseen": int((labels == NO_VIEW).sum()),
+        "faces_unseen": int((~labelled).sum()),
+        "faces_dropped_by_xatlas": int(packed.dropped_faces),
         "views_used": int(len(np.unique(labels[labels != NO_VIEW]))),
         "texture_size": [int(width), int(height)],
         "gain_range": [float(gains.min()), float(gains.max())],

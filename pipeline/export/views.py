@@ -64,6 +64,13 @@ def visible_points(uv: np.ndarray, z: np.ndarray, depth_map: np.ndarray, K: np.n
     return ok & (z <= surface + tolerance)
 
 
+def triangle_areas_2d(corners: np.ndarray) -> np.ndarray:
+    """(F,) unsigned areas of 2-D triangles (F, 3, 2)."""
+    e1 = corners[:, 1] - corners[:, 0]
+    e2 = corners[:, 2] - corners[:, 0]
+    return 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
+
+
 def face_view_score(corners_uv: np.ndarray, corners_z: np.ndarray, centroid_visible: np.ndarray,
                     pixel_hits: np.ndarray, width: int, height: int) -> np.ndarray:
     """(F,) visible area (pixels^2) of each face in one view, 0 where the view does not see it.
@@ -80,9 +87,7 @@ def face_view_score(corners_uv: np.ndarray, corners_z: np.ndarray, centroid_visi
     the camera score 0: their projection is not a triangle. Either side of a
     face counts (the mesh's winding is not trusted).
     """
-    e1 = corners_uv[:, 1] - corners_uv[:, 0]
-    e2 = corners_uv[:, 2] - corners_uv[:, 0]
-    area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
+    area = triangle_areas_2d(corners_uv)
     inside = np.ones(len(corners_uv), dtype=bool)
     for c in range(3):
         inside &= inside_image(corners_uv[:, c], width, height, margin=0.0)
@@ -115,8 +120,14 @@ def face_adjacency(faces: np.ndarray) -> sp.csr_matrix:
     return adjacency
 
 
-def smooth_labels(scores: np.ndarray, adjacency: sp.csr_matrix, smoothness: float, iterations: int = 8) -> np.ndarray:
+def smooth_labels(scores: np.ndarray, adjacency: sp.csr_matrix, smoothness: float, iterations: int = 40,
+                  seed: int = 0) -> np.ndarray:
     """One view per face (:data:`NO_VIEW` where every score is 0) by iterated conditional modes on a Potts energy.
+
+    Each round every face finds its best label given its neighbours'; of the faces
+    that would change, those whose random priority beats every changing
+    neighbour's move (an independent set), so each move lowers the energy and
+    the energy never rises. Memory: two (F, L) float32 arrays besides ``scores``.
 
     Args:
         scores: (F, L) non-negative scores (:func:`face_view_score`), 0 = the view does not see the face.
@@ -133,15 +144,23 @@ def smooth_labels(scores: np.ndarray, adjacency: sp.csr_matrix, smoothness: floa
     if smoothness <= 0 or n_views < 2 or not seen.any():
         return labels
     data = np.where(scores > 0, 1.0 - scores / np.maximum(best, 1e-30)[:, None], np.inf).astype(np.float32)
+    priority = np.random.default_rng(seed).random(n_faces)
+    rows = np.flatnonzero(seen)
     for _ in range(iterations):
-        onehot = sp.csr_matrix((np.ones(int(seen.sum()), np.float32), (np.flatnonzero(seen), labels[seen])),
-                               shape=(n_faces, n_views))
-        agree = np.asarray((adjacency @ onehot).todense(), dtype=np.float32)
-        energy = data - smoothness * agree
+        onehot = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, labels[rows])), shape=(n_faces, n_views))
+        energy = np.asarray((adjacency @ onehot).todense(), dtype=np.float32)  # neighbours that agree
+        energy *= -smoothness
+        energy += data
         new = np.where(seen, energy.argmin(1), NO_VIEW)
-        if np.array_equal(new, labels):
+        own = energy[rows, labels[rows]]
+        better = np.zeros(n_faces, dtype=bool)
+        better[rows] = energy[rows, new[rows]] < own - 1e-6
+        if not better.any():
             break
-        labels = new
+        mover_priority = sp.diags(np.where(better, priority, 0.0)).dot(adjacency.T).T  # row f: priorities of movers
+        neighbour_best = np.asarray(mover_priority.max(axis=1).todense()).ravel()
+        move = better & (priority > neighbour_best)
+        labels = np.where(move, new, labels)
     return labels
 
 
