@@ -75,7 +75,8 @@ def test_the_run_writes_a_report_with_every_section(finished_run):
         assert secs["views"].count(f"<figcaption>{caption}") == 10, caption
     assert secs["curves"].count("<svg") == 2 and "L_mv" in secs["curves"] and "dz_std" in secs["curves"]
     assert secs["renders"].count("<figcaption>photo</figcaption>") == 3
-    assert secs["renders"].count("<figcaption>mesh (colour)</figcaption>") == 3
+    assert secs["renders"].count("<figcaption>mesh.ply (colour)</figcaption>") == 3
+    assert secs["renders"].count("<figcaption>mesh.glb (texture)</figcaption>") == 3
     assert "extrinsic convention" in secs["diagnose"] and "<span class='ok'>OK</span>" in secs["diagnose"]
     assert "no OUT/eval.json" in secs["eval"]  # not evaluated yet
 
@@ -163,7 +164,8 @@ def test_report_renders_in_headless_chromium(finished_run, evaluated_report, tmp
     restored = sum(bool(load_depth_map(f).restored.any())
                    for f in sorted(finished_run.stage_dir("refine").joinpath("views").glob("*.npz")))
     # 5 per view, + restored pixels where any
-    assert secs["views"]["images"] == 50 + restored and secs["renders"]["images"] == 9
+    # renders: photo, textured mesh.glb, coloured mesh.ply, shaded, for 3 views
+    assert secs["views"]["images"] == 50 + restored and secs["renders"]["images"] == 12
     assert secs["curves"]["lines"] >= 6  # loss, L_mv, L_anchor, L_edge, L_surf (+ L_mag), dz_mean, dz_std
     # the page draws: a screenshot is not blank
     shot = tmp_path / "shot.png"
