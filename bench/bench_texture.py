@@ -219,6 +219,8 @@ def main() -> None:
     p.add_argument("--no-decimation", action="store_true", help="skip the decimation comparison")
     p.add_argument("--texels-per-pixel", type=float, default=TextureSettings().texels_per_pixel,
                    help="texture density (export.texels_per_pixel)")
+    p.add_argument("--smoothness", type=float, default=TextureSettings().smoothness,
+                   help="view-selection smoothness (export.texture_smoothness)")
     args = p.parse_args()
     scenes: list[tuple[str, str, Path | None]] = [(s, s, None) for s in args.shapes]
     for m in args.models:
@@ -246,7 +248,8 @@ def main() -> None:
             results["decimation"][name] = decimation_rows(out, full / "gt", np.asarray(mesh.vertices),
                                                           np.asarray(mesh.faces), args.work / "dec" / name)
         rows, timing = appearance_rows(full, out, held, args.work / "figures", name,
-                                       TextureSettings(texels_per_pixel=args.texels_per_pixel))
+                                       TextureSettings(texels_per_pixel=args.texels_per_pixel,
+                                                       smoothness=args.smoothness))
         results["appearance"] += rows
         results["timing"].append(timing)
         (args.work / "bench_texture.json").write_text(json.dumps(results, indent=2, default=float))

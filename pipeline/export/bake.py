@@ -31,11 +31,15 @@ class TexelSamples:
     """(T, 3) float32 weights of the face's corners (sum 1, each >= 0)."""
 
 
-def rasterize_uv(face_uv: np.ndarray, width: int, height: int, chunk_candidates: int = 4_000_000) -> TexelSamples:
+def rasterize_uv(face_uv: np.ndarray, width: int, height: int, priority: np.ndarray | None = None,
+                 chunk_candidates: int = 4_000_000) -> TexelSamples:
     """The texels of a ``width`` x ``height`` atlas whose centres lie in each face's UV triangle.
 
     Args:
         face_uv: (F, 3, 2) UVs of the face corners (v up).
+        priority: (F,) where two faces cover a texel, the one with the lower value keeps it (default: the
+            lower index). Photo charts overlap where one surface hides another in the photo: the front one
+            (lower depth) must keep its texels.
     Returns:
         :class:`TexelSamples`, each covered texel once (a texel on an edge shared by two faces goes to one of them).
         Degenerate (zero-area) UV triangles cover nothing.
@@ -82,10 +86,16 @@ def rasterize_uv(face_uv: np.ndarray, width: int, height: int, chunk_candidates:
     if not texels:
         return TexelSamples(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.float32))
     texel = np.concatenate(texels)
-    _, first = np.unique(texel, return_index=True)
-    bary = np.concatenate(barys)[first]
+    face = np.concatenate(faces)
+    bary = np.concatenate(barys)
+    rank = face if priority is None else np.asarray(priority)[face]
+    order = np.lexsort((face, rank, texel))
+    texel, face, bary = texel[order], face[order], bary[order]
+    first = np.ones(len(texel), dtype=bool)
+    first[1:] = texel[1:] != texel[:-1]
+    bary = bary[first]
     bary /= np.maximum(bary.sum(1, keepdims=True), 1e-12)
-    return TexelSamples(texel=texel[first], face=np.concatenate(faces)[first], barycentric=bary)
+    return TexelSamples(texel=texel[first], face=face[first], barycentric=bary)
 
 
 def fill_gutters(texture: np.ndarray, covered: np.ndarray) -> np.ndarray:

@@ -91,8 +91,7 @@ def separate_components(uv: np.ndarray, faces: np.ndarray, margin: float = 8.0) 
 
 
 def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, views: Sequence[View],
-                texels_per_pixel: float, label_area: np.ndarray, unseen_texels: float = 4.0,
-                loose: np.ndarray | None = None) -> Charts:
+                texels_per_pixel: float, label_area: np.ndarray, unseen_texels: float = 4.0) -> Charts:
     """Charts whose UVs are the label view's pixel coordinates (times ``texels_per_pixel``).
 
     A vertex is split once per view that labels faces around it, so each
@@ -102,9 +101,9 @@ def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, vie
     (pixels^2); faces seen edge-on (no area in the photo; xatlas drops
     zero-area faces); and faces no view sees (``labels == NO_VIEW``; they take
     the mesh's vertex colours), ``unseen_texels`` texels long. A face that has
-    no area in 3-D either gets a small right triangle. ``loose`` (F,) adds more
-    faces to lay out loose (faces an occluder cuts in their photo: their
-    projection would overlap the occluder's in the same chart).
+    no area in 3-D either gets a small right triangle. Where a surface hides
+    another in the photo, their faces overlap in the chart: the bake gives
+    such texels to the front face (:func:`pipeline.export.texture.bake_views`).
     """
     n_views = len(views)
     labelled = labels != NO_VIEW
@@ -118,7 +117,7 @@ def view_charts(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, vie
             outside[sel] = ~inside_image(uv, view.width, view.height, margin=0.0).reshape(-1, 3).all(1)
     e1, e2 = uv_label[:, 1] - uv_label[:, 0], uv_label[:, 2] - uv_label[:, 0]
     flat_in_photo = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]) * texels_per_pixel**2 < MIN_CHART_AREA
-    loose = ~labelled | outside | flat_in_photo | (False if loose is None else np.asarray(loose, dtype=bool))
+    loose = ~labelled | outside | flat_in_photo
     keys = faces.astype(np.int64) * n_views + np.where(loose, 0, labels)[:, None]
     keys[loose] = -1 - (np.flatnonzero(loose)[:, None] * 3 + np.arange(3))  # every loose corner its own vertex
     unique, inverse = np.unique(keys.ravel(), return_inverse=True)

@@ -61,8 +61,6 @@ Progress = Callable[[Iterable[T], str, int], Iterable[T]]
 
 GAIN_SAMPLE_FACES = 20_000
 """Faces whose centroid colours (in every view that sees them) feed the exposure gains."""
-PARTLY_HIDDEN = 0.8
-"""A face whose rays hit less than this share of its projected area is cut by an occluder or the image border."""
 BAKE_CHUNK_TEXELS = 8_000_000
 """Texels baked per pass over the photos (bounds the bake's memory at about 1.2 GB)."""
 TEXELS_FROM_PHOTOS_WARN = 0.5
@@ -122,6 +120,17 @@ def _face_geometry(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray,
     return tri.mean(1), normals
 
 
+def _label_depths(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, views: Sequence[View]) -> np.ndarray:
+    """(F,) float32 camera depth of each face's centroid in its label view (inf where unlabelled)."""
+    centroids = vertices[faces].mean(1)
+    out = np.full(len(faces), np.inf, np.float32)
+    for k, view in enumerate(views):
+        sel = labels == k
+        if sel.any():
+            out[sel] = project_points(centroids[sel], view.K, view.cam_from_world)[1]
+    return out
+
+
 def _label_cosines(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, views: Sequence[View]) -> np.ndarray:
     """(F,) viewing cosine of each face in its label view (0 where unlabelled)."""
     centroids, normals = _face_geometry(vertices, faces)
@@ -151,10 +160,6 @@ def _read_photo(view: View) -> np.ndarray | None:
 class ViewScores:
     scores: np.ndarray
     """(F, L) float32 visible area (pixels^2) x viewing cosine, 0 where the view does not see the face."""
-    partly_hidden: np.ndarray
-    """(F, L) bool: the view sees the face but not all of it: a corner fails the depth test, or (faces of 8 pixels
-    and more) its rays hit less than :data:`PARTLY_HIDDEN` of its projected area. An occluder or the image border
-    cuts it, and its projection would overlap the occluder's in a photo chart."""
     gain_faces: np.ndarray
     """(P,) int64 faces sampled for the exposure gains."""
     gain_colours: np.ndarray
@@ -173,7 +178,6 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
     rng = np.random.default_rng(0)
     gain_faces = np.sort(rng.choice(n_faces, size=min(GAIN_SAMPLE_FACES, n_faces), replace=False))
     scores = np.zeros((n_faces, n_views), np.float32)
-    partly_hidden = np.zeros((n_faces, n_views), dtype=bool)
     gain_colours = np.zeros((len(gain_faces), n_views, 3), np.float32)
     gain_weights = np.zeros((len(gain_faces), n_views), dtype=bool)
     readable = np.zeros(n_views, dtype=bool)
@@ -190,13 +194,9 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
         corners_uv = uv_corners.reshape(-1, 3, 2)
         area = face_view_score(corners_uv, z_corners.reshape(-1, 3), seen_c, pixel_hits, view.width, view.height)
         scores[:, k] = area * np.abs(viewing_cosine(normals, centroids, view.center))
-        projected = triangle_areas_2d(corners_uv)
-        corners_seen = visible_points(uv_corners, z_corners, hits.depth, view.K).reshape(-1, 3).all(1)
-        cut = ~corners_seen | ((projected >= 8.0) & (pixel_hits < PARTLY_HIDDEN * projected))
-        partly_hidden[:, k] = (area > 0) & cut
         gain_colours[:, k] = sample_bilinear(photo, uv_c[gain_faces])
         gain_weights[:, k] = seen_c[gain_faces]
-    return ViewScores(scores=scores, partly_hidden=partly_hidden, gain_faces=gain_faces, gain_colours=gain_colours,
+    return ViewScores(scores=scores, gain_faces=gain_faces, gain_colours=gain_colours,
                       gain_weights=gain_weights, readable=readable)
 
 
@@ -243,7 +243,7 @@ def _bake_chunk(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarr
 
 def bake_views(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None, views: Sequence[View],
                raycaster: MeshRaycaster, labels: np.ndarray, scores: np.ndarray, gains: np.ndarray,
-               face_uv: np.ndarray, width: int, height: int, progress: Progress,
+               face_uv: np.ndarray, width: int, height: int, progress: Progress, face_priority: np.ndarray,
                chunk_texels: int = BAKE_CHUNK_TEXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """Pass 2: the texture (H, W, 3) uint8 of faces with UVs ``face_uv`` (F, 3, 2) in [0, 1].
 
@@ -253,6 +253,9 @@ def bake_views(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarra
     without them); gutters take the nearest chart texel. Faces are baked in
     chunks of about ``chunk_texels`` texels (one pass over the photos each), so
     memory stays bounded for large atlases (about 150 bytes per texel of a chunk).
+    Where charts overlap (a surface hidden behind another in the photo of
+    their chart), the face of lower ``face_priority`` (its depth in that
+    photo) keeps the texel.
     """
     weights = vertex_view_weights(faces, labels, len(vertices), len(views))
     cand_views, cand_corner = face_candidate_views(faces, labels, weights, scores)
@@ -262,10 +265,14 @@ def bake_views(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarra
     bounds = np.unique(np.concatenate([[0], cuts, [len(faces)]]))
     texture = np.zeros((height * width, 3), np.uint8)
     covered = np.zeros(height * width, dtype=bool)
+    owner_priority = np.full(height * width, np.inf, np.float32)
     texels = from_photos = occluded = 0
     for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-        samples = rasterize_uv(face_uv[start:stop], width, height)
-        samples = TexelSamples(texel=samples.texel, face=samples.face + start, barycentric=samples.barycentric)
+        samples = rasterize_uv(face_uv[start:stop], width, height, priority=face_priority[start:stop])
+        front = face_priority[samples.face + start] <= owner_priority[samples.texel]  # across chunks too
+        samples = TexelSamples(texel=samples.texel[front], face=samples.face[front] + start,
+                               barycentric=samples.barycentric[front])
+        owner_priority[samples.texel] = face_priority[samples.face]
         desc = "baking the texture" + (f" ({i + 1}/{len(bounds) - 1})" if len(bounds) > 2 else "")
         colours, painted, hidden = _bake_chunk(vertices, faces, vertex_colors, views, raycaster, cand_views,
                                                cand_corner, gains, samples, progress, desc)
@@ -321,14 +328,13 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
         label_area = np.zeros(len(faces))
         label_area[rows] = scores.scores[rows, labels[rows]] / np.maximum(
             np.abs(_label_cosines(vertices, faces, labels, views)[rows]), 1e-3)
-        loose = np.zeros(len(faces), dtype=bool)
-        loose[rows] = scores.partly_hidden[rows, labels[rows]]
-        charts = view_charts(vertices, faces, labels, views, settings.texels_per_pixel, label_area, loose=loose)
+        charts = view_charts(vertices, faces, labels, views, settings.texels_per_pixel, label_area)
     padding = settings.padding or padding_for(settings.size or chart_side(charts))
     packed, width, height = pack_charts(charts, settings.size, padding, max_side=settings.max_size)
     t2 = time.perf_counter()
     texture, bake_stats = bake_views(vertices, faces, vertex_colors, views, raycaster, labels, scores.scores, gains,
-                                     packed.uv[packed.faces], width, height, progress)
+                                     packed.uv[packed.faces], width, height, progress,
+                                     face_priority=_label_depths(vertices, faces, labels, views))
     share = bake_stats["texels_from_photos"] / max(bake_stats["texels"], 1)
     if share < TEXELS_FROM_PHOTOS_WARN:
         logger.warning("texture: only %.0f %% of the texture comes from the photos (the rest from the vertex "
