@@ -444,3 +444,25 @@ def test_smooth_labels_never_raises_the_energy():
     energies = [energy(smooth_labels(scores, adjacency, 1.0, iterations=n)) for n in (0, 1, 2, 4, 8, 16)]
     assert all(b <= a + 1e-6 for a, b in zip(energies, energies[1:])), energies
     assert energies[-1] < 0.7 * energies[0]
+
+
+def test_a_photo_that_shows_something_else_on_a_face_is_rejected():
+    """Five photos see a face; one shows a tree there (not in the mesh): that one must not paint it."""
+    from pipeline.export.texture import inconsistent_views
+
+    scores = np.ones((2, 5), np.float32)
+    scores[1, 3:] = 0.0  # face 1: only three photos see it
+    colours = np.full((2, 5, 3), 180, np.uint8)
+    colours[0, 2] = (40, 120, 30)  # the tree
+    colours[0, 4] = (190, 188, 170)  # the same stone, a little brighter: still consistent
+    colours[1, 1] = (40, 120, 30)
+    rejected = inconsistent_views(scores, colours, np.ones((5, 3), np.float32))
+    np.testing.assert_array_equal(rejected[0], [False, False, True, False, False])
+    np.testing.assert_array_equal(rejected[1], [False, True, False, False, False])
+    # Exposure gains are applied before comparing: a darker photo is not an outlier once levelled.
+    dark = colours.copy()
+    dark[:, 0] = (colours[:, 0] * 0.6).astype(np.uint8)
+    gains = np.ones((5, 3), np.float32)
+    gains[0] = 1 / 0.6
+    assert not inconsistent_views(scores, dark, gains)[:, 0].any()
+    assert inconsistent_views(scores, dark, np.ones((5, 3), np.float32))[0, 0]

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+from scipy import ndimage
 
 from pipeline.core.errors import ReconError
 from pipeline.core.io import View, load_rgb
@@ -61,6 +63,13 @@ Progress = Callable[[Iterable[T], str, int], Iterable[T]]
 
 GAIN_SAMPLE_FACES = 20_000
 """Faces whose centroid colours (in every view that sees them) feed the exposure gains."""
+CONSISTENCY_WINDOW = 5
+"""Pixels (square) averaged for a face's colour in a photo, for the photo-consistency check."""
+CONSISTENCY_TOLERANCE = 0.2
+"""A photo whose colour of a face (after the exposure gains) differs from the median of the photos that see it by
+more than this (largest channel, colours in [0, 1]) shows something else there: a tree, a person, the sky."""
+CONSISTENCY_MIN_VIEWS = 3
+"""The check needs at least this many photos of a face (a median of two is no majority)."""
 BAKE_CHUNK_TEXELS = 8_000_000
 """Texels baked per pass over the photos (bounds the bake's memory at about 1.2 GB)."""
 TEXELS_FROM_PHOTOS_WARN = 0.5
@@ -120,6 +129,30 @@ def _face_geometry(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray,
     return tri.mean(1), normals
 
 
+def inconsistent_views(scores: np.ndarray, face_colours: np.ndarray, gains: np.ndarray,
+                       tolerance: float = CONSISTENCY_TOLERANCE, min_views: int = CONSISTENCY_MIN_VIEWS,
+                       chunk_faces: int = 50_000) -> np.ndarray:
+    """(F, L) bool: the photos that see a face but show another colour there than most photos of it.
+
+    Something the mesh does not hold (a tree, a passer-by, the sky at a
+    silhouette) hides the surface in those photos, so the ray-cast visibility
+    test cannot catch it: they must not paint the face. Compares each photo's
+    gain-levelled local colour with the per-channel median over the photos that
+    see the face, where at least ``min_views`` do.
+    """
+    out = np.zeros(scores.shape, dtype=bool)
+    for start in range(0, len(scores), chunk_faces):
+        seen = scores[start:start + chunk_faces] > 0
+        colours = face_colours[start:start + chunk_faces].astype(np.float32) / 255.0 * gains[None]
+        with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: faces no photo sees
+            median = np.nanmedian(np.where(seen[..., None], colours, np.nan), axis=1)  # (F, 3)
+            deviation = np.abs(colours - median[:, None]).max(-1)
+        enough = seen.sum(1) >= min_views
+        out[start:start + chunk_faces] = seen & enough[:, None] & (deviation > tolerance)
+    return out
+
+
 def _label_depths(vertices: np.ndarray, faces: np.ndarray, labels: np.ndarray, views: Sequence[View]) -> np.ndarray:
     """(F,) float32 camera depth of each face's centroid in its label view (inf where unlabelled)."""
     centroids = vertices[faces].mean(1)
@@ -168,6 +201,8 @@ class ViewScores:
     """(P, L) bool: the view sees that centroid (so its colour is the face's)."""
     readable: np.ndarray
     """(L,) bool: the photo could be read."""
+    face_colours: np.ndarray
+    """(F, L, 3) uint8 local mean colour (:data:`CONSISTENCY_WINDOW` pixels square) at each face's centroid."""
 
 
 def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
@@ -180,6 +215,7 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
     scores = np.zeros((n_faces, n_views), np.float32)
     gain_colours = np.zeros((len(gain_faces), n_views, 3), np.float32)
     gain_weights = np.zeros((len(gain_faces), n_views), dtype=bool)
+    face_colours = np.zeros((n_faces, n_views, 3), np.uint8)
     readable = np.zeros(n_views, dtype=bool)
     for k, view in enumerate(progress(views, "scoring views", n_views)):
         photo = _read_photo(view)
@@ -196,8 +232,10 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
         scores[:, k] = area * np.abs(viewing_cosine(normals, centroids, view.center))
         gain_colours[:, k] = sample_bilinear(photo, uv_c[gain_faces])
         gain_weights[:, k] = seen_c[gain_faces]
+        local = ndimage.uniform_filter(photo, size=(CONSISTENCY_WINDOW, CONSISTENCY_WINDOW, 1), mode="nearest")
+        face_colours[:, k] = np.round(sample_bilinear(local, uv_c) * 255.0).astype(np.uint8)
     return ViewScores(scores=scores, gain_faces=gain_faces, gain_colours=gain_colours,
-                      gain_weights=gain_weights, readable=readable)
+                      gain_weights=gain_weights, readable=readable, face_colours=face_colours)
 
 
 
@@ -309,6 +347,11 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
     if not scores.readable.any():
         raise ReconError(f"texture: none of the {len(views)} photos could be read (e.g. {views[0].image_path}); "
                          "re-run `recon stage sfm`")
+    gains = np.ones((len(views), 3), np.float32)
+    if settings.level_exposure:
+        gains = solve_view_gains(scores.gain_colours, scores.scores[scores.gain_faces] * scores.gain_weights)
+    rejected = inconsistent_views(scores.scores, scores.face_colours, gains)
+    scores.scores[rejected] = 0.0
     labels = smooth_labels(scores.scores, face_adjacency(faces), settings.smoothness)
     labelled = labels != NO_VIEW
     if not labelled.any():
@@ -317,9 +360,6 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
     seen_by = (scores.scores > 0).sum(0)
     for k in np.flatnonzero(scores.readable & (seen_by == 0)):
         logger.warning("texture: %s sees none of the mesh; it paints nothing", views[k].name)
-    gains = np.ones((len(views), 3), np.float32)
-    if settings.level_exposure:
-        gains = solve_view_gains(scores.gain_colours, scores.scores[scores.gain_faces] * scores.gain_weights)
     t1 = time.perf_counter()
     rows = np.flatnonzero(labelled)
     if settings.charts == "xatlas":
@@ -343,6 +383,7 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
     stats = {
         "faces": int(len(faces)),
         "faces_unseen": int((~labelled).sum()),
+        "face_views_rejected": int(rejected.sum()),
         "faces_dropped_by_xatlas": int(packed.dropped_faces),
         "views_used": int(len(np.unique(labels[labels != NO_VIEW]))),
         "texture_size": [int(width), int(height)],
