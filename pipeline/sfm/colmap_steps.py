@@ -70,14 +70,18 @@ weakly textured photos (see :data:`RELAXED_INCREMENTAL`)."""
 
 def extract_features(*, database: str, input_dir: str, groups: Sequence[Sequence[str]], cfg: SfmConfig, shared: bool,
                      emit: Emit, peak_threshold_factor: float = 1.0) -> None:
-    """SIFT features (CPU) of every image in ``groups`` into ``database``.
+    """SIFT features (CPU) of every image in ``groups`` into ``database``, the same whatever the thread count.
 
-    Single-threaded, one image per COLMAP call (a crash names its photo);
-    with more threads, chunks of images that COLMAP reads in parallel. With
-    ``shared`` every group gets one camera (its first image creates it, the
-    others reuse it), else each image gets its own. Emits ``images`` (before
-    a call: the photos a crash is blamed on) and ``done`` (``n`` images)
-    events. ``peak_threshold_factor`` scales SIFT's peak (contrast) threshold.
+    First every image is entered into the database in the order of
+    ``groups`` (``pycolmap.import_images``, one thread), so image and camera
+    ids never depend on which thread finishes first; then SIFT runs on them,
+    in parallel with several threads (COLMAP keeps the ids of images already
+    in the database). Single-threaded, one image per COLMAP call (a crash
+    names its photo); with more threads, chunks of images that COLMAP reads
+    in parallel. With ``shared`` every group gets one camera, else each image
+    gets its own. Emits ``images`` (before a call: the photos a crash is
+    blamed on) and ``done`` (``n`` images) events. ``peak_threshold_factor``
+    scales SIFT's peak (contrast) threshold.
     """
     import pycolmap
 
@@ -89,25 +93,20 @@ def extract_features(*, database: str, input_dir: str, groups: Sequence[Sequence
     options.sift.estimate_affine_shape = cfg.estimate_affine_shape
     options.sift.peak_threshold *= peak_threshold_factor
     mode = pycolmap.CameraMode.SINGLE if shared else pycolmap.CameraMode.PER_IMAGE
-    chunk = 1 if n_threads == 1 else max(8, 4 * n_threads)
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = cfg.camera_model
+    pycolmap.Database.open(database).close()  # import_images needs the file
     for group in groups:
-        camera_id = None
-        for start in range(0, len(group), chunk):
-            names = list(group[start : start + chunk])
-            emit({"event": "images", "names": names})
-            reader = pycolmap.ImageReaderOptions()
-            reader.camera_model = cfg.camera_model
-            if camera_id is not None:
-                reader.existing_camera_id = camera_id
-            pycolmap.extract_features(database, input_dir, image_names=names, camera_mode=mode, reader_options=reader,
-                                      extraction_options=options, device=pycolmap.Device.cpu)
-            if shared and camera_id is None:
-                db = pycolmap.Database.open(database)
-                try:
-                    camera_id = db.read_image_with_name(names[0]).camera_id
-                finally:
-                    db.close()
-            emit({"event": "done", "n": len(names)})
+        emit({"event": "images", "names": list(group)})
+        pycolmap.import_images(database, input_dir, camera_mode=mode, image_names=list(group), options=reader)
+    names = [name for group in groups for name in group]
+    chunk = 1 if n_threads == 1 else max(8, 4 * n_threads)
+    for start in range(0, len(names), chunk):
+        part = names[start : start + chunk]
+        emit({"event": "images", "names": part})
+        pycolmap.extract_features(database, input_dir, image_names=part, camera_mode=mode, reader_options=reader,
+                                  extraction_options=options, device=pycolmap.Device.cpu)
+        emit({"event": "done", "n": len(part)})
 
 
 def match_features(*, database: str, cfg: SfmConfig, emit: Emit) -> None:

@@ -72,8 +72,8 @@ class SfmConfig:
         95, "JPEG quality (1-100) of JPEG images the stage re-encodes (downscaled, rotated or undistorted).",
         check=between(1, 100))
     num_threads: int = setting(
-        1, "CPU threads for COLMAP feature extraction, matching and undistortion (-1: all, faster on large scenes; 1 "
-        "keeps SfM repeatable run to run).", check=threads())
+        -1, "CPU threads for COLMAP feature extraction, matching and undistortion (-1: all cores; the result is the "
+        "same for any count).", affects_output=False, check=threads())
     mapper_threads: int = setting(
         1, "CPU threads of COLMAP's incremental mapping, i.e. bundle adjustment (-1: all, faster on large scenes; 1 "
         "keeps SfM repeatable run to run).", check=threads())
