@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.core.errors import ReconError
 from pipeline.core.geometry import pixel_grid
 from pipeline.core.io import load_depth_map
+from pipeline.core.workers import available_cpus
 from pipeline.core.workspace import Workspace, view_stem
 from pipeline.depth import anchoring, coarse_to_fine, consistency
 from pipeline.depth import plane_sweep as mvs
@@ -406,6 +407,21 @@ def test_mvs_resumes_per_view_and_per_pass(scene, mvs_run):
     np.testing.assert_array_equal(after.valid, before.valid)
     np.testing.assert_allclose(after.depth, before.depth, rtol=1e-6)
     assert ws.depth_view(b).exists() and raw_depth_path(ws, b).exists()
+
+
+def test_mvs_maps_are_the_same_for_any_number_of_cpu_workers(scene, mvs_run, tmp_path):
+    """Views in parallel threads (the default on a CPU: one per core) give the maps one thread gives."""
+    ws, _ = mvs_run
+    ws_one = Workspace.create(ws.scene_dir, tmp_path / "one")
+    res = compute_depth_maps(scene, ws_one, DepthConfig(device="cpu", cpu_workers=1), MvsConfig())
+    assert sorted(res.written) == sorted(v.name for v in scene.views)
+    assert load_depth_map(ws.depth_view(scene.views[0].name)).stats["workers"] == available_cpus()
+    for v in scene.views:
+        for path in (raw_depth_path, lambda w, n: w.depth_view(n)):
+            a, b = load_depth_map(path(ws, v.name)), load_depth_map(path(ws_one, v.name))
+            np.testing.assert_array_equal(a.depth, b.depth)
+            np.testing.assert_array_equal(a.confidence, b.confidence)
+            np.testing.assert_array_equal(a.valid, b.valid)
 
 
 def test_geometric_consistency_on_ground_truth(scene_dir, scene, device):

@@ -198,10 +198,17 @@ def test_deterministic_on_cpu(blob_scene):
     init = _initial_maps(scene, gts, "mvs", seed=1)
     cfg = RefineConfig(steps=12, views_per_batch=4)
     a, log_a = refine_depth_maps(scene.views, init, scene.points, cfg, "cpu", images=images)
-    b, log_b = refine_depth_maps(scene.views, init, scene.points, cfg, "cpu", images=images)
-    for x, y in zip(a, b):
+    # the second run gates its views one at a time, the first in parallel threads (two, or one per core)
+    b, log_b = refine_depth_maps(scene.views, init, scene.points, dataclasses.replace(cfg, cpu_workers=1), "cpu",
+                                 images=images)
+    a_more, _ = refine_depth_maps(scene.views, init, scene.points, dataclasses.replace(cfg, cpu_workers=3), "cpu",
+                                  images=images)
+    for x, y, z in zip(a, b, a_more):
         np.testing.assert_array_equal(x.depth, y.depth)
+        np.testing.assert_array_equal(x.valid, y.valid)
+        np.testing.assert_array_equal(z.depth, y.depth)
     assert [s["loss"] for s in log_a["steps"]] == [s["loss"] for s in log_b["steps"]]
+    assert log_a["views"] == log_b["views"]
     c, _ = refine_depth_maps(scene.views, init, scene.points, dataclasses.replace(cfg, seed=5), "cpu", images=images)
     assert any(not np.array_equal(x.depth, z.depth) for x, z in zip(a, c))
 

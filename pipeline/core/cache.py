@@ -185,9 +185,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def write_npz_atomic(path: Path, **arrays: Any) -> None:
-    """Write a compressed ``.npz`` atomically (no pickles: plain arrays only)."""
+    """Write an ``.npz`` atomically (no pickles: plain arrays only).
+
+    Stored, not compressed: compressing a 480x360 depth map took 45 ms against
+    1 ms for about 1.4 times the bytes, on every write and read of a cache.
+    """
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
     write_bytes_atomic(path, buf.getvalue())
 
 

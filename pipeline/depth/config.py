@@ -14,6 +14,7 @@ from pipeline.core.settings import (
     each,
     greater_than,
     odd_at_least,
+    or_automatic,
     setting,
     zero_or_at_least,
 )
@@ -69,6 +70,12 @@ class DepthConfig:
         "auto",
         "Torch device: auto (cuda when present), cpu or cuda.",
         affects_output=False, check=device_choice("torch"),
+    )
+    cpu_workers: int | None = setting(
+        None,
+        "Views worked on at once in parallel threads on the CPU, each with single-threaded torch ops (null: one per "
+        "CPU core; the maps are the same for any count).",
+        affects_output=False, check=or_automatic(at_least(1)),
     )
 
     def cross_problems(self) -> list[str]:

@@ -7,6 +7,7 @@ Each turns one view into a raw map (:class:`Estimate`) before anchoring; :func:`
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -65,16 +66,18 @@ class _LRU:
         self.capacity = max(1, capacity)
         self.load = load
         self.items: OrderedDict[int, Any] = OrderedDict()
+        self._lock = threading.Lock()  # shared by the view threads of pipeline.core.workers
 
     def get(self, key: int) -> Any:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        value = self.load(key)
-        self.items[key] = value
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
-        return value
+        with self._lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+            value = self.load(key)
+            self.items[key] = value
+            while len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+            return value
 
 
 def load_image_tensor(view: View, size: tuple[int, int], device: torch.device) -> torch.Tensor:

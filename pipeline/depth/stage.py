@@ -54,6 +54,7 @@ from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
 from pipeline.core.geometry import default_device, invert_pose
 from pipeline.core.io import DepthMap, SfmScene, View, load_depth_map, load_sfm_scene, save_depth_map
+from pipeline.core.workers import cpu_workers, map_in_threads
 from pipeline.core.workspace import Workspace
 from pipeline.depth import anchoring, consistency
 from pipeline.depth.config import DepthConfig, DepthEstimator, MvsConfig, PriorKind  # noqa: F401 - re-exported
@@ -139,8 +140,10 @@ class DepthRunResult:
     failed: dict[str, str]
     """View name → why it was left out."""
     seconds: list[float]
-    """Wall seconds of each view estimated in this run (pass 1)."""
+    """Wall seconds of each view estimated in this run (pass 1; views run side by side with several workers)."""
     cpu_seconds: list[float]
+    estimate_seconds: float = 0.0
+    """Wall seconds of pass 1 in this run, all views."""
     filter_seconds: float = 0.0
     candidates_seconds: float = 0.0
     valid_fraction: list[float] = field(default_factory=list)
@@ -150,7 +153,9 @@ class DepthRunResult:
             "views": len(self.written),
             "failed": len(self.failed),
             "mean_valid_fraction": round(float(np.mean(self.valid_fraction)), 4) if self.valid_fraction else None,
-            "seconds_per_view": round(float(np.mean(self.seconds)), 3) if self.seconds else None,
+            # pass-1 wall time per view (with parallel workers, less than each view's own seconds)
+            "seconds_per_view": (round(self.estimate_seconds / len(self.seconds), 3) if self.estimate_seconds > 0
+                                 else round(float(np.mean(self.seconds)), 3) if self.seconds else None),
             "cpu_seconds_per_view": round(float(np.mean(self.cpu_seconds)), 3) if self.cpu_seconds else None,
             "filter_seconds": round(self.filter_seconds, 3),
             "candidates_seconds": round(self.candidates_seconds, 3),
@@ -188,38 +193,50 @@ def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: Mv
     result = DepthRunResult(written=[], failed={}, seconds=[], cpu_seconds=[])
     todo = [i for i in wanted if not first_pass_path(ws, cfg, mvs_cfg, scene.views[i].name).exists()]
     estimator = make_estimator(scene, ws, cfg, mvs_cfg, device) if todo else None
+    workers = cpu_workers(cfg.cpu_workers, device) if cfg.estimator == DepthEstimator.mvs else 1
+
+    def one(i: int) -> tuple[np.ndarray, dict[str, Any]] | str:
+        """Estimate, anchor and write view ``i``: (valid mask, anchoring stats), or why it failed."""
+        view = scene.views[i]
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            assert estimator is not None
+            est = estimator.estimate(i)
+            depth, valid, anchor_stats = anchor_estimate(est, scene, view, cfg, mvs_cfg, log)
+        except ViewFailure as exc:
+            return str(exc)
+        seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        stats = {
+            "estimator": cfg.estimator.value,
+            "anchoring": anchor_stats,
+            "valid_fraction": float(valid.mean()),
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "workers": workers,
+            **est.stats,
+        }
+        confidence = np.where(valid, est.confidence, 0.0).astype(np.float32)
+        save_depth_map(first_pass_path(ws, cfg, mvs_cfg, view.name),
+                       DepthMap(name=view.name, depth=depth, confidence=confidence, valid=valid,
+                                K=est.K, cam_from_world=view.cam_from_world, stats=stats))
+        return valid, stats
+
+    started = time.perf_counter()
     with bar(desc="depth maps", total=len(wanted), unit="view") as pbar:
         pbar.update(len(wanted) - len(todo))
-        for i in todo:
-            view = scene.views[i]
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                assert estimator is not None
-                est = estimator.estimate(i)
-                depth, valid, anchor_stats = anchor_estimate(est, scene, view, cfg, mvs_cfg, log)
-            except ViewFailure as exc:
-                log.warning("depth: %s; view left out", exc)
-                result.failed[view.name] = str(exc)
+        for i, outcome in map_in_threads(one, todo, workers):
+            if isinstance(outcome, str):
+                log.warning("depth: %s; view left out", outcome)
+                result.failed[scene.views[i].name] = outcome
                 pbar.update(1)
                 continue
-            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-            stats = {
-                "estimator": cfg.estimator.value,
-                "anchoring": anchor_stats,
-                "valid_fraction": float(valid.mean()),
-                "seconds": seconds,
-                "cpu_seconds": cpu,
-                **est.stats,
-            }
-            confidence = np.where(valid, est.confidence, 0.0).astype(np.float32)
-            save_depth_map(first_pass_path(ws, cfg, mvs_cfg, view.name),
-                           DepthMap(name=view.name, depth=depth, confidence=confidence, valid=valid,
-                                    K=est.K, cam_from_world=view.cam_from_world, stats=stats))
-            result.seconds.append(seconds)
-            result.cpu_seconds.append(cpu)
-            pbar.set_postfix(valid=f"{valid.mean():.2f}", s_per_view=f"{np.mean(result.seconds):.2f}",
-                             scale=f"{anchor_stats.get('scale', 1.0):.3f}")
+            valid, stats = outcome
+            result.seconds.append(stats["seconds"])
+            result.cpu_seconds.append(stats["cpu_seconds"])
+            pbar.set_postfix(valid=f"{valid.mean():.2f}", scale=f"{stats['anchoring'].get('scale', 1.0):.3f}")
             pbar.update(1)
+    if result.seconds:
+        result.estimate_seconds = time.perf_counter() - started
     return result
 
 
@@ -283,32 +300,35 @@ def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: 
                                      mvs_cfg.max_neighbor_angle_deg)
     maps = _LRU(cfg.cache_images, lambda i: load_depth_map(raw_depth_path(ws, names[i])))
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    def one(i: int) -> float:
+        """Adopt view ``i``'s candidates and write it; the share of its pixels that adopted one."""
+        dm = maps.get(i)
+        h, w = dm.depth.shape
+        with torch.no_grad():
+            candidates = []
+            for j in geo_neighbors[i]:
+                if have_raw[j]:
+                    dj = maps.get(j)
+                    candidates.append(consistency.splat_depth(
+                        t(dj.depth), t(dj.K), t(dm.K), t(dm.cam_from_world @ invert_pose(dj.cam_from_world)), h, w))
+            src_images, K_srcs, poses = estimator.sources(i)
+            depth, ncc, adopted = consistency.adopt_candidates(estimator.images.get(i), t(dm.K), src_images, K_srcs,
+                                                               poses, t(dm.depth), candidates, estimator.settings)
+        valid = (depth > 0).cpu().numpy()
+        confidence = np.where(valid, np.minimum(dm.confidence, ncc.clamp(0.0, 1.0).cpu().numpy()),
+                              0.0).astype(np.float32)
+        stats = dict(dm.stats)
+        stats["pass1_valid_fraction"] = stats.get("valid_fraction", 0.0)
+        stats["valid_fraction"] = float(valid.mean())
+        stats["cross_view"] = {"candidate_views": len(candidates), "adopted_fraction": float(adopted.float().mean())}
+        save_depth_map(out_path(dm.name), DepthMap(name=dm.name, depth=depth.cpu().numpy(), confidence=confidence,
+                                                   valid=valid, K=dm.K, cam_from_world=dm.cam_from_world,
+                                                   stats=stats))
+        return stats["cross_view"]["adopted_fraction"]
+
     with bar(desc="cross-view candidates", total=len(todo), unit="view") as pbar:
-        for i in todo:
-            dm = maps.get(i)
-            h, w = dm.depth.shape
-            with torch.no_grad():
-                candidates = []
-                for j in geo_neighbors[i]:
-                    if have_raw[j]:
-                        dj = maps.get(j)
-                        candidates.append(consistency.splat_depth(
-                            t(dj.depth), t(dj.K), t(dm.K), t(dm.cam_from_world @ invert_pose(dj.cam_from_world)), h, w))
-                src_images, K_srcs, poses = estimator.sources(i)
-                depth, ncc, adopted = consistency.adopt_candidates(estimator.images.get(i), t(dm.K), src_images, K_srcs,
-                                                                   poses, t(dm.depth), candidates, estimator.settings)
-            valid = (depth > 0).cpu().numpy()
-            confidence = np.where(valid, np.minimum(dm.confidence, ncc.clamp(0.0, 1.0).cpu().numpy()),
-                                  0.0).astype(np.float32)
-            stats = dict(dm.stats)
-            stats["pass1_valid_fraction"] = stats.get("valid_fraction", 0.0)
-            stats["valid_fraction"] = float(valid.mean())
-            stats["cross_view"] = {"candidate_views": len(candidates),
-                                   "adopted_fraction": float(adopted.float().mean())}
-            save_depth_map(out_path(dm.name), DepthMap(name=dm.name, depth=depth.cpu().numpy(), confidence=confidence,
-                                                       valid=valid, K=dm.K, cam_from_world=dm.cam_from_world,
-                                                       stats=stats))
-            pbar.set_postfix(adopted=f"{float(adopted.float().mean()):.2f}")
+        for _, adopted_fraction in map_in_threads(one, todo, cpu_workers(cfg.cpu_workers, device)):
+            pbar.set_postfix(adopted=f"{adopted_fraction:.2f}")
             pbar.update(1)
 
 
@@ -324,33 +344,37 @@ def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs
         return
     maps = _LRU(cfg.cache_images, lambda i: load_depth_map(filter_input_path(ws, mvs_cfg, names[i])))
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    def one(i: int) -> float:
+        """Filter view ``i`` against its neighbours and write it; the share of its pixels kept."""
+        dm = maps.get(i)
+        nbrs = [j for j in geo_neighbors[i] if have_raw[j]]
+        neighbours = []
+        for j in nbrs:
+            dj = maps.get(j)
+            neighbours.append((t(dj.depth), t(dj.K), t(dj.cam_from_world @ invert_pose(dm.cam_from_world))))
+        with torch.no_grad():
+            cons = consistency.geometric_consistency(t(dm.depth), t(dm.K), neighbours, mvs_cfg.geo_max_reproj_px,
+                                                     mvs_cfg.geo_max_rel_depth, mvs_cfg.geo_free_space_margin)
+        agreed = (cons.count >= mvs_cfg.geo_min_consistent).cpu().numpy()
+        unverified = (((cons.count == 0) & (cons.violations == 0)).cpu().numpy()
+                      & (dm.confidence >= mvs_cfg.geo_unverified_min_confidence))
+        keep = (agreed | unverified) & dm.valid
+        depth = (cons.mean_depth.cpu().numpy() if mvs_cfg.geo_average else dm.depth)
+        depth = np.where(keep, depth, 0.0).astype(np.float32)
+        stats = dict(dm.stats)
+        stats["raw_valid_fraction"] = stats.get("valid_fraction", 0.0)
+        stats["valid_fraction"] = float(keep.mean())
+        stats["geometric_filter"] = {"neighbors_checked": len(neighbours),
+                                     "kept_of_valid": float(keep.sum() / max(1, dm.valid.sum())),
+                                     "unverified_of_kept": float((unverified & keep).sum() / max(1, keep.sum()))}
+        save_depth_map(ws.depth_view(dm.name), DepthMap(name=dm.name, depth=depth,
+                                                        confidence=np.where(keep, dm.confidence, 0.0), valid=keep,
+                                                        K=dm.K, cam_from_world=dm.cam_from_world, stats=stats))
+        return float(keep.mean())
+
     with bar(desc="consistency filter", total=len(todo), unit="view") as pbar:
-        for i in todo:
-            dm = maps.get(i)
-            nbrs = [j for j in geo_neighbors[i] if have_raw[j]]
-            neighbours = []
-            for j in nbrs:
-                dj = maps.get(j)
-                neighbours.append((t(dj.depth), t(dj.K), t(dj.cam_from_world @ invert_pose(dm.cam_from_world))))
-            with torch.no_grad():
-                cons = consistency.geometric_consistency(t(dm.depth), t(dm.K), neighbours, mvs_cfg.geo_max_reproj_px,
-                                                         mvs_cfg.geo_max_rel_depth, mvs_cfg.geo_free_space_margin)
-            agreed = (cons.count >= mvs_cfg.geo_min_consistent).cpu().numpy()
-            unverified = (((cons.count == 0) & (cons.violations == 0)).cpu().numpy()
-                          & (dm.confidence >= mvs_cfg.geo_unverified_min_confidence))
-            keep = (agreed | unverified) & dm.valid
-            depth = (cons.mean_depth.cpu().numpy() if mvs_cfg.geo_average else dm.depth)
-            depth = np.where(keep, depth, 0.0).astype(np.float32)
-            stats = dict(dm.stats)
-            stats["raw_valid_fraction"] = stats.get("valid_fraction", 0.0)
-            stats["valid_fraction"] = float(keep.mean())
-            stats["geometric_filter"] = {"neighbors_checked": len(neighbours),
-                                         "kept_of_valid": float(keep.sum() / max(1, dm.valid.sum())),
-                                         "unverified_of_kept": float((unverified & keep).sum() / max(1, keep.sum()))}
-            save_depth_map(ws.depth_view(dm.name), DepthMap(name=dm.name, depth=depth,
-                                                            confidence=np.where(keep, dm.confidence, 0.0), valid=keep,
-                                                            K=dm.K, cam_from_world=dm.cam_from_world, stats=stats))
-            pbar.set_postfix(kept=f"{keep.mean():.2f}")
+        for _, kept in map_in_threads(one, todo, cpu_workers(cfg.cpu_workers, device)):
+            pbar.set_postfix(kept=f"{kept:.2f}")
             pbar.update(1)
 
 

@@ -225,10 +225,9 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
         hits = raycaster.cast_view(view.K, view.cam_from_world, view.width, view.height)
         uv_c, z_c = project_points(centroids, view.K, view.cam_from_world)
         seen_c = visible_points(uv_c, z_c, hits.depth, view.K)
-        uv_corners, z_corners = project_points(vertices[faces].reshape(-1, 3), view.K, view.cam_from_world)
+        uv_vertices, z_vertices = project_points(vertices, view.K, view.cam_from_world)  # each vertex once
         pixel_hits = np.bincount(hits.face_id[hits.hit], minlength=n_faces).astype(np.float32)
-        corners_uv = uv_corners.reshape(-1, 3, 2)
-        area = face_view_score(corners_uv, z_corners.reshape(-1, 3), seen_c, pixel_hits, view.width, view.height)
+        area = face_view_score(uv_vertices[faces], z_vertices[faces], seen_c, pixel_hits, view.width, view.height)
         scores[:, k] = area * np.abs(viewing_cosine(normals, centroids, view.center))
         gain_colours[:, k] = sample_bilinear(photo, uv_c[gain_faces])
         gain_weights[:, k] = seen_c[gain_faces]

@@ -124,6 +124,10 @@ class RefineConfig:
     cpu_threads: int | None = setting(
         1, "Torch CPU threads while refining on the CPU (null: torch's default thread count).",
         affects_output=False, check=or_automatic(at_least(1)))
+    cpu_workers: int | None = setting(
+        None, "Views checked at once in parallel threads on the CPU by keep_if_more_consistent (null: one per CPU "
+        "core; the result is the same for any count).",
+        affects_output=False, check=or_automatic(at_least(1)))
     log_every: int = setting(
         10, "Refresh the progress bar (one device sync) every N steps; every step is still logged.",
         affects_output=False, check=at_least(1))

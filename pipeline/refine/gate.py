@@ -13,6 +13,7 @@ of ``refine/log.json``, the report and ``recon diagnose``.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.core.io import DepthMap, View
+from pipeline.core.workers import cpu_workers, map_in_threads
 from pipeline.refine.config import RefineConfig
 from pipeline.refine.scene import _gray, covisible_neighbors
 
@@ -179,8 +181,10 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
 
     neighbors = covisible_neighbors(views, cfg.accept_neighbors)
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    workers = cpu_workers(cfg.cpu_workers, device)
     cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]] = OrderedDict()
-    capacity = 2 * (neighbors.shape[1] + 1)
+    capacity = 2 * (neighbors.shape[1] + 1) * workers
+    lock = threading.Lock()  # the caches are shared by the view threads
 
     def evidence(dm: DepthMap) -> np.ndarray:
         restored = dm.restored if dm.restored is not None else np.zeros_like(dm.valid)
@@ -188,31 +192,34 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
 
     def tensors(j: int, dm: DepthMap | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
         """View j's evidence (initial, refined, K, pose), each map converted once while it stays in the small cache."""
-        if j in cache:
-            cache.move_to_end(j)
+        with lock:
+            if j in cache:
+                cache.move_to_end(j)
+                return cache[j]
+            dm = load(j) if dm is None else dm
+            ev = evidence(dm)
+            cache[j] = (t(np.where(ev, dm.depth_init, 0.0)), t(np.where(ev, dm.depth, 0.0)), t(dm.K),
+                        np.asarray(dm.cam_from_world, np.float64))
+            while len(cache) > capacity:
+                cache.popitem(last=False)
             return cache[j]
-        dm = load(j) if dm is None else dm
-        ev = evidence(dm)
-        cache[j] = (t(np.where(ev, dm.depth_init, 0.0)), t(np.where(ev, dm.depth, 0.0)), t(dm.K),
-                    np.asarray(dm.cam_from_world, np.float64))
-        while len(cache) > capacity:
-            cache.popitem(last=False)
-        return cache[j]
 
     photo = cfg.keep_if_photo_consistent and images is not None
     grays: OrderedDict[int, torch.Tensor | None] = OrderedDict()
 
     def gray(j: int, shape: tuple[int, int]) -> torch.Tensor | None:
         """View j's grayscale image (1, 1, H, W) at its map's resolution (small cache), None without an image."""
-        if j not in grays:
-            g = _gray(images[j], *shape)  # type: ignore[index]
-            grays[j] = None if g is None else t(g)[None, None]
-            while len(grays) > capacity:
-                grays.popitem(last=False)
-        grays.move_to_end(j)
-        return grays[j]
+        with lock:
+            if j not in grays:
+                g = _gray(images[j], *shape)  # type: ignore[index]
+                grays[j] = None if g is None else t(g)[None, None]
+                while len(grays) > capacity:
+                    grays.popitem(last=False)
+            grays.move_to_end(j)
+            return grays[j]
 
-    def consistency(i: int, depth: np.ndarray, which: int, nb: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def consistency(entries: Mapping[int, tuple], i: int, depth: np.ndarray, which: int,
+                    nb: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(agreeing neighbours, neighbours that see through) of ``depth`` in view i against the neighbours' initial (0)
         or refined (1) evidence."""
         pose_i = entries[i][3]
@@ -222,8 +229,8 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
                                       cfg.accept_free_space_margin)
         return c.count.cpu().numpy(), c.violations.cpu().numpy()
 
-    stats: dict[str, dict[str, Any]] = {}
-    for i in range(len(views)):
+    def one(i: int) -> dict[str, Any]:
+        """Gate view i, hand it to ``emit``; its statistics."""
         dm = load(i)
         nb = neighbors[i].tolist()
         entries = {j: tensors(j, dm if j == i else None) for j in [i, *nb]}
@@ -231,16 +238,17 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
         trusted = "geometric_filter" in dm.stats  # the depth stage checked these maps against their neighbours
         init_depth = np.where(dm.valid & ~restored, dm.depth_init, 0.0)
         ref_depth = np.where(dm.valid, dm.depth, 0.0)
-        count_init, _ = consistency(i, init_depth, 0, nb)
-        count_ref, violations_ref = consistency(i, ref_depth, 1, nb)
+        count_init, _ = consistency(entries, i, init_depth, 0, nb)
+        count_ref, violations_ref = consistency(entries, i, ref_depth, 1, nb)
         photo_ref = photo_init = None
         if photo:
             ref_gray = gray(i, dm.depth.shape)
             src = [(gray(j, tuple(entries[j][0].shape)), entries[j][2], entries[j][3]) for j in nb]
             src = [s_ for s_ in src if s_[0] is not None]
             if ref_gray is not None and src:
-                costs = photometric_costs(ref_gray, entries[i][2], entries[i][3], src,
-                                          torch.stack([t(init_depth), t(ref_depth)])).cpu().numpy()
+                with torch.no_grad():
+                    costs = photometric_costs(ref_gray, entries[i][2], entries[i][3], src,
+                                              torch.stack([t(init_depth), t(ref_depth)])).cpu().numpy()
                 photo_init, photo_ref = costs[0], costs[1]
         # An unchecked prior's pixel needs a neighbour map that agrees; photos alone only restore pixels the
         # depth stage dropped.
@@ -259,8 +267,12 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
              "restored_fraction": float(kept_restored.sum() / max(1, keep.sum())),
              "dropped_fraction": float((dm.valid & ~keep).sum() / max(1, dm.valid.sum())),
              **evidence_stats(dm.valid & ~restored, keep, take, count_init, count_ref, photo_init, photo_ref)}
-        stats[views[i].name] = s
         emit(i, replace(dm, depth=depth, valid=keep, confidence=np.where(keep, dm.confidence, 0.0).astype(np.float32),
                         depth_init=np.where(keep, dm.depth_init, 0.0).astype(np.float32), restored=kept_restored,
                         stats={**dm.stats, **s}))
-    return stats
+        return s
+
+    stats: dict[str, dict[str, Any]] = {}
+    for i, s in map_in_threads(one, range(len(views)), workers):
+        stats[views[i].name] = s
+    return {v.name: stats[v.name] for v in views}

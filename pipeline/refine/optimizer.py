@@ -13,7 +13,6 @@ full-resolution refined maps.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -151,19 +150,6 @@ def _adam_step(gr: _Group, grads: Sequence[torch.Tensor], finite: torch.Tensor, 
         m.lerp_(g, (1.0 - b1) * f)
         v.lerp_(g * g, (1.0 - b2) * f)
         p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + eps))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run the block with ``n`` torch CPU threads (None: leave torch's setting), then restore it."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n is not None:
-            torch.set_num_threads(old)
 
 
 def _lr_at(cfg: RefineConfig, step: int) -> float:

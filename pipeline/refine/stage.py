@@ -68,10 +68,11 @@ from pipeline.core.geometry import default_device
 from pipeline.core.io import DepthMap, LazySequence, View, load_depth_map, save_scratch_depth_map
 from pipeline.core.oom import call_with_oom_fallback
 from pipeline.core.settings import check_section, fingerprint_fields
+from pipeline.core.workers import torch_threads
 from pipeline.refine import losses
 from pipeline.refine.config import RefineConfig  # noqa: F401 - re-exported
 from pipeline.refine.gate import _gate
-from pipeline.refine.optimizer import LOG_COLUMNS, _finalize, _optimize, torch_threads
+from pipeline.refine.optimizer import LOG_COLUMNS, _finalize, _optimize
 from pipeline.refine.pyramid import _GroupStore, _scratch_folder, view_groups
 from pipeline.refine.scene import _build_group, _scene_images, _scene_tables
 
