@@ -26,10 +26,13 @@ from pipeline.depth.stage import (
     raw_depth_path,
 )
 from pipeline.depth.views import (
+    AUTO_MAX_SIDE_CPU,
+    AUTO_MAX_SIDE_CUDA,
     depth_range,
     fit_scene_planes,
     plane_in_camera,
     refit_plane,
+    resolve_max_image_side,
     stereo_neighbors,
     working_size,
 )
@@ -244,6 +247,17 @@ def test_working_size():
     assert working_size(480, 360, 640) == (480, 360)
     assert working_size(4000, 3000, 640) == (640, 480)
     assert working_size(3000, 4000, 640) == (480, 640)
+    assert working_size(4000, 3000, 0) == (4000, 3000)  # 0: full resolution
+
+
+def test_automatic_working_side_follows_the_device():
+    assert AUTO_MAX_SIDE_CPU < AUTO_MAX_SIDE_CUDA
+    assert resolve_max_image_side(None, "cpu") == AUTO_MAX_SIDE_CPU
+    assert resolve_max_image_side(None, "cuda") == resolve_max_image_side(None, "cuda:1") == AUTO_MAX_SIDE_CUDA
+    assert resolve_max_image_side(800, "cuda") == 800 and resolve_max_image_side(0, "cpu") == 0  # a set value wins
+    # photos smaller than the automatic side keep their size
+    assert working_size(480, 360, resolve_max_image_side(None, "cuda")) == (480, 360)
+    assert working_size(3072, 2048, resolve_max_image_side(None, "cuda")) == (1600, 1067)
 
 
 # ---- anchoring ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.settings import (
+    Check,
     at_least,
     between,
     device_choice,
@@ -16,7 +17,6 @@ from pipeline.core.settings import (
     odd_at_least,
     or_automatic,
     setting,
-    zero_or_at_least,
 )
 
 
@@ -38,10 +38,11 @@ class DepthConfig:
         "Initial depth estimator: mvs (plane-sweep stereo, no weights), prior (SCENE_DIR/depth_prior files) or "
         "torchscript (a model file).",
     )
-    max_image_side: int = setting(
-        640,
-        "Longer side of the depth maps in pixels; photos are downscaled to it.",
-        check=zero_or_at_least(16, "full resolution"),
+    max_image_side: int | None = setting(
+        None,
+        "Longer side of the depth maps in pixels, photos are downscaled to it (null: automatic, at most 640 on a CPU "
+        "and 1600 on a CUDA device; 0: full resolution).",
+        check=Check("0 (full resolution) or >= 16, or null for automatic", lambda v: v is None or v == 0 or v >= 16),
     )
     # -- prior / torchscript
     prior_kind: PriorKind = setting(

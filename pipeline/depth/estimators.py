@@ -34,6 +34,7 @@ from pipeline.depth.views import (
     depth_range,
     fit_scene_planes,
     plane_in_camera,
+    resolve_max_image_side,
     stereo_neighbors,
     working_intrinsics,
     working_size,
@@ -124,7 +125,8 @@ class MvsEstimator:
         self.device = device
         self.neighbors = stereo_neighbors(scene, mvs_cfg.num_neighbors, mvs_cfg.neighbor_angle_deg,
                                           mvs_cfg.max_neighbor_angle_deg)
-        self.sizes = [working_size(v.width, v.height, cfg.max_image_side) for v in scene.views]
+        side = resolve_max_image_side(cfg.max_image_side, str(device))
+        self.sizes = [working_size(v.width, v.height, side) for v in scene.views]
         self.planes = fit_scene_planes(scene.points, mvs_cfg.plane_candidates, mvs_cfg.plane_distance,
                                        mvs_cfg.plane_min_inliers)
         self.images = _LRU(cfg.cache_images,
@@ -262,7 +264,7 @@ class PriorEstimator:
                               f"named {view_stem(view.name)}, or {view.name} plus the suffix)")
         arr = read_prior_file(path)
         _check_aspect(arr.shape, view, str(path))
-        size = working_size(view.width, view.height, self.cfg.max_image_side)
+        size = working_size(view.width, view.height, resolve_max_image_side(self.cfg.max_image_side, "cpu"))
         values, valid = resize_map(arr, arr > 0, size)
         return Estimate(values=values, valid=valid, confidence=valid.astype(np.float32),
                         K=working_intrinsics(view, size), domain=self.cfg.prior_kind.value,
@@ -290,7 +292,8 @@ class TorchScriptEstimator:
 
     def estimate(self, index: int) -> Estimate:
         view = self.scene.views[index]
-        size = working_size(view.width, view.height, self.cfg.max_image_side)
+        side = resolve_max_image_side(self.cfg.max_image_side, str(self.device))
+        size = working_size(view.width, view.height, side)
         image = load_image_tensor(view, size, self.device)
         try:
             with torch.no_grad():

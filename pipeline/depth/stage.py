@@ -39,6 +39,7 @@ neighbours, depth range, scene planes) in :mod:`pipeline.depth.views`, the cross
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -59,7 +60,7 @@ from pipeline.core.workspace import Workspace
 from pipeline.depth import anchoring, consistency
 from pipeline.depth.config import DepthConfig, DepthEstimator, MvsConfig, PriorKind  # noqa: F401 - re-exported
 from pipeline.depth.estimators import _LRU, Estimate, MvsEstimator, make_estimator
-from pipeline.depth.views import ViewFailure, sparse_in_view, stereo_neighbors
+from pipeline.depth.views import ViewFailure, resolve_max_image_side, sparse_in_view, stereo_neighbors
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,11 @@ class DepthRunResult:
         }
 
 
+def with_working_side(cfg: DepthConfig, device: torch.device) -> DepthConfig:
+    """``cfg`` with an automatic ``max_image_side`` resolved for ``device`` (:func:`resolve_max_image_side`)."""
+    return dataclasses.replace(cfg, max_image_side=resolve_max_image_side(cfg.max_image_side, str(device)))
+
+
 def uses_two_passes(cfg: DepthConfig, mvs_cfg: MvsConfig) -> bool:
     """True when pass 1 writes raw maps that later passes (cross-view candidates, geometric filter) turn into the final
     ones."""
@@ -189,6 +195,7 @@ def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: Mv
     Only ``seconds``/``cpu_seconds``/``failed`` of the result are filled.
     """
     device = default_device(cfg.device)
+    cfg = with_working_side(cfg, device)
     wanted = range(len(scene.views)) if indices is None else indices
     result = DepthRunResult(written=[], failed={}, seconds=[], cpu_seconds=[])
     todo = [i for i in wanted if not first_pass_path(ws, cfg, mvs_cfg, scene.views[i].name).exists()]
@@ -249,6 +256,7 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg
     if not scene.views:
         raise ReconError("the SfM model has no registered views; nothing to estimate depth for")
     device = default_device(cfg.device)
+    cfg = with_working_side(cfg, device)
     two_pass = uses_two_passes(cfg, mvs_cfg)
     result = estimate_views(scene, ws, cfg, mvs_cfg, bar=bar, log=log)
 
@@ -385,6 +393,7 @@ def run(ctx: StageContext) -> None:
     res = compute_depth_maps(scene, ctx.ws, cfg, ctx.config.mvs, bar=ctx.bar, log=ctx.logger)
     ctx.summary.update(res.summary())
     ctx.summary["estimator"] = cfg.estimator.value
+    ctx.summary["max_image_side"] = resolve_max_image_side(cfg.max_image_side, str(default_device(cfg.device)))
     if res.failed:
         ctx.summary["left_out"] = sorted(res.failed)
     ctx.logger.info("depth maps of %d view(s) (%d left out), mean valid fraction %s, %s s per view",

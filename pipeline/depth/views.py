@@ -19,6 +19,20 @@ class ViewFailure(Exception):
 
 # ---- sizes ----------------------------------------------------------------------------------------
 
+AUTO_MAX_SIDE_CPU = 640
+"""Automatic ``depth.max_image_side`` on a CPU (pixels), chosen by measurement (docs/results.md, issue 21)."""
+AUTO_MAX_SIDE_CUDA = 1600
+"""Automatic ``depth.max_image_side`` on a CUDA device (pixels)."""
+
+
+def resolve_max_image_side(setting: int | None, device: str) -> int:
+    """``depth.max_image_side`` in pixels (0 = full resolution): the setting, or when None (automatic) the
+    photos' own size up to :data:`AUTO_MAX_SIDE_CUDA` on a CUDA device, :data:`AUTO_MAX_SIDE_CPU` on a CPU."""
+    if setting is not None:
+        return setting
+    return AUTO_MAX_SIDE_CUDA if str(device).startswith("cuda") else AUTO_MAX_SIDE_CPU
+
+
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) after downscaling so the longer side is at most ``max_side`` (never upscaled)."""
     s = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
