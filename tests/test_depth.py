@@ -260,6 +260,19 @@ def test_automatic_working_side_follows_the_device():
     assert working_size(3072, 2048, resolve_max_image_side(None, "cuda")) == (1600, 1067)
 
 
+def test_automatic_side_shares_caches_with_the_side_it_resolves_to():
+    """The depth fingerprint holds the side used here: automatic and the same value set by hand share caches."""
+    from pipeline.config import load_config
+    from pipeline.core.geometry import default_device
+    from pipeline.graph import stage_fingerprint
+
+    here = resolve_max_image_side(None, str(default_device("auto")))
+    auto, by_hand, other = (load_config(overrides=o) for o in ([], [f"depth.max_image_side={here}"],
+                                                                ["depth.max_image_side=320"]))
+    assert stage_fingerprint("depth", auto, {}) == stage_fingerprint("depth", by_hand, {})
+    assert stage_fingerprint("depth", auto, {}) != stage_fingerprint("depth", other, {})
+
+
 # ---- anchoring ------------------------------------------------------------------------------------
 
 

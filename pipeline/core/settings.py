@@ -186,12 +186,18 @@ def check_section(section: Any, prefix: str, *, runtime: bool = True) -> None:
 
 
 def fingerprint_fields(cfg: Any) -> dict[str, Any]:
-    """The settings of a stage config that change its output, as JSON-able values."""
+    """The settings of a stage config that change its output, as JSON-able values.
+
+    A config with a ``resolved_for_fingerprint(fields)`` method replaces automatic values by what they resolve
+    to on this machine (e.g. the depth maps' size), so an automatic value and the same value set by hand share
+    caches, and a machine where it resolves differently computes the stage again.
+    """
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("affects_output", True):
             out[f.name] = to_plain(getattr(cfg, f.name))
-    return out
+    resolve = getattr(cfg, "resolved_for_fingerprint", None)
+    return resolve(out) if callable(resolve) else out
 
 
 def to_plain(value: Any) -> Any:

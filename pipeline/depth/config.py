@@ -79,6 +79,14 @@ class DepthConfig:
         affects_output=False, check=or_automatic(at_least(1)),
     )
 
+    def resolved_for_fingerprint(self, fields: dict) -> dict:
+        """``max_image_side`` as the depth stage resolves it here (an automatic side depends on the device)."""
+        from pipeline.core.geometry import default_device
+        from pipeline.depth.views import resolve_max_image_side
+
+        side = resolve_max_image_side(self.max_image_side, str(default_device(self.device)))
+        return {**fields, "max_image_side": side}
+
     def cross_problems(self) -> list[str]:
         """Rules between settings, checked when the config is loaded."""
         if self.estimator == DepthEstimator.torchscript and not Path(self.torchscript_path).expanduser().is_file():
