@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -26,6 +28,8 @@ R = TypeVar("R")
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch CPU threads (None: leave torch's setting), then restore it."""
+    import torch
+
     old = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -45,7 +49,7 @@ def available_cpus() -> int:
 
 def cpu_workers(setting: int | None, device: torch.device | str) -> int:
     """Parallel view threads: 1 on a GPU; on the CPU ``setting``, or :func:`available_cpus` when None."""
-    if torch.device(device).type != "cpu":
+    if str(device).split(":")[0] != "cpu":
         return 1
     return max(1, setting if setting is not None else available_cpus())
 
@@ -53,7 +57,8 @@ def cpu_workers(setting: int | None, device: torch.device | str) -> int:
 def map_in_threads(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
     """``(item, fn(item))`` for every item, in the order they finish, from ``workers`` threads.
 
-    With more than one worker, torch ops run single-threaded meanwhile and at
+    With more than one worker, torch ops run single-threaded meanwhile (when
+    torch is loaded; this module never imports it for numpy-only work) and at
     most ``workers`` items are in flight (bounded memory); one worker calls
     ``fn`` in this thread, in order. The first exception is raised once the
     items in flight have finished; no new item starts after it.
@@ -63,7 +68,8 @@ def map_in_threads(fn: Callable[[T], R], items: Iterable[T], workers: int) -> It
         for item in todo:
             yield item, fn(item)
         return
-    with torch_threads(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recon-view") as pool:
+    single = torch_threads(1) if "torch" in sys.modules else contextlib.nullcontext()
+    with single, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recon-view") as pool:
         pending: dict[Future, Any] = {}
         queue = iter(todo)
         for item in queue:

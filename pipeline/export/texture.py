@@ -39,6 +39,7 @@ from pipeline.core.errors import ReconError
 from pipeline.core.io import View, load_rgb
 from pipeline.core.raycast import MeshRaycaster
 from pipeline.core.sampling import sample_bilinear
+from pipeline.core.workers import cpu_workers, map_in_threads
 from pipeline.export.bake import TexelSamples, fill_gutters, rasterize_uv
 from pipeline.export.charts import chart_side, pack_charts, view_charts, xatlas_charts
 from pipeline.export.views import (
@@ -217,10 +218,13 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
     gain_weights = np.zeros((len(gain_faces), n_views), dtype=bool)
     face_colours = np.zeros((n_faces, n_views, 3), np.uint8)
     readable = np.zeros(n_views, dtype=bool)
-    for k, view in enumerate(progress(views, "scoring views", n_views)):
+
+    def score_view(k: int) -> None:
+        """Fill column k (disjoint per view, so views can run in parallel threads)."""
+        view = views[k]
         photo = _read_photo(view)
         if photo is None:
-            continue
+            return
         readable[k] = True
         hits = raycaster.cast_view(view.K, view.cam_from_world, view.width, view.height)
         uv_c, z_c = project_points(centroids, view.K, view.cam_from_world)
@@ -233,6 +237,10 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
         gain_weights[:, k] = seen_c[gain_faces]
         local = ndimage.uniform_filter(photo, size=(CONSISTENCY_WINDOW, CONSISTENCY_WINDOW, 1), mode="nearest")
         face_colours[:, k] = np.round(sample_bilinear(local, uv_c) * 255.0).astype(np.uint8)
+
+    done = map_in_threads(score_view, range(n_views), cpu_workers(None, "cpu"))
+    for _ in progress(done, "scoring views", n_views):
+        pass
     return ViewScores(scores=scores, gain_faces=gain_faces, gain_colours=gain_colours,
                       gain_weights=gain_weights, readable=readable, face_colours=face_colours)
 
