@@ -19,7 +19,10 @@ order alternates (current, baseline, baseline, current, ...) so drift on the
 machine falls on both sides.
 
 Per stage: seconds from ``OUT/manifest.json``; per run also the process's wall
-time and peak RSS (:func:`run_bench.run_measured`). Reported: the median over
+time and peak RSS (:func:`run_bench.run_measured`), and the mesh's F@0.5 % and
+F@1 % against the scene's ground truth (``recon eval``'s scoring), so a change
+that saves time at the cost of quality shows in the same table (differences
+under about 0.001 are Open3D's run-to-run noise). Reported: the median over
 ``--repeat`` runs of each, and current / baseline (ratio of the medians; < 1 =
 faster). Absolute seconds move from run to run on shared machines (other jobs,
 frequency scaling): compare the *ratios*, which are measured side by side.
@@ -58,12 +61,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from run_bench import manifest_seconds, recon_command, run_measured  # noqa: E402
 
+from pipeline.analysis.evaluate import evaluate_reconstruction  # noqa: E402
 from pipeline.core.cache import write_json_atomic  # noqa: E402
 from pipeline.graph import STAGE_NAMES  # noqa: E402
 
 DEFAULT_SHAPES = ("blob", "knot")
 STAGES_SUM = "stages sum"
 """Row: the sum of the stages' own seconds (manifest)."""
+QUALITY_ROWS: dict[str, float] = {"F@0.5 %": 0.005, "F@1 %": 0.01}
+"""Rows of F-scores against the scenes' ground truth (threshold as a fraction of the object diagonal)."""
 WALL = "total (wall)"
 """Row: the ``recon run`` process's wall seconds (interpreter start, imports, every stage, report)."""
 
@@ -146,7 +152,22 @@ def run_once(checkout: Checkout, scene: Path, out: Path, log: Path, sets: list[s
                              *[a for s in sets for a in ("--set", s)]]
     rec = run_measured(cmd, log, timeout_s, cwd=checkout.root, env=checkout_env(checkout))
     rec["seconds"] = manifest_seconds(out)
+    rec["fscore"] = fscores(out, scene) if rec["rc"] == 0 else {}
     return rec
+
+
+def fscores(out: Path, scene: Path) -> dict[str, float]:
+    """F-scores of ``OUT/mesh.ply`` against the scene's ground truth (``recon eval``'s scoring), by
+    :data:`QUALITY_ROWS` label; empty without ``scene/gt`` or when scoring fails."""
+    if not (scene / "gt").is_dir():
+        return {}
+    try:
+        ev = evaluate_reconstruction(out, scene / "gt", thresholds_rel=tuple(QUALITY_ROWS.values()))
+    except Exception as exc:  # noqa: BLE001 - a failed score leaves the row empty, the timing stands
+        print(f"    scoring {out} failed: {type(exc).__name__}: {exc}", flush=True)
+        return {}
+    by_threshold = {round(e["threshold"] / ev["diagonal"], 9): e["fscore"] for e in ev["thresholds"].values()}
+    return {label: float(by_threshold[round(t, 9)]) for label, t in QUALITY_ROWS.items() if round(t, 9) in by_threshold}
 
 
 def run_order(checkouts: list[Checkout], pair_index: int) -> list[Checkout]:
@@ -184,6 +205,15 @@ def medians(records: list[dict[str, Any]]) -> dict[str, float]:
         rows.setdefault(STAGES_SUM, []).append(sum(r["seconds"].values()))
         rows.setdefault(WALL, []).append(r["wall_s"])
     return {k: round(statistics.median(v), 3) for k, v in rows.items()}
+
+
+def quality_medians(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Quality row → median F-score over the successful, scored runs."""
+    rows: dict[str, list[float]] = {}
+    for r in records:
+        for label, f in r.get("fscore", {}).items():
+            rows.setdefault(label, []).append(f)
+    return {k: round(statistics.median(v), 4) for k, v in rows.items()}
 
 
 def ratios(current: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
@@ -226,6 +256,14 @@ def scene_table(res: dict[str, Any], with_baseline: bool) -> str:
                   for k in row_order(cur, base)]
     else:
         lines = ["| stage | current s |", "|---|---|"] + [f"| {k} | {_s(cur.get(k))} |" for k in row_order(cur)]
+    q_cur, q_base = res.get("quality", {}).get("current", {}), res.get("quality", {}).get("baseline", {})
+    for label in [k for k in QUALITY_ROWS if k in q_cur or k in q_base]:
+        a, b = q_cur.get(label), q_base.get(label)
+        if with_baseline:
+            diff = "-" if a is None or b is None else f"{a - b:+.4f} (difference)"
+            lines.append(f"| {label} | {_s(a, '{:.4f}')} | {_s(b, '{:.4f}')} | {diff} |")
+        else:
+            lines.append(f"| {label} | {_s(a, '{:.4f}')} |")
     return "\n".join(lines)
 
 
@@ -332,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         runs = bench_scene(scene, checkouts, args, first_pair=i * args.repeat)
         res: dict[str, Any] = {"scene": scene.name, "path": str(scene), "runs": runs,
-                               "median": {label: medians(recs) for label, recs in runs.items()}}
+                               "median": {label: medians(recs) for label, recs in runs.items()},
+                               "quality": {label: quality_medians(recs) for label, recs in runs.items()}}
         if saved is not None:
             res["median"]["baseline"] = saved.get(scene.name, {})
         if with_baseline:
