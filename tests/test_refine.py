@@ -24,7 +24,7 @@ from pipeline.refine import scene as scene_mod
 from pipeline.refine import stage as refine_mod
 from pipeline.refine.gate import evidence_stats, keep_more_consistent
 from pipeline.refine.optimizer import LOG_COLUMNS
-from pipeline.refine.pyramid import sample_views, upsample2x, upsample_sum, view_groups
+from pipeline.refine.pyramid import sample_views, upsample2x, upsample_sum, upsample_sum_pair, view_groups
 from pipeline.refine.scene import covisible_neighbors
 from pipeline.refine.stage import RefineConfig, refine_depth_maps
 from pipeline.synthetic.corruptions import corrupt_depth, depth_error, ground_truth_depths
@@ -65,6 +65,19 @@ def test_upsample_sum_of_constant_levels():
     grids = [torch.full((1, 1, 45, 60), 0.1), torch.full((1, 1, 23, 30), 0.2), torch.full((1, 1, 3, 4), 0.3)]
     out = upsample_sum(grids, 90, 120)
     assert out.shape == (1, 1, 90, 120) and torch.allclose(out, torch.full_like(out, 0.6))
+
+
+@pytest.mark.parametrize("n_fine", [0, 1, 2, 5])
+def test_upsample_sum_pair_is_two_upsample_sums(n_fine):
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.randn(2, 1, h, w, generator=g, requires_grad=True)
+             for h, w in ((45, 60), (23, 30), (12, 15), (6, 8), (3, 4))]
+    total, photo = upsample_sum_pair(grids, 45, 60, n_fine)
+    detached = [x.detach() if i < n_fine else x for i, x in enumerate(grids)]
+    assert torch.equal(total, upsample_sum(grids, 45, 60)) and torch.equal(photo, upsample_sum(detached, 45, 60))
+    (photo.sum() + 0 * total.sum()).backward()
+    for i, x in enumerate(grids):  # the photo sum reaches only the coarse levels
+        assert (x.grad is None or not x.grad.any()) if i < n_fine else x.grad.abs().sum() > 0
 
 
 def test_view_groups_partition_and_interleave():

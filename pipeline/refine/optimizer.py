@@ -27,7 +27,7 @@ from pipeline.core.io import DepthMap, View
 from pipeline.refine import losses
 from pipeline.refine.config import RefineConfig
 from pipeline.refine.gate import change_stats
-from pipeline.refine.pyramid import _Group, _GroupStore, sample_views, upsample_sum
+from pipeline.refine.pyramid import _Group, _GroupStore, sample_views, upsample_sum, upsample_sum_pair
 from pipeline.refine.scene import _decode_current
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,11 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
     share of L_photo samples used). ``images``: every view's grey images (V, H, W, 2: sharp, blurred) for L_photo."""
     B, _, H, W = gr.depth_init.shape
     d0 = gr.depth_init
-    pred = d0 * torch.exp(upsample_sum(gr.grids, H, W))  # 0 where invalid (d0 = 0 there)
+    # L_photo's gradients are sparse (a few windows per view per step); Adam turns rare per-pixel gradients into
+    # full-size steps, so they reach only the levels of stride >= photo_min_stride (the same depth, other paths).
+    n_fine = sum(1 for s in cfg.pyramid_strides if s < cfg.photo_min_stride)
+    log_corr, log_corr_photo = upsample_sum_pair(gr.grids, H, W, n_fine)
+    pred = d0 * torch.exp(log_corr)  # 0 where invalid (d0 = 0 there)
     zero = pred.sum() * 0.0
     terms = dict.fromkeys(LOSS_TERMS, zero)
     kept = zero
@@ -127,10 +131,7 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
         terms["L_mag"] = losses.magnitude_loss(pred - d0, d0, gr.valid)
     photo_kept = zero
     if cfg.weight_photo > 0 and images is not None and k > 0:
-        # L_photo's gradients are sparse (a few windows per view per step); Adam turns rare per-pixel gradients into
-        # full-size steps, so they reach only the levels of stride >= photo_min_stride (the same depth, other paths).
-        coarse = [g if s >= cfg.photo_min_stride else g.detach() for g, s in zip(gr.grids, cfg.pyramid_strides)]
-        pred_photo = pred if coarse[0] is gr.grids[0] else d0 * torch.exp(upsample_sum(coarse, H, W))
+        pred_photo = pred if n_fine == 0 else d0 * torch.exp(log_corr_photo)
         terms["L_photo"], photo_kept = _photo_term(gr, pred_photo, current, images, image_channel, cfg, gen)
     return terms, pred, kept, photo_kept
 
