@@ -387,3 +387,33 @@ def test_best_k_mean_over_usable_neighbours():
     assert torch.allclose(c, torch.tensor([[0.3, 2.0]])) and ok.tolist() == [[True, True]]
     c, ok = losses.best_k_mean(cost, torch.zeros_like(usable), 2)
     assert ok.tolist() == [[False, False]]
+
+
+def test_dense_terms_match_the_separate_losses_and_their_gradients():
+    g = torch.Generator().manual_seed(3)
+    d0 = 1.0 + torch.rand(2, 1, 17, 23, generator=g)
+    valid = torch.rand(2, 1, 17, 23, generator=g) > 0.2
+    d0 = torch.where(valid, d0, torch.zeros_like(d0))
+    image = torch.rand(2, 1, 17, 23, generator=g)
+    w_x, w_y = losses.image_edge_weights(image, 10.0)
+    edge_w = losses.edge_smoothness_weights(valid, d0, w_x, w_y)
+    surf_w = losses.surface_smoothness_weights(valid, d0, w_x, w_y)
+    weights = (0.02, 0.01, 0.005)
+
+    def reference(pred):
+        return (losses.edge_aware_smoothness(pred, *edge_w), losses.surface_smoothness(pred, *surf_w),
+                losses.magnitude_loss(pred - d0, d0, valid))
+
+    def fused(pred):
+        return losses.dense_terms(pred, edge_w, surf_w, d0, losses.magnitude_weights(d0, valid))
+
+    noise = 0.05 * torch.randn(d0.shape, generator=g)
+    grads = []
+    for fn in (reference, fused):
+        pred = (d0 * torch.exp(noise)).requires_grad_()
+        terms = fn(pred)
+        sum(w * t for w, t in zip(weights, terms)).backward()
+        grads.append((torch.stack([t.detach() for t in terms]), pred.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-9)
+    assert grads[1][1].abs().sum() > 0

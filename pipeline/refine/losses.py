@@ -286,6 +286,67 @@ def magnitude_loss(delta_z_b1hw: torch.Tensor, depth_init_b1hw: torch.Tensor, va
     return (delta_z_b1hw.abs() / (depth_init_b1hw + MAG_EPS) * m).sum() / m.sum().clamp(min=1.0)
 
 
+# ---- the dense terms together -------------------------------------------------------------
+
+class _DenseTerms(torch.autograd.Function):
+    """L_edge, L_surf and L_mag of one prediction with a hand-written backward pass.
+
+    The same values as :func:`edge_aware_smoothness`, :func:`surface_smoothness`
+    and :func:`magnitude_loss`; the gradient is their subgradient (sign(0) = 0,
+    as autograd's), accumulated into one buffer with in-place slice updates.
+    Autograd's backward of the slices allocates and zero-fills a full-size
+    tensor per slice (10 per step here), which was a quarter of the backward
+    pass on a CPU. The backward pass reuses the saved differences in place, so
+    it runs once per forward (no ``retain_graph``).
+    """
+
+    @staticmethod
+    def forward(ctx, depth, W_x, W_y, S_x, S_y, depth_init, mag_w):  # type: ignore[override]
+        dx = depth[..., :, 1:] - depth[..., :, :-1]
+        dy = depth[..., 1:, :] - depth[..., :-1, :]
+        lx = depth[..., :, 2:] - 2 * depth[..., :, 1:-1] + depth[..., :, :-2]
+        ly = depth[..., 2:, :] - 2 * depth[..., 1:-1, :] + depth[..., :-2, :]
+        dz = depth - depth_init
+        edge = (dx.abs() * W_x).sum() + (dy.abs() * W_y).sum()
+        surf = (lx.abs() * S_x).sum() + (ly.abs() * S_y).sum()
+        mag = (dz.abs() * mag_w).sum()
+        ctx.save_for_backward(dx, dy, lx, ly, dz, W_x, W_y, S_x, S_y, mag_w)
+        return edge, surf, mag
+
+    @staticmethod
+    def backward(ctx, g_edge, g_surf, g_mag):  # type: ignore[override]
+        dx, dy, lx, ly, dz, W_x, W_y, S_x, S_y, mag_w = ctx.saved_tensors
+        grad = dz.sign_().mul_(mag_w).mul_(g_mag)
+        gx = dx.sign_().mul_(W_x).mul_(g_edge)
+        grad[..., :, 1:] += gx
+        grad[..., :, :-1] -= gx
+        gy = dy.sign_().mul_(W_y).mul_(g_edge)
+        grad[..., 1:, :] += gy
+        grad[..., :-1, :] -= gy
+        sx = lx.sign_().mul_(S_x).mul_(g_surf)
+        grad[..., :, 2:] += sx
+        grad[..., :, 1:-1] -= 2 * sx
+        grad[..., :, :-2] += sx
+        sy = ly.sign_().mul_(S_y).mul_(g_surf)
+        grad[..., 2:, :] += sy
+        grad[..., 1:-1, :] -= 2 * sy
+        grad[..., :-2, :] += sy
+        return grad, None, None, None, None, None, None
+
+
+def magnitude_weights(depth_init_b1hw: torch.Tensor, valid_b1hw: torch.Tensor) -> torch.Tensor:
+    """Per-pixel weights of L_mag (computed once): ``valid / (depth_init + 1e-2) / N_valid``."""
+    m = valid_b1hw.to(depth_init_b1hw.dtype)
+    return m / (depth_init_b1hw + MAG_EPS) / m.sum().clamp(min=1.0)
+
+
+def dense_terms(depth_b1hw: torch.Tensor, edge_w: tuple[torch.Tensor, torch.Tensor],
+                surf_w: tuple[torch.Tensor, torch.Tensor], depth_init_b1hw: torch.Tensor,
+                mag_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_edge, L_surf, L_mag) of ``depth`` (:class:`_DenseTerms`; ``mag_w`` from :func:`magnitude_weights`)."""
+    return _DenseTerms.apply(depth_b1hw, *edge_w, *surf_w, depth_init_b1hw, mag_w)
+
+
 # ---- photometric (L_photo) ---------------------------------------------------------------
 
 def window_offsets(radius: int) -> torch.Tensor:

@@ -82,6 +82,12 @@ def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: t
                                    min_texture=cfg.photo_min_texture)
 
 
+def weights_of(cfg: RefineConfig) -> dict[str, float]:
+    """Loss term → its weight."""
+    return {"L_mv": cfg.weight_mv, "L_anchor": cfg.weight_anchor, "L_edge": cfg.weight_edge,
+            "L_surf": cfg.weight_surf, "L_mag": cfg.weight_mag, "L_photo": cfg.weight_photo}
+
+
 def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: torch.Generator,
                   images: torch.Tensor | None = None,
                   image_channel: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,12 +129,11 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
     if cfg.weight_anchor > 0:
         terms["L_anchor"] = losses.anchor_loss(sample_image(pred, gr.anchor_uv)[:, 0], gr.anchor_z, gr.anchor_mask,
                                                delta=cfg.huber_delta)
-    if cfg.weight_edge > 0:
-        terms["L_edge"] = losses.edge_aware_smoothness(pred, *gr.edge_w)
-    if cfg.weight_surf > 0:
-        terms["L_surf"] = losses.surface_smoothness(pred, *gr.surf_w)
-    if cfg.weight_mag > 0:
-        terms["L_mag"] = losses.magnitude_loss(pred - d0, d0, gr.valid)
+    if cfg.weight_edge > 0 or cfg.weight_surf > 0 or cfg.weight_mag > 0:
+        dense = losses.dense_terms(pred, gr.edge_w, gr.surf_w, d0, losses.magnitude_weights(d0, gr.valid))
+        for name, value in zip(("L_edge", "L_surf", "L_mag"), dense):
+            if weights_of(cfg)[name] > 0:
+                terms[name] = value
     photo_kept = zero
     if cfg.weight_photo > 0 and images is not None and k > 0:
         pred_photo = pred if n_fine == 0 else d0 * torch.exp(log_corr_photo)
@@ -168,8 +173,7 @@ def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, devi
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     history = torch.zeros(max(cfg.steps, 1), len(LOG_COLUMNS), device=device)
-    weights = {"L_mv": cfg.weight_mv, "L_anchor": cfg.weight_anchor, "L_edge": cfg.weight_edge,
-               "L_surf": cfg.weight_surf, "L_mag": cfg.weight_mag, "L_photo": cfg.weight_photo}
+    weights = weights_of(cfg)
     lr_scale = torch.ones((), device=device)
     skipped_seen = 0
 
