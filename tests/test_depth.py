@@ -250,14 +250,14 @@ def test_working_size():
     assert working_size(4000, 3000, 0) == (4000, 3000)  # 0: full resolution
 
 
-def test_automatic_working_side_follows_the_device():
-    assert AUTO_MAX_SIDE_CPU < AUTO_MAX_SIDE_CUDA
+def test_automatic_working_side_follows_the_photos_and_the_device():
     assert resolve_max_image_side(None, "cpu") == AUTO_MAX_SIDE_CPU
     assert resolve_max_image_side(None, "cuda") == resolve_max_image_side(None, "cuda:1") == AUTO_MAX_SIDE_CUDA
     assert resolve_max_image_side(800, "cuda") == 800 and resolve_max_image_side(0, "cpu") == 0  # a set value wins
-    # photos smaller than the automatic side keep their size
-    assert working_size(480, 360, resolve_max_image_side(None, "cuda")) == (480, 360)
-    assert working_size(3072, 2048, resolve_max_image_side(None, "cuda")) == (1600, 1067)
+    # photos smaller than the automatic side keep their size; larger ones come down to it
+    assert working_size(480, 360, resolve_max_image_side(None, "cpu")) == (480, 360)
+    side = AUTO_MAX_SIDE_CUDA
+    assert working_size(3072, 2048, resolve_max_image_side(None, "cuda")) == (side, round(2048 * side / 3072))
 
 
 def test_automatic_side_shares_caches_with_the_side_it_resolves_to():

@@ -40,8 +40,8 @@ class DepthConfig:
     )
     max_image_side: int | None = setting(
         None,
-        "Longer side of the depth maps in pixels, photos are downscaled to it (null: automatic, at most 640 on a CPU "
-        "and 1600 on a CUDA device; 0: full resolution).",
+        "Longer side of the depth maps in pixels, photos are downscaled to it (null: automatic, the photos' size up "
+        "to 640; 0: full resolution).",
         check=Check("0 (full resolution) or >= 16, or null for automatic", lambda v: v is None or v == 0 or v >= 16),
     )
     # -- prior / torchscript
