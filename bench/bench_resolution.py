@@ -92,8 +92,9 @@ def fscore_at(ev: dict[str, Any], threshold_rel: float) -> float | None:
 def table(rows: list[dict[str, Any]], scene: str) -> str:
     labels = [f"{100 * t:g} %" for t in THRESHOLDS]
     head = (f"Scene `{scene}`. F-scores at {', '.join(labels)} of the object diagonal; seconds per stage; peak RSS "
-            "(MiB) of the stages.\n\n| depth.max_image_side | maps | " + " | ".join(f"F@{t}" for t in labels)
-            + " | " + " | ".join(STAGE_NAMES) + " | total s | peak MiB |\n|"
+            f"(MiB) of each stage's process ({' / '.join(STAGE_NAMES)}; - where the stage was copied).\n\n"
+            "| depth.max_image_side | maps | " + " | ".join(f"F@{t}" for t in labels)
+            + " | " + " | ".join(STAGE_NAMES) + " | total s | peak MiB per stage |\n|"
             + " --- |" * (4 + len(THRESHOLDS) + len(STAGE_NAMES)) + "\n")
     lines = []
     for r in rows:
@@ -101,9 +102,9 @@ def table(rows: list[dict[str, Any]], scene: str) -> str:
               for t in THRESHOLDS]
         secs = [f"{r['seconds'].get(s, float('nan')):.1f}" for s in STAGE_NAMES]
         total = sum(r["seconds"].get(s, 0.0) for s in STAGE_NAMES)
-        peak = max(r["peak_rss_mib"].values()) if r["peak_rss_mib"] else float("nan")
+        peaks = " / ".join(f"{r['peak_rss_mib'][s]:.0f}" if s in r["peak_rss_mib"] else "-" for s in STAGE_NAMES)
         lines.append(f"| {r['side']} | {r.get('working_side')} px | " + " | ".join(fs) + " | " + " | ".join(secs)
-                     + f" | {total:.0f} | {peak:.0f} |" + (f" {r['error']}" if "error" in r else ""))
+                     + f" | {total:.0f} | {peaks} |" + (f" {r['error']}" if "error" in r else ""))
     return head + "\n".join(lines) + "\n"
 
 
@@ -120,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra SECTION.KEY=VALUE for every run")
     ap.add_argument("--work", type=Path, default=Path("/tmp/recon-bench-resolution"))
     ap.add_argument("--timeout", type=float, default=None, help="seconds per stage subprocess")
+    ap.add_argument("--table", type=Path, metavar="JSON", help="only print the table of a saved bench_resolution.json")
     args = ap.parse_args(argv)
+    if args.table:
+        data = json.loads(args.table.read_text())
+        print(table(data["rows"], Path(data["scene"]).name))
+        return 0
 
     scene, render_s = render_model_timed(args.work / "scenes", args.model, args.models_dir, args.views, args.width,
                                          args.height, args.seed)
