@@ -100,7 +100,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("sfm", 1, (), _run_of("sfm"), publish=(("model", "sparse"),), inputs=sfm_inputs,
               checked_outputs=("model", "images", "normalization.json")),
     StageSpec("depth", 3, ("sfm",), _run_of("depth"), inputs=depth_inputs, sections=("depth", "mvs")),
-    StageSpec("refine", 3, ("depth", "sfm"), _run_of("refine"), skippable=True),
+    StageSpec("refine", 4, ("depth", "sfm"), _run_of("refine"), skippable=True),
     StageSpec("fuse", 1, ("refine", "sfm"), _run_of("fuse"), publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs,
               precheck=check_fuse_inputs),
     StageSpec("export", 2, ("fuse", "sfm"), _run_of("export"), skippable=True, publish=(("mesh.glb", "mesh.glb"),)),

@@ -23,7 +23,7 @@ from pipeline.refine import optimizer as optimizer_mod
 from pipeline.refine import scene as scene_mod
 from pipeline.refine import stage as refine_mod
 from pipeline.refine.gate import evidence_stats, keep_more_consistent
-from pipeline.refine.optimizer import LOG_COLUMNS
+from pipeline.refine.optimizer import LOG_COLUMNS, round_size
 from pipeline.refine.pyramid import sample_views, upsample2x, upsample_sum, upsample_sum_pair, view_groups
 from pipeline.refine.scene import covisible_neighbors
 from pipeline.refine.stage import RefineConfig, refine_depth_maps
@@ -78,6 +78,12 @@ def test_upsample_sum_pair_is_two_upsample_sums(n_fine):
     (photo.sum() + 0 * total.sum()).backward()
     for i, x in enumerate(grids):  # the photo sum reaches only the coarse levels
         assert (x.grad is None or not x.grad.any()) if i < n_fine else x.grad.abs().sum() > 0
+
+
+def test_round_size():
+    assert round_size(RefineConfig(), 3) == 2  # two groups per round by default
+    assert round_size(RefineConfig(parallel_groups=4), 3) == 3 and round_size(RefineConfig(), 1) == 1
+    assert round_size(RefineConfig(steps_per_visit=2), 3) == 1  # consecutive steps of one group: no rounds
 
 
 def test_view_groups_partition_and_interleave():

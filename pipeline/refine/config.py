@@ -34,6 +34,10 @@ class RefineConfig:
     steps_per_visit: int = setting(
         1, "Consecutive steps a group of views is refined before the next group's turn (1: round robin, one step each; "
         "more: fewer reads and writes of offloaded groups).", check=at_least(1))
+    parallel_groups: int = setting(
+        2, "Groups refined per round, each reading the other views' depth as the round found it, so a multi-core CPU "
+        "runs them side by side (1: each step reads the step before; used with steps_per_visit 1 and no offloading).",
+        check=at_least(1))
     num_neighbors: int = setting(4, "Neighbour views per view for L_mv (most shared sparse points).", check=at_least(0))
     pyramid_strides: tuple[int, ...] = setting(
         (1, 2, 4, 8, 16, 32), "Strides in pixels of the summed δz grids (1 = per-pixel; larger = smoother, "
@@ -125,8 +129,8 @@ class RefineConfig:
         1, "Torch CPU threads while refining on the CPU (null: torch's default thread count).",
         affects_output=False, check=or_automatic(at_least(1)))
     cpu_workers: int | None = setting(
-        None, "Views checked at once in parallel threads on the CPU by keep_if_more_consistent (null: one per CPU "
-        "core; the result is the same for any count).",
+        None, "Threads on the CPU for the groups of a round and the views of keep_if_more_consistent (null: one per "
+        "CPU core; the result is the same for any count).",
         affects_output=False, check=or_automatic(at_least(1)))
     log_every: int = setting(
         10, "Refresh the progress bar (one device sync) every N steps; every step is still logged.",

@@ -1,11 +1,13 @@
 """The refine stage's optimization loop: per-group losses, Adam on the pyramid grids, the refined maps.
 
-Each step refines one group of views (:func:`_optimize`): the loss terms of
+Each step refines one group of views (:func:`_step`): the loss terms of
 :func:`_group_losses` (:mod:`pipeline.refine.losses`; L_photo through
 :func:`_photo_term`), gradients by autograd, an in-place Adam step
 (:func:`_adam_step`) under a cosine learning-rate decay (:func:`_lr_at`);
 a step whose loss or gradient is not finite is skipped on the device and
-halves the learning rate. The inner loop neither copies between host and
+halves the learning rate. Steps go in rounds of ``parallel_groups`` groups
+that read the same state of the other views (:func:`_optimize`), so a
+multi-core CPU runs a round's steps side by side. The inner loop neither copies between host and
 device nor synchronises (diagnostics go to a device tensor read every
 ``log_every`` steps). :func:`_finalize` turns the groups' grids into
 full-resolution refined maps.
@@ -24,6 +26,7 @@ import torch
 
 from pipeline.core.geometry import inside_image, sample_image
 from pipeline.core.io import DepthMap, View
+from pipeline.core.workers import cpu_workers, map_in_threads
 from pipeline.refine import losses
 from pipeline.refine.config import RefineConfig
 from pipeline.refine.gate import change_stats
@@ -166,61 +169,102 @@ def _lr_at(cfg: RefineConfig, step: int) -> float:
 
 # ---- the loop, the refined maps ----------------------------------------------------------
 
+def round_size(cfg: RefineConfig, n_groups: int) -> int:
+    """Steps per round (:func:`_optimize`): ``parallel_groups`` distinct groups, at most ``n_groups``; 1 with several
+    steps per visit (consecutive steps of one group)."""
+    if cfg.steps_per_visit != 1:
+        return 1
+    return max(1, min(cfg.parallel_groups, n_groups))
+
+
+def _step(store: _GroupStore, step: int, current: torch.Tensor, cfg: RefineConfig, device: torch.device,
+          images: torch.Tensor | None, lr_scale: torch.Tensor,
+          history: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """One optimizer step of the group whose turn ``step`` is: losses, gradients, Adam; writes ``history[step]``.
+
+    Reads ``current`` (the other views' depth) and does not write it: returns
+    (the group's first and end storage index, its prediction (B, H, W) before
+    the update, finite flag) for :func:`_optimize` to publish. The step's
+    random samples come from its own generator (seed, step), so a step draws
+    the same pixels whichever thread runs it.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed * 1_000_003 + step)
+    weights = weights_of(cfg)
+    gr = store.get((step // cfg.steps_per_visit) % len(store.spans))
+    grids = [g.detach().requires_grad_(True) for g in gr.grids]
+    blurred = cfg.photo_blur > 0 and step < cfg.steps // 2
+    terms, pred, kept, photo_kept = _group_losses(replace(gr, grids=grids), current, cfg, gen, images,
+                                                  1 if blurred else 0)
+    loss = sum(weights[k] * terms[k] for k in LOSS_TERMS)
+    grads = torch.autograd.grad(loss, grids, allow_unused=True)
+    with torch.no_grad():
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, gr.grids)]
+        finite = torch.isfinite(loss)
+        for g in grads:
+            finite = finite & torch.isfinite(g).all()
+        lr = _lr_at(cfg, step) * lr_scale
+        _adam_step(gr, grads, finite, lr)
+        m = gr.valid.to(pred.dtype)
+        dz = (pred - gr.depth_init) * m
+        n = gr.valid_count.clamp(min=1.0)
+        dz_mean = dz.sum() / n
+        dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
+        history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, photo_kept, lr,
+                                     finite.to(pred.dtype)])
+    return gr.start, gr.stop, pred.detach()[:, 0], finite
+
+
 def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, device: torch.device, bar: Any,
               images: torch.Tensor | None = None) -> np.ndarray:
     """The optimization loop (updates the groups' grids and ``current`` in place); returns the per-step log (steps,
-    LOG_COLUMNS)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
+    LOG_COLUMNS).
+
+    Steps go in rounds of :func:`round_size` consecutive steps, each refining
+    another group: every step of a round reads the other views' depth as it
+    was when the round began, and the round's predictions are published to
+    ``current`` together when it ends. So the steps of a round can run in
+    parallel threads (``refine.cpu_workers`` on a CPU; one after the other on a
+    GPU or when groups are offloaded to scratch files) and the result does not
+    depend on how many do.
+    """
     history = torch.zeros(max(cfg.steps, 1), len(LOG_COLUMNS), device=device)
     weights = weights_of(cfg)
     lr_scale = torch.ones((), device=device)
     skipped_seen = 0
+    per_round = round_size(cfg, len(store.spans))
+    workers = 1 if per_round == 1 or store.offloading else cpu_workers(cfg.cpu_workers, device)
 
-    for step in range(cfg.steps):
-        gr = store.get((step // cfg.steps_per_visit) % len(store.spans))
-        for g in gr.grids:
-            g.requires_grad_(True)
-        blurred = cfg.photo_blur > 0 and step < cfg.steps // 2
-        terms, pred, kept, photo_kept = _group_losses(gr, current, cfg, gen, images, 1 if blurred else 0)
-        loss = sum(weights[k] * terms[k] for k in LOSS_TERMS)
-        grads = torch.autograd.grad(loss, gr.grids, allow_unused=True)
+    for first in range(0, cfg.steps, per_round):
+        steps = list(range(first, min(first + per_round, cfg.steps)))
+        if workers > 1:
+            for step in steps:  # made here, one at a time (their inputs are read lazily)
+                store.get((step // cfg.steps_per_visit) % len(store.spans))
+        scale = lr_scale.clone()
+        done = dict(map_in_threads(lambda s: _step(store, s, current, cfg, device, images, scale, history), steps,
+                                   workers))
         with torch.no_grad():
-            for g in gr.grids:
-                g.requires_grad_(False)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, gr.grids)]
-            finite = torch.isfinite(loss)
-            for g in grads:
-                finite = finite & torch.isfinite(g).all()
-            lr = _lr_at(cfg, step) * lr_scale
-            _adam_step(gr, grads, finite, lr)
-            lr_scale = torch.where(finite, lr_scale, lr_scale * 0.5)
-            # Neighbours read this group's depth as of this step (the prediction before the update).
-            cur = current[gr.start:gr.stop, ..., 0]
-            cur.copy_(torch.where(finite, pred[:, 0], cur))
-            m = gr.valid.to(pred.dtype)
-            dz = (pred - gr.depth_init) * m
-            n = gr.valid_count.clamp(min=1.0)
-            dz_mean = dz.sum() / n
-            dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
-            history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, photo_kept, lr,
-                                         finite.to(pred.dtype)])
-        # this step's tensors go before the next group's arrive
-        del gr, g, terms, pred, kept, photo_kept, loss, grads, cur, m, dz
-        if bar is not None:
-            bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
-            values = dict(zip(LOG_COLUMNS, history[step].tolist()))
-            skipped_now = int((history[: step + 1, -1] == 0).sum().item())
-            if skipped_now > skipped_seen:
-                logger.warning("refine: %d step(s) with a non-finite loss or gradient skipped so far; "
-                               "learning rate halved each time (now %.2e)", skipped_now, values["lr"])
-                skipped_seen = skipped_now
+            for step in steps:  # neighbours read a group's depth as of its step (the prediction before the update)
+                start, stop, pred, finite = done[step]
+                cur = current[start:stop, ..., 0]
+                cur.copy_(torch.where(finite, pred, cur))
+                lr_scale = torch.where(finite, lr_scale, lr_scale * 0.5)
+        del done, pred, finite, cur  # this round's tensors go before the next round's arrive
+        for step in steps:
             if bar is not None:
-                shown = [k for k in LOSS_TERMS if weights[k] > 0]
-                bar.set_postfix({k: f"{values[k]:.2e}" for k in shown}
-                                | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
-                                refresh=False)
+                bar.update(1)
+            if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+                values = dict(zip(LOG_COLUMNS, history[step].tolist()))
+                skipped_now = int((history[: step + 1, -1] == 0).sum().item())
+                if skipped_now > skipped_seen:
+                    logger.warning("refine: %d step(s) with a non-finite loss or gradient skipped so far; "
+                                   "learning rate halved each time (now %.2e)", skipped_now, values["lr"])
+                    skipped_seen = skipped_now
+                if bar is not None:
+                    shown = [k for k in LOSS_TERMS if weights[k] > 0]
+                    bar.set_postfix({k: f"{values[k]:.2e}" for k in shown}
+                                    | {"Δz_mean": f"{values['dz_mean']:.2e}", "Δz_std": f"{values['dz_std']:.2e}"},
+                                    refresh=False)
     return history[: cfg.steps].cpu().numpy()
 
 
