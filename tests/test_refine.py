@@ -264,12 +264,15 @@ def test_non_finite_step_is_skipped_and_halves_lr(blob_scene, monkeypatch, caplo
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(losses, "anchor_loss", flaky)
-    cfg = RefineConfig(steps=8, views_per_batch=2, log_every=4)
+    # one thread: the third call of the loss is step 2's (two groups, rounds of steps 0-1, 2-3, ...)
+    cfg = RefineConfig(steps=8, views_per_batch=2, log_every=4, cpu_workers=1)
     with caplog.at_level(logging.WARNING, logger="pipeline.refine.optimizer"):
         maps, log = refine_depth_maps(scene.views[:4], init, scene.points, cfg, "cpu", images=images[:4])
     steps = log["steps"]
     assert log["skipped_steps"] == 1 and steps[2]["finite"] == 0.0
-    assert steps[3]["lr"] == pytest.approx(0.5 * optimizer_mod._lr_at(cfg, 3))
+    # the halved rate applies from the next round on (step 3 ran from the same state as step 2)
+    assert steps[3]["lr"] == pytest.approx(optimizer_mod._lr_at(cfg, 3))
+    assert steps[4]["lr"] == pytest.approx(0.5 * optimizer_mod._lr_at(cfg, 4))
     assert "skipped" in caplog.text
     assert all(np.isfinite(m.depth).all() for m in maps)
     assert np.isfinite([s["loss"] for i, s in enumerate(steps) if i != 2]).all()

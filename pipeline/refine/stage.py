@@ -23,7 +23,11 @@ groups); each step refines one group in turn: every view samples
 ``samples_per_view`` valid pixels, projects them into its ``num_neighbors``
 most co-visible views and compares with the neighbours' *current* predicted
 depth, read bilinearly as this step's fixed target (every view is a source
-in turn, so the consistency is symmetric over a round).
+in turn, so the consistency is symmetric over a round). Steps go in rounds
+of ``parallel_groups`` groups that read the same state of the other views
+and publish their predictions together, so on a multi-core CPU a round's
+steps run side by side (``cpu_workers`` threads, the same result for any
+count).
 
 Everything lives on the torch device (CUDA when present, else CPU; the same
 code). The inner loop neither copies between host and device nor
