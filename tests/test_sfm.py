@@ -485,6 +485,38 @@ def test_colmap_steps_give_the_same_features_as_in_process(tmp_path):
     np.testing.assert_array_equal(keypoints(tmp_path / "child.db"), keypoints(tmp_path / "here.db"))
 
 
+def test_threaded_extraction_gives_every_camera_group_its_features(tmp_path):
+    """With several threads, photos of two sizes (two camera groups) all get features, and the same ones as with
+    one thread (a COLMAP call with one camera for photos of another size skipped them: issue 21's zoo run)."""
+    import dataclasses
+
+    from pipeline.sfm.colmap_steps import run_step
+
+    folder = tmp_path / "input"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    sizes = {"a.png": (160, 120), "b.png": (160, 120), "c.png": (120, 90), "d.png": (160, 120)}
+    for name, size in sizes.items():
+        Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC).save(
+            folder / name)
+    groups = [["a.png", "b.png", "d.png"], ["c.png"]]
+
+    def counts(threads: int) -> dict[str, tuple[int, int]]:
+        cfg = dataclasses.replace(load_config().sfm, num_threads=threads)
+        db_path = tmp_path / f"t{threads}.db"
+        run_step("extract_features", log_path=tmp_path / "colmap.log", what="feature extraction",
+                 database=str(db_path), input_dir=str(folder), groups=groups, cfg=cfg, shared=True)
+        db = pycolmap.Database.open(db_path)
+        try:
+            return {im.name: (im.camera_id, db.num_keypoints_for_image(im.image_id)) for im in db.read_all_images()}
+        finally:
+            db.close()
+
+    one, several = counts(1), counts(3)
+    assert several == one and all(n > 0 for _, n in several.values())
+    assert several["a.png"][0] == several["d.png"][0] != several["c.png"][0]
+
+
 def test_too_few_registered_photos_retry_with_more_features_and_keep_the_best(tmp_path, monkeypatch):
     built, mapped = [], []
 

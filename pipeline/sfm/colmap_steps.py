@@ -99,14 +99,14 @@ def extract_features(*, database: str, input_dir: str, groups: Sequence[Sequence
     for group in groups:
         emit({"event": "images", "names": list(group)})
         pycolmap.import_images(database, input_dir, camera_mode=mode, image_names=list(group), options=reader)
-    names = [name for group in groups for name in group]
     chunk = 1 if n_threads == 1 else max(8, 4 * n_threads)
-    for start in range(0, len(names), chunk):
-        part = names[start : start + chunk]
-        emit({"event": "images", "names": part})
-        pycolmap.extract_features(database, input_dir, image_names=part, camera_mode=mode, reader_options=reader,
-                                  extraction_options=options, device=pycolmap.Device.cpu)
-        emit({"event": "done", "n": len(part)})
+    for group in groups:  # a call never mixes groups: with one camera per call, COLMAP skips photos of another size
+        for start in range(0, len(group), chunk):
+            part = list(group[start : start + chunk])
+            emit({"event": "images", "names": part})
+            pycolmap.extract_features(database, input_dir, image_names=part, camera_mode=mode, reader_options=reader,
+                                      extraction_options=options, device=pycolmap.Device.cpu)
+            emit({"event": "done", "n": len(part)})
 
 
 def match_features(*, database: str, cfg: SfmConfig, emit: Emit) -> None:
