@@ -7,9 +7,9 @@ Each step refines one group of views (:func:`_step`): the loss terms of
 a step whose loss or gradient is not finite is skipped on the device and
 halves the learning rate. Steps go in rounds of ``parallel_groups`` groups
 that read the same state of the other views (:func:`_optimize`), so a
-multi-core CPU runs a round's steps side by side. The inner loop neither copies between host and
-device nor synchronises (diagnostics go to a device tensor read every
-``log_every`` steps). :func:`_finalize` turns the groups' grids into
+multi-core CPU runs a round's steps side by side. The inner loop neither
+copies between host and device nor synchronises (diagnostics go to a device
+tensor read every ``log_every`` steps). :func:`_finalize` turns the groups' grids into
 full-resolution refined maps.
 """
 
@@ -132,10 +132,11 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
     if cfg.weight_anchor > 0:
         terms["L_anchor"] = losses.anchor_loss(sample_image(pred, gr.anchor_uv)[:, 0], gr.anchor_z, gr.anchor_mask,
                                                delta=cfg.huber_delta)
-    if cfg.weight_edge > 0 or cfg.weight_surf > 0 or cfg.weight_mag > 0:
-        dense = losses.dense_terms(pred, gr.edge_w, gr.surf_w, d0, losses.magnitude_weights(d0, gr.valid))
+    weights = weights_of(cfg)
+    if weights["L_edge"] > 0 or weights["L_surf"] > 0 or weights["L_mag"] > 0:
+        dense = losses.dense_terms(pred, gr.edge_w, gr.surf_w, d0, gr.mag_w)
         for name, value in zip(("L_edge", "L_surf", "L_mag"), dense):
-            if weights_of(cfg)[name] > 0:
+            if weights[name] > 0:
                 terms[name] = value
     photo_kept = zero
     if cfg.weight_photo > 0 and images is not None and k > 0:

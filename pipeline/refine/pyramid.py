@@ -158,13 +158,14 @@ class _Group:
     anchor_uv: torch.Tensor  # (B, P, 2)
     anchor_z: torch.Tensor  # (B, P)
     anchor_mask: torch.Tensor  # (B, P) bool
+    mag_w: torch.Tensor  # (B, 1, H, W) per-pixel weights of L_mag (losses.magnitude_weights)
     grids: list[torch.Tensor]  # per level (B, 1, h_l, w_l), the parameters
     exp_avg: list[torch.Tensor]
     exp_avg_sq: list[torch.Tensor]
     adam_steps: torch.Tensor  # () device step count (skipped steps do not count)
 
     _FIXED = ("depth_init", "valid", "valid_count", "confidence", "pix_index", "pix_count", "K_src", "K_dst", "nbr",
-              "dst_from_src", "anchor_uv", "anchor_z", "anchor_mask")
+              "dst_from_src", "anchor_uv", "anchor_z", "anchor_mask", "mag_w")
 
     def fixed_tensors(self) -> list[torch.Tensor]:
         """The tensors that do not change while optimizing, in a fixed order (see :meth:`from_tensors`)."""

@@ -261,7 +261,7 @@ def _build_group(start: int, stop: int, init: Sequence[DepthMap], images: Sequen
         nbr=t(nbr[sl].reshape(-1), torch.long), dst_from_src=t(tables.dst_from_src[sl].reshape(-1, 4, 4)),
         edge_w=losses.edge_smoothness_weights(ok, d0, w_x, w_y),
         surf_w=losses.surface_smoothness_weights(ok, d0, w_x, w_y), anchor_uv=anchor_uv,
-        anchor_z=t(tables.anchor_z[sl]), anchor_mask=anchor_ok, grids=grids,
+        anchor_z=t(tables.anchor_z[sl]), anchor_mask=anchor_ok, mag_w=losses.magnitude_weights(d0, ok), grids=grids,
         exp_avg=[torch.zeros_like(g) for g in grids], exp_avg_sq=[torch.zeros_like(g) for g in grids],
         adam_steps=torch.zeros((), device=device),
     )
