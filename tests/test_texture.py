@@ -102,6 +102,25 @@ def test_a_face_hidden_from_a_view_is_never_painted_from_it(occluded_plane):
     assert red[~hidden_from_a & on_plane].mean() > 0.5
 
 
+def test_the_bake_gives_the_same_texture_on_any_number_of_threads_and_without_kept_depth_maps(occluded_plane,
+                                                                                               monkeypatch):
+    import pipeline.export.texture as texture_module
+
+    vertices, faces, _, views = occluded_plane
+    rng = np.random.default_rng(3)
+    for view in views:  # photos with detail, so that the order of the sums would show
+        Image.fromarray(rng.integers(0, 256, (view.height, view.width, 3), dtype=np.uint8)).save(view.image_path)
+    settings = TextureSettings(size=256, level_exposure=False)
+    reference = texture_mesh(vertices, faces, views, settings).texture
+    monkeypatch.setattr(texture_module, "cpu_workers", lambda setting, device: 1)
+    one_thread = texture_mesh(vertices, faces, views, settings).texture
+    monkeypatch.setattr(texture_module, "HIT_DEPTH_BUDGET_BYTES", 0)  # the bake casts every view again
+    cast_again = texture_mesh(vertices, faces, views, settings).texture
+    assert reference.std() > 10
+    np.testing.assert_array_equal(one_thread, reference)
+    np.testing.assert_array_equal(cast_again, reference)
+
+
 def test_every_face_gets_uvs_in_one_atlas_without_overlapping_charts(occluded_plane):
     vertices, faces, _, views = occluded_plane
     textured = texture_mesh(vertices, faces, views, TextureSettings(size=256))

@@ -1,7 +1,7 @@
 """Texturing a mesh from the undistorted photos: view selection, UV atlas (xatlas), baking.
 
 :func:`texture_mesh` is the core function. In two passes over the photos (one
-photo in memory at a time):
+photo per thread in memory at a time):
 
 1. **Scores.** Each view is ray-cast against the mesh (:class:`~pipeline.core.raycast.MeshRaycaster`);
    a face's score in a view is its visible area in pixels (the rays that hit it,
@@ -17,7 +17,8 @@ photo in memory at a time):
 3. **Bake.** Every texel of every chart is a surface point; it takes the
    gain-levelled colour of the views of its face's corners, weighted by the
    corner weights (seams feathered over one ring of faces), each view tested
-   for occlusion at that point. Texels no view sees take the mesh's vertex colours;
+   for occlusion at that point (against pass 1's ray-cast depth maps, kept when they fit in
+   :data:`HIT_DEPTH_BUDGET_BYTES`). Texels no view sees take the mesh's vertex colours;
    the gutters between charts are filled with the nearest chart colour.
 
 Texture convention: :mod:`pipeline.export.bake` (trimesh/OpenGL UVs, v up).
@@ -73,6 +74,9 @@ CONSISTENCY_MIN_VIEWS = 3
 """The check needs at least this many photos of a face (a median of two is no majority)."""
 BAKE_CHUNK_TEXELS = 8_000_000
 """Texels baked per pass over the photos (bounds the bake's memory at about 1.2 GB)."""
+HIT_DEPTH_BUDGET_BYTES = 512 * 2**20
+"""Pass 1 keeps every view's ray-cast depth map for the bake when they fit in this many bytes together (24 views of
+1600x1200 take 184 MB); otherwise the bake casts each view again."""
 TEXELS_FROM_PHOTOS_WARN = 0.5
 """Warn when fewer of the texture's texels than this come from the photos (the rest: vertex colours)."""
 
@@ -204,12 +208,17 @@ class ViewScores:
     """(L,) bool: the photo could be read."""
     face_colours: np.ndarray
     """(F, L, 3) uint8 local mean colour (:data:`CONSISTENCY_WINDOW` pixels square) at each face's centroid."""
+    hit_depths: list[np.ndarray | None] = field(default_factory=list)
+    """Per view, the (H, W) float32 ray-cast depth of the mesh, kept for the bake (empty: over the budget)."""
 
 
 def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
-                progress: Progress) -> ViewScores:
-    """Pass 1: every face's score in every view, and the colours for the exposure gains."""
+                progress: Progress, keep_depth_bytes: int = HIT_DEPTH_BUDGET_BYTES) -> ViewScores:
+    """Pass 1: every face's score in every view, the colours for the exposure gains and, when they fit in
+    ``keep_depth_bytes``, the views' ray-cast depth maps."""
     n_faces, n_views = len(faces), len(views)
+    keep_depth = sum(4 * v.width * v.height for v in views) <= keep_depth_bytes
+    hit_depths: list[np.ndarray | None] = [None] * n_views if keep_depth else []
     centroids, normals = _face_geometry(vertices, faces)
     rng = np.random.default_rng(0)
     gain_faces = np.sort(rng.choice(n_faces, size=min(GAIN_SAMPLE_FACES, n_faces), replace=False))
@@ -227,6 +236,8 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
             return
         readable[k] = True
         hits = raycaster.cast_view(view.K, view.cam_from_world, view.width, view.height)
+        if keep_depth:
+            hit_depths[k] = hits.depth
         uv_c, z_c = project_points(centroids, view.K, view.cam_from_world)
         seen_c = visible_points(uv_c, z_c, hits.depth, view.K)
         uv_vertices, z_vertices = project_points(vertices, view.K, view.cam_from_world)  # each vertex once
@@ -242,41 +253,57 @@ def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarra
     for _ in progress(done, "scoring views", n_views):
         pass
     return ViewScores(scores=scores, gain_faces=gain_faces, gain_colours=gain_colours,
-                      gain_weights=gain_weights, readable=readable, face_colours=face_colours)
+                      gain_weights=gain_weights, readable=readable, face_colours=face_colours,
+                      hit_depths=hit_depths)
 
+
+
+def _bake_view(view: View, points: np.ndarray, slot_t: np.ndarray, slot_j: np.ndarray, slot_weight: np.ndarray,
+               gain: np.ndarray, hit_depth: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One view's share of a chunk's colours: (texel index, weight, weighted colour (N, 3), occluded samples) of the
+    slots ``(slot_t, slot_j)`` that this view paints and sees; nothing when its photo cannot be read."""
+    photo = _read_photo(view)
+    if photo is None:
+        return slot_t[:0], np.zeros(0, np.float32), np.zeros((0, 3), np.float32), 0
+    uv, z = project_points(points[slot_t], view.K, view.cam_from_world)
+    seen = visible_points(uv, z, hit_depth(), view.K)
+    slot_t, slot_j, uv = slot_t[seen], slot_j[seen], uv[seen]
+    w = slot_weight[slot_t, slot_j]
+    colour = sample_bilinear(photo, uv) * gain
+    return slot_t, w, w[:, None] * colour, int((~seen).sum())
 
 
 def _bake_chunk(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None,
-                views: Sequence[View], raycaster: MeshRaycaster, cand_views: np.ndarray, cand_corner: np.ndarray,
-                gains: np.ndarray, samples, progress: Progress, desc: str) -> tuple[np.ndarray, np.ndarray, int]:
+                views: Sequence[View], hit_depth: Callable[[int], np.ndarray], cand_views: np.ndarray,
+                cand_corner: np.ndarray, gains: np.ndarray, samples, progress: Progress,
+                desc: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Colours (T, 3) uint8 of the texels ``samples`` (faces indexed in ``faces``), texels painted from photos
-    (T,) bool, occluded samples: one pass over the photos."""
+    (T,) bool, occluded samples: one pass over the photos.
+
+    The views are read in threads; their shares are summed in view order, so
+    the colours do not depend on the number of threads.
+    """
     face = samples.face
     bary = samples.barycentric
     points = np.einsum("tc,tcd->td", bary, vertices[faces[face]].astype(np.float32))
     slot_view = cand_views[face]  # (T, K)
     slot_weight = np.einsum("tkc,tc->tk", cand_corner[face], bary)  # (T, K)
+    painting = [k for k in range(len(views)) if ((slot_view == k) & (slot_weight > 0)).any()]
+
+    def share(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        slot_t, slot_j = np.nonzero((slot_view == k) & (slot_weight > 0))
+        return _bake_view(views[k], points, slot_t, slot_j, slot_weight, gains[k], lambda: hit_depth(k))
+
+    shares = dict(progress(map_in_threads(share, painting, cpu_workers(None, "cpu")), desc, len(painting)))
     accum = np.zeros((len(face), 3), np.float32)
     total = np.zeros(len(face), np.float32)
     occluded = 0
-    for k, view in enumerate(progress(views, desc, len(views))):
-        slot_t, slot_j = np.nonzero((slot_view == k) & (slot_weight > 0))
-        if len(slot_t) == 0:
-            continue
-        photo = _read_photo(view)
-        if photo is None:
-            continue
-        hits = raycaster.cast_view(view.K, view.cam_from_world, view.width, view.height)
-        uv, z = project_points(points[slot_t], view.K, view.cam_from_world)
-        seen = visible_points(uv, z, hits.depth, view.K)
-        occluded += int((~seen).sum())
-        slot_t, slot_j, uv = slot_t[seen], slot_j[seen], uv[seen]
-        w = slot_weight[slot_t, slot_j]
-        colour = sample_bilinear(photo, uv) * gains[k]
+    for k in painting:  # in view order: the same sums whatever the threads
+        slot_t, w, weighted, hidden = shares.pop(k)
+        occluded += hidden
         for channel in range(3):
-            accum[:, channel] += np.bincount(slot_t, weights=w * colour[:, channel], minlength=len(face))
+            accum[:, channel] += np.bincount(slot_t, weights=weighted[:, channel], minlength=len(face))
         total += np.bincount(slot_t, weights=w, minlength=len(face)).astype(np.float32)
-        del photo, hits
     painted = total > 0
     colours = np.full((len(face), 3), 0.5, np.float32)
     colours[painted] = accum[painted] / total[painted, None]
@@ -287,7 +314,7 @@ def _bake_chunk(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarr
 
 
 def bake_views(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarray | None, views: Sequence[View],
-               raycaster: MeshRaycaster, labels: np.ndarray, scores: np.ndarray, gains: np.ndarray,
+               hit_depth: Callable[[int], np.ndarray], labels: np.ndarray, scores: np.ndarray, gains: np.ndarray,
                face_uv: np.ndarray, width: int, height: int, progress: Progress, face_priority: np.ndarray,
                chunk_texels: int = BAKE_CHUNK_TEXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """Pass 2: the texture (H, W, 3) uint8 of faces with UVs ``face_uv`` (F, 3, 2) in [0, 1].
@@ -300,7 +327,7 @@ def bake_views(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarra
     memory stays bounded for large atlases (about 150 bytes per texel of a chunk).
     Where charts overlap (a surface hidden behind another in the photo of
     their chart), the face of lower ``face_priority`` (its depth in that
-    photo) keeps the texel.
+    photo) keeps the texel. ``hit_depth(k)``: view k's ray-cast depth map of the mesh (H, W).
     """
     weights = vertex_view_weights(faces, labels, len(vertices), len(views))
     cand_views, cand_corner = face_candidate_views(faces, labels, weights, scores)
@@ -319,7 +346,7 @@ def bake_views(vertices: np.ndarray, faces: np.ndarray, vertex_colors: np.ndarra
                                barycentric=samples.barycentric[front])
         owner_priority[samples.texel] = face_priority[samples.face]
         desc = "baking the texture" + (f" ({i + 1}/{len(bounds) - 1})" if len(bounds) > 2 else "")
-        colours, painted, hidden = _bake_chunk(vertices, faces, vertex_colors, views, raycaster, cand_views,
+        colours, painted, hidden = _bake_chunk(vertices, faces, vertex_colors, views, hit_depth, cand_views,
                                                cand_corner, gains, samples, progress, desc)
         texture[samples.texel] = colours
         covered[samples.texel] = True
@@ -350,7 +377,7 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
         raise ReconError("texture: no registered photos to texture from; re-run `recon stage sfm`")
     t0 = time.perf_counter()
     raycaster = MeshRaycaster(vertices, faces)
-    scores = score_views(raycaster, vertices, faces, views, progress)
+    scores = score_views(raycaster, vertices, faces, views, progress, keep_depth_bytes=HIT_DEPTH_BUDGET_BYTES)
     if not scores.readable.any():
         raise ReconError(f"texture: none of the {len(views)} photos could be read (e.g. {views[0].image_path}); "
                          "re-run `recon stage sfm`")
@@ -379,9 +406,16 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
     padding = settings.padding or padding_for(settings.size or chart_side(charts))
     packed, width, height = pack_charts(charts, settings.size, padding, max_side=settings.max_size)
     t2 = time.perf_counter()
-    texture, bake_stats = bake_views(vertices, faces, vertex_colors, views, raycaster, labels, scores.scores, gains,
+    def hit_depth(k: int) -> np.ndarray:
+        if scores.hit_depths:
+            return scores.hit_depths[k]
+        view = views[k]
+        return raycaster.cast_view(view.K, view.cam_from_world, view.width, view.height).depth
+
+    texture, bake_stats = bake_views(vertices, faces, vertex_colors, views, hit_depth, labels, scores.scores, gains,
                                      packed.uv[packed.faces], width, height, progress,
                                      face_priority=_label_depths(vertices, faces, labels, views))
+    scores.hit_depths.clear()
     share = bake_stats["texels_from_photos"] / max(bake_stats["texels"], 1)
     if share < TEXELS_FROM_PHOTOS_WARN:
         logger.warning("texture: only %.0f %% of the texture comes from the photos (the rest from the vertex "
