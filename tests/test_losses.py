@@ -83,6 +83,30 @@ def test_reproject_round_trip(device):
     assert torch.allclose(uv_i, uv) and torch.allclose(z_i, depth)
 
 
+def test_reproject_equals_back_projecting_transforming_and_projecting(device):
+    """The ray-homography form gives the points and the depth gradient of the three-step composition."""
+    from pipeline.core.geometry import backproject, project, transform_points
+
+    g = torch.Generator().manual_seed(0)
+    K_src = torch.tensor([[[200.0, 0, 80], [0, 210, 60], [0, 0, 1]], [[150.0, 0, 70], [0, 150, 50], [0, 0, 1]]],
+                         dtype=torch.float64)
+    K_dst = K_src.flip(0)
+    T = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    T[:, :3, :3] = torch.linalg.matrix_exp(0.1 * (lambda a: a - a.transpose(1, 2))(torch.randn(2, 3, 3, generator=g,
+                                                                                              dtype=torch.float64)))
+    T[:, :3, 3] = 0.2 * torch.randn(2, 3, generator=g, dtype=torch.float64)
+    K_src, K_dst, T = K_src.to(device), K_dst.to(device), T.to(device)
+    uv = (torch.rand(2, 50, 2, generator=g, dtype=torch.float64) * torch.tensor([160.0, 120.0],
+                                                                               dtype=torch.float64)).to(device)
+    depth = (1.0 + torch.rand(2, 50, generator=g, dtype=torch.float64)).to(device).requires_grad_(True)
+    uv_dst, z = losses.reproject(uv, depth, K_src, K_dst, T)
+    (grad,) = torch.autograd.grad((uv_dst.sum(-1) + z).sum(), depth)
+    uv_ref, z_ref = project(transform_points(T, backproject(uv, depth, K_src)), K_dst)
+    (grad_ref,) = torch.autograd.grad((uv_ref.sum(-1) + z_ref).sum(), depth)
+    assert torch.allclose(uv_dst, uv_ref, atol=1e-9) and torch.allclose(z, z_ref, atol=1e-12)
+    assert torch.allclose(grad, grad_ref, rtol=1e-9, atol=1e-9)
+
+
 def _two_view_scene(occluder_z: float, device) -> dict:
     """Views A (centre x=0) and B (centre x=0.5) looking down +z at a wall z=2; a square occluder
     at z=occluder_z covers x in [0.3, 0.7], y in [-1, 1] (world). Depth maps by ray casting."""

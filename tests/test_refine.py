@@ -52,6 +52,26 @@ def test_sample_views_gradient_wrt_uv():
     assert torch.allclose(g, torch.tensor([[[1.0, 0.0]]]))
 
 
+def test_sample_views_hand_written_gradient_equals_autograd():
+    """_BilinearRead's backward pass against autograd through the same interpolation (several channels, samples
+    outside the image where the clamp zeroes the gradient)."""
+    from pipeline.refine.pyramid import _bilinear
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 9, 11, 3, generator=g, dtype=torch.float64)
+    view = torch.randint(0, 4, (2, 200), generator=g)
+    uv = (torch.rand(2, 200, 2, generator=g, dtype=torch.float64) * torch.tensor([15.0, 13.0]) - 2.0)
+    weight = torch.rand(2, 3, 200, generator=g, dtype=torch.float64)
+    uv_a = uv.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((sample_views(maps, view, uv_a) * weight).sum(), uv_a)
+    uv_b = uv.clone().requires_grad_(True)
+    x, y = (uv_b[..., 0] - 0.5).clamp(0, 10), (uv_b[..., 1] - 0.5).clamp(0, 8)
+    values = _bilinear(maps.reshape(-1, 3), view * 99, x, y, 11, 9)[0]  # plain autograd
+    (expected,) = torch.autograd.grad((values.permute(0, 2, 1) * weight).sum(), uv_b)
+    assert torch.allclose(grad, expected, atol=1e-12)
+    assert (grad == 0).any() and (grad != 0).any()
+
+
 @pytest.mark.parametrize("shape", [(6, 8), (5, 7)])
 def test_upsample2x_matches_interpolate(shape):
     x = torch.rand(2, 1, *shape)

@@ -17,12 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.core.geometry import (
-    backproject,
-    inside_image,
-    project,
-    transform_points,
-)
+from pipeline.core.geometry import inside_image
 
 MIN_DEPTH = 1e-5
 """``sampled2`` below this is "no depth there" (an invalid pixel of the neighbour)."""
@@ -55,8 +50,17 @@ def reproject(
     K_src_b33: torch.Tensor,
     K_dst_b33: torch.Tensor,
     dst_from_src_b44: torch.Tensor,
+    eps: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Back-project source pixels at their depth and project them into the destination camera.
+
+    Computed as ``p = d · H [u, v, 1] + K_dst t`` with the ray homography
+    ``H = K_dst R K_src⁻¹`` (``R, t`` of ``dst_from_src``): ``p = K_dst X_dst``,
+    so ``uv_dst = p_xy / p_z`` and ``z_sel = p_z``: the points of
+    back-projecting, transforming and projecting (:func:`pipeline.core.geometry.project`)
+    wherever ``z_sel > eps`` (callers mask the others), with a few ops instead
+    of three passes over the points, since the refine losses differentiate it
+    at every step.
 
     Args:
         uv_src_bn2: (B, N, 2) source pixel coordinates.
@@ -67,8 +71,12 @@ def reproject(
         (uv_dst (B, N, 2) pixels in the destination image, z_sel (B, N): the
         points' z in the destination camera; ``z_sel <= 0`` is behind it).
     """
-    points_src = backproject(uv_src_bn2, depth_src_bn, K_src_b33)
-    return project(transform_points(dst_from_src_b44, points_src), K_dst_b33)
+    H = K_dst_b33 @ dst_from_src_b44[:, :3, :3] @ torch.linalg.inv(K_src_b33)  # (B, 3, 3)
+    b = (K_dst_b33 @ dst_from_src_b44[:, :3, 3:])[:, None, :, 0]  # (B, 1, 3)
+    ray = uv_src_bn2 @ H[:, :, :2].transpose(1, 2) + H[:, None, :, 2]  # H [u, v, 1]: (B, N, 3)
+    p = depth_src_bn[..., None] * ray + b
+    z = p[..., 2]
+    return p[..., :2] / z.clamp(min=eps)[..., None], z
 
 
 def occlusion_mask(z_sel: torch.Tensor, sampled2: torch.Tensor, tol: float,

@@ -35,7 +35,8 @@ def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.T
     padding: pixel centres at +0.5, coordinates clamped to the border), done
     with four row gathers from the channels-last maps of all views instead of
     one ``grid_sample`` per view. Differentiable with respect to ``uv`` (the
-    maps are read as constants); the cost does not depend on the number of views.
+    maps are read as constants; without ``decode``, through :class:`_BilinearRead`,
+    whose backward pass is two products); the cost does not depend on the number of views.
 
     Args:
         maps_vhwc: (V, H, W, C) maps of all views, channels last.
@@ -49,20 +50,52 @@ def sample_views(maps_vhwc: torch.Tensor, view_bn: torch.Tensor, uv_bn2: torch.T
     v, h, w, c = maps_vhwc.shape
     x = (uv_bn2[..., 0] - 0.5).clamp(0, w - 1)
     y = (uv_bn2[..., 1] - 0.5).clamp(0, h - 1)
+    rows = maps_vhwc.detach().reshape(v * h * w, c)
+    base = view_bn * (h * w)
+    if decode is None and torch.is_grad_enabled() and x.requires_grad:
+        return _BilinearRead.apply(rows, base, x, y, w, h).permute(0, 2, 1)
+    return _bilinear(rows, base, x, y, w, h, decode)[0].permute(0, 2, 1)
+
+
+def _bilinear(rows: torch.Tensor, base: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: int, h: int,
+              decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              slopes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`sample_views`' interpolation at clamped coordinates ``x, y`` (B, N): values (B, N, C) and, with
+    ``slopes``, their derivatives along x and y (no decode)."""
     x0f, y0f = x.detach().floor(), y.detach().floor()
     ax, ay = (x - x0f)[..., None], (y - y0f)[..., None]  # (B, N, 1)
     x0, y0 = x0f.long(), y0f.long()
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
-    rows = maps_vhwc.detach().reshape(v * h * w, c)
-    base = view_bn * (h * w)
+    c = rows.shape[1]
 
     def tap(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        values = rows.index_select(0, (base + yy * w + xx).reshape(-1)).reshape(*view_bn.shape, c)
+        values = rows.index_select(0, (base + yy * w + xx).reshape(-1)).reshape(*base.shape, c)
         return values if decode is None else decode(values)
 
-    top = tap(y0, x0) * (1 - ax) + tap(y0, x1) * ax
-    bottom = tap(y1, x0) * (1 - ax) + tap(y1, x1) * ax
-    return (top * (1 - ay) + bottom * ay).permute(0, 2, 1)
+    t00, t01, t10, t11 = tap(y0, x0), tap(y0, x1), tap(y1, x0), tap(y1, x1)
+    top = t00 * (1 - ax) + t01 * ax
+    bottom = t10 * (1 - ax) + t11 * ax
+    values = top * (1 - ay) + bottom * ay
+    if not slopes:
+        return values, None, None
+    return values, (t01 - t00) * (1 - ay) + (t11 - t10) * ay, bottom - top
+
+
+class _BilinearRead(torch.autograd.Function):
+    """:func:`_bilinear` differentiable in ``x, y`` with a hand-written backward pass (the local slopes, saved by
+    the forward pass), instead of autograd through a dozen products on every sample."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, base: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: int,  # type: ignore[override]
+                h: int) -> torch.Tensor:
+        values, d_dx, d_dy = _bilinear(rows, base, x, y, w, h, slopes=True)
+        ctx.save_for_backward(d_dx, d_dy)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        d_dx, d_dy = ctx.saved_tensors
+        return None, None, (grad * d_dx).sum(-1), (grad * d_dy).sum(-1), None, None
 
 
 def upsample2x(x_b1hw: torch.Tensor, height: int, width: int) -> torch.Tensor:
