@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.core.geometry import scale_intrinsics
 from pipeline.core.io import SfmScene, load_rgb
-from pipeline.core.raycast import MeshRaycaster, pixel_rays
+from pipeline.core.raycast import LoadedMesh, MeshRaycaster, load_mesh, pixel_rays
 from pipeline.core.sampling import sample_texture
 
 SSIM_WINDOW = 11
@@ -119,7 +119,7 @@ def _picked_views(scene: SfmScene, count: int) -> list:
     return [scene.views[i] for i in picks]
 
 
-def render_mesh_views(mesh_path: Path, scene: SfmScene, count: int = 3,
+def render_mesh_views(mesh: Path | LoadedMesh | None, scene: SfmScene, count: int = 3,
                       width: int = RENDER_WIDTH) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Ray-cast the mesh from ``count`` input cameras spread over the views (headless, CPU).
 
@@ -127,15 +127,13 @@ def render_mesh_views(mesh_path: Path, scene: SfmScene, count: int = 3,
     images, each ``width`` pixels wide; background pixels are dark grey.
     The coloured render uses the vertex colours, unlit (shaded when there are none);
     the shaded one shows the geometry alone (|n·d| Lambertian-like shading).
+    ``mesh``: a mesh file, or one already read (:func:`pipeline.core.raycast.load_mesh`; None: no triangles).
     """
-    import open3d as o3d
-
-    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
-    if len(mesh.triangles) == 0:
+    if isinstance(mesh, Path):
+        mesh = load_mesh(mesh)
+    if mesh is None:
         return []
-    vertices, faces = np.asarray(mesh.vertices), np.asarray(mesh.triangles)
-    colors = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else None
-    raycaster = MeshRaycaster(vertices, faces)
+    vertices, faces, colors, raycaster = mesh.vertices, mesh.faces, mesh.vertex_colors, mesh.raycaster
     out = []
     for view in _picked_views(scene, count):
         K, height = _thumbnail_camera(view, width)

@@ -24,6 +24,7 @@ import torch
 
 from pipeline.core.geometry import invert_pose, project, transform_points
 from pipeline.core.io import DepthMap, SfmScene, load_depth_map, load_sfm_scene
+from pipeline.core.raycast import NO_FACE, LoadedMesh, load_mesh
 from pipeline.core.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -134,20 +135,18 @@ def cameras_facing_scene_fraction(scene: SfmScene) -> float:
     return ok / len(scene.views)
 
 
-def cameras_outside_mesh_fraction(scene: SfmScene, mesh_path: Path) -> float:
-    """Share of cameras that see the mesh in front of them and are not enclosed by it.
+def cameras_outside_mesh_fraction(scene: SfmScene, mesh: Path | LoadedMesh | None) -> float:
+    """Share of cameras that see the mesh in front of them and are not enclosed by it (NaN without triangles).
 
     A camera inside a closed surface sees it in every direction; one outside
     sees it only in part of its view. We cast the camera's pixel rays (coarse
     grid) and the reversed rays: an outside camera has hits ahead and few behind.
+    ``mesh``: a mesh file, or one already read (:func:`pipeline.core.raycast.load_mesh`).
     """
-    import open3d as o3d
-
-    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
-    if len(mesh.triangles) == 0:
+    if isinstance(mesh, Path):
+        mesh = load_mesh(mesh)
+    if mesh is None:
         return float("nan")
-    rc = o3d.t.geometry.RaycastingScene()
-    rc.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(mesh))
     outside = 0
     for v in scene.views:
         us, vs = np.meshgrid(np.linspace(0.5, v.width - 0.5, 16), np.linspace(0.5, v.height - 0.5, 12))
@@ -155,11 +154,8 @@ def cameras_outside_mesh_fraction(scene: SfmScene, mesh_path: Path) -> float:
                          -1).reshape(-1, 3)
         d_world = d_cam @ v.cam_from_world[:3, :3]  # R^T d
         d_world /= np.linalg.norm(d_world, axis=1, keepdims=True)
-        origin = np.broadcast_to(v.center, d_world.shape)
-        rays = np.concatenate([np.concatenate([origin, d_world], 1),
-                               np.concatenate([origin, -d_world], 1)]).astype(np.float32)
-        hits = np.isfinite(rc.cast_rays(o3d.core.Tensor(rays))["t_hit"].numpy())
-        ahead, behind = hits[: len(d_world)].mean(), hits[len(d_world):].mean()
+        ahead = (mesh.raycaster.cast(v.center, d_world)[0] != NO_FACE).mean()
+        behind = (mesh.raycaster.cast(v.center, -d_world)[0] != NO_FACE).mean()
         outside += int(ahead > 0.2 and behind < 0.9)
     return outside / len(scene.views)
 
@@ -220,8 +216,11 @@ def refine_gate_checks(stats: list[dict[str, Any]]) -> list[Check]:
     return checks
 
 
-def diagnose(ws: Workspace) -> dict[str, Any]:
-    """Run every check that the available caches allow; returns a JSON-able report."""
+def diagnose(ws: Workspace, mesh: LoadedMesh | None = None) -> dict[str, Any]:
+    """Run every check that the available caches allow; returns a JSON-able report.
+
+    ``mesh``: ``OUT/mesh.ply`` already read (:func:`pipeline.core.raycast.load_mesh`); None: read here.
+    """
     checks: list[Check] = []
     views: dict[str, dict[str, Any]] = {}
     scene = load_sfm_scene(ws)
@@ -260,7 +259,7 @@ def diagnose(ws: Workspace) -> dict[str, Any]:
                            "written as world→camera)")
             checks.append(Check("reprojection with stored poses", verdict, detail))
     if ws.mesh_path.exists():
-        outside = cameras_outside_mesh_fraction(scene, ws.mesh_path)
+        outside = cameras_outside_mesh_fraction(scene, mesh if mesh is not None else ws.mesh_path)
         verdict = "ok" if outside >= OUTSIDE_FRACTION_OK else "fail"
         detail = f"{outside:.0%} of cameras see the mesh ahead and lie outside it"
         if verdict == "fail":

@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline.analysis.appearance import render_mesh_views, render_textured_views
 from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.io import SfmScene, load_depth_map, load_rgb
+from pipeline.core.raycast import LoadedMesh, load_mesh
 from pipeline.core.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _data_uri(rgb: np.ndarray, fmt: str = "PNG") -> str:
     if fmt == "JPEG":
         im.save(buf, format="JPEG", quality=88)
     else:
-        im.save(buf, format="PNG", optimize=True)
+        im.save(buf, format="PNG")
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -362,7 +363,7 @@ def _glb_frame(ws: Workspace) -> np.ndarray | None:
     return np.asarray(info["normalized_from_sfm"], dtype=np.float64)
 
 
-def _renders_section(ws: Workspace, scene: SfmScene | None) -> str:
+def _renders_section(ws: Workspace, scene: SfmScene | None, mesh: LoadedMesh | None) -> str:
     if scene is None or not ws.mesh_path.exists():
         return "<p class='note'>no mesh yet</p>"
     glb = ws.out_dir / "mesh.glb"
@@ -370,7 +371,7 @@ def _renders_section(ws: Workspace, scene: SfmScene | None) -> str:
     parts = ["<p>The final mesh ray-cast from input cameras: photo · "
              + ("the exported GLB with its texture (unlit) · " if textured else "")
              + "mesh.ply with its vertex colours (unlit) · mesh shaded (geometry only).</p>"]
-    for name, photo, coloured, shaded in render_mesh_views(ws.mesh_path, scene):
+    for name, photo, coloured, shaded in render_mesh_views(mesh, scene):
         texture_figure = _figure(_data_uri(textured[name], "JPEG"), "mesh.glb (texture)") if name in textured else ""
         parts.append(f"<div class='view'><b>{html.escape(name)}</b><br>" + _figure(_data_uri(photo, "JPEG"), "photo")
                      + texture_figure + _figure(_data_uri(coloured, "JPEG"), "mesh.ply (colour)")
@@ -452,11 +453,17 @@ def build_report(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | 
         scene = load_sfm_scene(ws)
     except Exception as exc:  # noqa: BLE001 - a report shows what exists
         logger.debug("no sfm scene for the report: %s", exc)
+    mesh = None
+    if scene is not None and ws.mesh_path.exists():  # read once: the diagnostics and the renders cast rays at it
+        try:
+            mesh = load_mesh(ws.mesh_path)
+        except Exception as exc:  # noqa: BLE001 - a report shows what exists
+            logger.debug("mesh unreadable for the report: %s", exc)
     if diagnose_report is None and scene is not None:
         try:
             from pipeline.analysis.diagnose import diagnose
 
-            diagnose_report = diagnose(ws)
+            diagnose_report = diagnose(ws, mesh)
         except Exception as exc:  # noqa: BLE001
             logger.debug("diagnose failed in the report: %s", exc)
     eval_path = ws.out_dir / "eval.json"
@@ -472,7 +479,7 @@ def build_report(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | 
         "sfm": ("SfM", _sfm_section(scene, stages.get("sfm", {}).get("summary", {}))),
         "views": ("Views", _views_section(ws, scene, max_views)),
         "curves": ("Refinement curves", _curves_section(ws)),
-        "renders": ("Mesh renders vs photos", _renders_section(ws, scene)),
+        "renders": ("Mesh renders vs photos", _renders_section(ws, scene, mesh)),
         "diagnose": ("Diagnostics", _diagnose_section(diagnose_report)),
         "eval": ("Evaluation against ground truth", _eval_section(ev)),
     }

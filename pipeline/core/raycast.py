@@ -15,6 +15,7 @@ in the order of ``faces``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -89,3 +90,28 @@ class MeshRaycaster:
         face_id, bary, t_hit = self.cast(origin, dirs)
         return RayHits(face_id=face_id.reshape(height, width), barycentric=bary.reshape(height, width, 3),
                        depth=t_hit.reshape(height, width))
+
+
+@dataclass(frozen=True)
+class LoadedMesh:
+    """A mesh file read once for ray casting (the report's diagnostics and renders share it)."""
+
+    vertices: np.ndarray
+    """(V, 3) float64."""
+    faces: np.ndarray
+    """(F, 3) int64."""
+    vertex_colors: np.ndarray | None
+    """(V, 3) float64 in [0, 1], or None."""
+    raycaster: MeshRaycaster
+
+
+def load_mesh(path: Path) -> LoadedMesh | None:
+    """Read a triangle mesh file (PLY, OBJ, ...) and build its ray-casting BVH; None when it has no triangles."""
+    import open3d as o3d
+
+    mesh = o3d.io.read_triangle_mesh(str(path))
+    if len(mesh.triangles) == 0:
+        return None
+    vertices, faces = np.asarray(mesh.vertices), np.asarray(mesh.triangles).astype(np.int64)
+    colors = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else None
+    return LoadedMesh(vertices=vertices, faces=faces, vertex_colors=colors, raycaster=MeshRaycaster(vertices, faces))
