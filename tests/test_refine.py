@@ -688,3 +688,39 @@ def test_evidence_stats_compare_the_initial_pixels_with_the_kept_ones():
     assert s["consistent_init"] == pytest.approx(1 / 3) and s["consistent_refined"] == pytest.approx(1.0)
     assert s["photo_cost_init"] == pytest.approx(0.4) and s["photo_cost_refined"] == pytest.approx(0.2)
     assert np.isnan(evidence_stats(init_valid, keep, take, count_init, count_ref, None, None)["photo_cost_refined"])
+
+
+def test_fused_adam_step_equals_the_tensor_op_update_and_skips_non_finite_steps():
+    """torch's fused Adam kernel (used where available) and the tensor-op update: same grids, moments and step
+    counts over steps with a changing learning rate, a non-finite step skipped by both."""
+    import types
+
+    from pipeline.refine.optimizer import _adam_step, _fused_adam
+
+    def state():
+        g = torch.Generator().manual_seed(0)
+        shapes = [(2, 1, 36, 48), (2, 1, 18, 24), (2, 1, 9, 12)]
+        return types.SimpleNamespace(grids=[torch.randn(s, generator=g) for s in shapes],
+                                     exp_avg=[torch.zeros(s) for s in shapes],
+                                     exp_avg_sq=[torch.zeros(s) for s in shapes], adam_steps=torch.zeros(()))
+
+    fused, plain = state(), state()
+    if not _fused_adam(state(), [torch.zeros_like(x) for x in fused.grids], torch.tensor(True), torch.tensor(0.0),
+                       0.9, 0.999, 1e-8):
+        pytest.skip("this torch has no fused Adam kernel for the CPU")
+    g = torch.Generator().manual_seed(1)
+    for step in range(30):
+        grads = [torch.randn(x.shape, generator=g) for x in fused.grids]
+        if step % 7 == 3:
+            grads[1][0, 0, 0, 0] = float("nan")
+        finite = torch.stack([torch.isfinite(x).all() for x in grads]).all()
+        lr = torch.tensor(0.01 * (1 - step / 40))
+        before = [x.clone() for x in fused.grids]
+        _adam_step(fused, grads, finite, lr, fused=True)
+        _adam_step(plain, grads, finite, lr, fused=False)
+        if not finite:
+            assert all(torch.equal(a, b) for a, b in zip(before, fused.grids))
+    assert float(fused.adam_steps) == float(plain.adam_steps) == 26
+    for name in ("grids", "exp_avg", "exp_avg_sq"):
+        for a, b in zip(getattr(fused, name), getattr(plain, name)):
+            assert torch.allclose(a, b, atol=1e-5)

@@ -147,11 +147,18 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
 
 @torch.no_grad()
 def _adam_step(gr: _Group, grads: Sequence[torch.Tensor], finite: torch.Tensor, lr: torch.Tensor,
-               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-    """In-place Adam on a group's grids; with ``finite`` False (a device flag, no sync) nothing changes."""
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool = True) -> None:
+    """In-place Adam on a group's grids; with ``finite`` False (a device flag, no sync) nothing changes.
+
+    torch's fused Adam kernel (one pass over each grid instead of about ten
+    full-size ops) where the device and torch version have it and ``fused``,
+    else the same update in tensor ops; both give the same values up to rounding.
+    """
     b1, b2 = betas
     f = finite.to(gr.adam_steps.dtype)
     gr.adam_steps += f
+    if fused and _fused_adam(gr, grads, finite, lr, b1, b2, eps):
+        return
     t = gr.adam_steps.clamp(min=1.0)
     step_size = lr * f / (1.0 - b1**t)
     bc2_sqrt = (1.0 - b2**t).sqrt()
@@ -160,6 +167,22 @@ def _adam_step(gr: _Group, grads: Sequence[torch.Tensor], finite: torch.Tensor, 
         m.lerp_(g, (1.0 - b1) * f)
         v.lerp_(g * g, (1.0 - b2) * f)
         p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + eps))
+
+
+def _fused_adam(gr: _Group, grads: Sequence[torch.Tensor], finite: torch.Tensor, lr: torch.Tensor, b1: float,
+                b2: float, eps: float) -> bool:
+    """:func:`_adam_step` through ``torch._fused_adam_`` (the kernel of ``torch.optim.Adam(fused=True)``; its
+    ``found_inf`` skips a non-finite step), the step count already advanced; False where it is unavailable."""
+    kernel = getattr(torch, "_fused_adam_", None)
+    if kernel is None:
+        return False
+    try:
+        kernel(gr.grids, list(grads), gr.exp_avg, gr.exp_avg_sq, [], [gr.adam_steps] * len(gr.grids), lr=lr,
+               beta1=b1, beta2=b2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False, grad_scale=None,
+               found_inf=(~finite).to(torch.float32))
+    except (RuntimeError, NotImplementedError, TypeError):  # no kernel for this device / torch version
+        return False
+    return True
 
 
 def _lr_at(cfg: RefineConfig, step: int) -> float:
