@@ -72,6 +72,22 @@ def test_sample_views_hand_written_gradient_equals_autograd():
     assert (grad == 0).any() and (grad != 0).any()
 
 
+@pytest.mark.parametrize("shape, size", [((6, 8), (12, 16)), ((5, 7), (9, 13)), ((1, 1), (2, 2)), ((1, 3), (1, 5))])
+def test_upsample2x_hand_written_backward_is_the_adjoint(shape, size):
+    """upsample2x's backward pass against autograd through the same weighted sums (cropped odd sizes, borders,
+    single cells)."""
+    from pipeline.refine.pyramid import _upsample2x_values
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, *shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(2, 1, *size, generator=g, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((upsample2x(xa, *size) * weight).sum(), xa)
+    (expected,) = torch.autograd.grad((_upsample2x_values(xb, *size) * weight).sum(), xb)
+    assert torch.equal(upsample2x(x, *size), _upsample2x_values(x, *size))
+    assert torch.allclose(grad, expected, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(6, 8), (5, 7)])
 def test_upsample2x_matches_interpolate(shape):
     x = torch.rand(2, 1, *shape)

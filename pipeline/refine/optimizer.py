@@ -229,8 +229,7 @@ def _step(store: _GroupStore, step: int, current: torch.Tensor, cfg: RefineConfi
             finite = finite & torch.isfinite(g).all()
         lr = _lr_at(cfg, step) * lr_scale
         _adam_step(gr, grads, finite, lr)
-        m = gr.valid.to(pred.dtype)
-        dz = (pred - gr.depth_init) * m
+        dz = pred - gr.depth_init  # 0 where invalid: both are 0 there
         n = gr.valid_count.clamp(min=1.0)
         dz_mean = dz.sum() / n
         dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
