@@ -119,7 +119,7 @@ def _picked_views(scene: SfmScene, count: int) -> list:
     return [scene.views[i] for i in picks]
 
 
-def render_mesh_views(mesh: Path | LoadedMesh | None, scene: SfmScene, count: int = 3,
+def render_mesh_views(mesh: str | Path | LoadedMesh | None, scene: SfmScene, count: int = 3,
                       width: int = RENDER_WIDTH) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Ray-cast the mesh from ``count`` input cameras spread over the views (headless, CPU).
 
@@ -129,8 +129,8 @@ def render_mesh_views(mesh: Path | LoadedMesh | None, scene: SfmScene, count: in
     the shaded one shows the geometry alone (|n·d| Lambertian-like shading).
     ``mesh``: a mesh file, or one already read (:func:`pipeline.core.raycast.load_mesh`; None: no triangles).
     """
-    if isinstance(mesh, Path):
-        mesh = load_mesh(mesh)
+    if isinstance(mesh, (str, Path)):
+        mesh = load_mesh(Path(mesh))
     if mesh is None:
         return []
     vertices, faces, colors, raycaster = mesh.vertices, mesh.faces, mesh.vertex_colors, mesh.raycaster

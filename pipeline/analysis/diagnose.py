@@ -135,7 +135,7 @@ def cameras_facing_scene_fraction(scene: SfmScene) -> float:
     return ok / len(scene.views)
 
 
-def cameras_outside_mesh_fraction(scene: SfmScene, mesh: Path | LoadedMesh | None) -> float:
+def cameras_outside_mesh_fraction(scene: SfmScene, mesh: str | Path | LoadedMesh | None) -> float:
     """Share of cameras that see the mesh in front of them and are not enclosed by it (NaN without triangles).
 
     A camera inside a closed surface sees it in every direction; one outside
@@ -143,8 +143,8 @@ def cameras_outside_mesh_fraction(scene: SfmScene, mesh: Path | LoadedMesh | Non
     grid) and the reversed rays: an outside camera has hits ahead and few behind.
     ``mesh``: a mesh file, or one already read (:func:`pipeline.core.raycast.load_mesh`).
     """
-    if isinstance(mesh, Path):
-        mesh = load_mesh(mesh)
+    if isinstance(mesh, (str, Path)):
+        mesh = load_mesh(Path(mesh))
     if mesh is None:
         return float("nan")
     outside = 0

@@ -213,11 +213,12 @@ class ViewScores:
 
 
 def score_views(raycaster: MeshRaycaster, vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
-                progress: Progress, keep_depth_bytes: int = HIT_DEPTH_BUDGET_BYTES) -> ViewScores:
+                progress: Progress, keep_depth_bytes: int | None = None) -> ViewScores:
     """Pass 1: every face's score in every view, the colours for the exposure gains and, when they fit in
-    ``keep_depth_bytes``, the views' ray-cast depth maps."""
+    ``keep_depth_bytes`` (None: :data:`HIT_DEPTH_BUDGET_BYTES`), the views' ray-cast depth maps."""
     n_faces, n_views = len(faces), len(views)
-    keep_depth = sum(4 * v.width * v.height for v in views) <= keep_depth_bytes
+    budget = HIT_DEPTH_BUDGET_BYTES if keep_depth_bytes is None else keep_depth_bytes
+    keep_depth = sum(4 * v.width * v.height for v in views) <= budget
     hit_depths: list[np.ndarray | None] = [None] * n_views if keep_depth else []
     centroids, normals = _face_geometry(vertices, faces)
     rng = np.random.default_rng(0)
@@ -377,7 +378,7 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
         raise ReconError("texture: no registered photos to texture from; re-run `recon stage sfm`")
     t0 = time.perf_counter()
     raycaster = MeshRaycaster(vertices, faces)
-    scores = score_views(raycaster, vertices, faces, views, progress, keep_depth_bytes=HIT_DEPTH_BUDGET_BYTES)
+    scores = score_views(raycaster, vertices, faces, views, progress)
     if not scores.readable.any():
         raise ReconError(f"texture: none of the {len(views)} photos could be read (e.g. {views[0].image_path}); "
                          "re-run `recon stage sfm`")
@@ -406,10 +407,11 @@ def texture_mesh(vertices: np.ndarray, faces: np.ndarray, views: Sequence[View],
     padding = settings.padding or padding_for(settings.size or chart_side(charts))
     packed, width, height = pack_charts(charts, settings.size, padding, max_side=settings.max_size)
     t2 = time.perf_counter()
+
     def hit_depth(k: int) -> np.ndarray:
-        if scores.hit_depths:
+        if scores.hit_depths and scores.hit_depths[k] is not None:
             return scores.hit_depths[k]
-        view = views[k]
+        view = views[k]  # over the budget, or a photo pass 1 could not read
         return raycaster.cast_view(view.K, view.cam_from_world, view.width, view.height).depth
 
     texture, bake_stats = bake_views(vertices, faces, vertex_colors, views, hit_depth, labels, scores.scores, gains,
