@@ -17,6 +17,7 @@ from pipeline.core.workers import available_cpus
 from pipeline.core.workspace import Workspace, view_stem
 from pipeline.depth import anchoring, coarse_to_fine, consistency
 from pipeline.depth import plane_sweep as mvs
+from pipeline.depth.estimators import sweep_settings
 from pipeline.depth.stage import (
     DepthConfig,
     DepthEstimator,
@@ -32,6 +33,7 @@ from pipeline.depth.views import (
     fit_scene_planes,
     plane_in_camera,
     refit_plane,
+    resolution_scale,
     resolve_max_image_side,
     stereo_neighbors,
     working_size,
@@ -248,6 +250,26 @@ def test_working_size():
     assert working_size(4000, 3000, 640) == (640, 480)
     assert working_size(3000, 4000, 640) == (480, 640)
     assert working_size(4000, 3000, 0) == (4000, 3000)  # 0: full resolution
+
+
+def test_the_sweep_settings_in_pixels_follow_the_working_resolution():
+    cfg = MvsConfig()  # 5x5 windows, shifts (3, 8), median radius 2, 2 levels, hold at 640 px
+    assert resolution_scale((480, 360), 640) == resolution_scale((640, 480), 640) == 1.0  # never scaled down
+    assert resolution_scale((1024, 768), 640) == pytest.approx(1.6)
+    assert resolution_scale((4000, 3000), 0) == 1.0  # 0: never scaled
+    base = sweep_settings(cfg)
+    assert sweep_settings(cfg, 1.0) == base
+    assert (base.window, base.propagation_shifts, base.smooth_radius, base.levels) == (5, (3, 8), 2, 2)
+    at_1024 = sweep_settings(cfg, 1.6)
+    assert (at_1024.window, at_1024.propagation_shifts, at_1024.smooth_radius, at_1024.levels) == (9, (5, 13), 3, 3)
+    at_1600 = sweep_settings(cfg, 2.5)
+    assert (at_1600.window, at_1600.propagation_shifts, at_1600.smooth_radius, at_1600.levels) == (13, (8, 20), 5, 3)
+    assert sweep_settings(cfg, 1.05).window == 5  # a few pixels more keep the window
+    at_2560 = sweep_settings(cfg, 4.0)
+    assert at_2560.window % 2 == 1 and at_2560.levels == 4
+    # what does not depend on pixels is left alone
+    assert (at_1600.num_hypotheses, at_1600.edge_radius, at_1600.min_ncc) == (base.num_hypotheses, base.edge_radius,
+                                                                                base.min_ncc)
 
 
 def test_automatic_working_side_follows_the_photos_and_the_device():

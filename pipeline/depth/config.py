@@ -62,6 +62,13 @@ class DepthConfig:
         check=at_least(3),
     )
     # -- how it runs
+    reference_side: int = setting(
+        640,
+        "Map side in pixels at which the pixel-sized settings hold (mvs: ncc_window, propagation_shifts, "
+        "smooth_radius, geo_max_reproj_px, pyramid_levels; refine: photo_radius, photo_blur, accept_reproj_px); "
+        "larger maps scale them by side / reference_side (0 = never).",
+        check=at_least(0),
+    )
     cache_images: int = setting(
         16,
         "Images and depth maps kept in memory at once (least recently used are dropped first).",

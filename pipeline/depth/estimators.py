@@ -7,6 +7,7 @@ Each turns one view into a raw map (:class:`Estimate`) before anchoring; :func:`
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -34,7 +35,10 @@ from pipeline.depth.views import (
     depth_range,
     fit_scene_planes,
     plane_in_camera,
+    resolution_scale,
     resolve_max_image_side,
+    scaled_pixels,
+    scaled_window,
     stereo_neighbors,
     working_intrinsics,
     working_size,
@@ -113,6 +117,33 @@ class Estimator(Protocol):
         ...
 
 
+def sweep_settings(mvs_cfg: MvsConfig, scale: float = 1.0) -> coarse_to_fine.SweepSettings:
+    """The plane sweep's settings from the ``mvs`` section, for maps ``scale`` (≥ 1) times ``depth.reference_side``.
+
+    The settings in pixels grow with the maps, so a window or a propagation
+    step covers the same part of the scene at any resolution: the NCC window
+    (:func:`~pipeline.depth.views.scaled_window`), the propagation shifts
+    and the median-filter radius times ``scale``, and
+    one more pyramid level per doubling (the full sweep stays at about the
+    same size in pixels). ``scale`` 1 gives the section as set.
+    """
+    window, shifts, smooth, levels = (mvs_cfg.ncc_window, tuple(mvs_cfg.propagation_shifts), mvs_cfg.smooth_radius,
+                                      mvs_cfg.pyramid_levels)
+    if scale > 1.0:
+        window = scaled_window(window, scale)
+        shifts = tuple(scaled_pixels(s, scale) for s in shifts)
+        smooth = scaled_pixels(smooth, scale)
+        levels += scaled_pixels(math.log2(scale), 1.0)
+    return coarse_to_fine.SweepSettings(
+        num_hypotheses=mvs_cfg.num_hypotheses, levels=levels, refine_hypotheses=mvs_cfg.fine_hypotheses,
+        refine_radius=mvs_cfg.fine_radius, edge_radius=mvs_cfg.edge_radius, propagation_shifts=shifts,
+        polish_hypotheses=mvs_cfg.polish_hypotheses, polish_iterations=mvs_cfg.polish_iterations,
+        smooth_radius=smooth, offset_penalty=mvs_cfg.offset_penalty, window=window,
+        plane_max_gap=mvs_cfg.plane_max_gap, best_k=mvs_cfg.best_k, truncation=mvs_cfg.cost_truncation,
+        min_ncc=mvs_cfg.min_ncc, chunk_pixels=max(1, mvs_cfg.chunk_pixels),
+    )
+
+
 class MvsEstimator:
     """Plane-sweep stereo against co-visible neighbours (:func:`pipeline.depth.coarse_to_fine.estimate_depth`)."""
 
@@ -131,15 +162,11 @@ class MvsEstimator:
                                        mvs_cfg.plane_min_inliers)
         self.images = _LRU(cfg.cache_images,
                            lambda i: mvs.rgb_to_gray(load_image_tensor(scene.views[i], self.sizes[i], device)))
-        self.settings = coarse_to_fine.SweepSettings(
-            num_hypotheses=mvs_cfg.num_hypotheses, levels=mvs_cfg.pyramid_levels,
-            refine_hypotheses=mvs_cfg.fine_hypotheses, refine_radius=mvs_cfg.fine_radius,
-            edge_radius=mvs_cfg.edge_radius, propagation_shifts=tuple(mvs_cfg.propagation_shifts),
-            polish_hypotheses=mvs_cfg.polish_hypotheses, polish_iterations=mvs_cfg.polish_iterations,
-            smooth_radius=mvs_cfg.smooth_radius, offset_penalty=mvs_cfg.offset_penalty, window=mvs_cfg.ncc_window,
-            plane_max_gap=mvs_cfg.plane_max_gap, best_k=mvs_cfg.best_k, truncation=mvs_cfg.cost_truncation,
-            min_ncc=mvs_cfg.min_ncc, chunk_pixels=max(1, mvs_cfg.chunk_pixels),
-        )
+
+    def settings_for(self, index: int) -> coarse_to_fine.SweepSettings:
+        """The sweep's settings for view ``index``, its pixel-sized ones scaled to its working size
+        (:func:`sweep_settings`)."""
+        return sweep_settings(self.mvs_cfg, resolution_scale(self.sizes[index], self.cfg.reference_side))
 
     def sources(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Matching neighbours of view ``index``: (grayscale images, working intrinsics, ``src_from_ref`` poses)."""
@@ -167,16 +194,16 @@ class MvsEstimator:
 
         def sweep(chunk_pixels: int, device: torch.device) -> coarse_to_fine.SweepResult:
             to = lambda x: x.to(device)  # noqa: E731
-            settings = dataclasses.replace(self.settings, chunk_pixels=chunk_pixels)
+            settings = dataclasses.replace(self.settings_for(index), chunk_pixels=chunk_pixels)
             with torch.no_grad():
                 return coarse_to_fine.estimate_depth(to(ref), to(t(K_ref)), [to(x) for x in src_images],
                                                      [to(x) for x in K_srcs], [to(x) for x in poses], near, far,
                                                      settings, planes_cam=[to(x) for x in planes_cam])
 
         # chunk_pixels only bounds memory (same result): on out-of-memory, smaller chunks, then the CPU.
-        res = call_with_oom_fallback(sweep, batch=self.settings.chunk_pixels, device=self.device,
-                                     what=f"depth of {view.name}", setting="mvs.chunk_pixels",
-                                     min_batch=min(self.settings.chunk_pixels, 1 << 14)).value
+        chunk = max(1, self.mvs_cfg.chunk_pixels)
+        res = call_with_oom_fallback(sweep, batch=chunk, device=self.device, what=f"depth of {view.name}",
+                                     setting="mvs.chunk_pixels", min_batch=min(chunk, 1 << 14)).value
         valid = res.valid.cpu().numpy()
         stats = {
             "near": near,

@@ -60,7 +60,13 @@ from pipeline.core.workspace import Workspace
 from pipeline.depth import anchoring, consistency
 from pipeline.depth.config import DepthConfig, DepthEstimator, MvsConfig, PriorKind  # noqa: F401 - re-exported
 from pipeline.depth.estimators import _LRU, Estimate, MvsEstimator, make_estimator
-from pipeline.depth.views import ViewFailure, resolve_max_image_side, sparse_in_view, stereo_neighbors
+from pipeline.depth.views import (
+    ViewFailure,
+    resolution_scale,
+    resolve_max_image_side,
+    sparse_in_view,
+    stereo_neighbors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +154,8 @@ class DepthRunResult:
     filter_seconds: float = 0.0
     candidates_seconds: float = 0.0
     valid_fraction: list[float] = field(default_factory=list)
+    pixel_scale: float = 1.0
+    """Largest factor the pixel-sized settings were scaled by for a map (``depth.reference_side``)."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -160,6 +168,7 @@ class DepthRunResult:
             "cpu_seconds_per_view": round(float(np.mean(self.cpu_seconds)), 3) if self.cpu_seconds else None,
             "filter_seconds": round(self.filter_seconds, 3),
             "candidates_seconds": round(self.candidates_seconds, 3),
+            "pixel_scale": round(self.pixel_scale, 3),
         }
 
 
@@ -220,6 +229,7 @@ def estimate_views(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: Mv
             "seconds": seconds,
             "cpu_seconds": cpu,
             "workers": workers,
+            "pixel_scale": resolution_scale(depth.shape[::-1], cfg.reference_side),
             **est.stats,
         }
         confidence = np.where(valid, est.confidence, 0.0).astype(np.float32)
@@ -278,6 +288,7 @@ def compute_depth_maps(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg
             result.failed.pop(v.name, None)
             stats = load_depth_map(path).stats
             result.valid_fraction.append(float(stats.get("valid_fraction", 0.0)))
+            result.pixel_scale = max(result.pixel_scale, float(stats.get("pixel_scale", 1.0)))
             if not estimated_now and "seconds" in stats:  # estimated earlier or by other workers: report their timing
                 result.seconds.append(float(stats["seconds"]))
                 result.cpu_seconds.append(float(stats.get("cpu_seconds", stats["seconds"])))
@@ -321,7 +332,8 @@ def _cross_view_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs_cfg: 
                         t(dj.depth), t(dj.K), t(dm.K), t(dm.cam_from_world @ invert_pose(dj.cam_from_world)), h, w))
             src_images, K_srcs, poses = estimator.sources(i)
             depth, ncc, adopted = consistency.adopt_candidates(estimator.images.get(i), t(dm.K), src_images, K_srcs,
-                                                               poses, t(dm.depth), candidates, estimator.settings)
+                                                               poses, t(dm.depth), candidates,
+                                                               estimator.settings_for(i))
         valid = (depth > 0).cpu().numpy()
         confidence = np.where(valid, np.minimum(dm.confidence, ncc.clamp(0.0, 1.0).cpu().numpy()),
                               0.0).astype(np.float32)
@@ -361,7 +373,8 @@ def _geometric_filter_pass(scene: SfmScene, ws: Workspace, cfg: DepthConfig, mvs
             dj = maps.get(j)
             neighbours.append((t(dj.depth), t(dj.K), t(dj.cam_from_world @ invert_pose(dm.cam_from_world))))
         with torch.no_grad():
-            cons = consistency.geometric_consistency(t(dm.depth), t(dm.K), neighbours, mvs_cfg.geo_max_reproj_px,
+            max_reproj_px = mvs_cfg.geo_max_reproj_px * resolution_scale(dm.depth.shape[::-1], cfg.reference_side)
+            cons = consistency.geometric_consistency(t(dm.depth), t(dm.K), neighbours, max_reproj_px,
                                                      mvs_cfg.geo_max_rel_depth, mvs_cfg.geo_free_space_margin)
         agreed = (cons.count >= mvs_cfg.geo_min_consistent).cpu().numpy()
         unverified = (((cons.count == 0) & (cons.violations == 0)).cpu().numpy()
@@ -396,6 +409,9 @@ def run(ctx: StageContext) -> None:
     ctx.summary["max_image_side"] = resolve_max_image_side(cfg.max_image_side, str(default_device(cfg.device)))
     if res.failed:
         ctx.summary["left_out"] = sorted(res.failed)
-    ctx.logger.info("depth maps of %d view(s) (%d left out), mean valid fraction %s, %s s per view",
-                    len(res.written), len(res.failed), ctx.summary["mean_valid_fraction"],
-                    ctx.summary["seconds_per_view"])
+    ctx.logger.info("depth maps of %d view(s) (%d left out) at up to %d px, mean valid fraction %s, %s s per view",
+                    len(res.written), len(res.failed), ctx.summary["max_image_side"],
+                    ctx.summary["mean_valid_fraction"], ctx.summary["seconds_per_view"])
+    if res.pixel_scale > 1.0 and cfg.estimator == DepthEstimator.mvs:
+        ctx.logger.info("depth: windows, propagation shifts and pyramid scaled by up to %.2f for maps larger than "
+                        "depth.reference_side=%d px", res.pixel_scale, cfg.reference_side)

@@ -6,6 +6,8 @@ Used by the estimators (:mod:`pipeline.depth.estimators`) and the stage's passes
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.core.geometry import scale_intrinsics
@@ -39,6 +41,26 @@ def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) after downscaling so the longer side is at most ``max_side`` (never upscaled)."""
     s = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
     return max(1, round(width * s)), max(1, round(height * s))
+
+
+def resolution_scale(size: tuple[int, int], reference_side: int) -> float:
+    """How many times the longer side of a working ``size`` (width, height) exceeds ``reference_side`` (pixels), at
+    least 1 (and 1 when ``reference_side`` is 0): the factor the sweep's pixel-sized settings grow by."""
+    if reference_side <= 0:
+        return 1.0
+    return max(1.0, max(size) / reference_side)
+
+
+def scaled_window(window: int, scale: float) -> int:
+    """A window side in pixels for maps ``scale`` times larger: the odd side at least ``window · scale`` within half a
+    pixel (so a window stays the same part of the scene; a narrower one lost precision at 1024 px)."""
+    side = math.ceil(window * scale - 0.5)
+    return side + 1 - side % 2
+
+
+def scaled_pixels(pixels: float, scale: float) -> int:
+    """A distance of ``pixels`` for maps ``scale`` times larger, rounded half up."""
+    return int(math.floor(pixels * scale + 0.5))
 
 
 def working_intrinsics(view: View, size: tuple[int, int]) -> np.ndarray:
