@@ -441,3 +441,13 @@ def test_dense_terms_match_the_separate_losses_and_their_gradients():
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-9)
     assert grads[1][1].abs().sum() > 0
+
+
+def test_window_taps_spread_out_on_larger_maps():
+    base = losses.window_offsets(2)
+    assert base.shape == (25, 2) and torch.equal(base[12], torch.zeros(2))  # the centre tap in the middle
+    assert torch.equal(losses.window_offsets(2, 1.0), base)
+    wide = losses.window_offsets(2, 1.6)  # 1024 px maps, windows chosen at 640 px
+    assert wide.shape == base.shape and torch.equal(wide[12], torch.zeros(2))
+    assert sorted(set(wide[:, 0].tolist())) == [-3.0, -2.0, 0.0, 2.0, 3.0]  # symmetric, integer, distinct
+    assert torch.equal(losses.window_offsets(1, 2.5)[:, 1].unique(), torch.tensor([-3.0, 0.0, 3.0]))

@@ -740,3 +740,47 @@ def test_fused_adam_step_equals_the_tensor_op_update_and_skips_non_finite_steps(
     for name in ("grids", "exp_avg", "exp_avg_sq"):
         for a, b in zip(getattr(fused, name), getattr(plain, name)):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_gate_widens_its_pixel_tolerance_and_window_on_maps_the_depth_stage_scaled(blob_scene, monkeypatch):
+    """Maps marked ``pixel_scale`` 2 (twice ``depth.reference_side``): reprojection tolerance x 2, NCC window 11."""
+    from pipeline.depth import consistency as consistency_mod
+
+    _, scene, gts, images = blob_scene
+    seen: dict[str, set] = {"reproj": set(), "window": set()}
+    real_consistency, real_costs = consistency_mod.geometric_consistency, gate_mod.photometric_costs
+
+    def spy_consistency(depth, K, others, max_reproj_px, *args):
+        seen["reproj"].add(max_reproj_px)
+        return real_consistency(depth, K, others, max_reproj_px, *args)
+
+    def spy_costs(*args):
+        seen["window"].add(args[-1])
+        return real_costs(*args)
+
+    monkeypatch.setattr(consistency_mod, "geometric_consistency", spy_consistency)
+    monkeypatch.setattr(gate_mod, "photometric_costs", spy_costs)
+    cfg = RefineConfig()
+    keep_more_consistent(scene.views, _gt_maps(scene, gts), cfg, torch.device("cpu"), images=images)
+    assert seen == {"reproj": {cfg.accept_reproj_px}, "window": {5}}
+    seen["reproj"].clear(), seen["window"].clear()
+    scaled = [replace(m, stats={**m.stats, "pixel_scale": 2.0}) for m in _gt_maps(scene, gts)]
+    keep_more_consistent(scene.views, scaled, cfg, torch.device("cpu"), images=images)
+    assert seen == {"reproj": {2 * cfg.accept_reproj_px}, "window": {11}}
+
+
+def test_l_photo_blur_and_window_follow_the_maps_the_depth_stage_scaled(blob_scene):
+    _, scene, gts, images = blob_scene
+    cfg = RefineConfig()
+    maps = _gt_maps(scene, gts)
+    tables, _ = scene_mod._scene_tables(scene.views, maps, scene.points, cfg, torch.device("cpu"))
+    plain = scene_mod.photo_inputs(images, tables, cfg, torch.device("cpu"))
+    assert tables.pixel_scale == 1.0 and torch.equal(plain.offsets, losses.window_offsets(cfg.photo_radius))
+    maps[3] = replace(maps[3], stats={**maps[3].stats, "pixel_scale": 2.0})
+    tables, _ = scene_mod._scene_tables(scene.views, maps, scene.points, cfg, torch.device("cpu"))
+    wide = scene_mod.photo_inputs(images, tables, cfg, torch.device("cpu"))
+    assert tables.pixel_scale == 2.0
+    assert torch.equal(wide.offsets, 2 * plain.offsets)  # same taps, twice as far apart
+    assert torch.equal(wide.images[..., 0], plain.images[..., 0])  # the sharp images do not change
+    # the blurred ones are blurred more: less contrast left
+    assert wide.images[..., 1].float().std() < plain.images[..., 1].float().std()

@@ -54,7 +54,8 @@ class RefineConfig:
     photo_samples_per_view: int = setting(
         512, "Pixels sampled per view per step for L_photo (each with its whole window).", check=at_least(1))
     photo_radius: int = setting(
-        2, "L_photo window radius in pixels ((2r+1)^2 taps, each warped through its own predicted depth).",
+        2, "L_photo window radius in pixels ((2r+1)^2 taps, each warped through its own predicted depth; spread out "
+        "proportionally on maps larger than depth.reference_side).",
         check=at_least(1))
     photo_sigma_color: float = setting(
         0.1, "L_photo adaptive support: a tap's weight falls as exp(-|grey difference to the centre| / this) (grey "
@@ -66,8 +67,9 @@ class RefineConfig:
         0.05, "L_photo leaves a neighbour out of a pixel that lies more than this (relative depth) behind the "
         "neighbour's current surface: occluded there.", check=greater_than(0))
     photo_blur: float = setting(
-        1.5, "L_photo uses images blurred by a Gaussian of this sigma (pixels) for the first half of the steps (a "
-        "wider basin), sharp ones after (0 = sharp throughout).", check=at_least(0))
+        1.5, "L_photo uses images blurred by a Gaussian of this sigma (pixels, proportionally more on maps larger than "
+        "depth.reference_side) for the first half of the steps (a wider basin), sharp ones after (0 = sharp "
+        "throughout).", check=at_least(0))
     photo_min_stride: int = setting(
         2, "L_photo moves only the δz pyramid levels of at least this stride in pixels (1 = all; per-pixel levels turn "
         "its sparse gradients into noise).", check=at_least(1))
@@ -94,14 +96,16 @@ class RefineConfig:
         "(refined vs refined) than its initial depth did (initial vs initial), else the initial depth stays.")
     keep_if_photo_consistent: bool = setting(
         True, "keep_if_more_consistent also requires that the refined depth matches the neighbour images at least as "
-        "well as the initial depth (NCC over 5x5 windows, best neighbour, as in the depth stage); needs the images.")
+        "well as the initial depth (NCC over 5x5 windows, wider above depth.reference_side as in the depth stage, "
+        "best neighbour); needs the images.")
     max_correction: float = setting(
         0.0, "keep_if_more_consistent: a refined depth that moved more than this relative amount keeps the initial "
         "depth instead (0 = no limit).", check=at_least(0))
     accept_neighbors: int = setting(
         6, "Neighbour maps checked by keep_if_more_consistent (most shared sparse points first).", check=at_least(1))
     accept_reproj_px: float = setting(
-        2.0, "keep_if_more_consistent: forward-backward reprojection error (pixels) below which a neighbour agrees.",
+        2.0, "keep_if_more_consistent: forward-backward reprojection error (pixels, times side / depth.reference_side "
+        "for larger maps) below which a neighbour agrees.",
         check=greater_than(0))
     accept_rel_depth: float = setting(
         0.01, "keep_if_more_consistent: relative depth difference below which a neighbour agrees.",

@@ -151,7 +151,7 @@ def evidence_stats(init_valid: np.ndarray, keep: np.ndarray, take: np.ndarray, c
     ``consistent_init`` / ``consistent_refined``: share of the initial valid
     pixels / of the kept pixels that at least one neighbour map agrees with;
     ``photo_cost_init`` / ``photo_cost_refined``: their mean matching cost
-    1 − NCC (5x5, best neighbour; NaN without photos). The kept depth is the
+    1 − NCC (5x5 at up to depth.reference_side, best neighbour; NaN without photos). The kept depth is the
     refined one where ``take``, the initial one elsewhere.
     """
     count_out = np.where(take, count_ref, count_init)
@@ -178,6 +178,7 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
     """
     from pipeline.core.geometry import invert_pose
     from pipeline.depth.consistency import geometric_consistency
+    from pipeline.depth.views import scaled_window
 
     neighbors = covisible_neighbors(views, cfg.accept_neighbors)
     t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
@@ -218,15 +219,15 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
             grays.move_to_end(j)
             return grays[j]
 
-    def consistency(entries: Mapping[int, tuple], i: int, depth: np.ndarray, which: int,
-                    nb: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def consistency(entries: Mapping[int, tuple], i: int, depth: np.ndarray, which: int, nb: Sequence[int],
+                    pixel_scale: float) -> tuple[np.ndarray, np.ndarray]:
         """(agreeing neighbours, neighbours that see through) of ``depth`` in view i against the neighbours' initial (0)
         or refined (1) evidence."""
         pose_i = entries[i][3]
         others = [(entries[j][which], entries[j][2], t(entries[j][3] @ invert_pose(pose_i))) for j in nb]
         with torch.no_grad():
-            c = geometric_consistency(t(depth), entries[i][2], others, cfg.accept_reproj_px, cfg.accept_rel_depth,
-                                      cfg.accept_free_space_margin)
+            c = geometric_consistency(t(depth), entries[i][2], others, cfg.accept_reproj_px * pixel_scale,
+                                      cfg.accept_rel_depth, cfg.accept_free_space_margin)
         return c.count.cpu().numpy(), c.violations.cpu().numpy()
 
     def one(i: int) -> dict[str, Any]:
@@ -238,8 +239,10 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
         trusted = "geometric_filter" in dm.stats  # the depth stage checked these maps against their neighbours
         init_depth = np.where(dm.valid & ~restored, dm.depth_init, 0.0)
         ref_depth = np.where(dm.valid, dm.depth, 0.0)
-        count_init, _ = consistency(entries, i, init_depth, 0, nb)
-        count_ref, violations_ref = consistency(entries, i, ref_depth, 1, nb)
+        # maps larger than depth.reference_side: pixel tolerances and windows grow with them, as in the depth stage
+        scale = float(dm.stats.get("pixel_scale", 1.0))
+        count_init, _ = consistency(entries, i, init_depth, 0, nb, scale)
+        count_ref, violations_ref = consistency(entries, i, ref_depth, 1, nb, scale)
         photo_ref = photo_init = None
         if photo:
             ref_gray = gray(i, dm.depth.shape)
@@ -248,7 +251,8 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
             if ref_gray is not None and src:
                 with torch.no_grad():
                     costs = photometric_costs(ref_gray, entries[i][2], entries[i][3], src,
-                                              torch.stack([t(init_depth), t(ref_depth)])).cpu().numpy()
+                                              torch.stack([t(init_depth), t(ref_depth)]),
+                                              scaled_window(5, scale)).cpu().numpy()
                 photo_init, photo_ref = costs[0], costs[1]
         # An unchecked prior's pixel needs a neighbour map that agrees; photos alone only restore pixels the
         # depth stage dropped.

@@ -357,10 +357,13 @@ def dense_terms(depth_b1hw: torch.Tensor, edge_w: tuple[torch.Tensor, torch.Tens
 
 # ---- photometric (L_photo) ---------------------------------------------------------------
 
-def window_offsets(radius: int) -> torch.Tensor:
+def window_offsets(radius: int, spacing: float = 1.0) -> torch.Tensor:
     """Integer pixel offsets ``(dx, dy)`` of a ``(2r+1)^2`` window, row by row: (T, 2) float32, the centre at index
-    T // 2."""
-    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    T // 2. With ``spacing`` > 1 the taps are about ``spacing`` pixels apart (distances rounded half up, so the window
+    stays symmetric): the same number of taps over a wider window, for maps larger than the resolution the window was
+    chosen at."""
+    r = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    r = (r.sign() * torch.floor(r.abs() * max(spacing, 1.0) + 0.5)).to(torch.float32)
     dy, dx = torch.meshgrid(r, r, indexing="ij")
     return torch.stack([dx.reshape(-1), dy.reshape(-1)], -1)
 

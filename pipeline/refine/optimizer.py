@@ -31,7 +31,7 @@ from pipeline.refine import losses
 from pipeline.refine.config import RefineConfig
 from pipeline.refine.gate import change_stats
 from pipeline.refine.pyramid import _Group, _GroupStore, sample_views, upsample_sum, upsample_sum_pair
-from pipeline.refine.scene import _decode_current
+from pipeline.refine.scene import PhotoInputs, _decode_current
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ the L_mv / L_photo samples used)."""
 LOSS_TERMS: tuple[str, ...] = ("L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo")
 
 
-def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: torch.Tensor, channel: int,
+def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, photo: PhotoInputs, channel: int,
                 cfg: RefineConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """L_photo of one group (:func:`pipeline.refine.losses.photometric_loss`): (loss, share of the sampled windows it
     used).
@@ -57,7 +57,8 @@ def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, images: t
     """
     B, _, H, W = pred.shape
     S = cfg.photo_samples_per_view
-    offsets = losses.window_offsets(cfg.photo_radius).to(pred.device)
+    images = photo.images
+    offsets = photo.offsets.to(pred.device)
     T = offsets.shape[0]
     pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(),
                          (gr.pix_count - 1).clamp(min=0).long())
@@ -92,10 +93,10 @@ def weights_of(cfg: RefineConfig) -> dict[str, float]:
 
 
 def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: torch.Generator,
-                  images: torch.Tensor | None = None,
+                  photo: PhotoInputs | None = None,
                   image_channel: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss terms of one group at its current grids; returns (terms, depth_pred (B,1,H,W), share of L_mv samples kept,
-    share of L_photo samples used). ``images``: every view's grey images (V, H, W, 2: sharp, blurred) for L_photo."""
+    share of L_photo samples used). ``photo``: what L_photo reads (every view's grey images, the window's taps)."""
     B, _, H, W = gr.depth_init.shape
     d0 = gr.depth_init
     # L_photo's gradients are sparse (a few windows per view per step); Adam turns rare per-pixel gradients into
@@ -139,9 +140,9 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
             if weights[name] > 0:
                 terms[name] = value
     photo_kept = zero
-    if cfg.weight_photo > 0 and images is not None and k > 0:
+    if cfg.weight_photo > 0 and photo is not None and k > 0:
         pred_photo = pred if n_fine == 0 else d0 * torch.exp(log_corr_photo)
-        terms["L_photo"], photo_kept = _photo_term(gr, pred_photo, current, images, image_channel, cfg, gen)
+        terms["L_photo"], photo_kept = _photo_term(gr, pred_photo, current, photo, image_channel, cfg, gen)
     return terms, pred, kept, photo_kept
 
 
@@ -202,7 +203,7 @@ def round_size(cfg: RefineConfig, n_groups: int) -> int:
 
 
 def _step(store: _GroupStore, step: int, current: torch.Tensor, cfg: RefineConfig, device: torch.device,
-          images: torch.Tensor | None, lr_scale: torch.Tensor,
+          photo: PhotoInputs | None, lr_scale: torch.Tensor,
           history: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """One optimizer step of the group whose turn ``step`` is: losses, gradients, Adam; writes ``history[step]``.
 
@@ -218,7 +219,7 @@ def _step(store: _GroupStore, step: int, current: torch.Tensor, cfg: RefineConfi
     gr = store.get((step // cfg.steps_per_visit) % len(store.spans))
     grids = [g.detach().requires_grad_(True) for g in gr.grids]
     blurred = cfg.photo_blur > 0 and step < cfg.steps // 2
-    terms, pred, kept, photo_kept = _group_losses(replace(gr, grids=grids), current, cfg, gen, images,
+    terms, pred, kept, photo_kept = _group_losses(replace(gr, grids=grids), current, cfg, gen, photo,
                                                   1 if blurred else 0)
     loss = sum(weights[k] * terms[k] for k in LOSS_TERMS)
     grads = torch.autograd.grad(loss, grids, allow_unused=True)
@@ -239,7 +240,7 @@ def _step(store: _GroupStore, step: int, current: torch.Tensor, cfg: RefineConfi
 
 
 def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, device: torch.device, bar: Any,
-              images: torch.Tensor | None = None) -> np.ndarray:
+              photo: PhotoInputs | None = None) -> np.ndarray:
     """The optimization loop (updates the groups' grids and ``current`` in place); returns the per-step log (steps,
     LOG_COLUMNS).
 
@@ -264,7 +265,7 @@ def _optimize(store: _GroupStore, current: torch.Tensor, cfg: RefineConfig, devi
             for step in steps:  # made here, one at a time (their inputs are read lazily)
                 store.get((step // cfg.steps_per_visit) % len(store.spans))
         scale = lr_scale.clone()
-        done = dict(map_in_threads(lambda s: _step(store, s, current, cfg, device, images, scale, history), steps,
+        done = dict(map_in_threads(lambda s: _step(store, s, current, cfg, device, photo, scale, history), steps,
                                    workers))
         with torch.no_grad():
             for step in steps:  # neighbours read a group's depth as of its step (the prediction before the update)

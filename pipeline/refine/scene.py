@@ -4,8 +4,8 @@
 tables (intrinsics, neighbours :func:`covisible_neighbors`, relative poses,
 sparse-point anchors, pyramid sizes) and the shared ``current`` maps
 (V, H, W, 2: depth and L_mv weight, −1 where invalid; read through
-:func:`_decode_current`); :func:`_scene_images` makes the grey images L_photo
-reads; :func:`_build_group` makes one group's device tensors (a
+:func:`_decode_current`); :func:`photo_inputs` makes the grey images and window
+taps L_photo reads; :func:`_build_group` makes one group's device tensors (a
 :class:`pipeline.refine.pyramid._Group`, δz = 0). Views of different sizes
 are padded to the largest with invalid pixels.
 """
@@ -162,6 +162,8 @@ class _SceneTables:
     anchor_ok: np.ndarray  # (V, P)
     pyramid: list[tuple[int, int]]
     shapes: list[tuple[int, int]]  # each view's map size (h, w)
+    pixel_scale: float = 1.0
+    """Largest factor by which the depth stage scaled its pixel-sized settings for a map (``depth.reference_side``)."""
 
 
 def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.ndarray, cfg: RefineConfig,
@@ -173,8 +175,10 @@ def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.nd
     """
     n = len(views)
     cameras = []
+    pixel_scale = 1.0
     for v, dm in zip(views, init):
         _check_map(v, dm)
+        pixel_scale = max(pixel_scale, float(dm.stats.get("pixel_scale", 1.0)))
         cameras.append(_ViewCamera(dm.depth.shape, np.asarray(dm.K, np.float64),
                                    np.asarray(dm.cam_from_world, np.float64)))
     H = max(c.shape[0] for c in cameras)
@@ -197,8 +201,29 @@ def _scene_tables(views: Sequence[View], init: Sequence[DepthMap], points: np.nd
         current[i] = torch.from_numpy(block)
     tables = _SceneTables(height=H, width=W, Ks=np.stack([c.K for c in cameras]), nbr=nbr, dst_from_src=dst_from_src,
                           anchor_uv=a_uv, anchor_z=a_z, anchor_ok=a_ok, pyramid=pyramid,
-                          shapes=[c.shape for c in cameras])
+                          shapes=[c.shape for c in cameras], pixel_scale=pixel_scale)
     return tables, current
+
+
+@dataclass(frozen=True)
+class PhotoInputs:
+    """What L_photo reads: every view's grey images and its window's taps."""
+
+    images: torch.Tensor
+    """(V, H, W, 2) float16 grey levels in [0, 1], sharp and blurred (:func:`_scene_images`)."""
+    offsets: torch.Tensor
+    """(T, 2) the window taps' pixel offsets (:func:`pipeline.refine.losses.window_offsets`)."""
+
+
+def photo_inputs(images: Sequence[np.ndarray | None], tables: _SceneTables, cfg: RefineConfig,
+                 device: torch.device) -> PhotoInputs | None:
+    """L_photo's inputs; maps larger than ``depth.reference_side`` get a proportionally wider blur and window (the
+    same number of taps, spread out), as the depth stage's windows are. None if a view has no image."""
+    scale = tables.pixel_scale
+    gray = _scene_images(images, tables.shapes, tables.height, tables.width, cfg.photo_blur * scale, device)
+    if gray is None:
+        return None
+    return PhotoInputs(images=gray, offsets=losses.window_offsets(cfg.photo_radius, scale).to(device))
 
 
 def _scene_images(images: Sequence[np.ndarray | None], shapes: Sequence[tuple[int, int]], height: int, width: int,

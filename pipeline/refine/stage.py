@@ -78,7 +78,7 @@ from pipeline.refine.config import RefineConfig  # noqa: F401 - re-exported
 from pipeline.refine.gate import _gate
 from pipeline.refine.optimizer import LOG_COLUMNS, _finalize, _optimize
 from pipeline.refine.pyramid import _GroupStore, _scratch_folder, view_groups
-from pipeline.refine.scene import _build_group, _scene_images, _scene_tables
+from pipeline.refine.scene import _build_group, _scene_tables, photo_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _refine(
                         cfg.max_resident_views, len(spans) - store.kept, len(spans))
         photo_images = None
         if cfg.weight_photo > 0 and images_s is not None:
-            photo_images = _scene_images(images_s, tables.shapes, tables.height, tables.width, cfg.photo_blur, device)
+            photo_images = photo_inputs(images_s, tables, cfg, device)
             if photo_images is None:
                 logger.warning("refine: a view has no image; L_photo is off")
         hist = _optimize(store, current, cfg, device, bar, photo_images)
