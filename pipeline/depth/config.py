@@ -41,8 +41,15 @@ class DepthConfig:
     max_image_side: int | None = setting(
         None,
         "Longer side of the depth maps in pixels, photos are downscaled to it (null: automatic, the photos' size up "
-        "to 640; 0: full resolution).",
+        "to 640 on a CPU, 1024 on a CUDA device; 0: full resolution).",
         check=Check("0 (full resolution) or >= 16, or null for automatic", lambda v: v is None or v == 0 or v >= 16),
+    )
+    reference_side: int = setting(
+        480,
+        "Map side in pixels at which the pixel-sized settings hold (mvs: ncc_window, propagation_shifts, "
+        "smooth_radius, geo_max_reproj_px, pyramid_levels; refine: photo_radius, photo_blur, accept_reproj_px); "
+        "larger maps scale them by side / reference_side (0 = never).",
+        check=at_least(0),
     )
     # -- prior / torchscript
     prior_kind: PriorKind = setting(
@@ -62,13 +69,6 @@ class DepthConfig:
         check=at_least(3),
     )
     # -- how it runs
-    reference_side: int = setting(
-        640,
-        "Map side in pixels at which the pixel-sized settings hold (mvs: ncc_window, propagation_shifts, "
-        "smooth_radius, geo_max_reproj_px, pyramid_levels; refine: photo_radius, photo_blur, accept_reproj_px); "
-        "larger maps scale them by side / reference_side (0 = never).",
-        check=at_least(0),
-    )
     cache_images: int = setting(
         16,
         "Images and depth maps kept in memory at once (least recently used are dropped first).",

@@ -22,11 +22,12 @@ class ViewFailure(Exception):
 # ---- sizes ----------------------------------------------------------------------------------------
 
 AUTO_MAX_SIDE_CPU = 640
-"""Automatic ``depth.max_image_side`` on a CPU (pixels), chosen by measurement (docs/results.md, issue 21)."""
-AUTO_MAX_SIDE_CUDA = 640
-"""Automatic ``depth.max_image_side`` on a CUDA device (pixels). Not higher yet: on 1600x1200 photos of spot the
-plane sweep's maps at 1024 px fused to a worse mesh than at 640 px (F@0.25 % 0.876 against 0.923, docs/results.md),
-so more pixels only cost time until the sweep's windows and pyramid follow the resolution."""
+"""Automatic ``depth.max_image_side`` on a CPU (pixels). On 1600x1200 renders of spot and bob, 1024 px maps took about
+3 times as long as 640 px ones and gave F@0.25 % +0.004 (spot) and +0.000 (bob), F@0.5 % +0.002 and -0.003
+(docs/results.md, issue 21): not worth the time on a CPU."""
+AUTO_MAX_SIDE_CUDA = 1024
+"""Automatic ``depth.max_image_side`` on a CUDA device (pixels): where time is cheap, the side that scored best at
+F@0.25 % on 1600x1200 renders; 1600 px maps were no better there (docs/results.md, issue 21)."""
 
 
 def resolve_max_image_side(setting: int | None, device: str) -> int:
