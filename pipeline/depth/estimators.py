@@ -122,10 +122,11 @@ def sweep_settings(mvs_cfg: MvsConfig, scale: float = 1.0) -> coarse_to_fine.Swe
 
     The settings in pixels grow with the maps, so a window or a propagation
     step covers the same part of the scene at any resolution: the NCC window
-    (:func:`~pipeline.depth.views.scaled_window`), the propagation shifts
-    and the median-filter radius times ``scale``, and
-    one more pyramid level per doubling (the full sweep stays at about the
-    same size in pixels). ``scale`` 1 gives the section as set.
+    (:func:`~pipeline.depth.views.scaled_window`), the propagation shifts and
+    the median-filter radius times ``scale``, and one more pyramid level per
+    doubling (the full sweep stays at about the same size in pixels). The
+    consistency filter's tolerance is scaled where it is used. ``scale`` 1
+    gives the section as set.
     """
     window, shifts, smooth, levels = (mvs_cfg.ncc_window, tuple(mvs_cfg.propagation_shifts), mvs_cfg.smooth_radius,
                                       mvs_cfg.pyramid_levels)
