@@ -152,6 +152,7 @@ def test_every_number_declares_its_rule():
     ("fuse.min_confidence=1.5", "fuse.min_confidence must be >= 0 and <= 1 (got 1.5)"),
     ("refine.lr=inf", "refine.lr: expected a finite number"),
     ("mvs.ncc_window=4", "mvs.ncc_window must be odd and >= 3 (got 4)"),
+    ("depth.reference_side=8", "depth.reference_side must be 0 (never scale) or >= 16 (got 8)"),
     ("depth.device=gpu", "depth.device must be auto, cpu, cuda or cuda:N (got gpu)"),
     ("refine.pyramid_strides=1,4,2", "refine.pyramid_strides must be increasing positive integers"),
     ("mvs.propagation_shifts=3,0", "mvs.propagation_shifts must be a list whose items are >= 1 (got 3,0)"),

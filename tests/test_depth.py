@@ -253,7 +253,7 @@ def test_working_size():
 
 
 def test_the_sweep_settings_in_pixels_follow_the_working_resolution():
-    cfg = MvsConfig()  # 5x5 windows, shifts (3, 8), median radius 2, 2 levels, hold at 640 px
+    cfg = MvsConfig()  # 5x5 windows, shifts (3, 8), median radius 2, 2 levels (scales below: map side / reference)
     assert resolution_scale((480, 360), 640) == resolution_scale((640, 480), 640) == 1.0  # never scaled down
     assert resolution_scale((1024, 768), 640) == pytest.approx(1.6)
     assert resolution_scale((4000, 3000), 0) == 1.0  # 0: never scaled

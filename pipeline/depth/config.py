@@ -49,7 +49,7 @@ class DepthConfig:
         "Map side in pixels at which the pixel-sized settings hold (mvs: ncc_window, propagation_shifts, "
         "smooth_radius, geo_max_reproj_px, pyramid_levels; refine: photo_radius, photo_blur, accept_reproj_px); "
         "larger maps scale them by side / reference_side (0 = never).",
-        check=at_least(0),
+        check=Check("0 (never scale) or >= 16", lambda v: v == 0 or v >= 16),
     )
     # -- prior / torchscript
     prior_kind: PriorKind = setting(

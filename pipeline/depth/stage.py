@@ -409,8 +409,9 @@ def run(ctx: StageContext) -> None:
     ctx.summary["max_image_side"] = resolve_max_image_side(cfg.max_image_side, str(default_device(cfg.device)))
     if res.failed:
         ctx.summary["left_out"] = sorted(res.failed)
-    ctx.logger.info("depth maps of %d view(s) (%d left out) at up to %d px, mean valid fraction %s, %s s per view",
-                    len(res.written), len(res.failed), ctx.summary["max_image_side"],
+    side = ctx.summary["max_image_side"]
+    ctx.logger.info("depth maps of %d view(s) (%d left out) at %s, mean valid fraction %s, %s s per view",
+                    len(res.written), len(res.failed), f"up to {side} px" if side else "full resolution",
                     ctx.summary["mean_valid_fraction"], ctx.summary["seconds_per_view"])
     if res.pixel_scale > 1.0 and cfg.estimator == DepthEstimator.mvs:
         ctx.logger.info("depth: windows, propagation shifts and pyramid scaled by up to %.2f for maps larger than "

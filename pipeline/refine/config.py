@@ -114,8 +114,8 @@ class RefineConfig:
         True, "Also refine the pixels the depth stage's consistency filter dropped and keep those the evidence "
         "supports (a neighbour agrees, or the photos match and no view sees through them).")
     restore_max_photo_cost: float = setting(
-        0.3, "A pixel no neighbour map agrees with is supported only if its matching cost 1 − NCC (5x5, best neighbour "
-        "image) is at most this.", check=between(0, 2))
+        0.3, "A pixel no neighbour map agrees with is supported only if its matching cost 1 − NCC (5x5, wider above "
+        "depth.reference_side; best neighbour image) is at most this.", check=between(0, 2))
     accept_photo_margin: float = setting(
         0.05, "keep_if_more_consistent also keeps a refined depth that as many neighbour maps agree with as with the "
         "initial one when its matching cost is lower by more than this.", check=at_least(0))
