@@ -60,9 +60,13 @@ def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
     return cons.count.cpu().numpy()
 
 
+NCC_WINDOW = 5
+"""Side in pixels of the gate's NCC windows on maps up to ``depth.reference_side`` (the depth stage's default)."""
+
+
 def photometric_costs(ref_gray_11hw: torch.Tensor, K_ref_33: torch.Tensor, cam_from_world_ref: np.ndarray,
                       sources: Sequence[tuple[torch.Tensor, torch.Tensor, np.ndarray]], depths_dhw: torch.Tensor,
-                      window: int = 5) -> torch.Tensor:
+                      window: int = NCC_WINDOW) -> torch.Tensor:
     """Matching cost ``1 - NCC`` (D, H, W) of each candidate depth map against the best neighbour image.
 
     The depth stage's cost (:func:`pipeline.depth.plane_sweep.sweep_cost`, ``best_k = 1``):
@@ -252,7 +256,7 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
                 with torch.no_grad():
                     costs = photometric_costs(ref_gray, entries[i][2], entries[i][3], src,
                                               torch.stack([t(init_depth), t(ref_depth)]),
-                                              scaled_window(5, scale)).cpu().numpy()
+                                              scaled_window(NCC_WINDOW, scale)).cpu().numpy()
                 photo_init, photo_ref = costs[0], costs[1]
         # An unchecked prior's pixel needs a neighbour map that agrees; photos alone only restore pixels the
         # depth stage dropped.
