@@ -676,3 +676,37 @@ def test_out_of_memory_retries_with_smaller_chunks(scene, tmp_path, monkeypatch,
     assert "out of memory" in caplog.text.lower() and "depth of" in caplog.text
     np.testing.assert_array_equal(got.valid, expected.valid)
     np.testing.assert_allclose(got.values, expected.values, rtol=1e-5)
+
+
+# ---- the median filter's selection network -----------------------------------------------------
+
+@pytest.mark.parametrize("n", [9, 25, 49])
+def test_median_network_selects_the_middle_value_of_every_zero_one_input(n):
+    # 0-1 principle: a comparator network that selects the median of every 0/1 input selects it for every input.
+    rng = np.random.default_rng(n)
+    if n == 9:
+        inputs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).T.astype(np.uint8)
+    else:
+        inputs = (rng.random((n, 200_000)) < rng.random((1, 200_000))).astype(np.uint8)
+    values = list(inputs)
+    for i, j, keep_low, keep_high in coarse_to_fine.median_network(n):
+        a, b = values[i], values[j]
+        if keep_low:
+            values[i] = np.minimum(a, b)
+        if keep_high:
+            values[j] = np.maximum(a, b)
+    np.testing.assert_array_equal(values[n // 2], np.sort(inputs, axis=0)[n // 2])
+    assert len(coarse_to_fine.median_network(n)) < len(coarse_to_fine.merge_exchange_pairs(n))
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_median_filter_equals_torch_median_over_each_window(radius):
+    gen = torch.Generator().manual_seed(radius)
+    x = torch.rand(37, 53, generator=gen)
+    x[::5, ::3] = 0.5  # ties
+    x[10:20, 5:30] = 0.25
+    k = 2 * radius + 1
+    padded = torch.nn.functional.pad(x[None, None], (radius,) * 4, mode="replicate")[0, 0]
+    expected = padded.unfold(0, k, 1).unfold(1, k, 1).reshape(*x.shape, k * k).median(-1).values
+    assert torch.equal(coarse_to_fine.median_filter(x, radius), expected)
+    assert coarse_to_fine.median_filter(x, 0) is x

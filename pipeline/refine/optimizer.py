@@ -69,9 +69,9 @@ def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, photo: Ph
     tap = (ty.clamp(0, H - 1) * W + tx.clamp(0, W - 1)).reshape(B, S * T)
     d_taps = torch.gather(pred.reshape(B, -1), 1, tap).reshape(B, S, T)
     tap_ok = torch.gather(gr.valid.reshape(B, -1), 1, tap).reshape(B, S, T) & in_image
-    ref_taps = images[gr.start:gr.stop, ..., channel].reshape(B, -1).gather(1, tap).reshape(B, S, T).to(pred.dtype)
+    ref_taps = images[channel, gr.start:gr.stop].reshape(B, -1).gather(1, tap).reshape(B, S, T).to(pred.dtype)
     uv = torch.stack([tx.to(pred.dtype) + 0.5, ty.to(pred.dtype) + 0.5], -1)
-    gray = images[..., channel:channel + 1]
+    gray = images[channel, ..., None]  # (V, H, W, 1), contiguous
 
     def read_image(uv_dst: torch.Tensor) -> torch.Tensor:
         return sample_views(gray, gr.nbr[:, None].expand(*uv_dst.shape[:2]), uv_dst)[:, 0].to(pred.dtype)
@@ -186,6 +186,23 @@ def _fused_adam(gr: _Group, grads: Sequence[torch.Tensor], finite: torch.Tensor,
     return True
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Device bool: every value of every tensor finite (no sync). torch's fused check of AMP's gradient scaler (one
+    pass, no temporaries; it multiplies by 1.0 in place, which changes nothing) where available."""
+    check = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+    if check is not None and tensors:
+        found = torch.zeros((), device=tensors[0].device)
+        try:
+            check(list(tensors), found, torch.ones((), device=found.device))
+            return found == 0
+        except (RuntimeError, NotImplementedError, TypeError):  # no kernel for this device / dtype
+            pass
+    finite = torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else None)
+    for t in tensors:
+        finite = finite & torch.isfinite(t).all()
+    return finite
+
+
 def _lr_at(cfg: RefineConfig, step: int) -> float:
     """Cosine decay from ``lr`` to ``lr · lr_final_ratio`` over the run."""
     progress = step / max(cfg.steps - 1, 1)
@@ -225,9 +242,7 @@ def _step(store: _GroupStore, step: int, current: torch.Tensor, cfg: RefineConfi
     grads = torch.autograd.grad(loss, grids, allow_unused=True)
     with torch.no_grad():
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, gr.grids)]
-        finite = torch.isfinite(loss)
-        for g in grads:
-            finite = finite & torch.isfinite(g).all()
+        finite = torch.isfinite(loss) & all_finite(grads)
         lr = _lr_at(cfg, step) * lr_scale
         _adam_step(gr, grads, finite, lr)
         dz = pred - gr.depth_init  # 0 where invalid: both are 0 there

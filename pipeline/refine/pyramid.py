@@ -67,12 +67,15 @@ def _bilinear(rows: torch.Tensor, base: torch.Tensor, x: torch.Tensor, y: torch.
     x0, y0 = x0f.long(), y0f.long()
     x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
     c = rows.shape[1]
+    flat = rows.reshape(-1) if c == 1 else rows  # one channel: a 1-D gather, several times faster on CPU
 
-    def tap(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        values = rows.index_select(0, (base + yy * w + xx).reshape(-1)).reshape(*base.shape, c)
+    def tap(index: torch.Tensor) -> torch.Tensor:
+        values = flat.index_select(0, index.reshape(-1)).reshape(*base.shape, c)
         return values if decode is None else decode(values)
 
-    t00, t01, t10, t11 = tap(y0, x0), tap(y0, x1), tap(y1, x0), tap(y1, x1)
+    i00 = base + y0 * w + x0
+    dx, dy = x1 - x0, (y1 - y0) * w
+    t00, t01, t10, t11 = tap(i00), tap(i00 + dx), tap(i00 + dy), tap(i00 + dy + dx)
     top = t00 * (1 - ax) + t01 * ax
     bottom = t10 * (1 - ax) + t11 * ax
     values = top * (1 - ay) + bottom * ay

@@ -210,7 +210,7 @@ class PhotoInputs:
     """What L_photo reads: every view's grey images and its window's taps."""
 
     images: torch.Tensor
-    """(V, H, W, 2) float16 grey levels in [0, 1], sharp and blurred (:func:`_scene_images`)."""
+    """(2, V, H, W) float16 grey levels in [0, 1]: the sharp plane, then the blurred one (:func:`_scene_images`)."""
     offsets: torch.Tensor
     """(T, 2) the window taps' pixel offsets (:func:`pipeline.refine.losses.window_offsets`)."""
 
@@ -228,17 +228,17 @@ def photo_inputs(images: Sequence[np.ndarray | None], tables: _SceneTables, cfg:
 
 def _scene_images(images: Sequence[np.ndarray | None], shapes: Sequence[tuple[int, int]], height: int, width: int,
                   blur: float, device: torch.device) -> torch.Tensor | None:
-    """Every view's grey image at its map's resolution, padded to (height, width): (V, H, W, 2) float16, sharp and
-    Gaussian-blurred by ``blur`` pixels (L_photo reads the neighbours'; 1.4 MiB per view at 480x360). None if a view has
-    no image."""
-    out = torch.zeros((len(shapes), height, width, 2), dtype=torch.float16, device=device)
+    """Every view's grey image at its map's resolution, padded to (height, width): (2, V, H, W) float16, the sharp
+    plane and the plane Gaussian-blurred by ``blur`` pixels (L_photo reads the neighbours'; 1.4 MiB per view at 480x360;
+    each plane contiguous, so a read gathers single values). None if a view has no image."""
+    out = torch.zeros((2, len(shapes), height, width), dtype=torch.float16, device=device)
     for i, (h, w) in enumerate(shapes):
         g = _gray(images[i], h, w)
         if g is None:
             return None
         t = torch.as_tensor(g, dtype=torch.float32, device=device)[None, None]
-        out[i, :h, :w, 0] = t[0, 0].to(torch.float16)
-        out[i, :h, :w, 1] = gaussian_blur(t, blur)[0, 0].to(torch.float16)
+        out[0, i, :h, :w] = t[0, 0].to(torch.float16)
+        out[1, i, :h, :w] = gaussian_blur(t, blur)[0, 0].to(torch.float16)
     return out
 
 
