@@ -282,11 +282,13 @@ def warp_source(src: Source, depth_dhw: torch.Tensor) -> tuple[torch.Tensor, tor
     d, h, w = depth_dhw.shape
     z = depth_dhw * src.Az + src.bz
     inv_z = z.clamp(min=_EPS).reciprocal_()
-    grid = torch.stack([(depth_dhw * src.Ax).add_(src.bx).mul_(inv_z),
-                        (depth_dhw * src.Ay).add_(src.by).mul_(inv_z)], dim=-1)
+    grid = torch.empty((d, h, w, 2), dtype=depth_dhw.dtype, device=depth_dhw.device)
+    gx, gy = grid[..., 0], grid[..., 1]  # written in place: no stacked copy
+    torch.mul(depth_dhw, src.Ax, out=gx).add_(src.bx).mul_(inv_z)
+    torch.mul(depth_dhw, src.Ay, out=gy).add_(src.by).mul_(inv_z)
     warped = F.grid_sample(src.image, grid.view(1, d * h, w, 2), mode="bilinear", padding_mode="zeros",
                            align_corners=False)
-    inside = (grid.abs().amax(-1) <= 1.0) & (z > _EPS)
+    inside = (gx.abs() <= 1.0).logical_and_(gy.abs() <= 1.0).logical_and_(z > _EPS)
     return warped.view(d, 1, h, w), inside[:, None]
 
 
