@@ -259,3 +259,47 @@ def test_a_crash_while_a_stage_reruns_keeps_its_previous_result(fake, ws):
     assert fake.calls == ["depth", "refine", "fuse", "export"]
     assert len(fake.views_written["depth"]) - written == len(VIEWS) - 2  # resumed, not redone
     assert "max_image_side': 320" in view.read_text() and not (ws.out_dir / ".building").exists()
+
+
+def test_a_spare_core_loads_only_the_later_stages_modules(fake, ws, tmp_path, monkeypatch):
+    import sys
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    for name in stages.STAGE_NAMES:
+        (modules / f"preload_probe_{name}.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(modules))
+    for name in stages.STAGE_NAMES:
+        monkeypatch.delitem(sys.modules, f"preload_probe_{name}", raising=False)
+        spec = stages.BY_NAME[name]
+        preload = (f"preload_probe_{name}", "no_such_module_for_recon_tests")  # a missing one is left to the stage
+        run_stage = spec.run
+
+        def run_with_spare_core(ctx: StageContext, run_stage=run_stage) -> None:
+            if ctx.name == "sfm":
+                ctx.spare_core()
+            run_stage(ctx)
+
+        monkeypatch.setitem(stages.BY_NAME, name, dataclasses.replace(spec, run=run_with_spare_core, preload=preload))
+    run(ws, until="depth")
+    assert "preload_probe_depth" in sys.modules
+    assert not any(f"preload_probe_{n}" in sys.modules for n in ("sfm", "refine", "fuse", "export"))
+    run(ws)  # sfm cached: no stage says it has a spare core, nothing is preloaded
+    assert not any(f"preload_probe_{n}" in sys.modules for n in ("refine", "fuse", "export"))
+    run(ws, force=("sfm",))
+    assert all(f"preload_probe_{n}" in sys.modules for n in ("refine", "fuse", "export"))
+    assert fake.calls.count("sfm") == 2
+
+
+def test_import_in_background_imports_and_ignores_what_is_missing(tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.core.lazy import import_in_background
+
+    (tmp_path / "preload_probe_lazy.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "preload_probe_lazy", raising=False)
+    assert import_in_background([]) is None
+    thread = import_in_background(["no_such_module_for_recon_tests", "preload_probe_lazy"])
+    thread.join(timeout=30)
+    assert not thread.is_alive() and sys.modules["preload_probe_lazy"].LOADED

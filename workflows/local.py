@@ -15,8 +15,10 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from pipeline.core.cache import (
 )
 from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
+from pipeline.core.lazy import import_in_background
 from pipeline.core.output_folder import adopt_output_dir
 from pipeline.core.workspace import Workspace
 from pipeline.graph import (
@@ -297,6 +300,7 @@ def run_pipeline(
 
     adopt_output_dir(ws)
     results: list[StageResult] = []
+    preloader = _Preloader(list(names))
     with run_lock(ws.lock_path):
         for name in names:
             if BY_NAME[name].precheck is not None:
@@ -330,7 +334,7 @@ def run_pipeline(
                     if damaged:
                         logger.info("%s: recomputing damaged output(s): %s", name, ", ".join(damaged[:5]))
             ctx = StageContext(ws=ws.building_stage(name), config=cfg, name=name, fingerprint=fp, skipped=skipped,
-                               show_progress=show_progress)
+                               show_progress=show_progress, on_spare_core=partial(preloader.after, name))
             t0 = time.perf_counter()
             BY_NAME[name].run(ctx)
             manifest.forget(name)  # the recorded outputs are about to be replaced
@@ -355,9 +359,33 @@ def run_pipeline(
             )
             logger.info("%s: done in %.1f s", name, seconds)
             results.append(StageResult(name, "ran", seconds, ctx.summary))
+    preloader.join()
     order = {n: i for i, n in enumerate(STAGE_NAMES)}
     results.sort(key=lambda r: order[r.name])
     return RunResult(ws=ws, stages=results)
+
+
+class _Preloader:
+    """Loads the libraries of a run's later stages (:attr:`StageSpec.preload`) in the background when a stage says
+    it leaves a core idle (:meth:`StageContext.spare_core`), so that they are not loaded on the critical path."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.started: set[str] = set()
+        self.threads: list[threading.Thread] = []
+
+    def after(self, name: str) -> None:
+        """Start loading the modules of the stages after ``name`` that no earlier call started."""
+        later = [n for n in self.names[self.names.index(name) + 1:] if n not in self.started]
+        self.started.update(later)
+        thread = import_in_background(m for n in later for m in BY_NAME[n].preload)
+        if thread is not None:
+            self.threads.append(thread)
+
+    def join(self) -> None:
+        """Wait for the loads (normally long done), so the interpreter never exits in the middle of an import."""
+        for thread in self.threads:
+            thread.join()
 
 
 def published_outputs(ws: Workspace) -> list[Path]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +37,8 @@ class StageContext:
     show_progress: bool = True
     summary: dict[str, Any] = field(default_factory=dict)
     """Numbers the stage reports for the run summary and manifest (e.g. registered images)."""
+    on_spare_core: Callable[[], None] | None = None
+    """What :meth:`spare_core` calls (the run: load the later stages' libraries in the background)."""
 
     @property
     def stage_dir(self) -> Path:
@@ -50,6 +52,11 @@ class StageContext:
     @property
     def logger(self) -> logging.Logger:
         return logging.getLogger(f"pipeline.{self.name}")
+
+    def spare_core(self) -> None:
+        """Say that the stage leaves a CPU core idle for a while from now (e.g. while COLMAP maps on one thread)."""
+        if self.on_spare_core is not None:
+            self.on_spare_core()
 
     def progress(self, iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
         """A tqdm bar on stderr (silent when progress is off)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
@@ -20,3 +21,29 @@ def lazy_attributes(package: str, where: Mapping[str, str]) -> Callable[[str], A
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def import_in_background(modules: Iterable[str]) -> threading.Thread | None:
+    """Import ``modules`` in a daemon thread and return it (None: nothing to import).
+
+    For libraries that take seconds to load (torch, Open3D): a run loads the
+    later stages' modules while an earlier stage leaves a core idle (COLMAP's
+    single-threaded mapping), instead of when each stage starts. An import that
+    fails here is left to the stage's own import, which reports it; a module
+    that another thread is importing meanwhile is simply waited for (Python's
+    per-module import locks).
+    """
+    names = [m for m in dict.fromkeys(modules)]
+    if not names:
+        return None
+
+    def load() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the stage's own import reports it
+                pass
+
+    thread = threading.Thread(target=load, name="recon-preload", daemon=True)
+    thread.start()
+    return thread

@@ -285,6 +285,7 @@ def run(ctx: StageContext) -> None:
             rgb = lambda path=view.image_path: load_rgb(path)  # noqa: E731 - read only when integrating
             yield FusionFrame(dm, rgb, read_mask(masks[view.name], dm.shape) if view.name in masks else None)
 
+    ctx.spare_core()  # Open3D integrates the views one after the other
     result = fuse_depth_maps(
         frames, params, cfg.device, total=len(present),
         progress=lambda it, desc, total: ctx.progress(it, desc=desc, total=total, unit="view"),
