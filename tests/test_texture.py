@@ -485,3 +485,34 @@ def test_a_photo_that_shows_something_else_on_a_face_is_rejected():
     gains[0] = 1 / 0.6
     assert not inconsistent_views(scores, dark, gains)[:, 0].any()
     assert inconsistent_views(scores, dark, np.ones((5, 3), np.float32))[0, 0]
+
+
+def test_median_of_seen_equals_nanmedian_of_the_seen_values():
+    import warnings
+
+    from pipeline.export.texture import median_of_seen
+
+    rng = np.random.default_rng(3)
+    values = (rng.integers(0, 256, (500, 7, 3)) / 255.0).astype(np.float32)
+    seen = rng.random((500, 7)) < rng.random((500, 1))  # every count from 0 to 7, odd and even
+    seen[:5] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        expected = np.nanmedian(np.where(seen[..., None], values, np.nan), axis=1)
+    got = median_of_seen(values, seen)
+    assert got.dtype == np.float32 and np.isnan(got[:5]).all()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_view_gains_are_the_alternating_weighted_means():
+    rng = np.random.default_rng(4)
+    samples = rng.random((300, 6, 3)).astype(np.float32)
+    weights = rng.random((300, 6)) * (rng.random((300, 6)) < 0.5)
+    w = weights[(weights > 0).sum(1) >= 2]
+    log_c = np.log(np.clip(samples[(weights > 0).sum(1) >= 2].astype(np.float64), 1 / 255, None))
+    log_g = np.zeros((6, 3))
+    for _ in range(50):  # the definition, one full-size product per round
+        m = (w[..., None] * (log_c + log_g[None])).sum(1) / w.sum(1)[:, None]
+        log_g = (w[..., None] * (m[:, None] - log_c)).sum(0) / w.sum(0)[:, None]
+        log_g -= log_g.mean(0)
+    np.testing.assert_allclose(solve_view_gains(samples, weights), np.clip(np.exp(log_g), 0.5, 2.0), rtol=1e-6)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -134,6 +133,21 @@ def _face_geometry(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray,
     return tri.mean(1), normals
 
 
+def median_of_seen(values: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """(F, C) median over axis 1 of ``values`` (F, L, C) where ``seen`` (F, L), NaN where nothing is seen.
+
+    The values of ``np.nanmedian`` with the unseen entries as NaN (the mean
+    of the two middle values for an even count), from one sort along the
+    short axis instead of its partition per row, which is several times slower.
+    """
+    ordered = np.sort(np.where(seen[..., None], values, np.nan), axis=1)  # NaN last
+    count = seen.sum(1)[:, None, None]  # (F, 1, 1)
+    low = np.take_along_axis(ordered, np.maximum((count - 1) // 2, 0), axis=1)[:, 0]
+    high = np.take_along_axis(ordered, np.maximum(count // 2, 0).clip(max=values.shape[1] - 1), axis=1)[:, 0]
+    middle = np.where(count[:, 0] % 2 == 1, low, (low + high) / values.dtype.type(2))
+    return np.where(count[:, 0] > 0, middle, np.nan).astype(values.dtype)
+
+
 def inconsistent_views(scores: np.ndarray, face_colours: np.ndarray, gains: np.ndarray,
                        tolerance: float = CONSISTENCY_TOLERANCE, min_views: int = CONSISTENCY_MIN_VIEWS,
                        chunk_faces: int = 50_000) -> np.ndarray:
@@ -149,9 +163,8 @@ def inconsistent_views(scores: np.ndarray, face_colours: np.ndarray, gains: np.n
     for start in range(0, len(scores), chunk_faces):
         seen = scores[start:start + chunk_faces] > 0
         colours = face_colours[start:start + chunk_faces].astype(np.float32) / 255.0 * gains[None]
-        with warnings.catch_warnings(), np.errstate(invalid="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: faces no photo sees
-            median = np.nanmedian(np.where(seen[..., None], colours, np.nan), axis=1)  # (F, 3)
+        with np.errstate(invalid="ignore"):  # NaN medians: faces no photo sees
+            median = median_of_seen(colours, seen)  # (F, 3)
             deviation = np.abs(colours - median[:, None]).max(-1)
         enough = seen.sum(1) >= min_views
         out[start:start + chunk_faces] = seen & enough[:, None] & (deviation > tolerance)

@@ -186,10 +186,15 @@ def solve_view_gains(samples: np.ndarray, weights: np.ndarray, iterations: int =
     active = w.sum(0) > 0
     if not active.any():
         return np.ones((n_views, 3), np.float32)
+    # Alternating weighted means; the colour terms do not change between rounds, so they are summed once and a
+    # round is two (P, L) x (L, 3) products.
+    point_weight = np.maximum(w.sum(1), 1e-30)[:, None]  # (P, 1)
+    view_weight = np.maximum(w.sum(0), 1e-30)[:, None]  # (L, 1)
+    point_colour = np.einsum("pl,plc->pc", w, log_c) / point_weight  # (P, 3)
+    view_colour = np.einsum("pl,plc->lc", w, log_c) / view_weight  # (L, 3)
     for _ in range(iterations):
-        m = (w[..., None] * (log_c + log_g[None])).sum(1) / np.maximum(w.sum(1), 1e-30)[:, None]
-        log_g = np.where(active[:, None], (w[..., None] * (m[:, None, :] - log_c)).sum(0)
-                         / np.maximum(w.sum(0), 1e-30)[:, None], 0.0)
+        m = point_colour + (w @ log_g) / point_weight
+        log_g = np.where(active[:, None], (w.T @ m) / view_weight - view_colour, 0.0)
         log_g[active] -= log_g[active].mean(0)
     return np.clip(np.exp(log_g), *limits).astype(np.float32)
 
