@@ -25,7 +25,7 @@ from pipeline.core.output_folder import FORCE_FLAG, adopt_output_dir
 from pipeline.core.workspace import Workspace
 from pipeline.export.config import DecimationMethod, ExportConfig, TextureFormat
 from pipeline.graph import STAGE_NAMES
-from workflows.summary import _print_summary, _write_report
+from workflows.summary import EarlyReport, _print_summary, _write_report
 
 STAGE_CHOICE = click.Choice(STAGE_NAMES)
 
@@ -185,10 +185,20 @@ def run(args: SceneArgs, force_out, force, start_from, until, skip, strict) -> N
     def body(ws: Workspace, cfg: ReconConfig) -> None:
         from workflows.local import run_pipeline
 
-        result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force), skip=tuple(skip),
-                              show_progress=args.show_progress)
+        early: list[EarlyReport] = []  # the report's work, done while the export runs
+
+        def before_stage(name: str) -> None:
+            if name == "export":
+                early.append(EarlyReport(ws))
+
+        try:
+            result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force),
+                                  skip=tuple(skip), show_progress=args.show_progress, before_stage=before_stage)
+        finally:
+            for report in early:
+                report.wait()
         if any(st.status == "ran" for st in result.stages) or not ws.report_path.exists():
-            _write_report(ws)
+            _write_report(ws, early[0] if early else None)
         _print_summary(result, strict=strict)
 
     _with_scene(args, body, force_out=force_out)

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 import cli
 from pipeline.analysis.appearance import render_mesh_views
-from pipeline.analysis.report import SECTIONS, build_report, colorize, refine_caption, svg_curves
+from pipeline.analysis.report import SECTIONS, build_report, colorize, refine_caption, report_parts, svg_curves
 from pipeline.core.workspace import Workspace
 
 FAST = ["--set", "depth.max_image_side=160", "--set", "refine.steps=30", "--no-progress"]
@@ -234,3 +234,17 @@ def test_refine_caption_shows_the_gate_evidence_before_and_after():
     assert "photometric residual 0.250 → 0.200" in html.unescape(text)
     assert "80.0% → 90.0%" in html.unescape(text) and "restored 2.0%" in text
     assert refine_caption({"photo_cost_init": float("nan"), "photo_cost_refined": 0.2}) == ""
+
+
+def test_the_report_work_done_before_the_export_gives_the_same_report(finished_run):
+    """A run computes the report's parts while the export runs; the GLB's renders and the timings come after."""
+    glb = finished_run.out_dir / "mesh.glb"
+    kept = glb.with_suffix(".kept")
+    glb.rename(kept)  # as before the export
+    try:
+        parts = report_parts(finished_run)
+    finally:
+        kept.rename(glb)
+    early = build_report(finished_run, parts=parts).read_text()
+    assert "mesh.glb (texture)" in sections_of(early)["renders"]
+    assert early == build_report(finished_run).read_text()

@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -276,6 +277,7 @@ def run_pipeline(
     skip: tuple[str, ...] = (),
     require_upstream: bool = False,
     show_progress: bool = True,
+    before_stage: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run every stage (up to ``until``) that is not cached and up to date.
 
@@ -284,6 +286,7 @@ def run_pipeline(
         force: re-run these stages (and, through their new outputs, what follows).
         skip: skippable stages to leave out (``refine``: fuse reads the initial depth).
         require_upstream: fail instead of computing stages before ``until`` that are not done.
+        before_stage: called with a stage's name just before it runs (not when it is cached).
     """
     _validate_names(list(force) + list(skip) + [n for n in (until, start_from) if n], "stage")
     for n in skip:
@@ -335,6 +338,8 @@ def run_pipeline(
                         logger.info("%s: recomputing damaged output(s): %s", name, ", ".join(damaged[:5]))
             ctx = StageContext(ws=ws.building_stage(name), config=cfg, name=name, fingerprint=fp, skipped=skipped,
                                show_progress=show_progress, on_spare_core=partial(preloader.after, name))
+            if before_stage is not None:
+                before_stage(name)
             t0 = time.perf_counter()
             BY_NAME[name].run(ctx)
             manifest.forget(name)  # the recorded outputs are about to be replaced

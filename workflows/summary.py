@@ -6,6 +6,8 @@ Used by ``cli.py``; the stage results come from :func:`workflows.local.run_pipel
 from __future__ import annotations
 
 import logging
+import threading
+from typing import Any
 
 import click
 
@@ -15,15 +17,46 @@ from pipeline.core.workspace import Workspace
 logger = logging.getLogger("recon")
 
 
-def _write_report(ws: Workspace) -> None:
-    """Write OUT/report.html; a report failure never fails the run (it is logged)."""
+def _write_report(ws: Workspace, early: "EarlyReport | None" = None) -> None:
+    """Write OUT/report.html (with the parts ``early`` computed, when it did); a report failure never fails the run
+    (it is logged)."""
     from pipeline.analysis.report import build_report
 
     try:
-        build_report(ws)
+        build_report(ws, parts=early.result() if early is not None else None)
     except Exception as exc:  # noqa: BLE001 - the report is a by-product
         logger.warning("could not write %s: %s", ws.report_path, exc)
         logger.debug("report failure", exc_info=exc)
+
+
+class EarlyReport:
+    """The bulk of the report (:func:`pipeline.analysis.report.report_parts`), computed in a daemon thread while the
+    export runs: what it reads is final once the mesh is fused."""
+
+    def __init__(self, ws: Workspace):
+        self._parts: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._compute, args=(ws,), name="recon-report", daemon=True)
+        self._thread.start()
+
+    def _compute(self, ws: Workspace) -> None:
+        from pipeline.analysis.report import report_parts
+
+        try:
+            self._parts = report_parts(ws)
+        except BaseException as exc:  # noqa: BLE001 - raised again by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        """The :class:`pipeline.analysis.report.ReportParts`, once computed; raises what computing them raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._parts
+
+    def wait(self) -> None:
+        """Let the thread finish (before the process exits, also after an error)."""
+        self._thread.join()
 
 
 def _print_summary(result, *, strict: bool = False) -> None:

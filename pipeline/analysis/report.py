@@ -15,6 +15,7 @@ import html
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from PIL import Image
 from pipeline.analysis.appearance import render_mesh_views, render_textured_views
 from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.io import SfmScene, load_depth_map, load_rgb
-from pipeline.core.raycast import LoadedMesh, load_mesh
+from pipeline.core.raycast import load_mesh
 from pipeline.core.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -363,15 +364,16 @@ def _glb_frame(ws: Workspace) -> np.ndarray | None:
     return np.asarray(info["normalized_from_sfm"], dtype=np.float64)
 
 
-def _renders_section(ws: Workspace, scene: SfmScene | None, mesh: LoadedMesh | None) -> str:
-    if scene is None or not ws.mesh_path.exists():
+def _renders_section(ws: Workspace, scene: SfmScene | None, mesh_views: list | None) -> str:
+    """``mesh_views``: :func:`render_mesh_views` of mesh.ply (None: no mesh); the GLB is rendered here."""
+    if scene is None or mesh_views is None:
         return "<p class='note'>no mesh yet</p>"
     glb = ws.out_dir / "mesh.glb"
     textured = dict(render_textured_views(glb, scene, normalized_from_mesh=_glb_frame(ws))) if glb.is_file() else {}
     parts = ["<p>The final mesh ray-cast from input cameras: photo · "
              + ("the exported GLB with its texture (unlit) · " if textured else "")
              + "mesh.ply with its vertex colours (unlit) · mesh shaded (geometry only).</p>"]
-    for name, photo, coloured, shaded in render_mesh_views(mesh, scene):
+    for name, photo, coloured, shaded in mesh_views:
         texture_figure = _figure(_data_uri(textured[name], "JPEG"), "mesh.glb (texture)") if name in textured else ""
         parts.append(f"<div class='view'><b>{html.escape(name)}</b><br>" + _figure(_data_uri(photo, "JPEG"), "photo")
                      + texture_figure + _figure(_data_uri(coloured, "JPEG"), "mesh.ply (colour)")
@@ -436,18 +438,29 @@ def _eval_section(ev: dict[str, Any] | None) -> str:
 
 # ---- entry point ---------------------------------------------------------------------------
 
-def build_report(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | None = None) -> Path:
-    """Write ``OUT/report.html`` from whatever caches exist; returns its path.
+@dataclass
+class ReportParts:
+    """What the report reads from the caches up to the fused mesh, the bulk of its work (it reads the mesh, casts
+    rays at it, draws the thumbnails): a run computes it while the export runs (:func:`build_report` with
+    ``parts``), and only the GLB's renders and the timings wait for the export."""
+
+    sections: dict[str, tuple[str, str]]
+    """Section id → (title, HTML), every section but the timings and the renders."""
+    scene: SfmScene | None
+    mesh_views: list | None
+    """:func:`pipeline.analysis.appearance.render_mesh_views` of mesh.ply (None: no mesh)."""
+
+
+def report_parts(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | None = None) -> ReportParts:
+    """:class:`ReportParts` from whatever caches exist.
 
     Args:
-        ws: the run's workspace.
         max_views: most views shown as thumbnails (spread over the run).
         diagnose_report: a :func:`pipeline.analysis.diagnose.diagnose` result (computed here when None).
     """
     from pipeline.core.io import load_sfm_scene
 
-    manifest = json.loads(ws.manifest_path.read_text()) if ws.manifest_path.exists() else {"stages": {}}
-    stages = manifest.get("stages", {})
+    stages = _manifest_stages(ws)
     scene = None
     try:
         scene = load_sfm_scene(ws)
@@ -473,16 +486,36 @@ def build_report(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | 
             ev = json.loads(eval_path.read_text())
         except ValueError as exc:
             logger.warning("%s: unreadable (%s); the report leaves the metrics out", eval_path, exc)
-
-    body = {
-        "timings": ("Stage timings", _timings_section(stages)),
+    sections = {
         "sfm": ("SfM", _sfm_section(scene, stages.get("sfm", {}).get("summary", {}))),
         "views": ("Views", _views_section(ws, scene, max_views)),
         "curves": ("Refinement curves", _curves_section(ws)),
-        "renders": ("Mesh renders vs photos", _renders_section(ws, scene, mesh)),
         "diagnose": ("Diagnostics", _diagnose_section(diagnose_report)),
         "eval": ("Evaluation against ground truth", _eval_section(ev)),
     }
+    mesh_views = list(render_mesh_views(mesh, scene)) if scene is not None and ws.mesh_path.exists() else None
+    return ReportParts(sections=sections, scene=scene, mesh_views=mesh_views)
+
+
+def _manifest_stages(ws: Workspace) -> dict[str, Any]:
+    manifest = json.loads(ws.manifest_path.read_text()) if ws.manifest_path.exists() else {"stages": {}}
+    return manifest.get("stages", {})
+
+
+def build_report(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | None = None,
+                 parts: ReportParts | None = None) -> Path:
+    """Write ``OUT/report.html`` from whatever caches exist; returns its path.
+
+    Args:
+        ws: the run's workspace.
+        max_views, diagnose_report: see :func:`report_parts`.
+        parts: :func:`report_parts` computed earlier (None: computed here); the timings and the GLB's renders are
+            read now.
+    """
+    if parts is None:
+        parts = report_parts(ws, max_views=max_views, diagnose_report=diagnose_report)
+    body = {"timings": ("Stage timings", _timings_section(_manifest_stages(ws))), **parts.sections,
+            "renders": ("Mesh renders vs photos", _renders_section(ws, parts.scene, parts.mesh_views))}
     nav = " · ".join(f"<a href='#{sid}'>{html.escape(body[sid][0])}</a>" for sid in SECTIONS)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>recon report</title>"
              f"<style>{_CSS}</style></head><body>",
