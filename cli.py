@@ -194,9 +194,10 @@ def run(args: SceneArgs, force_out, force, start_from, until, skip, strict) -> N
         try:
             result = run_pipeline(ws, cfg, until=until, start_from=start_from, force=tuple(force),
                                   skip=tuple(skip), show_progress=args.show_progress, before_stage=before_stage)
-        finally:
+        except BaseException:
             for report in early:
-                report.wait()
+                report.cancel()
+            raise
         if any(st.status == "ran" for st in result.stages) or not ws.report_path.exists():
             _write_report(ws, early[0] if early else None)
         _print_summary(result, strict=strict)

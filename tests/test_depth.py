@@ -213,10 +213,11 @@ def test_ncc_cost_is_invariant_to_gain_and_offset(device):
     assert (mvs.ncc_cost(stats, torch.cat([ref, other]), inside)[1, :, :10] == mvs.OUTSIDE_COST).all()
 
 
-def test_box_filter_paths_agree():
+@pytest.mark.parametrize("copies", [4, 5, 6])  # 12, 15 and 18 channels: depthwise convolution
+def test_box_filter_paths_agree(copies):
     g = torch.Generator().manual_seed(2)
-    few = torch.rand(1, 3, 30, 40, generator=g)
-    many = few.repeat(1, 6, 1, 1)  # >= 16 channels: depthwise convolution
+    few = torch.rand(1, 3, 30, 40, generator=g)  # 3 channels: shifted sums
+    many = few.repeat(1, copies, 1, 1)
     torch.testing.assert_close(mvs.box_filter(few, 5), mvs.box_filter(many, 5)[:, :3], atol=1e-6, rtol=0)
     torch.testing.assert_close(mvs.box_filter(few, 5)[0, 0, 10, 10], few[0, 0, 8:13, 8:13].mean(), atol=1e-6, rtol=0)
 

@@ -32,16 +32,33 @@ from pipeline.synthetic.groundtruth import scene_from_ground_truth
 
 # ---- helpers -------------------------------------------------------------------------------
 
-def test_sample_views_matches_sample_image(device):
+@pytest.mark.parametrize("channels", [1, 3])  # one channel: the 1-D gather
+def test_sample_views_matches_sample_image(device, channels):
     torch.manual_seed(0)
-    maps = torch.rand(5, 3, 17, 23, device=device)
+    maps = torch.rand(5, channels, 17, 23, device=device)
     view = torch.randint(0, 5, (2, 300), device=device)
     uv = torch.rand(2, 300, 2, device=device) * torch.tensor([27.0, 21.0], device=device) - 2.0  # some outside
     out = sample_views(maps.permute(0, 2, 3, 1).contiguous(), view, uv)
     expected = torch.stack([torch.stack([sample_image(maps[view[b, n]][None], uv[b, n][None, None])[0, :, 0]
                                          for n in range(300)], -1) for b in range(2)])
-    assert out.shape == (2, 3, 300)
+    assert out.shape == (2, channels, 300)
     assert torch.allclose(out, expected, atol=1e-5)
+    if channels == 1:  # with gradients (the hand-written backward pass), the same values
+        uv_g = uv.clone().requires_grad_(True)
+        assert torch.allclose(sample_views(maps.permute(0, 2, 3, 1).contiguous(), view, uv_g), expected, atol=1e-5)
+
+
+def test_all_finite_flags_nan_and_inf_on_the_fused_and_the_plain_path():
+    from pipeline.refine.optimizer import all_finite
+
+    finite = [torch.randn(3, 4), torch.randn(5)]
+    assert bool(all_finite(finite)) and bool(all_finite([]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not bool(all_finite([*finite, torch.tensor([1.0, bad])]))
+        assert not bool(all_finite([torch.tensor([bad]).expand(4)]))  # an expanded tensor: the plain path
+    kept = [t.clone() for t in finite]
+    all_finite(kept)
+    assert all(torch.equal(a, b) for a, b in zip(kept, finite))  # the check changes nothing
 
 
 def test_sample_views_gradient_wrt_uv():

@@ -248,3 +248,27 @@ def test_the_report_work_done_before_the_export_gives_the_same_report(finished_r
     early = build_report(finished_run, parts=parts).read_text()
     assert "mesh.glb (texture)" in sections_of(early)["renders"]
     assert early == build_report(finished_run).read_text()
+
+
+def test_a_failed_early_report_is_computed_again(finished_run, monkeypatch):
+    from pipeline.analysis import report as report_mod
+    from workflows.summary import EarlyReport, _write_report
+
+    def broken(ws, **kw):
+        raise RuntimeError("simulated failure in the report thread")
+
+    monkeypatch.setattr(report_mod, "report_parts", broken)
+    early = EarlyReport(finished_run)
+    with pytest.raises(RuntimeError):
+        early.result()
+    monkeypatch.undo()
+    finished_run.report_path.unlink()
+    _write_report(finished_run, early)
+    assert list(sections_of(finished_run.report_path.read_text())) == list(SECTIONS)
+
+
+def test_an_early_report_stops_when_cancelled(finished_run):
+    from pipeline.analysis.report import ReportStopped
+
+    with pytest.raises(ReportStopped):
+        report_parts(finished_run, stop=lambda: True)

@@ -502,6 +502,7 @@ def test_median_of_seen_equals_nanmedian_of_the_seen_values():
     got = median_of_seen(values, seen)
     assert got.dtype == np.float32 and np.isnan(got[:5]).all()
     np.testing.assert_array_equal(got, expected)
+    assert np.isnan(median_of_seen(values[:, :0], seen[:, :0])).all()  # no views at all
 
 
 def test_view_gains_are_the_alternating_weighted_means():

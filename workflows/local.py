@@ -304,7 +304,7 @@ def run_pipeline(
     adopt_output_dir(ws)
     results: list[StageResult] = []
     preloader = _Preloader(list(names))
-    with run_lock(ws.lock_path):
+    with run_lock(ws.lock_path), contextlib.closing(preloader):
         for name in names:
             if BY_NAME[name].precheck is not None:
                 BY_NAME[name].precheck(ws, cfg)
@@ -340,6 +340,7 @@ def run_pipeline(
                                show_progress=show_progress, on_spare_core=partial(preloader.after, name))
             if before_stage is not None:
                 before_stage(name)
+            preloader.join()  # the stage imports its own modules: never while the preload thread imports
             t0 = time.perf_counter()
             BY_NAME[name].run(ctx)
             manifest.forget(name)  # the recorded outputs are about to be replaced
@@ -364,7 +365,6 @@ def run_pipeline(
             )
             logger.info("%s: done in %.1f s", name, seconds)
             results.append(StageResult(name, "ran", seconds, ctx.summary))
-    preloader.join()
     order = {n: i for i, n in enumerate(STAGE_NAMES)}
     results.sort(key=lambda r: order[r.name])
     return RunResult(ws=ws, stages=results)
@@ -388,9 +388,14 @@ class _Preloader:
             self.threads.append(thread)
 
     def join(self) -> None:
-        """Wait for the loads (normally long done), so the interpreter never exits in the middle of an import."""
+        """Wait for the loads started so far (normally long done)."""
         for thread in self.threads:
             thread.join()
+        self.threads.clear()
+
+    def close(self) -> None:
+        """At the end of the run, also after an error: the interpreter never exits in the middle of an import."""
+        self.join()
 
 
 def published_outputs(ws: Workspace) -> list[Path]:

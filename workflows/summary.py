@@ -7,23 +7,32 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from pipeline.core.errors import ReconError
 from pipeline.core.workspace import Workspace
 
+if TYPE_CHECKING:
+    from pipeline.analysis.report import ReportParts
+
 logger = logging.getLogger("recon")
 
 
-def _write_report(ws: Workspace, early: "EarlyReport | None" = None) -> None:
-    """Write OUT/report.html (with the parts ``early`` computed, when it did); a report failure never fails the run
+def _write_report(ws: Workspace, early: EarlyReport | None = None) -> None:
+    """Write OUT/report.html (with the parts ``early`` computed, when it could); a report failure never fails the run
     (it is logged)."""
     from pipeline.analysis.report import build_report
 
+    parts = None
+    if early is not None:
+        try:
+            parts = early.result()
+        except Exception as exc:  # noqa: BLE001 - computed again below, where a failure is reported
+            logger.debug("the report's parts computed during the export failed: %s", exc)
     try:
-        build_report(ws, parts=early.result() if early is not None else None)
+        build_report(ws, parts=parts)
     except Exception as exc:  # noqa: BLE001 - the report is a by-product
         logger.warning("could not write %s: %s", ws.report_path, exc)
         logger.debug("report failure", exc_info=exc)
@@ -34,8 +43,9 @@ class EarlyReport:
     export runs: what it reads is final once the mesh is fused."""
 
     def __init__(self, ws: Workspace):
-        self._parts: Any = None
-        self._error: BaseException | None = None
+        self._parts: ReportParts | None = None
+        self._error: Exception | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._compute, args=(ws,), name="recon-report", daemon=True)
         self._thread.start()
 
@@ -43,19 +53,22 @@ class EarlyReport:
         from pipeline.analysis.report import report_parts
 
         try:
-            self._parts = report_parts(ws)
-        except BaseException as exc:  # noqa: BLE001 - raised again by result()
+            self._parts = report_parts(ws, stop=self._stop.is_set)
+        except Exception as exc:  # noqa: BLE001 - raised again by result()
             self._error = exc
 
-    def result(self) -> Any:
-        """The :class:`pipeline.analysis.report.ReportParts`, once computed; raises what computing them raised."""
+    def result(self) -> ReportParts:
+        """The parts, once computed; raises what computing them raised."""
         self._thread.join()
         if self._error is not None:
             raise self._error
+        assert self._parts is not None
         return self._parts
 
-    def wait(self) -> None:
-        """Let the thread finish (before the process exits, also after an error)."""
+    def cancel(self) -> None:
+        """Stop at the next step and let the thread end (the run failed or was interrupted): the process never exits
+        in the middle of a ray cast."""
+        self._stop.set()
         self._thread.join()
 
 

@@ -15,6 +15,7 @@ import html
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,7 +365,8 @@ def _glb_frame(ws: Workspace) -> np.ndarray | None:
     return np.asarray(info["normalized_from_sfm"], dtype=np.float64)
 
 
-def _renders_section(ws: Workspace, scene: SfmScene | None, mesh_views: list | None) -> str:
+def _renders_section(ws: Workspace, scene: SfmScene | None,
+                     mesh_views: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] | None) -> str:
     """``mesh_views``: :func:`render_mesh_views` of mesh.ply (None: no mesh); the GLB is rendered here."""
     if scene is None or mesh_views is None:
         return "<p class='note'>no mesh yet</p>"
@@ -447,18 +449,28 @@ class ReportParts:
     sections: dict[str, tuple[str, str]]
     """Section id → (title, HTML), every section but the timings and the renders."""
     scene: SfmScene | None
-    mesh_views: list | None
+    mesh_views: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] | None
     """:func:`pipeline.analysis.appearance.render_mesh_views` of mesh.ply (None: no mesh)."""
 
 
-def report_parts(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | None = None) -> ReportParts:
+class ReportStopped(Exception):
+    """:func:`report_parts` was asked to stop (the run failed or was interrupted)."""
+
+
+def report_parts(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | None = None,
+                 stop: Callable[[], bool] | None = None) -> ReportParts:
     """:class:`ReportParts` from whatever caches exist.
 
     Args:
         max_views: most views shown as thumbnails (spread over the run).
         diagnose_report: a :func:`pipeline.analysis.diagnose.diagnose` result (computed here when None).
+        stop: checked between the steps; True raises :class:`ReportStopped`.
     """
     from pipeline.core.io import load_sfm_scene
+
+    def check() -> None:
+        if stop is not None and stop():
+            raise ReportStopped
 
     stages = _manifest_stages(ws)
     scene = None
@@ -472,6 +484,7 @@ def report_parts(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | 
             mesh = load_mesh(ws.mesh_path)
         except Exception as exc:  # noqa: BLE001 - a report shows what exists
             logger.debug("mesh unreadable for the report: %s", exc)
+    check()
     if diagnose_report is None and scene is not None:
         try:
             from pipeline.analysis.diagnose import diagnose
@@ -479,6 +492,7 @@ def report_parts(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | 
             diagnose_report = diagnose(ws, mesh)
         except Exception as exc:  # noqa: BLE001
             logger.debug("diagnose failed in the report: %s", exc)
+    check()
     eval_path = ws.out_dir / "eval.json"
     ev = None
     if eval_path.exists():
@@ -493,7 +507,12 @@ def report_parts(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | 
         "diagnose": ("Diagnostics", _diagnose_section(diagnose_report)),
         "eval": ("Evaluation against ground truth", _eval_section(ev)),
     }
-    mesh_views = list(render_mesh_views(mesh, scene)) if scene is not None and ws.mesh_path.exists() else None
+    mesh_views = None
+    if scene is not None and ws.mesh_path.exists():
+        mesh_views = []
+        for rendered in render_mesh_views(mesh, scene):
+            check()
+            mesh_views.append(rendered)
     return ReportParts(sections=sections, scene=scene, mesh_views=mesh_views)
 
 
@@ -517,12 +536,12 @@ def build_report(ws: Workspace, *, max_views: int = 12, diagnose_report: dict | 
     body = {"timings": ("Stage timings", _timings_section(_manifest_stages(ws))), **parts.sections,
             "renders": ("Mesh renders vs photos", _renders_section(ws, parts.scene, parts.mesh_views))}
     nav = " · ".join(f"<a href='#{sid}'>{html.escape(body[sid][0])}</a>" for sid in SECTIONS)
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>recon report</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>recon report</h1><p>scene <code>{html.escape(str(ws.scene_dir))}</code> → "
-             f"<code>{html.escape(str(ws.out_dir))}</code></p>",
-             f"<nav>{nav}</nav>"]
-    parts += [_section(sid, *body[sid]) for sid in SECTIONS]
-    parts.append("</body></html>")
-    write_bytes_atomic(ws.report_path, "\n".join(parts).encode())
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>recon report</title>"
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>recon report</h1><p>scene <code>{html.escape(str(ws.scene_dir))}</code> → "
+            f"<code>{html.escape(str(ws.out_dir))}</code></p>",
+            f"<nav>{nav}</nav>"]
+    page += [_section(sid, *body[sid]) for sid in SECTIONS]
+    page.append("</body></html>")
+    write_bytes_atomic(ws.report_path, "\n".join(page).encode())
     return ws.report_path

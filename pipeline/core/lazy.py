@@ -29,11 +29,11 @@ def import_in_background(modules: Iterable[str]) -> threading.Thread | None:
     For libraries that take seconds to load (torch, Open3D): a run loads the
     later stages' modules while an earlier stage leaves a core idle (COLMAP's
     single-threaded mapping), instead of when each stage starts. An import that
-    fails here is left to the stage's own import, which reports it; a module
-    that another thread is importing meanwhile is simply waited for (Python's
-    per-module import locks).
+    fails here is left to the stage's own import, which reports it. Callers
+    join the thread before importing anything themselves (two threads
+    importing modules that import each other can see a half-loaded module).
     """
-    names = [m for m in dict.fromkeys(modules)]
+    names = list(dict.fromkeys(modules))
     if not names:
         return None
 

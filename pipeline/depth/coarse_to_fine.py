@@ -125,15 +125,18 @@ def _offset_sweep(ref: RefStats, sources: Sequence[Source], centre_hw: torch.Ten
 def median_filter(x_hw: torch.Tensor, radius: int) -> torch.Tensor:
     """Median over a (2r+1)² window (replicated borders): an edge-preserving smoother of depth maps.
 
-    The same values as ``torch.median`` over each window (for finite inputs),
-    through a selection network of elementwise min / max over the window's
-    shifted copies (:func:`median_network`): 3-4 times faster on a CPU.
+    On a CPU through a selection network of elementwise min / max over the
+    window's shifted copies (:func:`median_network`; 3-4 times faster than a
+    sort per pixel), which gives the values of ``torch.median`` for NaN-free
+    input; elsewhere ``torch.median`` itself (one kernel instead of hundreds).
     """
     if radius <= 0:
         return x_hw
     k = 2 * radius + 1
     h, w = x_hw.shape
     p = F.pad(x_hw[None, None], (radius, radius, radius, radius), mode="replicate")[0, 0]
+    if x_hw.device.type != "cpu":
+        return p.unfold(0, k, 1).unfold(1, k, 1).reshape(h, w, k * k).median(-1).values
     values = [p[i : i + h, j : j + w] for i in range(k) for j in range(k)]
     n = len(values)
     for i, j, keep_low, keep_high in median_network(n):

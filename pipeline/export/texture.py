@@ -137,9 +137,12 @@ def median_of_seen(values: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """(F, C) median over axis 1 of ``values`` (F, L, C) where ``seen`` (F, L), NaN where nothing is seen.
 
     The values of ``np.nanmedian`` with the unseen entries as NaN (the mean
-    of the two middle values for an even count), from one sort along the
-    short axis instead of its partition per row, which is several times slower.
+    of the two middle values for an even count) for NaN-free seen values,
+    from one sort along the short axis instead of its partition per row,
+    which is several times slower.
     """
+    if values.shape[1] == 0:
+        return np.full((values.shape[0], values.shape[2]), np.nan, values.dtype)
     ordered = np.sort(np.where(seen[..., None], values, np.nan), axis=1)  # NaN last
     count = seen.sum(1)[:, None, None]  # (F, 1, 1)
     low = np.take_along_axis(ordered, np.maximum((count - 1) // 2, 0), axis=1)[:, 0]

@@ -191,7 +191,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     pass, no temporaries; it multiplies by 1.0 in place, which changes nothing) where available."""
     check = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
     if check is not None and tensors:
-        found = torch.zeros((), device=tensors[0].device)
+        found = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         try:
             check(list(tensors), found, torch.ones((), device=found.device))
             return found == 0

@@ -308,7 +308,8 @@ def map_once(ctx: StageContext, database: Path, n_images: int, *, relaxed: bool)
     paths = sfm_paths(ctx.ws)
     work = Path(tempfile.mkdtemp(prefix=".mapping.", dir=paths.stage_dir))
     try:
-        if threads(cfg.mapper_threads) < (os.cpu_count() or 1):  # (sfm.mapper_threads is 1 by default)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if threads(cfg.mapper_threads) < cpus:  # (sfm.mapper_threads is 1 by default)
             ctx.spare_core()
         with ctx.bar(desc="mapping (registered images)", total=n_images, unit="img") as bar:
 
