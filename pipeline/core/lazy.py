@@ -26,7 +26,7 @@ def lazy_attributes(package: str, where: Mapping[str, str]) -> Callable[[str], A
 def import_in_background(modules: Iterable[str]) -> threading.Thread | None:
     """Import ``modules`` in a daemon thread and return it (None: nothing to import).
 
-    For libraries that take seconds to load (torch, Open3D): a run loads the
+    For libraries that take a second to load (Open3D, trimesh): a run loads the
     later stages' modules while an earlier stage leaves a core idle (COLMAP's
     single-threaded mapping), instead of when each stage starts. An import that
     fails here is left to the stage's own import, which reports it. Callers

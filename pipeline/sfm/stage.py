@@ -47,6 +47,7 @@ from pipeline.core.errors import ReconError
 from pipeline.core.geometry import normalizing_similarity, similarity_matrix
 from pipeline.core.native_output import native_output_to
 from pipeline.core.settings import check_section
+from pipeline.core.workers import available_cpus
 from pipeline.core.workspace import Workspace
 from pipeline.sfm.colmap_steps import RETRY_PEAK_THRESHOLD_FACTOR, run_step, threads
 from pipeline.sfm.config import CameraMode, Matcher, SfmConfig, colmap_camera_model, colmap_camera_models  # noqa: F401 - re-exported
@@ -308,8 +309,7 @@ def map_once(ctx: StageContext, database: Path, n_images: int, *, relaxed: bool)
     paths = sfm_paths(ctx.ws)
     work = Path(tempfile.mkdtemp(prefix=".mapping.", dir=paths.stage_dir))
     try:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if threads(cfg.mapper_threads) < cpus:  # (sfm.mapper_threads is 1 by default)
+        if threads(cfg.mapper_threads) < available_cpus():  # (sfm.mapper_threads is 1 by default)
             ctx.spare_core()
         with ctx.bar(desc="mapping (registered images)", total=n_images, unit="img") as bar:
 
