@@ -451,3 +451,15 @@ def test_window_taps_spread_out_on_larger_maps():
     assert wide.shape == base.shape and torch.equal(wide[12], torch.zeros(2))
     assert sorted(set(wide[:, 0].tolist())) == [-3.0, -2.0, 0.0, 2.0, 3.0]  # symmetric, integer, distinct
     assert torch.equal(losses.window_offsets(1, 2.5)[:, 1].unique(), torch.tensor([-3.0, 0.0, 3.0]))
+
+
+def test_checkerboard_window_keeps_every_other_tap_over_the_same_extent():
+    full = losses.window_offsets(2, 1.6)
+    board = losses.window_offsets(2, 1.6, checkerboard=True)
+    assert board.shape == (13, 2) and torch.equal(board[6], torch.zeros(2))  # the centre tap in the middle
+    assert torch.equal(board.abs().amax(0), full.abs().amax(0))  # same extent
+    assert torch.equal(board, -board.flip(0))  # symmetric about the centre
+    rows = {tuple(t) for t in full.tolist()}
+    assert {tuple(t) for t in board.tolist()} < rows
+    steps = losses.window_offsets(2, checkerboard=True)
+    assert ((steps[:, 0] + steps[:, 1]) % 2 == 0).all() and losses.window_offsets(1, checkerboard=True).shape == (5, 2)

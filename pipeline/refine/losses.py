@@ -357,15 +357,20 @@ def dense_terms(depth_b1hw: torch.Tensor, edge_w: tuple[torch.Tensor, torch.Tens
 
 # ---- photometric (L_photo) ---------------------------------------------------------------
 
-def window_offsets(radius: int, spacing: float = 1.0) -> torch.Tensor:
+def window_offsets(radius: int, spacing: float = 1.0, checkerboard: bool = False) -> torch.Tensor:
     """Integer pixel offsets ``(dx, dy)`` of a ``(2r+1)^2`` window, row by row: (T, 2) float32, the centre at index
     T // 2. With ``spacing`` > 1 the taps are about ``spacing`` pixels apart (distances rounded half up, so the window
     stays symmetric): the same number of taps over a wider window, for maps larger than the resolution the window was
-    chosen at."""
+    chosen at. With ``checkerboard`` only the taps whose row and column offsets (in taps) have an even sum: ``T =
+    (2r+1)^2 // 2 + 1`` over the same extent, still symmetric about the centre."""
     r = torch.arange(-radius, radius + 1, dtype=torch.float64)
     r = (r.sign() * torch.floor(r.abs() * max(spacing, 1.0) + 0.5)).to(torch.float32)
     dy, dx = torch.meshgrid(r, r, indexing="ij")
-    return torch.stack([dx.reshape(-1), dy.reshape(-1)], -1)
+    offsets = torch.stack([dx.reshape(-1), dy.reshape(-1)], -1)
+    if checkerboard:
+        i = torch.arange(-radius, radius + 1)
+        offsets = offsets[((i[:, None] + i[None, :]) % 2 == 0).reshape(-1)]
+    return offsets
 
 
 def bilateral_weights(ref_taps_bnt: torch.Tensor, offsets_t2: torch.Tensor, *, sigma_color: float,

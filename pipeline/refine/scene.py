@@ -223,7 +223,8 @@ def photo_inputs(images: Sequence[np.ndarray | None], tables: _SceneTables, cfg:
     gray = _scene_images(images, tables.shapes, tables.height, tables.width, cfg.photo_blur * scale, device)
     if gray is None:
         return None
-    return PhotoInputs(images=gray, offsets=losses.window_offsets(cfg.photo_radius, scale).to(device))
+    offsets = losses.window_offsets(cfg.photo_radius, scale, cfg.photo_checkerboard)
+    return PhotoInputs(images=gray, offsets=offsets.to(device))
 
 
 def _scene_images(images: Sequence[np.ndarray | None], shapes: Sequence[tuple[int, int]], height: int, width: int,
