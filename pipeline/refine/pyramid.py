@@ -114,11 +114,21 @@ def upsample2x(x_b1hw: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _upsample2x_values(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    xp = F.pad(x, (1, 1, 0, 0), mode="replicate")
-    y = torch.stack([0.25 * xp[..., :-2] + 0.75 * x, 0.75 * x + 0.25 * xp[..., 2:]], -1).flatten(-2)
-    yp = F.pad(y, (0, 0, 1, 1), mode="replicate")
-    y = torch.stack([0.25 * yp[..., :-2, :] + 0.75 * y, 0.75 * y + 0.25 * yp[..., 2:, :]], -2).flatten(-3, -2)
-    return y[..., :height, :width]
+    y = _upsample2x_along(x, x.dim() - 1)
+    return _upsample2x_along(y, y.dim() - 2)[..., :height, :width]
+
+
+def _upsample2x_along(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """One of the last two axes (``dim``) of :func:`upsample2x`: ``out[2j] = 0.25 x[j-1] + 0.75 x[j]``, ``out[2j+1] =
+    0.75 x[j] + 0.25 x[j+1]`` (border replicated), written straight into the interleaved output; 0.25 x is exact,
+    so each value is rounded once, as in ``0.25 * a + 0.75 * b``."""
+    n = x.shape[dim]
+    xp = F.pad(x, (1, 1, 0, 0) if dim == x.dim() - 1 else (0, 0, 1, 1), mode="replicate")
+    three_quarters = 0.75 * x
+    out = x.new_empty(*x.shape[:dim + 1], 2, *x.shape[dim + 1:])
+    torch.add(three_quarters, xp.narrow(dim, 0, n), alpha=0.25, out=out.select(dim + 1, 0))
+    torch.add(three_quarters, xp.narrow(dim, 2, n), alpha=0.25, out=out.select(dim + 1, 1))
+    return out.flatten(dim, dim + 1)
 
 
 def _transpose_along(g: torch.Tensor, dim: int) -> torch.Tensor:
@@ -131,9 +141,15 @@ def _transpose_along(g: torch.Tensor, dim: int) -> torch.Tensor:
     """
     even, odd = g.unflatten(dim, (-1, 2)).unbind(dim + 1)
     n = even.shape[dim]
-    after = torch.cat([even.narrow(dim, 1, n - 1), odd.narrow(dim, n - 1, 1)], dim)  # g[2j+2], border g[2n-1]
-    before = torch.cat([even.narrow(dim, 0, 1), odd.narrow(dim, 0, n - 1)], dim)  # g[2j-1], border g[0]
-    return 0.75 * (even + odd) + 0.25 * (after + before)
+    if n == 1:
+        return (even + odd).mul_(0.75).add_(odd + even, alpha=0.25)
+    # sides[j] = g[2j+2] + g[2j-1] (borders: g[2n-1], g[0]), written in three slices instead of two concatenations
+    sides = torch.empty_like(even)
+    torch.add(even.narrow(dim, 1, 1), even.narrow(dim, 0, 1), out=sides.narrow(dim, 0, 1))
+    torch.add(even.narrow(dim, 2, n - 2), odd.narrow(dim, 0, n - 2), out=sides.narrow(dim, 1, n - 2))
+    torch.add(odd.narrow(dim, n - 1, 1), odd.narrow(dim, n - 2, 1), out=sides.narrow(dim, n - 1, 1))
+    # 0.25 · sides is exact, so this rounds as 0.75 (even + odd) + 0.25 sides does
+    return (even + odd).mul_(0.75).add_(sides, alpha=0.25)
 
 
 def _upsample2x_transpose(grad: torch.Tensor, h: int, w: int) -> torch.Tensor:
