@@ -574,3 +574,24 @@ def test_a_corrupt_exif_warning_names_the_photo(tmp_path, caplog):
         prepare_image(src, tmp_path / "out.jpg", max_image_size=2000, jpeg_quality=95)
     named = [r.getMessage() for r in caplog.records if "Corrupt EXIF" in r.getMessage()]
     assert named and all(m.startswith(f"{src}: ") for m in named)
+
+
+def test_mapping_adjusts_the_whole_model_at_the_configured_growth(monkeypatch, tmp_path):
+    """sfm.global_ba_growth reaches COLMAP's incremental mapping (images / frames and points ratios)."""
+    from pipeline.sfm import colmap_steps
+
+    seen = {}
+
+    def fake_mapping(database, input_dir, work_dir, *, options, **_):
+        frames = getattr(options, "ba_global_frames_ratio", None)
+        seen["frames"] = options.ba_global_images_ratio if frames is None else frames
+        seen["points"] = options.ba_global_points_ratio
+        return {}
+
+    monkeypatch.setattr(pycolmap, "incremental_mapping", fake_mapping)
+    cfg = load_config(overrides=["sfm.global_ba_growth=1.7"]).sfm
+    result = colmap_steps.map_incremental(database=str(tmp_path / "db"), input_dir=str(tmp_path),
+                                          work_dir=str(tmp_path / "w"), out_dir=str(tmp_path / "o"), cfg=cfg,
+                                          relaxed=False, emit=lambda e: None)
+    assert result is None and seen == {"frames": pytest.approx(1.7), "points": pytest.approx(1.7)}
+    assert pycolmap.IncrementalPipelineOptions().ba_global_points_ratio == pytest.approx(1.1)  # COLMAP's own default

@@ -153,6 +153,7 @@ def map_incremental(*, database: str, input_dir: str, work_dir: str, out_dir: st
     options = pycolmap.IncrementalPipelineOptions()
     options.random_seed = cfg.seed
     options.num_threads = threads(cfg.mapper_threads)
+    set_global_ba_growth(options, cfg.global_ba_growth)
     if relaxed:
         relax_incremental(options)
     count = [0]
@@ -169,6 +170,14 @@ def map_incremental(*, database: str, input_dir: str, work_dir: str, out_dir: st
     models = pycolmap.incremental_mapping(database, input_dir, work_dir, options=options,
                                           initial_image_pair_callback=initial_pair, next_image_callback=next_image)
     return _write_largest(models, out_dir)
+
+
+def set_global_ba_growth(options: Any, growth: float) -> None:
+    """Global bundle adjustment of a ``pycolmap.IncrementalPipelineOptions`` whenever the registered images (frames
+    since pycolmap 3.12) or the points grew by ``growth`` since the last one."""
+    for name in ("ba_global_frames_ratio", "ba_global_images_ratio", "ba_global_points_ratio"):
+        if hasattr(options, name):
+            setattr(options, name, growth)
 
 
 RELAXED_INCREMENTAL: dict[str, Any] = {

@@ -77,3 +77,7 @@ class SfmConfig:
     mapper_threads: int = setting(
         1, "CPU threads of COLMAP's incremental mapping, i.e. bundle adjustment (-1: all, faster on large scenes; 1 "
         "keeps SfM repeatable run to run).", check=threads())
+    global_ba_growth: float = setting(
+        1.3, "Incremental mapping re-adjusts the whole model when its registered images or points have grown by this "
+        "factor since the last global bundle adjustment (COLMAP: 1.1; the finished model is always adjusted).",
+        check=at_least(1.0))
