@@ -52,7 +52,7 @@ class RefineConfig:
         1.0, "Weight of the photometric loss L_photo: 1 − ZNCC of each sampled pixel's window, warped through the "
         "predicted depth into the best neighbour images (0 = off).", check=at_least(0))
     photo_samples_per_view: int = setting(
-        512, "Pixels sampled per view per step for L_photo (each with its whole window).", check=at_least(1))
+        384, "Pixels sampled per view per step for L_photo (each with its whole window).", check=at_least(1))
     photo_radius: int = setting(
         2, "L_photo window radius in pixels ((2r+1)^2 taps, about half with photo_checkerboard, each warped through "
         "its own predicted depth; spread out proportionally on maps larger than depth.reference_side).",
