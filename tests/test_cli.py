@@ -111,3 +111,33 @@ def test_unexpected_error_is_one_line_with_log(runner, tmp_path, monkeypatch):
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: unexpected ZeroDivisionError") and "log.txt" in last
     assert "Traceback" in (tmp_path / "recon" / "log.txt").read_text()
+
+
+def test_a_signal_inside_a_library_import_still_reads_as_the_signal(capsys, tmp_path):
+    """SIGTERM landing inside ``import open3d`` comes out as ``ImportError: initialization failed`` caused by it: the
+    command still ends as terminated (exit 143, one line, resumable), and a Ctrl-C in a library's error handling as
+    interrupted (130)."""
+    from pipeline.core import console
+
+    def raised(exc: BaseException, inner: BaseException, chain: str) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as cause:
+                if chain == "cause":
+                    raise exc from cause
+                raise exc  # noqa: B904 - the context, as a library's handler would leave it
+        except BaseException as outer:  # noqa: BLE001
+            return outer
+
+    cases = [(raised(ImportError("initialization failed"), console.Terminated(), "cause"), 143, "terminated (SIGTERM)"),
+             (raised(RuntimeError("native failure"), KeyboardInterrupt(), "context"), 130, "interrupted")]
+    for exc, code, what in cases:
+        with pytest.raises(SystemExit) as stop:
+            console._fail(exc, tmp_path / "log.txt")
+        assert stop.value.code == code
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: {what}; finished work is kept, run the same command again to resume"]
+    with pytest.raises(SystemExit) as stop:  # an unrelated error stays an unexpected one
+        console._fail(raised(ImportError("initialization failed"), ValueError("x"), "cause"), None)
+    assert stop.value.code == 2 and "unexpected ImportError" in capsys.readouterr().err

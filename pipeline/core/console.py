@@ -119,12 +119,28 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind ``exc`` (itself, or in its chain of causes and contexts), or None.
+
+    A signal that lands inside a library's own code can come out as that library's error: an interrupt during
+    ``import open3d`` surfaces as ``ImportError: initialization failed`` caused by it.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _fail(exc: BaseException, log_file: Path | None) -> None:
     """Print one line, keep the traceback in the log file, exit non-zero."""
     cause = exc
-    if isinstance(exc, KeyboardInterrupt):
+    interrupt = interrupt_behind(exc)
+    if interrupt is not None:
         logging.getLogger("recon").debug("interrupted", exc_info=exc)
-        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(interrupt, Terminated) else ("interrupted", 130)
         click.echo(f"error: {what}; finished work is kept, run the same command again to resume", err=True)
         sys.exit(code)
     if isinstance(exc, OSError):
