@@ -9,6 +9,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py: no busy-waitin
 import pytest
 import torch
 
+from pipeline.core.allocator import keep_freed_memory
+
+keep_freed_memory()  # as cli.py: freed tensors are reused
+
 
 def _devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

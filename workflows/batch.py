@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.allocator import MALLOC_ENV
 from pipeline.core.cache import write_bytes_atomic, write_json_atomic
 from pipeline.core.errors import ReconError
 from pipeline.graph import STAGE_NAMES
@@ -252,7 +253,9 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> Any:
     if address is not None:
         check_reachable(address)
     ray = _import_ray(loopback=address is None)
-    env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+    # the workers' OpenMP threads sleep when idle and their malloc reuses freed blocks, as in `recon run` (cli.py)
+    env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                        **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}}
     try:
         if address is None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
