@@ -46,35 +46,38 @@ the L_mv / L_photo samples used)."""
 LOSS_TERMS: tuple[str, ...] = ("L_mv", "L_anchor", "L_edge", "L_surf", "L_mag", "L_photo")
 
 
-def _photo_term(gr: _Group, pred: torch.Tensor, current: torch.Tensor, photo: PhotoInputs, channel: int,
-                cfg: RefineConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _photo_term(gr: _Group, depth_at: Callable[[torch.Tensor], torch.Tensor], current: torch.Tensor,
+                photo: PhotoInputs, channel: int, cfg: RefineConfig,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """L_photo of one group (:func:`pipeline.refine.losses.photometric_loss`): (loss, share of the sampled windows it
     used).
 
     ``photo_samples_per_view`` windows per view are centred on random valid
-    pixels; their taps read the predicted depth, the view's own grey image
-    (``channel`` 0: sharp, 1: blurred) and, through the neighbours, theirs.
+    pixels; their taps read the predicted depth (``depth_at(flat pixel indices
+    (B, N)) -> (B, N)``), the view's own grey image (``channel`` 0: sharp, 1:
+    blurred) and, through the neighbours, theirs.
     """
-    B, _, H, W = pred.shape
+    B, _, H, W = gr.depth_init.shape
+    dtype, device = gr.depth_init.dtype, gr.depth_init.device
     S = cfg.photo_samples_per_view
     images = photo.images
-    offsets = photo.offsets.to(pred.device)
+    offsets = photo.offsets.to(device)
     T = offsets.shape[0]
-    pick = torch.minimum((torch.rand(B, S, generator=gen, device=pred.device) * gr.pix_count).long(),
+    pick = torch.minimum((torch.rand(B, S, generator=gen, device=device) * gr.pix_count).long(),
                          (gr.pix_count - 1).clamp(min=0).long())
     flat = torch.gather(gr.pix_index, 1, pick).long()  # (B, S)
     tx = (flat % W)[..., None] + offsets[:, 0].long()
     ty = torch.div(flat, W, rounding_mode="floor")[..., None] + offsets[:, 1].long()  # (B, S, T)
     in_image = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
     tap = (ty.clamp(0, H - 1) * W + tx.clamp(0, W - 1)).reshape(B, S * T)
-    d_taps = torch.gather(pred.reshape(B, -1), 1, tap).reshape(B, S, T)
+    d_taps = depth_at(tap).reshape(B, S, T)
     tap_ok = torch.gather(gr.valid.reshape(B, -1), 1, tap).reshape(B, S, T) & in_image
-    ref_taps = images[channel, gr.start:gr.stop].reshape(B, -1).gather(1, tap).reshape(B, S, T).to(pred.dtype)
-    uv = torch.stack([tx.to(pred.dtype) + 0.5, ty.to(pred.dtype) + 0.5], -1)
+    ref_taps = images[channel, gr.start:gr.stop].reshape(B, -1).gather(1, tap).reshape(B, S, T).to(dtype)
+    uv = torch.stack([tx.to(dtype) + 0.5, ty.to(dtype) + 0.5], -1)
     gray = images[channel, ..., None]  # (V, H, W, 1), contiguous
 
     def read_image(uv_dst: torch.Tensor) -> torch.Tensor:
-        return sample_views(gray, gr.nbr[:, None].expand(*uv_dst.shape[:2]), uv_dst)[:, 0].to(pred.dtype)
+        return sample_views(gray, gr.nbr[:, None].expand(*uv_dst.shape[:2]), uv_dst)[:, 0].to(dtype)
 
     def read_depth(uv_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         read = sample_views(current, gr.nbr[:, None].expand(*uv_c.shape[:2]), uv_c, _decode_current)
@@ -141,8 +144,14 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
                 terms[name] = value
     photo_kept = zero
     if cfg.weight_photo > 0 and photo is not None and k > 0:
-        pred_photo = pred if n_fine == 0 else d0 * torch.exp(log_corr_photo)
-        terms["L_photo"], photo_kept = _photo_term(gr, pred_photo, current, photo, image_channel, cfg, gen)
+        if n_fine == 0:
+            def depth_at(tap: torch.Tensor) -> torch.Tensor:
+                return torch.gather(pred.reshape(B, -1), 1, tap)
+        else:  # the depth of the sum without the finest levels, only at the taps (not over the whole map)
+            def depth_at(tap: torch.Tensor) -> torch.Tensor:
+                return (torch.gather(d0.reshape(B, -1), 1, tap)
+                        * torch.exp(torch.gather(log_corr_photo.reshape(B, -1), 1, tap)))
+        terms["L_photo"], photo_kept = _photo_term(gr, depth_at, current, photo, image_channel, cfg, gen)
     return terms, pred, kept, photo_kept
 
 
