@@ -97,3 +97,12 @@ def test_normalizing_similarity_sets_median_depth_to_one():
     np.testing.assert_allclose(c, [1, 1, 1])
     with pytest.raises(ValueError):
         normalizing_similarity(np.zeros((0, 3)), np.array([]))
+
+
+@pytest.mark.parametrize("batch, transforms", [(1, 1), (3, 3), (3, 1)])
+def test_transform_points_is_rotation_then_translation(batch, transforms):
+    gen = torch.Generator().manual_seed(batch * 10 + transforms)
+    points = torch.randn(batch, 500, 3, generator=gen, dtype=torch.float64)
+    T = torch.randn(transforms, 4, 4, generator=gen, dtype=torch.float64)
+    expected = torch.einsum("bij,bnj->bni", T[:, :3, :3].expand(batch, 3, 3), points) + T[:, None, :3, 3]
+    assert torch.allclose(transform_points(T, points), expected, rtol=1e-12, atol=1e-12)

@@ -115,8 +115,11 @@ def backproject(uv_bn2: torch.Tensor, depth_bn: torch.Tensor, K_b33: torch.Tenso
 
 
 def transform_points(T_b44: torch.Tensor, points_bn3: torch.Tensor) -> torch.Tensor:
-    """Apply 4x4 transforms to (B, N, 3) points."""
-    return points_bn3 @ T_b44[:, :3, :3].transpose(1, 2) + T_b44[:, None, :3, 3]
+    """Apply 4x4 transforms to (B, N, 3) points (``T`` (B, 4, 4), or (1, 4, 4) for every batch)."""
+    R_t, t = T_b44[:, :3, :3].transpose(1, 2), T_b44[:, None, :3, 3]
+    if T_b44.shape[0] == points_bn3.shape[0]:  # one GEMM that adds t: about half the time of matmul, then add, on CPU
+        return torch.baddbmm(t.expand(*points_bn3.shape[:2], 3), points_bn3, R_t)
+    return points_bn3 @ R_t + t
 
 
 def project(points_bn3: torch.Tensor, K_b33: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
