@@ -33,7 +33,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.core.geometry import umeyama  # noqa: E402
+from pipeline.core.poses import umeyama  # noqa: E402
 
 DEFAULT_SCENES = ("temple", "temple@0.25", "temple@0.35", "thin:8:1:2@0.2", "blob:12:2:14@0.15", "knot:8:1:5@0.2",
                   "blob:8:1:1@0.2")

@@ -49,8 +49,8 @@ from pipeline.analysis.alignment import align_to_gt_cameras, read_colmap_poses  
 from pipeline.analysis.appearance import photometric_scores, render_mesh_colors  # noqa: E402
 from pipeline.analysis.evaluate import evaluate_reconstruction  # noqa: E402
 from pipeline.analysis.metrics import GtViews  # noqa: E402
-from pipeline.core.geometry import transform_pose_by_similarity  # noqa: E402
 from pipeline.core.io import load_rgb, load_sfm_scene  # noqa: E402
+from pipeline.core.poses import transform_pose_by_similarity  # noqa: E402
 from pipeline.core.raycast import MeshRaycaster  # noqa: E402
 from pipeline.core.workspace import Workspace  # noqa: E402
 from pipeline.export.decimate import decimate_arrays, transfer_vertex_colors  # noqa: E402

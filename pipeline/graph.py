@@ -80,9 +80,9 @@ class StageSpec:
     sections: tuple[str, ...] = ()
     """Config sections whose settings the stage reads, all in its fingerprint (default: its own, ``(name,)``)."""
     preload: tuple[str, ...] = ()
-    """Libraries the stage imports that take long to load (Open3D, trimesh; torch comes with the sfm stage): a run
-    imports them in the background when an earlier stage says it leaves a core idle (:meth:`StageContext.spare_core`).
-    Third-party only, so the thread that loads them never waits for a ``pipeline`` module the stage is importing."""
+    """Libraries the stage imports that take long to load (torch, Open3D, trimesh): a run imports them in the
+    background when an earlier stage says it leaves a core idle (:meth:`StageContext.spare_core`). Third-party
+    only, so the thread that loads them never waits for a ``pipeline`` module the stage is importing."""
 
     def __post_init__(self) -> None:
         if not self.sections:
@@ -103,7 +103,8 @@ def _run_of(module: str) -> Callable[[StageContext], None]:
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("sfm", 1, (), _run_of("sfm"), publish=(("model", "sparse"),), inputs=sfm_inputs,
               checked_outputs=("model", "images", "normalization.json")),
-    StageSpec("depth", 3, ("sfm",), _run_of("depth"), inputs=depth_inputs, sections=("depth", "mvs")),
+    StageSpec("depth", 3, ("sfm",), _run_of("depth"), inputs=depth_inputs, sections=("depth", "mvs"),
+              preload=("torch",)),
     StageSpec("refine", 4, ("depth", "sfm"), _run_of("refine"), skippable=True),
     StageSpec("fuse", 1, ("refine", "sfm"), _run_of("fuse"), publish=(("mesh.ply", "mesh.ply"),), inputs=fuse_inputs,
               precheck=check_fuse_inputs, preload=("open3d",)),

@@ -737,7 +737,7 @@ def _registered(zoo_run: ZooRun) -> dict[str, tuple]:
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_image_registers_where_it_was_taken(zoo_run, name):
     """Each special photo registers, upright, at its true position (similarity-aligned to the ground truth)."""
-    from pipeline.core.geometry import camera_center, umeyama
+    from pipeline.core.poses import camera_center, umeyama
 
     assert zoo_run.result.returncode == 0, zoo_run.result.stderr
     reg = _registered(zoo_run)

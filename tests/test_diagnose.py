@@ -14,7 +14,7 @@ from pipeline.analysis.diagnose import (
     refine_gate_checks,
     reprojection_errors,
 )
-from pipeline.core.geometry import invert_pose
+from pipeline.core.poses import invert_pose
 from pipeline.synthetic.groundtruth import scene_from_ground_truth
 from pipeline.synthetic.render import render_scene
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -303,3 +305,12 @@ def test_import_in_background_imports_and_ignores_what_is_missing(tmp_path, monk
     thread = import_in_background(["no_such_module_for_recon_tests", "preload_probe_lazy"])
     thread.join(timeout=30)
     assert not thread.is_alive() and sys.modules["preload_probe_lazy"].LOADED
+
+
+def test_torch_loads_while_sfm_maps_not_before_it_starts():
+    """The sfm stage imports no torch (a second of a run's critical path); the depth stage preloads it."""
+    code = "import sys, pipeline.sfm.stage, pipeline.sfm.colmap_steps; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
+    assert "torch" in stages.BY_NAME["depth"].preload

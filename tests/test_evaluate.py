@@ -22,7 +22,7 @@ from pipeline.analysis.evaluate import (
 )
 from pipeline.analysis.metrics import Mesh, sample_depth
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import scale_intrinsics, transform_pose_by_similarity, umeyama
+from pipeline.core.poses import scale_intrinsics, transform_pose_by_similarity, umeyama
 
 FAST = dict(max_points=60_000)
 

@@ -24,7 +24,7 @@ from pipeline.config import ReconConfig, load_config
 from pipeline.core.cache import write_json_atomic
 from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import similarity_matrix
+from pipeline.core.poses import similarity_matrix
 from pipeline.core.workspace import Workspace
 from pipeline.export import stage as export
 from pipeline.export.stage import (

@@ -4,17 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core.geometry import (
-    backproject,
+from pipeline.core.geometry import backproject, pixel_grid, project, sample_image, to_grid_coords, transform_points
+from pipeline.core.poses import (
     camera_center,
     invert_pose,
     normalizing_similarity,
-    pixel_grid,
-    project,
-    sample_image,
     scale_intrinsics,
-    to_grid_coords,
-    transform_points,
     transform_pose_by_similarity,
     umeyama,
 )

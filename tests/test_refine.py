@@ -437,7 +437,7 @@ def test_photometric_costs_prefer_the_true_depth(blob_scene):
 def test_photo_check_rejects_a_wrong_depth_the_neighbours_maps_repeat(blob_scene):
     """View 0's "refined" map is 5 % too far in a band and every neighbour's refined map was made to agree with it
     (the band splatted into them): the consistency test alone keeps the band, the photometric check does not."""
-    from pipeline.core.geometry import invert_pose
+    from pipeline.core.poses import invert_pose
     from pipeline.depth.consistency import splat_depth
 
     _, scene, gts, images = blob_scene

@@ -21,8 +21,8 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import camera_center, umeyama
 from pipeline.core.io import load_sfm_scene
+from pipeline.core.poses import camera_center, umeyama
 from pipeline.core.workspace import Workspace
 from pipeline.sfm import stage as sfm
 from pipeline.sfm.config import CameraMode

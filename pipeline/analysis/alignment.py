@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.analysis.metrics import GtViews
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import camera_center, umeyama
+from pipeline.core.poses import camera_center, umeyama
 
 DEFAULT_INLIER_TOL_REL = 0.05
 """Camera-alignment inlier tolerance, as a fraction of the GT cameras' RMS spread."""

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.core.geometry import scale_intrinsics
 from pipeline.core.io import SfmScene, load_rgb
+from pipeline.core.poses import scale_intrinsics
 from pipeline.core.raycast import LoadedMesh, MeshRaycaster, load_mesh, pixel_rays
 from pipeline.core.sampling import sample_texture
 

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.core.geometry import invert_pose, project, transform_points
+from pipeline.core.geometry import project, transform_points
 from pipeline.core.io import DepthMap, SfmScene, load_depth_map, load_sfm_scene
+from pipeline.core.poses import invert_pose
 from pipeline.core.raycast import NO_FACE, LoadedMesh, load_mesh
 from pipeline.core.workspace import Workspace
 

@@ -90,7 +90,8 @@ from pipeline.analysis.metrics import (
     visible_count,
 )
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import backproject, inside_image, invert_pose, pixel_grid, project, transform_points
+from pipeline.core.geometry import backproject, inside_image, pixel_grid, project, transform_points
+from pipeline.core.poses import invert_pose
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import invert_pose
 from pipeline.core.io import SfmScene, View, claim_files, load_rgb
 from pipeline.core.oom import call_with_oom_fallback
+from pipeline.core.poses import invert_pose
 from pipeline.core.settings import check_section
 from pipeline.core.workspace import Workspace, view_stem
 from pipeline.depth import anchoring, coarse_to_fine

@@ -53,8 +53,9 @@ from tqdm import tqdm
 
 from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import default_device, invert_pose
+from pipeline.core.geometry import default_device
 from pipeline.core.io import DepthMap, SfmScene, View, load_depth_map, load_sfm_scene, save_depth_map
+from pipeline.core.poses import invert_pose
 from pipeline.core.workers import cpu_workers, map_in_threads
 from pipeline.core.workspace import Workspace
 from pipeline.depth import anchoring, consistency

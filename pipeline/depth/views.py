@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from pipeline.core.geometry import scale_intrinsics
 from pipeline.core.io import SfmScene, View
+from pipeline.core.poses import scale_intrinsics
 from pipeline.depth import anchoring
 
 

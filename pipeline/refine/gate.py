@@ -48,7 +48,7 @@ def agreement_counts(depths: Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
     (forward-backward reprojection within ``reproj_px`` pixels and ``rel_depth``
     relative depth).
     """
-    from pipeline.core.geometry import invert_pose
+    from pipeline.core.poses import invert_pose
     from pipeline.depth.consistency import geometric_consistency
 
     world_from_ref = invert_pose(cam_from_world[index])
@@ -75,7 +75,7 @@ def photometric_costs(ref_gray_11hw: torch.Tensor, K_ref_33: torch.Tensor, cam_f
     cam_from_world (4, 4)) of the neighbours; depths are camera z (0 = none:
     cost of a far-away point, irrelevant where the caller masks invalid pixels).
     """
-    from pipeline.core.geometry import invert_pose
+    from pipeline.core.poses import invert_pose
     from pipeline.depth import plane_sweep as mvs
 
     H, W = depths_dhw.shape[-2:]
@@ -180,7 +180,7 @@ def _gate(views: Sequence[View], load: Callable[[int], DepthMap], cfg: RefineCon
     the depth stage checked, or at every pixel of a map it did not check
     (a prior); restored candidates of other views are never evidence.
     """
-    from pipeline.core.geometry import invert_pose
+    from pipeline.core.poses import invert_pose
     from pipeline.depth.consistency import geometric_consistency
     from pipeline.depth.views import scaled_window
 

@@ -18,7 +18,7 @@ resumes from the last finished phase and never trusts half-written work):
    ``use_existing_model`` the user's model (``SCENE_DIR/sparse[/0]``) takes
    the place of phases 2-3.
 4. *undistort* + *normalize*: PINHOLE cameras, then the similarity
-   ``x_n = s (x - c)`` of :func:`pipeline.core.geometry.normalizing_similarity`
+   ``x_n = s (x - c)`` of :func:`pipeline.core.poses.normalizing_similarity`
    (median observation depth of the sparse points = 1).
 
 COLMAP's own log (glog, Ceres) goes to ``OUT/sfm/colmap.log``.
@@ -44,8 +44,8 @@ import numpy as np
 from pipeline.core.cache import atomic_dir, raise_if_disk_full, write_json_atomic
 from pipeline.core.context import StageContext
 from pipeline.core.errors import ReconError
-from pipeline.core.geometry import normalizing_similarity, similarity_matrix
 from pipeline.core.native_output import native_output_to
+from pipeline.core.poses import normalizing_similarity, similarity_matrix
 from pipeline.core.settings import check_section
 from pipeline.core.workers import available_cpus
 from pipeline.core.workspace import Workspace

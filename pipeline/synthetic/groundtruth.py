@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.geometry import invert_pose, normalizing_similarity, transform_pose_by_similarity
 from pipeline.core.io import SfmScene, View
+from pipeline.core.poses import invert_pose, normalizing_similarity, transform_pose_by_similarity
 
 
 def load_gt_cameras(gt_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, int]:
