@@ -72,6 +72,9 @@ QUALITY_ROWS: dict[str, float] = {"F@0.5 %": 0.005, "F@1 %": 0.01}
 """Rows of F-scores against the scenes' ground truth (threshold as a fraction of the object diagonal)."""
 WALL = "total (wall)"
 """Row: the ``recon run`` process's wall seconds (interpreter start, imports, every stage, report)."""
+CPU = "total (CPU)"
+"""Row: the ``recon run`` process's CPU seconds (user + system, its COLMAP children included): less moved than the
+wall time by other jobs that take the machine's cores, though not by those that share its caches."""
 
 
 # ---- checkouts ------------------------------------------------------------------------------
@@ -187,14 +190,15 @@ def bench_scene(scene: Path, checkouts: list[Checkout], args: argparse.Namespace
             rec["repeat"] = r + 1
             runs[checkout.label].append(rec)
             stages = ", ".join(f"{k} {v:.1f}" for k, v in rec["seconds"].items())
-            print(f"  {checkout.label:<8} r{r + 1} rc={rec['rc']} wall {rec['wall_s']:.1f} s, "
+            cpu = f", CPU {rec['cpu_s']:.1f} s" if rec.get("cpu_s") is not None else ""
+            print(f"  {checkout.label:<8} r{r + 1} rc={rec['rc']} wall {rec['wall_s']:.1f} s{cpu}, "
                   f"peak {rec['peak_rss_mib']:.0f} MiB ({stages})" + (f"  {rec['error']}" if "error" in rec else ""),
                   flush=True)
     return runs
 
 
 def medians(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Row → median seconds over the successful runs: each stage, ``STAGES_SUM`` and ``WALL``."""
+    """Row → median seconds over the successful runs: each stage, ``STAGES_SUM``, ``WALL`` and ``CPU``."""
     ok = [r for r in records if r["rc"] == 0]
     if not ok:
         return {}
@@ -204,6 +208,8 @@ def medians(records: list[dict[str, Any]]) -> dict[str, float]:
             rows.setdefault(stage, []).append(s)
         rows.setdefault(STAGES_SUM, []).append(sum(r["seconds"].values()))
         rows.setdefault(WALL, []).append(r["wall_s"])
+        if r.get("cpu_s") is not None:
+            rows.setdefault(CPU, []).append(r["cpu_s"])
     return {k: round(statistics.median(v), 3) for k, v in rows.items()}
 
 
@@ -221,9 +227,11 @@ def ratios(current: dict[str, float], baseline: dict[str, float]) -> dict[str, f
     return {k: round(current[k] / baseline[k], 4) for k in current if baseline.get(k, 0.0) > 0.0}
 
 
-def pair_wall_ratios(runs: dict[str, list[dict[str, Any]]]) -> list[float]:
-    """Current / baseline wall seconds of each repeat where both succeeded (the two runs were adjacent in time)."""
-    by_repeat = {label: {r["repeat"]: r["wall_s"] for r in recs if r["rc"] == 0} for label, recs in runs.items()}
+def pair_wall_ratios(runs: dict[str, list[dict[str, Any]]], key: str = "wall_s") -> list[float]:
+    """Current / baseline wall seconds (``key``: or ``cpu_s``) of each repeat where both succeeded (the two runs were
+    adjacent in time)."""
+    by_repeat = {label: {r["repeat"]: r[key] for r in recs if r["rc"] == 0 and r.get(key) is not None}
+                 for label, recs in runs.items()}
     cur, base = by_repeat.get("current", {}), by_repeat.get("baseline", {})
     return [round(cur[k] / base[k], 4) for k in sorted(cur) if base.get(k, 0.0) > 0.0]
 
@@ -237,10 +245,10 @@ def geometric_mean(values: list[float]) -> float | None:
 # ---- report ---------------------------------------------------------------------------------
 
 def row_order(*rows: dict[str, float]) -> list[str]:
-    """The stages in pipeline order (stages only one side has at their end), then the two total rows."""
-    names = {k for r in rows for k in r} - {STAGES_SUM, WALL}
+    """The stages in pipeline order (stages only one side has at their end), then the total rows."""
+    names = {k for r in rows for k in r} - {STAGES_SUM, WALL, CPU}
     known = [s for s in STAGE_NAMES if s in names]
-    return known + sorted(names - set(known)) + [STAGES_SUM, WALL]
+    return known + sorted(names - set(known)) + [STAGES_SUM, WALL] + ([CPU] if any(CPU in r for r in rows) else [])
 
 
 def _s(x: float | None, fmt: str = "{:.2f}") -> str:
@@ -274,6 +282,9 @@ def scene_heading(res: dict[str, Any]) -> str:
     pairs = res.get("pair_wall_ratios", [])
     if len(pairs) > 1:
         head += f"\n\nwall ratio of each pair of runs: {min(pairs):.3f} to {max(pairs):.3f} (the noise of the ratios)"
+        cpu_pairs = res.get("pair_cpu_ratios", [])
+        if len(cpu_pairs) > 1:
+            head += f"; of the CPU seconds: {min(cpu_pairs):.3f} to {max(cpu_pairs):.3f}"
     errors = [f"{label} r{r['repeat']}: {r['error']}" for label, recs in res.get("runs", {}).items()
               for r in recs if "error" in r]
     if "error" in res:
@@ -343,8 +354,12 @@ def summary_line(results: list[dict[str, Any]]) -> tuple[str, float | None]:
     gm = geometric_mean(totals)
     if gm is None:
         return "no scene has both totals; no ratio", None
-    return (f"geometric mean of the total (wall) ratio current/baseline over {len(totals)} scene(s): {gm:.3f} "
-            f"({'faster' if gm < 1 else 'slower'} by {abs(gm - 1) * 100:.1f} %)"), gm
+    line = (f"geometric mean of the total (wall) ratio current/baseline over {len(totals)} scene(s): {gm:.3f} "
+            f"({'faster' if gm < 1 else 'slower'} by {abs(gm - 1) * 100:.1f} %)")
+    cpu = geometric_mean([r["ratio"][CPU] for r in results if CPU in r.get("ratio", {})])
+    if cpu is not None:
+        line += f"; of the CPU seconds: {cpu:.3f}"
+    return line, gm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             res["ratio"] = ratios(res["median"]["current"], res["median"].get("baseline", {}))
         if args.baseline:
             res["pair_wall_ratios"] = pair_wall_ratios(runs)
+            res["pair_cpu_ratios"] = pair_wall_ratios(runs, "cpu_s")
         results.append(res)
 
     parts = [scene_heading(r) + "\n\n" + scene_table(r, with_baseline) for r in results]

@@ -98,7 +98,8 @@ def _poll_peak_rss(pid: int, stop: threading.Event, peak_kib: list[int], interva
 def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None, *, cwd: Path | None = None,
                  env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` in ``cwd`` (default: this checkout) with ``env`` (default: this process's environment); return
-    rc, wall seconds, peak RSS (MiB, the process's ``VmHWM``) and the last error line."""
+    rc, wall seconds, CPU seconds (user + system of the process and the children it waited for, from ``wait4``),
+    peak RSS (MiB, the process's ``VmHWM``) and the last error line."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     import subprocess
@@ -121,8 +122,9 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None, *, cwd
         stop = threading.Event()
         poller = threading.Thread(target=_poll_peak_rss, args=(proc.pid, stop, peak_kib), daemon=True)
         poller.start()
+        usage = None
         try:
-            _, status, _ = os.wait4(proc.pid, 0)
+            _, status, usage = os.wait4(proc.pid, 0)
         finally:
             stop.set()
             poller.join()
@@ -131,6 +133,7 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None, *, cwd
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     out: dict[str, Any] = {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2),
+                           "cpu_s": round(usage.ru_utime + usage.ru_stime, 2) if usage is not None else None,
                            "peak_rss_mib": round(peak_kib[0] / 1024.0, 1), "log": str(log_path)}
     if timed_out.is_set():
         out["error"] = f"timed out after {timeout_s:.0f} s"
