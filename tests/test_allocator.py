@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from pipeline.core.allocator import MALLOC_ENV, keep_freed_memory
+from pipeline.core.allocator import MALLOC_ENV, keep_freed_memory, worker_env
 
 _FAULTS = textwrap.dedent("""
     import resource, sys
@@ -50,13 +50,16 @@ def test_a_users_malloc_settings_win(monkeypatch):
     keep_freed_memory.cache_clear()
     try:
         assert keep_freed_memory() is False
+        assert worker_env() == {}  # the Ray workers inherit the user's settings, not recon's
     finally:
         keep_freed_memory.cache_clear()
 
 
-def test_ray_workers_get_the_same_settings():
+def test_ray_workers_get_the_same_settings(monkeypatch):
     from pipeline.core import allocator
 
-    assert MALLOC_ENV == {"MALLOC_MMAP_THRESHOLD_": str(allocator.MMAP_THRESHOLD_BYTES),
+    for key in (*MALLOC_ENV, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(key, raising=False)
+    assert worker_env() == MALLOC_ENV == {"MALLOC_MMAP_THRESHOLD_": str(allocator.MMAP_THRESHOLD_BYTES),
                           "MALLOC_TRIM_THRESHOLD_": str(allocator.TRIM_THRESHOLD_BYTES),
                           "MALLOC_ARENA_MAX": str(allocator.ARENAS)}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.allocator import MALLOC_ENV
+from pipeline.core.allocator import worker_env
 from pipeline.core.cache import write_bytes_atomic, write_json_atomic
 from pipeline.core.errors import ReconError
 from pipeline.graph import STAGE_NAMES
@@ -255,7 +255,7 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> Any:
     ray = _import_ray(loopback=address is None)
     # the workers' OpenMP threads sleep when idle and their malloc reuses freed blocks, as in `recon run` (cli.py)
     env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-                        **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}}
+                        **worker_env()}}
     try:
         if address is None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,

@@ -9,19 +9,20 @@ hundred such tensors per refine step: on the 2-core machine 1.3 million page
 faults in 80 refine steps, a fifth of the loop's time. With the thresholds
 below, those blocks are reused from the heap (0.17 million faults; the loop
 4.7–5.1 s → 3.9 s, the depth stage 20.5 → 18 s on knot; docs/results.md),
-and peak memory is about the same, since the freed blocks are the ones the
-next step allocates again.
+and peak memory is lower (a whole run's peak RSS 1.4–1.5 GiB against
+1.6–2.0 GiB), since the freed blocks are the ones the next step allocates
+again.
 
 :func:`keep_freed_memory` sets them in this process (``mallopt``);
-:data:`MALLOC_ENV` are the same settings as environment variables, for the
-processes recon starts (Ray workers), which read them when they start.
-Other C libraries (macOS, musl) are left as they are.
+:func:`worker_env` gives the same settings as environment variables, for the
+processes recon starts (Ray workers), which read them when they start. A
+user's own malloc settings win, and other C libraries (macOS, musl) are left
+as they are.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -45,6 +46,17 @@ MALLOC_ENV: dict[str, str] = {
 """:func:`keep_freed_memory`'s settings as glibc environment variables (read at a process's start)."""
 
 
+def user_tunes_malloc() -> bool:
+    """The environment already sets glibc's malloc (``MALLOC_*`` variables, ``GLIBC_TUNABLES``): recon leaves it."""
+    return any(key in os.environ for key in (*MALLOC_ENV, "GLIBC_TUNABLES"))
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables for processes recon starts: :data:`MALLOC_ENV`, or none where the user tunes malloc
+    (their variables reach those processes anyway)."""
+    return {} if user_tunes_malloc() else dict(MALLOC_ENV)
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Apply the thresholds above to this process's glibc malloc; False where the C library is not glibc or the
@@ -52,11 +64,10 @@ def keep_freed_memory() -> bool:
 
     Call it early (before worker threads start); calling it again does nothing.
     """
-    if any(key in os.environ for key in (*MALLOC_ENV, "GLIBC_TUNABLES")):
+    if user_tunes_malloc():
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # this process's symbols, the C library's among them
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl has mallopt but ignores these parameters
     except (OSError, AttributeError, TypeError):
