@@ -122,7 +122,6 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None, *, cwd
         stop = threading.Event()
         poller = threading.Thread(target=_poll_peak_rss, args=(proc.pid, stop, peak_kib), daemon=True)
         poller.start()
-        usage = None
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
@@ -133,7 +132,7 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float | None, *, cwd
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     out: dict[str, Any] = {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2),
-                           "cpu_s": round(usage.ru_utime + usage.ru_stime, 2) if usage is not None else None,
+                           "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
                            "peak_rss_mib": round(peak_kib[0] / 1024.0, 1), "log": str(log_path)}
     if timed_out.is_set():
         out["error"] = f"timed out after {timeout_s:.0f} s"
