@@ -335,11 +335,11 @@ class _DenseTerms(torch.autograd.Function):
         grad[..., :-1, :] -= gy
         sx = sx.mul_(g_surf)
         grad[..., :, 2:] += sx
-        grad[..., :, 1:-1] -= 2 * sx
+        grad[..., :, 1:-1].sub_(sx, alpha=2)  # 2 sx is exact: as -= 2 * sx, without a temporary
         grad[..., :, :-2] += sx
         sy = sy.mul_(g_surf)
         grad[..., 2:, :] += sy
-        grad[..., 1:-1, :] -= 2 * sy
+        grad[..., 1:-1, :].sub_(sy, alpha=2)
         grad[..., :-2, :] += sy
         return grad, None, None, None, None, None, None
 

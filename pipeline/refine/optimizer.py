@@ -107,7 +107,7 @@ def _group_losses(gr: _Group, current: torch.Tensor, cfg: RefineConfig, gen: tor
     n_fine = sum(1 for s in cfg.pyramid_strides if s < cfg.photo_min_stride)
     log_corr, log_corr_photo = upsample_sum_pair(gr.grids, H, W, n_fine)
     pred = d0 * torch.exp(log_corr)  # 0 where invalid (d0 = 0 there)
-    zero = pred.sum() * 0.0
+    zero = gr.grids[-1].sum() * 0.0  # on the graph (from the smallest grid: no full-size pass, no full-size gradient)
     terms = dict.fromkeys(LOSS_TERMS, zero)
     kept = zero
     k = gr.nbr.shape[0] // B
@@ -257,7 +257,8 @@ def _step(store: _GroupStore, step: int, current: torch.Tensor, cfg: RefineConfi
         dz = pred - gr.depth_init  # 0 where invalid: both are 0 there
         n = gr.valid_count.clamp(min=1.0)
         dz_mean = dz.sum() / n
-        dz_std = ((dz * dz).sum() / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
+        dz_flat = dz.reshape(-1)
+        dz_std = (torch.dot(dz_flat, dz_flat) / n - dz_mean * dz_mean).clamp(min=0.0).sqrt()
         history[step] = torch.stack([loss, *(terms[k] for k in LOSS_TERMS), dz_mean, dz_std, kept, photo_kept, lr,
                                      finite.to(pred.dtype)])
     return gr.start, gr.stop, pred.detach()[:, 0], finite
