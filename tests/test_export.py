@@ -130,6 +130,24 @@ def test_sfm_frame_applies_the_inverse_normalization(colored_mesh_path, tmp_path
         export_mesh_files(colored_mesh_path, tmp_path / "out2", options)
 
 
+def test_load_trimesh_reads_a_fuse_ply_as_trimesh_does(colored_mesh_path, tmp_path):
+    """The fast (Open3D) PLY read gives trimesh's mesh: vertices, faces, colours, normals; other files go to trimesh."""
+    fast = export.load_trimesh(colored_mesh_path)
+    slow = trimesh.load(str(colored_mesh_path), process=False, force="mesh")
+    assert np.array_equal(fast.vertices, slow.vertices)
+    assert np.array_equal(fast.faces, slow.faces)
+    assert np.array_equal(export.vertex_colors_rgb(fast), export.vertex_colors_rgb(slow))
+    assert np.allclose(fast.vertex_normals, slow.vertex_normals)
+    points = tmp_path / "points.ply"  # a point cloud: no triangles for Open3D, trimesh's error
+    o3d.io.write_point_cloud(str(points), o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.eye(3))))
+    with pytest.raises(ReconError, match="points.ply"):
+        export.load_trimesh(points)
+    broken = tmp_path / "broken.ply"
+    broken.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 3\n")
+    with pytest.raises(ReconError, match="broken.ply"):
+        export.load_trimesh(broken)
+
+
 def test_invert_similarity():
     T = similarity_matrix(3.0, rotation(2), np.array([1.0, 2.0, 3.0]))
     np.testing.assert_allclose(invert_similarity(T) @ T, np.eye(4), atol=1e-12)
