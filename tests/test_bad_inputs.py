@@ -781,8 +781,11 @@ def test_ctrl_c_during_matching_stops_at_once_and_the_run_resumes(tmp_path):
     scene = tmp_path / "scene"
     shutil.copytree(REPO / "sample_scenes" / "blob" / "images", scene / "images")
     building = scene / "recon" / ".building" / "sfm"
+    # Ctrl-C as at a terminal: a runner started in the background (`cmd &` in a script, nohup) hands its processes
+    # an ignored SIGINT, which Python keeps ignored, so the run would not see this test's signal at all
     proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(scene), "--until", "sfm"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[int] = []  # the step processes in order: feature extraction, then matching
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(seen) < 2 and proc.poll() is None:
