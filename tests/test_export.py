@@ -142,6 +142,11 @@ def test_load_trimesh_reads_a_fuse_ply_as_trimesh_does(colored_mesh_path, tmp_pa
     o3d.io.write_point_cloud(str(points), o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.eye(3))))
     with pytest.raises(ReconError, match="points.ply"):
         export.load_trimesh(points)
+    truncated = tmp_path / "truncated.ply"  # the faces cut short: Open3D keeps what it read, trimesh refuses
+    data = colored_mesh_path.read_bytes()
+    truncated.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ReconError, match="truncated.ply"):
+        export.load_trimesh(truncated)
     broken = tmp_path / "broken.ply"
     broken.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 3\n")
     with pytest.raises(ReconError, match="broken.ply"):
