@@ -54,7 +54,10 @@ class StageContext:
         return logging.getLogger(f"pipeline.{self.name}")
 
     def spare_core(self) -> None:
-        """Say that the stage leaves a CPU core idle for a while from now (e.g. while COLMAP maps on one thread)."""
+        """Say that the stage leaves a CPU core idle for a while from now (e.g. while COLMAP maps on one thread).
+
+        The later stages' libraries then load in a background thread: call it once the stage has imported what it
+        still needs (two threads importing one library can see it half-loaded)."""
         if self.on_spare_core is not None:
             self.on_spare_core()
 

@@ -249,6 +249,18 @@ def check_masks(ws: Workspace, cfg: FuseConfig) -> None:
 
 
 
+def import_fusion_libraries() -> None:
+    """Import what fusion imports on its way (Open3D and its tensor core, torch, SciPy's graph routines) now.
+
+    The stage then says it has a spare core, and the export's libraries load in a background thread; two threads
+    importing Open3D at once can see it half-loaded (``No module named 'open3d.pybind.core'``), so this stage's
+    own imports come first (:func:`pipeline.core.lazy.import_in_background`).
+    """
+    import open3d.core  # noqa: F401
+    import scipy.sparse.csgraph  # noqa: F401
+    import torch  # noqa: F401
+
+
 def run(ctx: StageContext) -> None:
     """Fuse the refined (or, with refine skipped, the initial) depth maps into ``OUT/fuse/mesh.ply``."""
     t0 = time.perf_counter()
@@ -285,6 +297,7 @@ def run(ctx: StageContext) -> None:
             rgb = lambda path=view.image_path: load_rgb(path)  # noqa: E731 - read only when integrating
             yield FusionFrame(dm, rgb, read_mask(masks[view.name], dm.shape) if view.name in masks else None)
 
+    import_fusion_libraries()  # before the later stages' libraries load beside it (they import Open3D too)
     ctx.spare_core()  # Open3D integrates the views one after the other
     result = fuse_depth_maps(
         frames, params, cfg.device, total=len(present),
